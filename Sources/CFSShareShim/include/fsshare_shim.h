@@ -1,0 +1,70 @@
+// C shims for the Linux calls Swift's Glibc module does not import (it is built without
+// _GNU_SOURCE): statx, openat2, the new mount API, O_PATH, AT_* flags and statfs magics.
+// Each function returns what the syscall returns and leaves errno set; no policy lives here.
+#ifndef FSSHARE_SHIM_H
+#define FSSHARE_SHIM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// What fsshare needs from one statx(2) call.
+typedef struct {
+    uint32_t mode;          // st_mode (type and permission bits)
+    uint64_t mount_id;      // STATX_MNT_ID: which mount the object lives on
+    int is_mount_root;      // STATX_ATTR_MOUNT_ROOT: the object is the root of a mount
+    int mount_root_known;   // the kernel reported STATX_ATTR_MOUNT_ROOT in attributes_mask
+    uint64_t size;
+    uint64_t ino;
+    uint32_t dev_major, dev_minor;
+    uint32_t uid, gid;
+    uint32_t nlink;
+} fsshare_statx_t;
+
+/// statx(dirfd, path, flags | AT_STATX_SYNC_AS_STAT, BASIC|MNT_ID). 0 or -1 with errno.
+int fsshare_statx(int dirfd, const char *path, int flags, fsshare_statx_t *out);
+
+/// openat2(2) with RESOLVE_* flags; -1 with errno (ENOSYS on kernels before 5.6).
+int fsshare_openat2(int dirfd, const char *path, int flags, unsigned mode, uint64_t resolve);
+
+/// open_tree(2). -1 with errno (ENOSYS before 5.2).
+int fsshare_open_tree(int dirfd, const char *path, unsigned flags);
+
+/// move_mount(2). -1 with errno.
+int fsshare_move_mount(int from_dirfd, const char *from_path, int to_dirfd, const char *to_path, unsigned flags);
+
+/// mount_setattr(2) with a struct mount_attr built from the arguments. -1 with errno (ENOSYS before 5.12).
+int fsshare_mount_setattr(int dirfd, const char *path, unsigned flags, uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
+
+/// flock(2) (Swift sees the name as the struct).
+int fsshare_flock(int fd, int operation);
+
+/// fstatfs(2) f_type, or -1 with errno.
+long fsshare_fstatfs_type(int fd);
+
+// Constants that are GNU-only or missing from Swift's view of the headers.
+extern const int FSSHARE_O_PATH;
+extern const int FSSHARE_O_NOFOLLOW;
+extern const int FSSHARE_O_DIRECTORY;
+extern const int FSSHARE_O_CLOEXEC;
+extern const int FSSHARE_AT_EMPTY_PATH;
+extern const int FSSHARE_AT_RECURSIVE;
+extern const int FSSHARE_AT_SYMLINK_NOFOLLOW;
+extern const int FSSHARE_AT_REMOVEDIR;
+extern const unsigned FSSHARE_OPEN_TREE_CLONE;
+extern const unsigned FSSHARE_OPEN_TREE_CLOEXEC;
+extern const unsigned FSSHARE_MOVE_MOUNT_F_EMPTY_PATH;
+extern const unsigned FSSHARE_MOVE_MOUNT_T_EMPTY_PATH;
+extern const uint64_t FSSHARE_MOUNT_ATTR_RDONLY;
+extern const uint64_t FSSHARE_RESOLVE_NO_MAGICLINKS;
+extern const uint64_t FSSHARE_RESOLVE_NO_SYMLINKS;
+extern const uint64_t FSSHARE_RESOLVE_BENEATH;
+extern const uint64_t FSSHARE_RESOLVE_NO_XDEV;
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,93 @@
+#define _GNU_SOURCE
+#include "fsshare_shim.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/mount.h>
+#include <linux/openat2.h>
+
+#ifndef STATX_MNT_ID
+#define STATX_MNT_ID 0x00001000U
+#endif
+#ifndef STATX_ATTR_MOUNT_ROOT
+#define STATX_ATTR_MOUNT_ROOT 0x00002000
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+
+int fsshare_statx(int dirfd, const char *path, int flags, fsshare_statx_t *out) {
+    struct statx stx;
+    memset(&stx, 0, sizeof(stx));
+    if (statx(dirfd, path, flags | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, &stx) != 0)
+        return -1;
+    out->mode = stx.stx_mode;
+    out->mount_id = (stx.stx_mask & STATX_MNT_ID) ? stx.stx_mnt_id : 0;
+    out->mount_root_known = (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) != 0;
+    out->is_mount_root = (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
+    out->size = stx.stx_size;
+    out->ino = stx.stx_ino;
+    out->dev_major = stx.stx_dev_major;
+    out->dev_minor = stx.stx_dev_minor;
+    out->uid = stx.stx_uid;
+    out->gid = stx.stx_gid;
+    out->nlink = stx.stx_nlink;
+    return 0;
+}
+
+int fsshare_openat2(int dirfd, const char *path, int flags, unsigned mode, uint64_t resolve) {
+    struct open_how how;
+    memset(&how, 0, sizeof(how));
+    how.flags = (uint64_t)(unsigned)flags;
+    how.mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0;
+    how.resolve = resolve;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+}
+
+int fsshare_open_tree(int dirfd, const char *path, unsigned flags) {
+    return (int)syscall(SYS_open_tree, dirfd, path, flags);
+}
+
+int fsshare_move_mount(int from_dirfd, const char *from_path, int to_dirfd, const char *to_path, unsigned flags) {
+    return (int)syscall(SYS_move_mount, from_dirfd, from_path, to_dirfd, to_path, flags);
+}
+
+int fsshare_mount_setattr(int dirfd, const char *path, unsigned flags, uint64_t attr_set, uint64_t attr_clr, uint64_t propagation) {
+    struct mount_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.attr_set = attr_set;
+    attr.attr_clr = attr_clr;
+    attr.propagation = propagation;
+    return (int)syscall(SYS_mount_setattr, dirfd, path, flags, &attr, sizeof(attr));
+}
+
+int fsshare_flock(int fd, int operation) { return flock(fd, operation); }
+
+long fsshare_fstatfs_type(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) != 0) return -1;
+    return (long)st.f_type;
+}
+
+const int FSSHARE_O_PATH = O_PATH;
+const int FSSHARE_O_NOFOLLOW = O_NOFOLLOW;
+const int FSSHARE_O_DIRECTORY = O_DIRECTORY;
+const int FSSHARE_O_CLOEXEC = O_CLOEXEC;
+const int FSSHARE_AT_EMPTY_PATH = AT_EMPTY_PATH;
+const int FSSHARE_AT_RECURSIVE = AT_RECURSIVE;
+const int FSSHARE_AT_SYMLINK_NOFOLLOW = AT_SYMLINK_NOFOLLOW;
+const int FSSHARE_AT_REMOVEDIR = AT_REMOVEDIR;
+const unsigned FSSHARE_OPEN_TREE_CLONE = OPEN_TREE_CLONE;
+const unsigned FSSHARE_OPEN_TREE_CLOEXEC = OPEN_TREE_CLOEXEC;
+const unsigned FSSHARE_MOVE_MOUNT_F_EMPTY_PATH = MOVE_MOUNT_F_EMPTY_PATH;
+const unsigned FSSHARE_MOVE_MOUNT_T_EMPTY_PATH = MOVE_MOUNT_T_EMPTY_PATH;
+const uint64_t FSSHARE_MOUNT_ATTR_RDONLY = MOUNT_ATTR_RDONLY;
+const uint64_t FSSHARE_RESOLVE_NO_MAGICLINKS = RESOLVE_NO_MAGICLINKS;
+const uint64_t FSSHARE_RESOLVE_NO_SYMLINKS = RESOLVE_NO_SYMLINKS;
+const uint64_t FSSHARE_RESOLVE_BENEATH = RESOLVE_BENEATH;
+const uint64_t FSSHARE_RESOLVE_NO_XDEV = RESOLVE_NO_XDEV;

@@ -1,0 +1,103 @@
+import SystemPackage
+
+/// How the hypervisor exposes host files to the guest (Kata's `shared_fs`).
+public enum SharedFilesystem: Sendable, Equatable {
+    /// virtio-fs served by virtiofsd. `dax` adds the `dax` mount option (Kata adds it when the
+    /// cache mode is not `never`/`metadata` and a DAX window is configured).
+    case virtioFS(dax: Bool = false)
+    /// virtio-9p; `msize` is Kata's `msize_9p` (default 8192).
+    case virtio9p(msize: UInt32 = 8192)
+    /// No shared filesystem: files are copied through the agent (copy mode).
+    case none
+
+    /// Kata's configuration spelling: `virtio-fs`, `virtio-9p`, `none`.
+    public var name: String {
+        switch self {
+        case .virtioFS: "virtio-fs"
+        case .virtio9p: "virtio-9p"
+        case .none: "none"
+        }
+    }
+}
+
+/// Kata's `block_device_driver`: how a block-device rootfs reaches the guest.
+public enum BlockDeviceDriver: String, Sendable, Equatable, CaseIterable {
+    case virtioBlk = "virtio-blk"
+    case virtioSCSI = "virtio-scsi"
+    case virtioMMIO = "virtio-mmio"
+    case virtioBlkCCW = "virtio-blk-ccw"
+
+    /// The `Storage.driver` the Kata agent expects for this block driver.
+    public var storageDriver: String {
+        switch self {
+        case .virtioBlk: "blk"
+        case .virtioSCSI: "scsi"
+        case .virtioMMIO: "mmioblk"
+        case .virtioBlkCCW: "blk-ccw"
+        }
+    }
+}
+
+/// How shares are attached under `mounts/`.
+public enum MountMethod: String, Sendable, Equatable {
+    /// The new mount API when the kernel has it (open_tree + mount_setattr + move_mount: the
+    /// share is read-only before it is attached, and attached by descriptor), else legacy.
+    case automatic
+    /// Only the new mount API; fail if the kernel lacks it.
+    case newAPI = "new-api"
+    /// mount(2) only: read-only shares go through a staging bind under `private/` that is made
+    /// read-only before the bind into `mounts/` (Kata's PR #1553 sequence). Recursive read-only
+    /// shares need the new API.
+    case legacy
+}
+
+/// What to do with symbolic links in a share's source path.
+public enum SourceSymlinkPolicy: String, Sendable, Equatable {
+    /// Resolve them as Kata does (`EvalSymlinks`), but never through /proc magic links;
+    /// the resolved object is then checked and bound by descriptor.
+    case follow
+    /// Refuse any source path that contains a symbolic link.
+    case refuse
+}
+
+/// Everything a ``LinuxFilesystemSharer`` needs to know about its host and hypervisor.
+public struct SharerConfiguration: Sendable, Equatable {
+    /// Kata's default host root: `/run/kata-containers/shared/sandboxes`.
+    public static let defaultRoot: FilePath = "/run/kata-containers/shared/sandboxes"
+    /// Kata's guest mount point of the shared filesystem (with Kata's trailing slash).
+    public static let defaultGuestSharedDir = "/run/kata-containers/shared/containers/"
+    /// The virtio-fs / 9p tag.
+    public static let defaultMountTag = "kataShared"
+
+    /// The host directory holding one subdirectory per sandbox.
+    public var root: FilePath
+    public var sharedFilesystem: SharedFilesystem
+    public var blockDeviceDriver: BlockDeviceDriver
+    /// Where the guest mounts the shared filesystem.
+    public var guestSharedDir: String
+    public var mountTag: String
+    /// Size of the sandbox `/dev/shm` in bytes; 0 emits no shm storage.
+    public var shmSize: UInt64
+    public var mountMethod: MountMethod
+    public var sourceSymlinks: SourceSymlinkPolicy
+
+    public init(
+        root: FilePath = SharerConfiguration.defaultRoot,
+        sharedFilesystem: SharedFilesystem = .virtioFS(),
+        blockDeviceDriver: BlockDeviceDriver = .virtioSCSI,
+        guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir,
+        mountTag: String = SharerConfiguration.defaultMountTag,
+        shmSize: UInt64 = 0,
+        mountMethod: MountMethod = .automatic,
+        sourceSymlinks: SourceSymlinkPolicy = .follow
+    ) {
+        self.root = root
+        self.sharedFilesystem = sharedFilesystem
+        self.blockDeviceDriver = blockDeviceDriver
+        self.guestSharedDir = guestSharedDir
+        self.mountTag = mountTag
+        self.shmSize = shmSize
+        self.mountMethod = mountMethod
+        self.sourceSymlinks = sourceSymlinks
+    }
+}

@@ -1,0 +1,55 @@
+import FSShareSystem
+import SystemPackage
+
+/// The error every public fsshare operation throws: a code to branch on, a human sentence,
+/// and, when the kernel refused something, the syscall, path and errno.
+public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// What kind of failure this is.
+    public enum Code: String, Sendable, Equatable {
+        /// An argument was malformed (an id with `/`, an empty path, ...). Nothing was changed.
+        case invalidArgument
+        /// The source must never be shared (under /proc or /sys, a device, socket or FIFO).
+        case refused
+        /// The sandbox has not been prepared.
+        case notPrepared
+        /// The same container mount point is already shared with different parameters.
+        case conflict
+        /// The kernel lacks something this operation needs.
+        case unsupported
+        /// The sandbox manifest is unreadable or corrupt.
+        case manifest
+        /// A system call failed; ``FSShareError/systemCall`` says which.
+        case systemCall
+        /// Cleanup could not remove everything; the message lists what is left.
+        case incompleteCleanup
+    }
+
+    public var code: Code
+    /// A sentence saying what failed and why.
+    public var message: String
+    /// The failing system call, its path and errno, when there is one.
+    public var systemCall: SystemCallError?
+
+    public init(_ code: Code, _ message: String, systemCall: SystemCallError? = nil) {
+        self.code = code
+        self.message = message
+        self.systemCall = systemCall
+    }
+
+    /// Wraps a syscall failure with a sentence about the operation it broke.
+    public static func system(_ what: String, _ error: SystemCallError) -> FSShareError {
+        FSShareError(.systemCall, "\(what): \(error)", systemCall: error)
+    }
+
+    public var description: String { message }
+}
+
+/// Runs `body`, turning a ``SystemCallError`` into an ``FSShareError`` that says `what` failed.
+@inline(__always)
+func sys<T>(_ what: @autoclosure () -> String, _ body: () throws(SystemCallError) -> T) throws(FSShareError) -> T {
+    do {
+        return try body()
+    } catch {
+        throw FSShareError.system(what(), error)
+    }
+}

@@ -1,0 +1,520 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareSystem
+import Synchronization
+import SystemPackage
+
+/// Open descriptors of a prepared sandbox tree, kept for the sharer's lifetime so each
+/// operation walks no paths: `*at` calls relative to these, never following symlinks.
+final class SandboxHandle {
+    let root: DirFD
+    /// `<root>/<sid>`, opened `O_RDONLY` for `flock` (cross-process exclusion).
+    let lock: FileDescriptor
+    /// `<root>/<sid>` as seen through its self-bind (the top mount).
+    let sandbox: DirFD
+    let mounts: DirFD
+    let staging: DirFD
+    let manifest: Manifest
+    let mountsMountID: UInt64
+
+    init(root: DirFD, lock: FileDescriptor, sandbox: DirFD, mounts: DirFD, staging: DirFD, manifest: Manifest, mountsMountID: UInt64) {
+        self.root = root
+        self.lock = lock
+        self.sandbox = sandbox
+        self.mounts = mounts
+        self.staging = staging
+        self.manifest = manifest
+        self.mountsMountID = mountsMountID
+    }
+
+    deinit {
+        for fd in [root.fd, lock, sandbox.fd, mounts.fd, staging.fd] { Sys.close(fd) }
+    }
+
+    /// Holds the sandbox's cross-process lock around `body`.
+    func locked<T>(_ body: () throws(FSShareError) -> T) throws(FSShareError) -> T {
+        let shown = sandbox.path
+        try sys("cannot lock the sandbox \(shown)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: shown) }
+        defer { try? Sys.flock(lock, operation: LOCK_UN, path: shown) }
+        return try body()
+    }
+
+    /// False once another process has cleaned the sandbox up (its directory is gone).
+    var isAlive: Bool {
+        guard let st = try? Sys.fstatx(lock, path: sandbox.path) else { return false }
+        return st.linkCount > 0
+    }
+}
+
+/// The Linux ``FilesystemSharer``: Kata's Go layout and semantics, made crash-safe, idempotent
+/// and correct on hosts whose `/` is a private mount.
+///
+/// ```swift
+/// let sharer = try LinuxFilesystemSharer(sandboxID: "pod1", configuration: .init(root: "/run/fsshare"))
+/// let storages = try await sharer.prepare()            // send in CreateSandbox
+/// let c = Container(id: "web", rootfs: .hostMounted("/run/containerd/.../rootfs"))
+/// let rootfs = try await sharer.shareRootFilesystem(container: c)
+/// let vol = try await sharer.shareFile(container: c, mount: Mount(source: "/srv/data", destination: "/data", options: ["ro"]))
+/// // vol?.guestPath == "/run/kata-containers/shared/containers/web-<16 hex>-data"
+/// try await sharer.cleanup()
+/// ```
+///
+/// One instance serves one sandbox and may be used from many tasks at once; operations on the
+/// same sandbox from other processes (the `fsshare` CLI) are serialised with `flock`.
+public final class LinuxFilesystemSharer: FilesystemSharer {
+    public let sandboxID: String
+    public let configuration: SharerConfiguration
+    public let layout: SandboxLayout
+
+    private struct State: ~Copyable {
+        var handle: SandboxHandle?
+    }
+    private let state = Mutex(State())
+
+    /// Creates a sharer for one sandbox. Nothing is touched on disk until an operation runs.
+    public init(sandboxID: String, configuration: SharerConfiguration = SharerConfiguration()) throws(FSShareError) {
+        try Identifier.validate(sandboxID, what: "sandbox")
+        guard configuration.root.isAbsolute, !configuration.root.string.utf8.contains(0) else {
+            throw FSShareError(.invalidArgument, "the sandbox root \"\(configuration.root)\" must be an absolute path")
+        }
+        self.sandboxID = sandboxID
+        self.configuration = configuration
+        self.layout = SandboxLayout(root: configuration.root, sandboxID: sandboxID, guestSharedDir: configuration.guestSharedDir)
+    }
+
+    /// The sandbox-level storages (shared filesystem, shm) for `CreateSandbox`.
+    public var sandboxStorages: [Storage] { Storages.sandbox(configuration) }
+
+    // MARK: - Prepare / cleanup
+
+    @discardableResult
+    public func prepare() async throws(FSShareError) -> [Storage] {
+        try prepareSync()
+        return sandboxStorages
+    }
+
+    /// Synchronous ``prepare()`` (no suspension point; the work is a handful of syscalls).
+    public func prepareSync() throws(FSShareError) {
+        try state.withLock { (s: inout State) throws(FSShareError) in
+            if let h = s.handle, h.isAlive, (try? isMountRoot(h.sandbox, "shared")) == true { return }
+            s.handle = nil
+            s.handle = try makeSandbox()
+        }
+    }
+
+    public func cleanup() async throws(FSShareError) {
+        try cleanupSync()
+    }
+
+    /// Synchronous ``cleanup()``.
+    public func cleanupSync() throws(FSShareError) {
+        try state.withLock { (s: inout State) throws(FSShareError) in
+            s.handle = nil
+            try SandboxCleaner(root: configuration.root, sandboxID: sandboxID).run()
+        }
+    }
+
+    private func openRoot(create: Bool) throws(FSShareError) -> DirFD? {
+        let root = configuration.root
+        if create {
+            // The root is operator configuration, not guest-writable: create it like mkdir -p.
+            var path = FilePath("/")
+            for component in root.components {
+                path.append(component)
+                _ = try sys("cannot create the sandbox root \(root)") { () throws(SystemCallError) in try Sys.mkdirat(nil, path, mode: 0o755) }
+            }
+        }
+        do {
+            let fd = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
+            return DirFD(fd: fd, path: root)
+        } catch {
+            if error.errno == .noSuchFileOrDirectory && !create { return nil }
+            throw FSShareError.system("cannot open the sandbox root \(root)", error)
+        }
+    }
+
+    private func isMountRoot(_ dir: DirFD, _ name: FilePath) throws(FSShareError) -> Bool {
+        try sys("cannot stat \(dir.display(name))") { () throws(SystemCallError) in try Sys.statx(dir, name).isMountRoot }
+    }
+
+    /// Builds (or finishes building) the sandbox tree, rolling back what it made on failure.
+    private func makeSandbox() throws(FSShareError) -> SandboxHandle {
+        var undo = Undo()
+        do {
+            return try makeSandbox(&undo)
+        } catch {
+            undo.run()
+            throw error
+        }
+    }
+
+    private func makeSandbox(_ undo: inout Undo) throws(FSShareError) -> SandboxHandle {
+        guard let root = try openRoot(create: true) else {
+            throw FSShareError(.systemCall, "cannot open the sandbox root \(configuration.root)")
+        }
+        undo.add { Sys.close(root.fd) }
+        let sid = FilePath(sandboxID)
+        let sandboxPath = root.display(sid)
+        if try sys("cannot create the sandbox directory \(sandboxPath)", { () throws(SystemCallError) in try Sys.mkdirat(root, sid, mode: 0o700) }) {
+            undo.add { try? Sys.unlinkat(root, sid, directory: true) }
+        }
+        let lock = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
+            try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+        }
+        undo.add { Sys.close(lock) }
+        try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
+        defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath) }
+
+        let plain = DirFD(fd: lock, path: sandboxPath)
+        let manifestExisted = (try? Sys.statx(plain, Manifest.fileName)) != nil
+        if !manifestExisted { undo.add { try? Sys.unlinkat(plain, Manifest.fileName, directory: false) } }
+        guard let manifest = try Manifest.open(in: plain, sandboxID: sandboxID, create: true) else {
+            throw FSShareError(.manifest, "cannot create the manifest of \(sandboxPath)")
+        }
+
+        // Make the sandbox directory a mount of its own with shared propagation, in a new peer
+        // group: then binds under mounts/ propagate to shared/ and to virtiofsd's slave
+        // namespace even where / is private (this machine; Kata's Prepare propagates nothing
+        // there), and they propagate nowhere else on hosts where /run is shared.
+        if !(try isMountRoot(root, sid)) {
+            let target = MountOps.fdPath(root.fd, sid)
+            try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
+                try Sys.mount(source: MountOps.fdPath(lock), target: MountOps.fdPath(lock), flags: UInt(MS_BIND))
+            }
+            undo.add { _ = try? MountOps.unmountAll(root, sid) }
+            try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                try Sys.mount(source: nil, target: target, flags: UInt(MS_PRIVATE))
+                try Sys.mount(source: nil, target: target, flags: UInt(MS_SHARED))
+            }
+        }
+        // Re-open through the self-bind: descriptors opened before it point below it.
+        let top = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
+            try Sys.openat(root, sid, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+        }
+        undo.add { Sys.close(top) }
+        let sandbox = DirFD(fd: top, path: sandboxPath)
+        for (name, mode) in [("mounts", mode_t(0o750)), ("shared", 0o700), ("private", 0o750)] {
+            let n = FilePath(name)
+            if try sys("cannot create \(sandbox.display(n))", { () throws(SystemCallError) in try Sys.mkdirat(sandbox, n, mode: mode) }) {
+                undo.add { try? Sys.unlinkat(sandbox, n, directory: true) }
+            }
+        }
+        if !(try isMountRoot(sandbox, "shared")) {
+            let mounts = MountOps.fdPath(top, "mounts")
+            let shared = MountOps.fdPath(top, "shared")
+            let sharedShown = sandbox.display("shared")
+            try sys("cannot bind mounts/ onto \(sharedShown)") { () throws(SystemCallError) in
+                try Sys.mount(source: mounts, target: shared, flags: UInt(MS_BIND))
+            }
+            undo.add { _ = try? MountOps.unmountAll(sandbox, "shared") }
+            // Slave: receives every bind made under mounts/, sends nothing back. Read-only: the
+            // guest can never create, rename or replace anything at the top of the export.
+            try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
+                try Sys.mount(source: nil, target: shared, flags: UInt(MS_SLAVE))
+                try Sys.mount(source: nil, target: shared, flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
+            }
+        }
+        func openDir(_ name: FilePath) throws(FSShareError) -> DirFD {
+            let fd = try sys("cannot open \(sandbox.display(name))") { () throws(SystemCallError) in
+                try Sys.openat(sandbox, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+            }
+            return DirFD(fd: fd, path: sandbox.display(name))
+        }
+        let mounts = try openDir("mounts")
+        undo.add { Sys.close(mounts.fd) }
+        let staging = try openDir("private")
+        undo.add { Sys.close(staging.fd) }
+        let mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
+        let handle = SandboxHandle(
+            root: root, lock: lock, sandbox: sandbox, mounts: mounts, staging: staging, manifest: manifest, mountsMountID: mountsID)
+        undo.commit()
+        return handle
+    }
+
+    /// The handle of a prepared sandbox (opened on first use, reopened if another process
+    /// cleaned up and re-prepared it). Throws ``FSShareError/Code/notPrepared`` otherwise.
+    private func preparedHandle(_ s: inout State) throws(FSShareError) -> SandboxHandle {
+        if let h = s.handle, h.isAlive { return h }
+        s.handle = nil
+        let notPrepared = FSShareError(.notPrepared, "sandbox \(sandboxID) is not prepared under \(configuration.root)")
+        guard let root = try openRoot(create: false) else { throw notPrepared }
+        let sid = FilePath(sandboxID)
+        guard (try? Sys.statx(root, sid)) != nil,
+              let shared = try? Sys.statx(root, sid.appending("shared")), shared.isMountRoot
+        else {
+            Sys.close(root.fd)
+            throw notPrepared
+        }
+        Sys.close(root.fd)
+        s.handle = try makeSandbox()
+        guard let h = s.handle else { throw notPrepared }
+        return h
+    }
+
+    // MARK: - Volumes
+
+    public func shareFile(container: Container, mount: Mount) async throws(FSShareError) -> SharedFile? {
+        try shareFileSync(container: container, mount: mount)
+    }
+
+    /// Synchronous ``shareFile(container:mount:)``.
+    public func shareFileSync(container: Container, mount: Mount) throws(FSShareError) -> SharedFile? {
+        guard mount.type == "bind" else { return nil }
+        guard mount.destination.lexicallyNormalized() != "/dev/shm" else { return nil }
+        try Identifier.validate(container.id, what: "container")
+        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination)
+        let record = ShareRecord(
+            name: name, kind: .volume, containerID: container.id, source: mount.source.string,
+            destination: mount.destination.lexicallyNormalized().string, readOnly: mount.isReadOnly,
+            recursive: mount.isRecursive, isFile: false)
+        let method = configuration.mountMethod
+        let policy = configuration.sourceSymlinks
+        return try state.withLock { (s: inout State) throws(FSShareError) -> SharedFile? in
+            let h = try preparedHandle(&s)
+            return try h.locked { () throws(FSShareError) -> SharedFile in
+                try h.manifest.refresh()
+                try share(record, in: h.mounts, handle: h, method: method, policy: policy)
+                return SharedFile(guestPath: layout.guestPath(name))
+            }
+        }
+    }
+
+    public func unshareFile(container: Container, mount: Mount) async throws(FSShareError) {
+        try unshareFileSync(container: container, mount: mount)
+    }
+
+    /// Synchronous ``unshareFile(container:mount:)``.
+    public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) {
+        guard mount.type == "bind" else { return }
+        try Identifier.validate(container.id, what: "container")
+        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination)
+        try unshare(name: name)
+    }
+
+    /// Removes the share recorded under `name` (a volume name or `<cid>/rootfs`). Not an error
+    /// if it does not exist or the sandbox is already gone.
+    public func unshare(name: String) throws(FSShareError) {
+        try state.withLock { (s: inout State) throws(FSShareError) in
+            let h: SandboxHandle
+            do throws(FSShareError) {
+                h = try preparedHandle(&s)
+            } catch {
+                if error.code == .notPrepared { return }
+                throw error
+            }
+            try h.locked { () throws(FSShareError) in
+                try h.manifest.refresh()
+                try removeShare(name, handle: h)
+            }
+        }
+    }
+
+    /// The shares the manifest records, with whether each is mounted right now.
+    public func shares() throws(FSShareError) -> [(record: ShareRecord, mounted: Bool)] {
+        try state.withLock { (s: inout State) throws(FSShareError) in
+            let h = try preparedHandle(&s)
+            return try h.locked { () throws(FSShareError) in
+                try h.manifest.refresh()
+                return h.manifest.orderedShares.map { r in
+                    (r, (try? Sys.statx(h.mounts, FilePath(r.name)).isMountRoot) ?? false)
+                }
+            }
+        }
+    }
+
+    // MARK: - Rootfs
+
+    public func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile {
+        try shareRootFilesystemSync(container: container)
+    }
+
+    /// Synchronous ``shareRootFilesystem(container:)``.
+    public func shareRootFilesystemSync(container: Container) throws(FSShareError) -> SharedFile {
+        try Identifier.validate(container.id, what: "container")
+        let cid = container.id
+        switch container.rootfs {
+        case .guestPull(let image, let annotations):
+            guard !image.isEmpty else { throw FSShareError(.invalidArgument, "guest pull needs an image reference") }
+            let storage = Storages.guestPullRootfs(containerID: cid, image: image, annotations: annotations)
+            return SharedFile(guestPath: Storages.guestPullRootfsPath(cid), containerStorages: [storage])
+        case .blockDevice(let device, let suffix):
+            guard !device.address.isEmpty, !device.fstype.isEmpty else {
+                throw FSShareError(.invalidArgument, "a block-device rootfs needs a device address and a filesystem type")
+            }
+            if !suffix.isEmpty { try Identifier.validate(suffix, what: "rootfs suffix") }
+            let record = ShareRecord(
+                name: cid, kind: .rootfsDirectory, containerID: cid, source: device.address, destination: suffix,
+                readOnly: false, recursive: false, isFile: false)
+            try state.withLock { (s: inout State) throws(FSShareError) in
+                let h = try preparedHandle(&s)
+                try h.locked { () throws(FSShareError) in
+                    try h.manifest.refresh()
+                    try makeBlockRootfsDirectories(record, suffix: suffix, handle: h)
+                }
+            }
+            let storage = Storages.blockRootfs(
+                containerID: cid, device: device, driver: configuration.blockDeviceDriver, guestSharedDir: configuration.guestSharedDir)
+            return SharedFile(guestPath: Storages.joinGuest(configuration.guestSharedDir, cid, suffix), containerStorages: [storage])
+        case .hostMounted(let path):
+            let record = ShareRecord(
+                name: "\(cid)/rootfs", kind: .rootfs, containerID: cid, source: path.string, destination: "/",
+                readOnly: false, recursive: false, isFile: false)
+            let method = configuration.mountMethod
+            let policy = configuration.sourceSymlinks
+            try state.withLock { (s: inout State) throws(FSShareError) in
+                let h = try preparedHandle(&s)
+                try h.locked { () throws(FSShareError) in
+                    try h.manifest.refresh()
+                    let created = try sys("cannot create \(h.mounts.display(FilePath(cid)))") { () throws(SystemCallError) in
+                        try Sys.mkdirat(h.mounts, FilePath(cid), mode: 0o750)
+                    }
+                    let dirFD = try sys("cannot open \(h.mounts.display(FilePath(cid)))") { () throws(SystemCallError) in
+                        try Sys.openat(h.mounts, FilePath(cid), flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+                    }
+                    defer { Sys.close(dirFD) }
+                    do throws(FSShareError) {
+                        try share(record, in: DirFD(fd: dirFD, path: h.mounts.display(FilePath(cid))), handle: h, method: method, policy: policy)
+                    } catch {
+                        if created { try? Sys.unlinkat(h.mounts, FilePath(cid), directory: true) }
+                        throw error
+                    }
+                }
+            }
+            return SharedFile(guestPath: layout.guestPath("\(cid)/rootfs"))
+        }
+    }
+
+    public func unshareRootFilesystem(container: Container) async throws(FSShareError) {
+        try unshareRootFilesystemSync(container: container)
+    }
+
+    /// Synchronous ``unshareRootFilesystem(container:)``.
+    public func unshareRootFilesystemSync(container: Container) throws(FSShareError) {
+        try Identifier.validate(container.id, what: "container")
+        switch container.rootfs {
+        case .guestPull: return
+        case .blockDevice: try unshare(name: container.id)
+        case .hostMounted: try unshare(name: "\(container.id)/rootfs")
+        }
+    }
+
+    // MARK: - Mechanics (called with both locks held)
+
+    /// Shares `record.source` at `dir/<last component of record.name>`; idempotent.
+    private func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) {
+        let leaf = FilePath(record.name).lastComponent.map { FilePath($0.string) } ?? FilePath(record.name)
+        var record = record
+        if let existing = h.manifest.shares[record.name] {
+            guard existing.source == record.source, existing.readOnly == record.readOnly,
+                  existing.recursive == record.recursive, existing.kind == record.kind
+            else {
+                throw FSShareError(.conflict, "\(record.destination) of container \(record.containerID) is already shared from \(existing.source) (\(existing.readOnly ? "ro" : "rw")\(existing.recursive ? ", recursive" : "")); unshare it first")
+            }
+            if try isMountRoot(dir, leaf) { return }
+            record = existing  // recorded but not mounted: the process died in between; finish it.
+        }
+        let source = try SourceCheck.open(FilePath(record.source), policy: policy)
+        defer { Sys.close(source.fd) }
+        record.isFile = source.kind == .regular
+        if h.manifest.shares[record.name] == nil || h.manifest.shares[record.name] != record {
+            try h.manifest.recordShare(record)
+        }
+        var undo = Undo()
+        undo.add { try? h.manifest.recordRemoval(record.name) }
+        do throws(FSShareError) {
+            let created = try sys("cannot create the mount point \(dir.display(leaf))") { () throws(SystemCallError) in
+                record.isFile ? try Sys.mkfileat(dir, leaf, mode: 0o755) : try Sys.mkdirat(dir, leaf, mode: 0o755)
+            }
+            if created { undo.add { try? MountOps.removeMountPoint(dir, leaf) } }
+            let target = try sys("cannot open the mount point \(dir.display(leaf))") { () throws(SystemCallError) in
+                try Sys.openat(dir, leaf, flags: Sys.oPath | Sys.oNoFollow)
+            }
+            defer { Sys.close(target) }
+            let st = try sys("cannot stat the mount point \(dir.display(leaf))") { () throws(SystemCallError) in try Sys.fstatx(target, path: dir.display(leaf)) }
+            guard st.kind == (record.isFile ? .regular : .directory) else {
+                throw FSShareError(.conflict, "\(dir.display(leaf)) exists and is a \(st.kind), not a \(record.isFile ? "file" : "directory") mount point")
+            }
+            try MountOps.attach(
+                source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: h.staging,
+                isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
+            undo.commit()
+        } catch {
+            undo.run()
+            throw error
+        }
+    }
+
+    private func makeBlockRootfsDirectories(_ record: ShareRecord, suffix: String, handle h: SandboxHandle) throws(FSShareError) {
+        if h.manifest.shares[record.name] != record { try h.manifest.recordShare(record) }
+        let cid = FilePath(record.name)
+        let made = try sys("cannot create \(h.mounts.display(cid))") { () throws(SystemCallError) in
+            let made = try Sys.mkdirat(h.mounts, cid, mode: 0o750)
+            if !suffix.isEmpty { try Sys.mkdirat(h.mounts, cid.appending(suffix), mode: 0o750) }
+            return made
+        }
+        _ = made
+    }
+
+    /// Unmounts and removes a share and forgets it. Missing pieces are fine (idempotent).
+    private func removeShare(_ name: String, handle h: SandboxHandle) throws(FSShareError) {
+        let record = h.manifest.shares[name]
+        let path = FilePath(name)
+        let components = Array(path.components)
+        // Volumes are one component below mounts/; rootfs is <cid>/rootfs; block rootfs <cid>[/suffix].
+        guard !components.isEmpty, components.count <= 2, components.allSatisfy({ $0.kind == .regular }) else {
+            throw FSShareError(.invalidArgument, "\"\(name)\" is not a share name")
+        }
+        var parent = h.mounts
+        var opened: FileDescriptor?
+        defer { if let opened { Sys.close(opened) } }
+        if components.count == 2 {
+            let first = FilePath(components[0].string)
+            do {
+                let fd = try Sys.openat(h.mounts, first, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+                opened = fd
+                parent = DirFD(fd: fd, path: h.mounts.display(first))
+            } catch {
+                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot open \(h.mounts.display(first))", error) }
+                try h.manifest.recordRemoval(name)
+                return
+            }
+        }
+        let leaf = FilePath(components[components.count - 1].string)
+        if record?.kind == .rootfsDirectory, let suffix = record?.destination, !suffix.isEmpty {
+            // Block rootfs: <cid>/<suffix> then <cid>; plain directories, never mounts.
+            let fd = try? Sys.openat(h.mounts, leaf, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+            if let fd {
+                defer { Sys.close(fd) }
+                try MountOps.removeMountPoint(DirFD(fd: fd, path: h.mounts.display(leaf)), FilePath(suffix))
+            }
+            try MountOps.removeMountPoint(h.mounts, leaf)
+            try h.manifest.recordRemoval(name)
+            return
+        }
+        try sys("cannot unmount \(parent.display(leaf))") { () throws(SystemCallError) in _ = try MountOps.unmountAll(parent, leaf) }
+        try MountOps.removeMountPoint(parent, leaf)
+        if components.count == 2 {
+            // The per-container directory goes when its last entry does.
+            do {
+                try Sys.unlinkat(h.mounts, FilePath(components[0].string), directory: true)
+            } catch {
+                if error.errno != .directoryNotEmpty && error.errno != .noSuchFileOrDirectory {
+                    throw FSShareError.system("cannot remove \(h.mounts.display(FilePath(components[0].string)))", error)
+                }
+            }
+        }
+        try h.manifest.recordRemoval(name)
+    }
+}
+
+/// A list of rollback actions, run newest first unless committed.
+struct Undo {
+    private var actions: [() -> Void] = []
+    mutating func add(_ action: @escaping () -> Void) { actions.append(action) }
+    mutating func commit() { actions.removeAll() }
+    mutating func run() {
+        for action in actions.reversed() { action() }
+        actions.removeAll()
+    }
+}

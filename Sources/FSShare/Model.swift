@@ -1,0 +1,100 @@
+import FSShareProto
+import SystemPackage
+
+/// The Kata agent's `Storage` message (agent.proto, package `grpc`).
+public typealias Storage = Grpc_Storage
+
+/// An OCI mount of a container, as the runtime hands it to the sharer.
+public struct Mount: Sendable, Equatable {
+    /// Host path of the bind source.
+    public var source: FilePath
+    /// Where the container sees it.
+    public var destination: FilePath
+    /// OCI mount type; only `bind` mounts are shared.
+    public var type: String
+    /// OCI options: `ro` makes the share read-only (in the guest too), `rbind` recursive.
+    public var options: [String]
+
+    public init(source: FilePath, destination: FilePath, type: String = "bind", options: [String] = []) {
+        self.source = source
+        self.destination = destination
+        self.type = type
+        self.options = options
+    }
+
+    public var isReadOnly: Bool { options.contains("ro") }
+    public var isRecursive: Bool { options.contains("rbind") }
+}
+
+/// A block device that holds a container's rootfs, already attached to the VM by the runtime.
+public struct BlockDevice: Sendable, Equatable {
+    /// The guest address in the form the block driver uses: PCI path (`virtio-blk`),
+    /// SCSI address (`virtio-scsi`), `/dev/vdX` (`virtio-mmio`) or device number (`virtio-blk-ccw`).
+    public var address: String
+    /// Filesystem on the device (`ext4`, `xfs`, ...).
+    public var fstype: String
+    public init(address: String, fstype: String) {
+        self.address = address
+        self.fstype = fstype
+    }
+}
+
+/// Where a container's root filesystem comes from.
+public enum Rootfs: Sendable, Equatable {
+    /// A rootfs already mounted (or a plain directory) on the host: bound to `mounts/<cid>/rootfs`.
+    case hostMounted(FilePath)
+    /// A block device: the guest agent mounts it; `suffix` is Kata's rootfs suffix under the
+    /// device root (`rootfs`, or empty when the device root is the rootfs).
+    case blockDevice(BlockDevice, suffix: String = "rootfs")
+    /// The guest pulls the image itself (`image_guest_pull`). `annotations` become the pull's metadata.
+    case guestPull(image: String, annotations: [String: String] = [:])
+}
+
+/// A container as the sharer sees it: its id and its rootfs.
+public struct Container: Sendable, Equatable {
+    public var id: String
+    public var rootfs: Rootfs
+    public init(id: String, rootfs: Rootfs) {
+        self.id = id
+        self.rootfs = rootfs
+    }
+}
+
+/// The result of sharing something: where the guest finds it, and what the agent must mount.
+public struct SharedFile: Sendable, Equatable {
+    /// The path inside the guest.
+    public var guestPath: String
+    /// Storages for the container's rootfs (`CreateContainerRequest.storages`).
+    public var containerStorages: [Storage]
+    /// Storages for volumes.
+    public var volumeStorages: [Storage]
+
+    public init(guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = []) {
+        self.guestPath = guestPath
+        self.containerStorages = containerStorages
+        self.volumeStorages = volumeStorages
+    }
+}
+
+/// The operations of Kata's `FilesystemSharer`, made idempotent and crash-safe.
+///
+/// One sharer serves one sandbox. ``prepare()`` makes the sandbox tree; the share operations
+/// bind-mount sources under `mounts/`, where the hypervisor's export of `shared/` shows them to
+/// the guest; ``cleanup()`` removes every mount and directory, even after a crash.
+public protocol FilesystemSharer: Sendable {
+    /// Creates the sandbox tree and returns the sandbox-level storages (shared fs, shm).
+    /// Calling it again is a no-op that returns the same storages.
+    @discardableResult
+    func prepare() async throws(FSShareError) -> [Storage]
+    /// Unmounts and removes everything the sandbox made. Safe to call at any time, repeatedly.
+    func cleanup() async throws(FSShareError)
+    /// Shares a container's bind mount. Returns nil for mounts that are not host binds
+    /// (non-`bind` types, `/dev/shm`), which the runtime should leave to the guest.
+    func shareFile(container: Container, mount: Mount) async throws(FSShareError) -> SharedFile?
+    /// Undoes ``shareFile(container:mount:)``; unsharing twice is not an error.
+    func unshareFile(container: Container, mount: Mount) async throws(FSShareError)
+    /// Shares a container's root filesystem and returns its guest path and storages.
+    func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile
+    /// Undoes ``shareRootFilesystem(container:)``; twice is not an error.
+    func unshareRootFilesystem(container: Container) async throws(FSShareError)
+}

@@ -1,0 +1,34 @@
+import SystemPackage
+
+/// The host and guest paths of one sandbox, in Kata's Go layout:
+///
+/// ```
+/// <root>/<sid>/            self-bind, shared propagation (its own peer group)
+/// <root>/<sid>/manifest    the crash-safety journal (not exported)
+/// <root>/<sid>/mounts/     where shares are attached (writable by the host only)
+/// <root>/<sid>/shared/     read-only slave bind of mounts/: what virtiofsd / 9p exports
+/// <root>/<sid>/private/    staging binds (legacy read-only method), never exported
+/// ```
+public struct SandboxLayout: Sendable, Equatable {
+    public var root: FilePath
+    public var sandboxID: String
+    public var guestSharedDir: String
+
+    public init(root: FilePath, sandboxID: String, guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir) {
+        self.root = root
+        self.sandboxID = sandboxID
+        self.guestSharedDir = guestSharedDir
+    }
+
+    public var sandboxDirectory: FilePath { root.appending(sandboxID) }
+    public var mountsDirectory: FilePath { sandboxDirectory.appending("mounts") }
+    /// The directory the hypervisor exports (virtiofsd `--shared-dir`, 9p `path=`).
+    public var sharedDirectory: FilePath { sandboxDirectory.appending("shared") }
+    public var privateDirectory: FilePath { sandboxDirectory.appending("private") }
+    public var manifest: FilePath { sandboxDirectory.appending("manifest") }
+
+    /// The guest path of a share named `name` (a path below `mounts/`).
+    public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, name) }
+    /// The host path of a share named `name`.
+    public func hostPath(_ name: String) -> FilePath { mountsDirectory.appending(name) }
+}

@@ -1,0 +1,115 @@
+import FSShareProto
+
+/// Pure builders for the Kata agent `Storage` descriptors fsshare emits. Field values follow
+/// Kata's Go runtime (`kata_agent.go`, `fs_share_linux.go`) so a Kata agent accepts them.
+public enum Storages {
+    /// The guest path of the sandbox `/dev/shm`.
+    public static let guestShmPath = "/run/kata-containers/sandbox/shm"
+    /// The guest directory under which guest-pulled and block "layer" rootfs live.
+    public static let guestContainersRoot = "/run/kata-containers"
+
+    /// The sandbox-level storages sent in `CreateSandbox`: the shared filesystem and shm.
+    public static func sandbox(_ config: SharerConfiguration) -> [Storage] {
+        var result: [Storage] = []
+        switch config.sharedFilesystem {
+        case .virtioFS(let dax):
+            result.append(make(
+                driver: "virtio-fs", source: config.mountTag, fstype: "virtiofs",
+                options: dax ? ["dax"] : [], mountPoint: config.guestSharedDir))
+        case .virtio9p(let msize):
+            result.append(make(
+                driver: "9p", source: config.mountTag, fstype: "9p",
+                options: ["trans=virtio,version=9p2000.L,cache=mmap", "nodev", "msize=\(msize)"],
+                mountPoint: config.guestSharedDir))
+        case .none:
+            break
+        }
+        if config.shmSize > 0 {
+            result.append(make(
+                driver: "ephemeral", source: "shm", fstype: "tmpfs",
+                options: ["noexec", "nosuid", "nodev", "mode=1777", "size=\(config.shmSize)"],
+                mountPoint: guestShmPath))
+        }
+        return result
+    }
+
+    /// The storage for a block-device rootfs (Kata's case 6): driver and source by block driver,
+    /// mount point `<guest shared dir>/<cid>`, `nouuid` for xfs.
+    public static func blockRootfs(containerID: String, device: BlockDevice, driver: BlockDeviceDriver, guestSharedDir: String) -> Storage {
+        make(
+            driver: driver.storageDriver, source: device.address, fstype: device.fstype,
+            options: device.fstype == "xfs" ? ["nouuid"] : [],
+            mountPoint: joinGuest(guestSharedDir, containerID))
+    }
+
+    /// The storage for a guest-pulled rootfs (Kata's case 1).
+    public static func guestPullRootfs(containerID: String, image: String, annotations: [String: String]) -> Storage {
+        make(
+            driver: "image_guest_pull", driverOptions: ["image_guest_pull=" + imagePullJSON(annotations)],
+            source: image, fstype: "overlay", mountPoint: guestPullRootfsPath(containerID))
+    }
+
+    /// `/run/kata-containers/<cid>/rootfs`.
+    public static func guestPullRootfsPath(_ containerID: String) -> String {
+        "\(guestContainersRoot)/\(containerID)/rootfs"
+    }
+
+    /// Joins guest path components the way Go's `filepath.Join` does for these inputs.
+    public static func joinGuest(_ base: String, _ parts: String...) -> String {
+        var result = base
+        while result.count > 1 && result.hasSuffix("/") { result.removeLast() }
+        for part in parts where !part.isEmpty {
+            result += (result.hasSuffix("/") ? "" : "/") + part
+        }
+        return result
+    }
+
+    static func make(
+        driver: String, driverOptions: [String] = [], source: String, fstype: String,
+        options: [String] = [], mountPoint: String
+    ) -> Storage {
+        var s = Storage()
+        s.driver = driver
+        s.driverOptions = driverOptions
+        s.source = source
+        s.fstype = fstype
+        s.options = options
+        s.mountPoint = mountPoint
+        return s
+    }
+
+    /// `{"metadata":{...}}` with sorted keys and Go's `encoding/json` escaping, so the bytes
+    /// match what Kata's Go runtime sends.
+    static func imagePullJSON(_ metadata: [String: String]) -> String {
+        var out = "{\"metadata\":{"
+        for (i, key) in metadata.keys.sorted().enumerated() {
+            if i > 0 { out += "," }
+            out += goJSONString(key) + ":" + goJSONString(metadata[key] ?? "")
+        }
+        return out + "}}"
+    }
+
+    /// A JSON string literal escaped as Go's `json.Marshal` does (HTML-safe).
+    public static func goJSONString(_ s: String) -> String {
+        var out = "\""
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case "<", ">", "&", "\u{2028}", "\u{2029}":
+                out += "\\u" + hex4(scalar.value)
+            default:
+                if scalar.value < 0x20 { out += "\\u" + hex4(scalar.value) } else { out.unicodeScalars.append(scalar) }
+            }
+        }
+        return out + "\""
+    }
+
+    private static func hex4(_ v: UInt32) -> String {
+        let digits = Array("0123456789abcdef")
+        return String([digits[Int((v >> 12) & 0xF)], digits[Int((v >> 8) & 0xF)], digits[Int((v >> 4) & 0xF)], digits[Int(v & 0xF)]])
+    }
+}

@@ -1,0 +1,387 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import FSShare
+import FSShareProto
+import SystemPackage
+
+/// Options every command takes.
+struct CommonOptions: ParsableArguments {
+    @Option(name: .long, help: "Directory holding one subdirectory per sandbox.")
+    var root: String = SharerConfiguration.defaultRoot.string
+
+    @Flag(name: .long, help: "Print machine-readable JSON.")
+    var json = false
+
+    func validate() throws {
+        guard root.hasPrefix("/") else { throw ValidationError("--root must be an absolute path") }
+    }
+}
+
+/// Options that describe the hypervisor side (they shape the descriptors).
+struct HypervisorOptions: ParsableArguments {
+    @Option(name: .long, help: "Shared filesystem: virtio-fs, virtio-9p or none.")
+    var sharedFS: String = "virtio-fs"
+
+    @Flag(name: .long, help: "Add the dax option to the virtio-fs storage.")
+    var dax = false
+
+    @Option(name: .long, help: "9p msize (Kata's msize_9p).")
+    var msize: UInt32 = 8192
+
+    @Option(name: .long, help: "Size of the sandbox /dev/shm in bytes (0: no shm storage).")
+    var shmSize: UInt64 = 0
+
+    @Option(name: .long, help: "Block device driver for block rootfs: \(BlockDeviceDriver.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var blockDriver: String = BlockDeviceDriver.virtioSCSI.rawValue
+
+    @Option(name: .long, help: "How shares are attached: automatic, new-api or legacy.")
+    var mountMethod: String = MountMethod.automatic.rawValue
+
+    func validate() throws {
+        guard ["virtio-fs", "virtio-9p", "none"].contains(sharedFS) else {
+            throw ValidationError("--shared-fs must be virtio-fs, virtio-9p or none")
+        }
+        guard BlockDeviceDriver(rawValue: blockDriver) != nil else {
+            throw ValidationError("--block-driver must be one of \(BlockDeviceDriver.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard MountMethod(rawValue: mountMethod) != nil else {
+            throw ValidationError("--mount-method must be automatic, new-api or legacy")
+        }
+    }
+
+    func configuration(root: String) -> SharerConfiguration {
+        let fs: SharedFilesystem
+        switch sharedFS {
+        case "virtio-9p": fs = .virtio9p(msize: msize)
+        case "none": fs = .none
+        default: fs = .virtioFS(dax: dax)
+        }
+        return SharerConfiguration(
+            root: FilePath(root), sharedFilesystem: fs,
+            blockDeviceDriver: BlockDeviceDriver(rawValue: blockDriver) ?? .virtioSCSI,
+            shmSize: shmSize, mountMethod: MountMethod(rawValue: mountMethod) ?? .automatic)
+    }
+}
+
+extension DescriptorFormat: ExpressibleByArgument {}
+
+/// Prints a result: JSON, length-delimited protobuf, or text.
+func emit(_ common: CommonOptions, format: DescriptorFormat?, fields: [(String, JSON)], storages: [Storage], text: [String]) throws {
+    let chosen = format ?? (common.json ? .json : .text)
+    switch chosen {
+    case .binary:
+        writeAll(fd: 1, try Render.delimited(storages))
+    case .json:
+        print(JSON.object(fields + [("storages", .array(storages.map(Render.storageJSON)))]).render())
+    case .text:
+        for line in text { print(line) }
+        for s in storages { print(Render.storageText(s)) }
+    }
+}
+
+struct Prepare: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a sandbox's share tree and print its sandbox storages.",
+        discussion: """
+            Makes <root>/<sandbox>/{mounts,shared,private}: the sandbox directory becomes a shared \
+            mount of its own, shared/ a read-only slave bind of mounts/ (export it with virtiofsd or 9p). \
+            Idempotent. Prints the storages for CreateSandbox.
+
+            Example:
+              fsshare prepare --root /run/fsshare --sandbox pod1 --shm-size 67108864 --json
+            """)
+    @OptionGroup var common: CommonOptions
+    @OptionGroup var hypervisor: HypervisorOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Descriptor output: json, binary (length-delimited protobuf) or text.") var format: DescriptorFormat?
+
+    func run() async throws {
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        let storages = try await sharer.prepare()
+        try emit(common, format: format, fields: [
+            ("sandbox", .string(sandbox)),
+            ("shared_dir", .string(sharer.layout.sharedDirectory.string)),
+            ("mounts_dir", .string(sharer.layout.mountsDirectory.string)),
+        ], storages: storages, text: ["prepared sandbox \(sandbox): export \(sharer.layout.sharedDirectory)"])
+    }
+}
+
+struct Cleanup: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove a sandbox's mounts and directories (or every sandbox's, with --all).",
+        discussion: """
+            Works after a crash at any point: unmounts what the manifest lists and anything else mounted \
+            in the tree, deepest first, verifies, then deletes without ever crossing a mount point. \
+            --all also unmounts leaked mounts under the root that no manifest knows.
+
+            Examples:
+              fsshare cleanup --root /run/fsshare --sandbox pod1
+              fsshare cleanup --root /run/fsshare --all
+            """)
+    @OptionGroup var common: CommonOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String?
+    @Flag(name: .long, help: "Clean every sandbox under the root and unmount leaked mounts.") var all = false
+
+    func validate() throws {
+        guard (sandbox != nil) != all else { throw ValidationError("give exactly one of --sandbox or --all") }
+    }
+
+    func run() async throws {
+        let root = FilePath(common.root)
+        let cleaned: [String]
+        if all {
+            cleaned = try Inventory.cleanupAll(root: root)
+        } else {
+            let sharer = try LinuxFilesystemSharer(sandboxID: sandbox ?? "", configuration: SharerConfiguration(root: root))
+            try await sharer.cleanup()
+            cleaned = [sandbox ?? ""]
+        }
+        if common.json {
+            print(JSON.object([("cleaned", .array(cleaned.map(JSON.string)))]).render())
+        } else {
+            print(cleaned.isEmpty ? "nothing to clean under \(root)" : "cleaned: \(cleaned.joined(separator: " "))")
+        }
+    }
+}
+
+struct Share: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Share a host file or directory (a container volume) into the sandbox.",
+        discussion: """
+            Binds --source at mounts/<container>-<16 hex>-<basename of destination> and prints the guest \
+            path. --ro is read-only before the bind is attached, so it is read-only in the guest too; \
+            --recursive carries submounts (read-only all the way down with --ro). Sharing the same \
+            container destination again returns the same path and mounts nothing.
+
+            Example:
+              fsshare share --root /run/fsshare --sandbox pod1 --container web --source /srv/data --destination /data --ro
+            """)
+    @OptionGroup var common: CommonOptions
+    @OptionGroup var hypervisor: HypervisorOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Container id.") var container: String
+    @Option(name: .long, help: "Host path to share.") var source: String
+    @Option(name: .long, help: "Where the container mounts it.") var destination: String
+    @Flag(name: .long, help: "Read-only (in the guest too).") var ro = false
+    @Flag(name: .long, help: "Recursive: carry submounts of the source.") var recursive = false
+    @Option(name: .long, help: "Descriptor output: json, binary or text.") var format: DescriptorFormat?
+
+    func run() async throws {
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        var options: [String] = []
+        if ro { options.append("ro") }
+        if recursive { options.append("rbind") }
+        let mount = Mount(source: FilePath(source), destination: FilePath(destination), options: options)
+        let c = Container(id: container, rootfs: .hostMounted("/"))
+        guard let shared = try await sharer.shareFile(container: c, mount: mount) else {
+            throw ValidationError("this mount is not shared")
+        }
+        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))],
+                 storages: shared.volumeStorages, text: [shared.guestPath])
+    }
+}
+
+struct Unshare: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Undo a volume share. Unsharing twice is not an error.",
+        discussion: """
+            Example:
+              fsshare unshare --root /run/fsshare --sandbox pod1 --container web --destination /data
+            """)
+    @OptionGroup var common: CommonOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Container id.") var container: String
+    @Option(name: .long, help: "The container destination given to share.") var destination: String
+
+    func run() async throws {
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root)))
+        let c = Container(id: container, rootfs: .hostMounted("/"))
+        try await sharer.unshareFile(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
+        if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
+    }
+}
+
+/// Which rootfs kind the command line describes.
+struct RootfsOptions: ParsableArguments {
+    @Option(name: .long, help: "A host-mounted rootfs (overlay mount or plain directory) to bind.") var dir: String?
+    @Option(name: .long, help: "Guest address of a block-device rootfs (PCI path, SCSI address, /dev/vdX or CCW devno).") var blockDevice: String?
+    @Option(name: .long, help: "Filesystem of the block device.") var fstype: String?
+    @Option(name: .long, help: "Rootfs suffix under the device root.") var suffix: String = "rootfs"
+    @Option(name: .long, help: "Image reference for guest pull.") var guestPull: String?
+    @Option(name: .long, help: "key=value annotation passed as guest-pull metadata (repeatable).") var annotation: [String] = []
+
+    func validate() throws {
+        let kinds = [dir != nil, blockDevice != nil, guestPull != nil].filter { $0 }.count
+        guard kinds == 1 else { throw ValidationError("give exactly one of --dir, --block-device or --guest-pull") }
+        if blockDevice != nil && fstype == nil { throw ValidationError("--block-device needs --fstype") }
+        for a in annotation where !a.contains("=") { throw ValidationError("--annotation must be key=value") }
+    }
+
+    var rootfs: Rootfs {
+        if let dir { return .hostMounted(FilePath(dir)) }
+        if let blockDevice { return .blockDevice(BlockDevice(address: blockDevice, fstype: fstype ?? ""), suffix: suffix) }
+        var meta: [String: String] = [:]
+        for a in annotation {
+            let kv = a.split(separator: "=", maxSplits: 1)
+            meta[String(kv[0])] = kv.count > 1 ? String(kv[1]) : ""
+        }
+        return .guestPull(image: guestPull ?? "", annotations: meta)
+    }
+}
+
+struct ShareRootfs: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "share-rootfs",
+        abstract: "Share a container's root filesystem and print its storages.",
+        discussion: """
+            --dir binds a host-mounted rootfs at mounts/<container>/rootfs; --block-device emits a \
+            blk/scsi/mmioblk/blk-ccw storage (xfs gets nouuid); --guest-pull emits image_guest_pull.
+
+            Examples:
+              fsshare share-rootfs --root /run/fsshare --sandbox pod1 --container web --dir /run/containerd/web/rootfs
+              fsshare share-rootfs --root /run/fsshare --sandbox pod1 --container db --block-device 0:0:0:1 --fstype xfs --json
+            """)
+    @OptionGroup var common: CommonOptions
+    @OptionGroup var hypervisor: HypervisorOptions
+    @OptionGroup var rootfsOptions: RootfsOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Container id.") var container: String
+    @Option(name: .long, help: "Descriptor output: json, binary or text.") var format: DescriptorFormat?
+
+    func run() async throws {
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        let shared = try await sharer.shareRootFilesystem(container: Container(id: container, rootfs: rootfsOptions.rootfs))
+        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))],
+                 storages: shared.containerStorages, text: [shared.guestPath])
+    }
+}
+
+struct UnshareRootfs: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "unshare-rootfs",
+        abstract: "Undo share-rootfs for a container (bound or block-device). Twice is not an error.",
+        discussion: """
+            Example:
+              fsshare unshare-rootfs --root /run/fsshare --sandbox pod1 --container web
+            """)
+    @OptionGroup var common: CommonOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Container id.") var container: String
+
+    func run() async throws {
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root)))
+        try Identifier.validateThrowing(container)
+        try sharer.unshare(name: "\(container)/rootfs")
+        try sharer.unshare(name: container)
+        if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List sandboxes, their shares, and leaked mounts under the root.",
+        discussion: """
+            A leaked mount is a mount point under the root that no sandbox manifest accounts for \
+            (`cleanup --all` removes them).
+
+            Example:
+              fsshare status --root /run/fsshare --json
+            """)
+    @OptionGroup var common: CommonOptions
+    @Option(name: .long, help: "Only this sandbox.") var sandbox: String?
+
+    func run() async throws {
+        var inventory = try Inventory.read(root: FilePath(common.root))
+        if let sandbox { inventory.sandboxes = inventory.sandboxes.filter { $0.id == sandbox } }
+        if common.json {
+            let sandboxes: [JSON] = inventory.sandboxes.map { s in
+                .object([
+                    ("id", .string(s.id)), ("prepared", .bool(s.prepared)),
+                    ("problem", s.problem.map(JSON.string) ?? .null),
+                    ("shares", .array(s.shares.map { share in
+                        let r = share.record
+                        return .object([
+                            ("name", .string(r.name)), ("kind", .string(r.kind.rawValue)), ("container", .string(r.containerID)),
+                            ("source", .string(r.source)), ("destination", .string(r.destination)),
+                            ("read_only", .bool(r.readOnly)), ("recursive", .bool(r.recursive)), ("file", .bool(r.isFile)),
+                            ("mounted", .bool(share.mounted)),
+                        ])
+                    })),
+                ])
+            }
+            print(JSON.object([
+                ("root", .string(inventory.root.string)), ("sandboxes", .array(sandboxes)),
+                ("leaked_mounts", .array(inventory.leakedMounts.map { .string($0.string) })),
+            ]).render())
+            return
+        }
+        if inventory.sandboxes.isEmpty { print("no sandboxes under \(inventory.root)") }
+        for s in inventory.sandboxes {
+            print("sandbox \(s.id): \(s.prepared ? "prepared" : "NOT prepared")\(s.problem.map { " (\($0))" } ?? "")")
+            for share in s.shares {
+                let r = share.record
+                let flags = [r.readOnly ? "ro" : "rw", r.recursive ? "recursive" : nil, r.isFile ? "file" : nil].compactMap { $0 }
+                print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(r.source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory ? "" : "NOT MOUNTED")")
+            }
+        }
+        for leak in inventory.leakedMounts { print("leaked mount: \(leak)") }
+    }
+}
+
+/// The `fsshare` command.
+public struct FSShareCLI: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "fsshare",
+        abstract: "Share host filesystems into VM sandboxes (Kata-compatible layout and descriptors).",
+        discussion: "Exit status: 0 ok, 1 the operation failed, 2 usage error.",
+        subcommands: [Prepare.self, Cleanup.self, Share.self, Unshare.self, ShareRootfs.self, UnshareRootfs.self, Status.self])
+
+    public init() {}
+
+    /// Parses `arguments`, runs the command, and returns the process exit status.
+    public static func runMain(_ arguments: [String]) async -> Int32 {
+        do {
+            var command = try parseAsRoot(arguments)
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+            return 0
+        } catch let error as FSShareError {
+            writeAll(fd: 2, Array("fsshare: \(error.message)\n".utf8))
+            return 1
+        } catch {
+            let code = exitCode(for: error)
+            let message = fullMessage(for: error)
+            if code == .success {
+                print(message)
+                return 0
+            }
+            writeAll(fd: 2, Array((message + "\n").utf8))
+            return 2
+        }
+    }
+}
+
+extension Identifier {
+    static func validateThrowing(_ id: String) throws {
+        try validate(id, what: "container")
+    }
+}
+
+/// Writes bytes straight to a descriptor (stdout/stderr) without stdio's global state.
+func writeAll(fd: Int32, _ bytes: [UInt8]) {
+    var offset = 0
+    while offset < bytes.count {
+        let n = bytes.withUnsafeBytes { buffer -> Int in
+            guard let base = buffer.baseAddress else { return 0 }
+            return write(fd, base + offset, buffer.count - offset)
+        }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return }
+        offset += n
+    }
+}

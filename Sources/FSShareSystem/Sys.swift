@@ -1,0 +1,349 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFSShareShim
+import SystemPackage
+
+/// An open directory (usually `O_PATH`) and the path it was opened at, kept together so that
+/// `*at` calls relative to it report a full path in their errors. It does not own the fd.
+public struct DirFD: Sendable {
+    public var fd: FileDescriptor
+    public var path: FilePath
+    public init(fd: FileDescriptor, path: FilePath) {
+        self.fd = fd
+        self.path = path
+    }
+    /// The full path of `name` below this directory, for messages.
+    public func display(_ name: FilePath) -> FilePath { path.pushing(name) }
+}
+
+/// The kind of a filesystem object, from `st_mode`.
+public enum FileKind: Sendable, Equatable, CustomStringConvertible {
+    case regular, directory, symlink, characterDevice, blockDevice, fifo, socket, unknown
+
+    public init(mode: UInt32) {
+        switch mode & UInt32(S_IFMT) {
+        case UInt32(S_IFREG): self = .regular
+        case UInt32(S_IFDIR): self = .directory
+        case UInt32(S_IFLNK): self = .symlink
+        case UInt32(S_IFCHR): self = .characterDevice
+        case UInt32(S_IFBLK): self = .blockDevice
+        case UInt32(S_IFIFO): self = .fifo
+        case UInt32(S_IFSOCK): self = .socket
+        default: self = .unknown
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .regular: "regular file"
+        case .directory: "directory"
+        case .symlink: "symbolic link"
+        case .characterDevice: "character device"
+        case .blockDevice: "block device"
+        case .fifo: "FIFO"
+        case .socket: "socket"
+        case .unknown: "unknown file type"
+        }
+    }
+}
+
+/// What one `statx(2)` says about an object.
+public struct FileStatus: Sendable, Equatable {
+    public var mode: UInt32
+    /// The id of the mount the object lives on (`STATX_MNT_ID`).
+    public var mountID: UInt64
+    /// The object is the root of a mount (`STATX_ATTR_MOUNT_ROOT`): "is this a mount point?"
+    public var isMountRoot: Bool
+    public var size: UInt64
+    public var inode: UInt64
+    public var deviceMajor: UInt32
+    public var deviceMinor: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    /// Link count; 0 for a directory that has been removed while open.
+    public var linkCount: UInt32
+    public var kind: FileKind { FileKind(mode: mode) }
+}
+
+/// The one layer of fsshare that calls the kernel. Every wrapper consults ``FaultInjection``,
+/// retries `EINTR` where that is safe, and throws ``SystemCallError`` naming call, path and errno.
+public enum Sys {
+    // Flags the library needs, re-exported so no other module touches the C shim.
+    public static let oPath = FSSHARE_O_PATH
+    public static let oNoFollow = FSSHARE_O_NOFOLLOW
+    public static let oDirectory = FSSHARE_O_DIRECTORY
+    public static let oCloexec = FSSHARE_O_CLOEXEC
+    public static let resolveNoMagicLinks = FSSHARE_RESOLVE_NO_MAGICLINKS
+    public static let resolveNoSymlinks = FSSHARE_RESOLVE_NO_SYMLINKS
+    public static let resolveBeneath = FSSHARE_RESOLVE_BENEATH
+    public static let resolveNoXDev = FSSHARE_RESOLVE_NO_XDEV
+
+    @inline(__always)
+    static func fail(_ call: StaticString, _ path: FilePath?) -> SystemCallError {
+        SystemCallError(syscall: call.description, path: path, errno: Errno(rawValue: Glibc.errno))
+    }
+
+    @inline(__always)
+    static func dirfd(_ dir: DirFD?) -> Int32 { dir?.fd.rawValue ?? AT_FDCWD }
+
+    @inline(__always)
+    static func shown(_ dir: DirFD?, _ path: FilePath) -> FilePath { dir?.display(path) ?? path }
+
+    // MARK: - Files and directories
+
+    /// `openat(2)`. Always adds `O_CLOEXEC`.
+    public static func openat(_ dir: DirFD?, _ path: FilePath, flags: Int32, mode: mode_t = 0) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("openat", shown(dir, path))
+        while true {
+            let fd = path.withPlatformString { Glibc.openat(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, mode) }
+            if fd >= 0 { return FileDescriptor(rawValue: fd) }
+            if Glibc.errno == EINTR { continue }
+            throw fail("openat", shown(dir, path))
+        }
+    }
+
+    /// `openat2(2)` with `RESOLVE_*` flags. Always adds `O_CLOEXEC`.
+    public static func openat2(_ dir: DirFD?, _ path: FilePath, flags: Int32, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("openat2", shown(dir, path))
+        while true {
+            let fd = path.withPlatformString { fsshare_openat2(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, 0, resolve) }
+            if fd >= 0 { return FileDescriptor(rawValue: fd) }
+            if Glibc.errno == EINTR || Glibc.errno == EAGAIN { continue }
+            throw fail("openat2", shown(dir, path))
+        }
+    }
+
+    /// `statx(2)` of `path` below `dir`, never following a final symlink unless asked.
+    /// An empty path stats `dir` itself (`AT_EMPTY_PATH`).
+    public static func statx(_ dir: DirFD?, _ path: FilePath, followSymlinks: Bool = false) throws(SystemCallError) -> FileStatus {
+        try FaultInjection.check("statx", shown(dir, path))
+        var flags = followSymlinks ? 0 : FSSHARE_AT_SYMLINK_NOFOLLOW
+        if path.isEmpty { flags |= FSSHARE_AT_EMPTY_PATH }
+        var raw = fsshare_statx_t()
+        let rc = path.withPlatformString { fsshare_statx(dirfd(dir), $0, flags, &raw) }
+        if rc != 0 { throw fail("statx", shown(dir, path)) }
+        return FileStatus(
+            mode: raw.mode, mountID: raw.mount_id, isMountRoot: raw.is_mount_root != 0, size: raw.size,
+            inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor, uid: raw.uid, gid: raw.gid,
+            linkCount: raw.nlink)
+    }
+
+    /// `statx(2)` of an open descriptor.
+    public static func fstatx(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> FileStatus {
+        try statx(DirFD(fd: fd, path: path), "")
+    }
+
+    /// `mkdirat(2)`. Returns false when something already exists there (EEXIST).
+    @discardableResult
+    public static func mkdirat(_ dir: DirFD?, _ path: FilePath, mode: mode_t) throws(SystemCallError) -> Bool {
+        try FaultInjection.check("mkdirat", shown(dir, path))
+        let rc = path.withPlatformString { Glibc.mkdirat(dirfd(dir), $0, mode) }
+        if rc == 0 { return true }
+        if Glibc.errno == EEXIST { return false }
+        throw fail("mkdirat", shown(dir, path))
+    }
+
+    /// Creates an empty regular file (a mount point for a single-file share) with
+    /// `O_CREAT|O_EXCL|O_NOFOLLOW`. Returns false when something already exists there.
+    @discardableResult
+    public static func mkfileat(_ dir: DirFD?, _ path: FilePath, mode: mode_t) throws(SystemCallError) -> Bool {
+        try FaultInjection.check("mkfileat", shown(dir, path))
+        let fd = path.withPlatformString {
+            Glibc.openat(dirfd(dir), $0, O_CREAT | O_EXCL | O_WRONLY | FSSHARE_O_NOFOLLOW | FSSHARE_O_CLOEXEC, mode)
+        }
+        if fd >= 0 {
+            _ = Glibc.close(fd)
+            return true
+        }
+        if Glibc.errno == EEXIST { return false }
+        throw fail("openat", shown(dir, path))
+    }
+
+    /// `unlinkat(2)`; `directory` adds `AT_REMOVEDIR`.
+    public static func unlinkat(_ dir: DirFD?, _ path: FilePath, directory: Bool) throws(SystemCallError) {
+        try FaultInjection.check("unlinkat", shown(dir, path))
+        let rc = path.withPlatformString { Glibc.unlinkat(dirfd(dir), $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
+        if rc != 0 { throw fail("unlinkat", shown(dir, path)) }
+    }
+
+    /// `renameat(2)`.
+    public static func renameat(_ dir: DirFD?, _ from: FilePath, _ to: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("renameat", shown(dir, to))
+        let rc = from.withPlatformString { f in to.withPlatformString { t in Glibc.renameat(dirfd(dir), f, dirfd(dir), t) } }
+        if rc != 0 { throw fail("renameat", shown(dir, to)) }
+    }
+
+    /// `readlink` of `/proc/self/fd/N`: the path the kernel has for an open descriptor.
+    public static func pathOf(_ fd: FileDescriptor) throws(SystemCallError) -> FilePath {
+        let link = FilePath("/proc/self/fd/\(fd.rawValue)")
+        try FaultInjection.check("readlink", link)
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = link.withPlatformString { Glibc.readlink($0, &buffer, buffer.count - 1) }
+        if n < 0 { throw fail("readlink", link) }
+        let bytes = buffer[0..<n].map { UInt8(bitPattern: $0) }
+        return FilePath(String(decoding: bytes, as: UTF8.self))
+    }
+
+    /// `readlinkat(2)` of a symlink below `dir`.
+    public static func readlinkat(_ dir: DirFD?, _ path: FilePath) throws(SystemCallError) -> String {
+        try FaultInjection.check("readlinkat", shown(dir, path))
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = path.withPlatformString { Glibc.readlinkat(dirfd(dir), $0, &buffer, buffer.count - 1) }
+        if n < 0 { throw fail("readlinkat", shown(dir, path)) }
+        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// `fstatfs(2)`'s `f_type` (the filesystem magic).
+    public static func filesystemType(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> Int {
+        try FaultInjection.check("fstatfs", path)
+        let t = fsshare_fstatfs_type(fd.rawValue)
+        if t == -1 { throw fail("fstatfs", path) }
+        return t
+    }
+
+    /// Lists the names in a directory (not `.` or `..`), with their `d_type` kind.
+    public static func listDirectory(_ dir: DirFD?, _ path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
+        let fd = try openat(dir, path, flags: O_RDONLY | FSSHARE_O_DIRECTORY | FSSHARE_O_NOFOLLOW)
+        guard let stream = fdopendir(fd.rawValue) else {
+            let error = fail("fdopendir", shown(dir, path))
+            try? fd.close()
+            throw error
+        }
+        defer { closedir(stream) }
+        var result: [(String, FileKind?)] = []
+        while true {
+            Glibc.errno = 0
+            guard let entry = readdir(stream) else {
+                if Glibc.errno != 0 { throw fail("readdir", shown(dir, path)) }
+                break
+            }
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name == "." || name == ".." { continue }
+            let kind: FileKind?
+            switch Int32(entry.pointee.d_type) {
+            case Int32(DT_DIR): kind = .directory
+            case Int32(DT_REG): kind = .regular
+            case Int32(DT_LNK): kind = .symlink
+            case Int32(DT_UNKNOWN): kind = nil
+            default: kind = .unknown
+            }
+            result.append((name, kind))
+        }
+        return result
+    }
+
+    /// Closes a descriptor; errors from close(2) are not actionable here and are dropped.
+    public static func close(_ fd: FileDescriptor) {
+        _ = Glibc.close(fd.rawValue)
+    }
+
+    /// Writes all of `bytes` (looping on short writes and EINTR).
+    public static func writeAll(_ fd: FileDescriptor, _ bytes: [UInt8], path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("write", path)
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { buffer -> Int in
+                guard let base = buffer.baseAddress else { return 0 }
+                return Glibc.write(fd.rawValue, base + offset, buffer.count - offset)
+            }
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw fail("write", path)
+            }
+            offset += n
+        }
+    }
+
+    /// Reads a whole file from an open descriptor, from offset 0.
+    public static func readAll(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> [UInt8] {
+        try FaultInjection.check("read", path)
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        var offset: off_t = 0
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.pread(fd.rawValue, $0.baseAddress, $0.count, offset) }
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw fail("read", path)
+            }
+            if n == 0 { return result }
+            result.append(contentsOf: chunk[0..<n])
+            offset += off_t(n)
+        }
+    }
+
+    /// `ftruncate(2)`.
+    public static func truncate(_ fd: FileDescriptor, to size: Int, path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("ftruncate", path)
+        if Glibc.ftruncate(fd.rawValue, off_t(size)) != 0 { throw fail("ftruncate", path) }
+    }
+
+    /// `flock(2)` (`LOCK_EX`, `LOCK_SH` or `LOCK_UN`), blocking, retried on EINTR.
+    public static func flock(_ fd: FileDescriptor, operation: Int32, path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("flock", path)
+        while fsshare_flock(fd.rawValue, operation) != 0 {
+            if Glibc.errno != EINTR { throw fail("flock", path) }
+        }
+    }
+
+    // MARK: - Mounts
+
+    /// `mount(2)`.
+    public static func mount(source: FilePath?, target: FilePath, fstype: String? = nil, flags: UInt, data: String? = nil) throws(SystemCallError) {
+        try FaultInjection.check("mount", target)
+        let rc = target.withPlatformString { t in
+            withOptionalCString(source?.string) { s in
+                withOptionalCString(fstype) { f in
+                    withOptionalCString(data) { d in Glibc.mount(s, t, f, flags, d) }
+                }
+            }
+        }
+        if rc != 0 { throw fail("mount", target) }
+    }
+
+    /// `umount2(2)`.
+    public static func umount2(_ target: FilePath, flags: Int32) throws(SystemCallError) {
+        try FaultInjection.check("umount2", target)
+        let rc = target.withPlatformString { Glibc.umount2($0, flags) }
+        if rc != 0 { throw fail("umount2", target) }
+    }
+
+    /// `open_tree(2)` with `OPEN_TREE_CLONE` (a detached copy of the mount at `path`);
+    /// `recursive` adds `AT_RECURSIVE` (carry submounts). `path` empty clones `dir` itself.
+    public static func openTreeClone(_ dir: DirFD?, _ path: FilePath, recursive: Bool, display: FilePath? = nil) throws(SystemCallError) -> FileDescriptor {
+        let shownPath = display ?? shown(dir, path)
+        try FaultInjection.check("open_tree", shownPath)
+        var flags = FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC
+        if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
+        if path.isEmpty { flags |= UInt32(FSSHARE_AT_EMPTY_PATH) }
+        let fd = path.withPlatformString { fsshare_open_tree(dirfd(dir), $0, flags) }
+        if fd < 0 { throw fail("open_tree", shownPath) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// `mount_setattr(2)` on a (possibly detached) mount fd: set read-only and/or propagation.
+    public static func mountSetattr(_ fd: FileDescriptor, readOnly: Bool, recursive: Bool, propagation: UInt, display: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("mount_setattr", display)
+        var flags = UInt32(FSSHARE_AT_EMPTY_PATH)
+        if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
+        let rc = fsshare_mount_setattr(fd.rawValue, "", flags, readOnly ? FSSHARE_MOUNT_ATTR_RDONLY : 0, 0, UInt64(propagation))
+        if rc != 0 { throw fail("mount_setattr", display) }
+    }
+
+    /// `move_mount(2)` of a detached mount fd onto the object `target` refers to (an `O_PATH` fd):
+    /// the attach point is pinned by descriptor, so no path is re-resolved.
+    public static func moveMount(_ mount: FileDescriptor, onto target: FileDescriptor, display: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("move_mount", display)
+        let rc = fsshare_move_mount(mount.rawValue, "", target.rawValue, "", FSSHARE_MOVE_MOUNT_F_EMPTY_PATH | FSSHARE_MOVE_MOUNT_T_EMPTY_PATH)
+        if rc != 0 { throw fail("move_mount", display) }
+    }
+}
+
+@inline(__always)
+func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+    guard let s else { return body(nil) }
+    return s.withCString { body($0) }
+}

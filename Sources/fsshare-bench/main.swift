@@ -1,0 +1,1 @@
+print("fsshare-bench: see hack/bench")

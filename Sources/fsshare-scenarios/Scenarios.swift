@@ -1,0 +1,439 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShare
+import FSShareProto
+import FSShareSystem
+import SystemPackage
+
+/// Real-mount scenarios. Each runs in a private mount namespace made by its caller
+/// (`unshare -m --propagation private -- fsshare-scenarios NAME WORKDIR`), prints one line per
+/// check and exits 1 if any check failed. The tests in Tests/FSShareTests run them.
+@main
+struct ScenarioMain {
+    static func main() async {
+        let args = CommandLine.arguments
+        guard args.count >= 3 else {
+            print("usage: fsshare-scenarios SCENARIO WORKDIR")
+            exit(2)
+        }
+        let work = args[2]
+        mkdirs(work)
+        let checks = Checks()
+        let s = Scenarios(work: work, checks: checks, selfPath: args[0])
+        switch args[1] {
+        case "lifecycle": await s.lifecycle()
+        case "guest-view-new-api": s.guestView(method: .newAPI)
+        case "guest-view-legacy": s.guestView(method: .legacy)
+        case "refusals": s.refusals()
+        case "rollback": s.rollback()
+        case "crash": s.crash()
+        case "crash-child": s.crashChild()
+        case "no-delete-through-mounts": s.noDeleteThroughMounts()
+        case "status-leaks": s.statusLeaks()
+        default:
+            print("unknown scenario \(args[1])")
+            exit(2)
+        }
+        print("\(checks.passed) checks passed, \(checks.failures) failed")
+        exit(checks.failures == 0 ? 0 : 1)
+    }
+}
+
+struct Scenarios {
+    let work: String
+    let checks: Checks
+    let selfPath: String
+
+    var root: String { work + "/root" }
+
+    func config(_ method: MountMethod = .automatic, policy: SourceSymlinkPolicy = .follow) -> SharerConfiguration {
+        SharerConfiguration(root: FilePath(root), shmSize: 1 << 20, mountMethod: method, sourceSymlinks: policy)
+    }
+
+    func sources() -> (rw: String, ro: String, file: String, rec: String) {
+        let rw = work + "/src/rw", ro = work + "/src/ro", rec = work + "/src/rec"
+        mkdirs(rw); mkdirs(ro); mkdirs(rec + "/sub")
+        writeFile(ro + "/key", "value")
+        writeFile(work + "/src/file.txt", "single")
+        writeFile(rec + "/top", "top")
+        return (rw, ro, work + "/src/file.txt", rec)
+    }
+
+    /// Nothing of the sandbox is left: no directory, no mount.
+    func expectNothingLeft(_ what: String) {
+        checks.check(mountsUnder(root).isEmpty, "\(what): no mounts under the root (\(mountsUnder(root)))")
+        checks.check(listTree(root).isEmpty, "\(what): no files or directories under the root (\(listTree(root).prefix(5)))")
+    }
+
+    // MARK: lifecycle
+
+    func lifecycle() async {
+        let src = sources()
+        guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "sb1", configuration: config()) }) else { return }
+        let storages = checks.must("prepare") { try sharer.prepareSync(); return sharer.sandboxStorages }
+        checks.check(storages?.map(\.driver) == ["virtio-fs", "ephemeral"], "sandbox storages are virtio-fs + shm")
+        do {
+            let again = try await sharer.prepare()
+            checks.check(again == storages, "async prepare again is a no-op returning the same storages")
+        } catch { checks.check(false, "prepare again: \(error)") }
+        let layout = sharer.layout
+        checks.check((try? Sys.statx(nil, layout.sandboxDirectory).isMountRoot) == true, "sandbox dir is a mount (self-bind)")
+        checks.check((try? Sys.statx(nil, layout.sharedDirectory).isMountRoot) == true, "shared/ is a mount")
+        checks.check(mountsUnder(root).count == 2, "prepare twice made exactly 2 mounts")
+
+        let c = Container(id: "c1", rootfs: .hostMounted(FilePath(src.rw)))
+        let rwMount = Mount(source: FilePath(src.rw), destination: "/data")
+        let first = checks.must("share rw") { try sharer.shareFileSync(container: c, mount: rwMount) }
+        let count = mountsUnder(root).count
+        let second = checks.must("share rw again") { try sharer.shareFileSync(container: c, mount: rwMount) }
+        checks.check(first != nil && first == second, "same guest path twice (\(first??.guestPath ?? "-"))")
+        checks.check(mountsUnder(root).count == count, "no second mount for the same share")
+        checks.check(first??.guestPath.hasPrefix("/run/kata-containers/shared/containers/c1-") == true && first??.guestPath.hasSuffix("-data") == true,
+                     "Kata guest path layout <cid>-<hex>-<base>")
+        checks.mustFail("same destination from another source is a conflict") {
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/data"))
+        }
+        checks.check((try? sharer.shareFileSync(container: c, mount: Mount(source: "tmpfs", destination: "/t", type: "tmpfs"))) == .some(nil),
+                     "non-bind mounts are not shared (nil)")
+        checks.check((try? sharer.shareFileSync(container: c, mount: Mount(source: "/dev/shm", destination: "/dev/shm"))) == .some(nil),
+                     "/dev/shm is not shared (nil)")
+        _ = checks.must("share ro, file, recursive") {
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.file), destination: "/etc/f.txt", options: ["ro"]))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rec), destination: "/rec", options: ["rbind"]))
+        }
+        let shares = (try? sharer.shares()) ?? []
+        checks.check(shares.count == 4 && shares.allSatisfy(\.mounted), "manifest lists 4 mounted shares")
+        checks.check(shares.first { $0.record.destination == "/etc/f.txt" }?.record.isFile == true, "single file share recorded as file")
+
+        // rootfs
+        let rootfs = checks.must("share host rootfs") { try sharer.shareRootFilesystemSync(container: c) }
+        checks.check(rootfs?.guestPath == "/run/kata-containers/shared/containers/c1/rootfs", "rootfs guest path")
+        checks.check((try? Sys.statx(nil, FilePath(root + "/sb1/mounts/c1/rootfs")).isMountRoot) == true, "rootfs bound at mounts/c1/rootfs")
+        let rootfs2 = checks.must("share host rootfs again") { try sharer.shareRootFilesystemSync(container: c) }
+        checks.check(rootfs == rootfs2, "rootfs share is idempotent")
+        let blk = Container(id: "c2", rootfs: .blockDevice(BlockDevice(address: "/dev/vdb", fstype: "ext4")))
+        let b = checks.must("share block rootfs") { try sharer.shareRootFilesystemSync(container: blk) }
+        checks.check(b?.containerStorages.first?.mountPoint == "/run/kata-containers/shared/containers/c2", "block rootfs storage mount point")
+        checks.check(exists(root + "/sb1/mounts/c2/rootfs"), "block rootfs directory made for the agent")
+        _ = checks.must("unshare block rootfs twice") {
+            try sharer.unshareRootFilesystemSync(container: blk)
+            try sharer.unshareRootFilesystemSync(container: blk)
+        }
+        checks.check(!exists(root + "/sb1/mounts/c2"), "block rootfs directories removed")
+
+        // unshare (twice each)
+        _ = checks.must("unshare rw twice") {
+            try sharer.unshareFileSync(container: c, mount: rwMount)
+            try sharer.unshareFileSync(container: c, mount: rwMount)
+        }
+        if let name = first??.guestPath.split(separator: "/").last {
+            checks.check(!exists(root + "/sb1/mounts/\(name)"), "mount point removed after unshare")
+            checks.check(!exists(root + "/sb1/shared/\(name)"), "gone from shared/ after unshare")
+        }
+        _ = checks.must("unshare rootfs twice") {
+            try sharer.unshareRootFilesystemSync(container: c)
+            try sharer.unshareRootFilesystemSync(container: c)
+        }
+        checks.check(!exists(root + "/sb1/mounts/c1"), "per-container dir removed with its rootfs")
+        checks.check(exists(src.ro + "/key") && exists(src.rec + "/top"), "sources untouched")
+        _ = checks.must("cleanup twice") {
+            try sharer.cleanupSync()
+            try sharer.cleanupSync()
+        }
+        expectNothingLeft("after cleanup")
+        checks.check(readFile(src.ro + "/key") == "value", "ro source content intact")
+        checks.mustFail("share after cleanup says not prepared") { _ = try sharer.shareFileSync(container: c, mount: rwMount) }
+        _ = checks.must("unshare after cleanup is not an error") { try sharer.unshareFileSync(container: c, mount: rwMount) }
+        // Another process (the CLI) sees the same sandbox through the manifest.
+        _ = checks.must("prepare again after cleanup") { try sharer.prepareSync() }
+        let other = try? LinuxFilesystemSharer(sandboxID: "sb1", configuration: config())
+        let p1 = try? sharer.shareFileSync(container: c, mount: rwMount)
+        let p2 = try? other?.shareFileSync(container: c, mount: rwMount)
+        checks.check(p1 != nil && p1 == p2, "a second sharer instance finds the same share")
+        _ = checks.must("cleanup from the second instance") { try other?.cleanupSync() }
+        expectNothingLeft("after second cleanup")
+    }
+
+    // MARK: guest view
+
+    func guestView(method: MountMethod) {
+        let src = sources()
+        mkdirs(src.rec + "/sub")
+        _ = checks.must("tmpfs submount in the recursive source") {
+            try Sys.mount(source: "tmpfs", target: FilePath(src.rec + "/sub"), fstype: "tmpfs", flags: 0)
+        }
+        writeFile(src.rec + "/sub/deep", "deep")
+        writeFile(src.rw + "/existing", "old")
+        guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "gv", configuration: config(method)) }) else { return }
+        _ = checks.must("prepare") { try sharer.prepareSync() }
+        // The virtiofsd view: a slave namespace created after prepare and before any share.
+        guard let view = SlaveView() else { checks.check(false, "start slave namespace"); return }
+        let c = Container(id: "web", rootfs: .hostMounted(FilePath(src.rw)))
+        func share(_ source: String, _ dest: String, _ options: [String]) -> String {
+            let r = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: FilePath(dest), options: options))
+            checks.check(r != nil, "share \(source) -> \(dest) \(options)")
+            return root + "/gv/shared/" + (r?.guestPath.split(separator: "/").last.map(String.init) ?? "?")
+        }
+        let rw = share(src.rw, "/data", [])
+        let ro = share(src.ro, "/cfg", ["ro"])
+        let file = share(src.file, "/etc/f.txt", ["ro"])
+        let rec: String? = method == .legacy ? nil : share(src.rec, "/rec", ["ro", "rbind"])
+        let recRW = share(src.rec, "/rec-rw", ["rbind"])
+        let rootfs = try? sharer.shareRootFilesystemSync(container: c)
+        checks.check(rootfs != nil, "share rootfs")
+
+        // Propagation: everything shared after the view was made is visible in it.
+        checks.check(view.sh("cat \(ro)/key").output == "value", "ro volume visible in the slave view")
+        checks.check(view.sh("cat \(file)").output == "single", "single file visible in the slave view")
+        checks.check(view.sh("cat \(recRW)/sub/deep").output == "deep", "recursive share carries the submount into the view")
+        checks.check(view.sh("ls \(root)/gv/shared/web/rootfs/existing").status == 0, "rootfs visible in the view")
+
+        // rw lands in the source.
+        checks.check(view.sh("echo guest > \(rw)/fromguest").status == 0, "write into rw volume in the view")
+        checks.check(readFile(src.rw + "/fromguest") == "guest\n", "guest write landed in the host source")
+
+        // ro is enforced in the view: create, write, unlink all fail with EROFS.
+        func refusesWrites(_ dir: String, existing: String, _ what: String) {
+            let create = view.sh("echo x > \(dir)/new")
+            let write = view.sh("echo x >> \(existing)")
+            let unlink = view.sh("rm -f \(existing)")
+            checks.check(create.status != 0 && create.output.contains("Read-only"), "\(what): create refused with EROFS in the view")
+            checks.check(write.status != 0 && write.output.contains("Read-only"), "\(what): write refused with EROFS in the view")
+            checks.check(unlink.status != 0 && unlink.output.contains("Read-only"), "\(what): unlink refused with EROFS in the view")
+        }
+        refusesWrites(ro, existing: ro + "/key", "ro dir")
+        let fileWrite = view.sh("echo x >> \(file)")
+        checks.check(fileWrite.status != 0 && fileWrite.output.contains("Read-only"), "ro single file: write refused with EROFS in the view")
+        if let rec {
+            refusesWrites(rec, existing: rec + "/top", "ro recursive (top)")
+            refusesWrites(rec + "/sub", existing: rec + "/sub/deep", "ro recursive (submount)")
+        }
+        let top = view.sh("touch \(root)/gv/shared/planted")
+        checks.check(top.status != 0 && top.output.contains("Read-only"), "top of shared/ is read-only in the view")
+        let symlinkPlant = view.sh("ln -s / \(root)/gv/shared/evil")
+        checks.check(symlinkPlant.status != 0, "cannot plant a symlink at the top of shared/")
+        checks.check(readFile(src.ro + "/key") == "value", "ro source unchanged")
+
+        // Unshare: gone from the view.
+        _ = try? sharer.unshareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+        checks.check(view.sh("ls \(ro)/key").status != 0, "unshared volume disappears from the view")
+        _ = checks.must("cleanup") { try sharer.cleanupSync() }
+        checks.check(view.sh("ls \(root)/gv/shared/").status != 0 || view.sh("ls -A \(root)/gv/shared/").output.isEmpty,
+                     "after cleanup the view shows nothing")
+        _ = try? Sys.umount2(FilePath(src.rec + "/sub"), flags: Int32(MNT_DETACH))
+        expectNothingLeft("after cleanup")
+        checks.check(readFile(src.rw + "/existing") == "old" && readFile(src.rw + "/fromguest") == "guest\n", "rw source content intact")
+    }
+
+    // MARK: refusals
+
+    func refusals() {
+        let src = sources()
+        guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "rf", configuration: config()) }) else { return }
+        _ = checks.must("prepare") { try sharer.prepareSync() }
+        let before = listTree(root)
+        let manifestBefore = readFile(root + "/rf/manifest")
+        let c = Container(id: "c", rootfs: .hostMounted("/"))
+        mkfifo(work + "/fifo", 0o644)
+        let sock = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let sockPath = work + "/sock"
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            _ = sockPath.utf8CString.withUnsafeBytes { raw.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(raw.count))) }
+        }
+        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(sock, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        symlink("/proc/self", work + "/to-proc")
+        symlink(src.ro, work + "/to-ro")
+        let cases: [(String, String)] = [
+            ("/proc/self", "under /proc"), ("/sys/kernel", "under /sys"), ("/dev", "host /dev"),
+            ("/dev/null", "device node"), (work + "/fifo", "FIFO"), (sockPath, "socket"),
+            (work + "/to-proc", "symlink to /proc"), ("/dev/pts", "directory under /dev"),
+            ("relative/path", "relative source"), (work + "/missing", "missing source"),
+        ]
+        for (source, what) in cases {
+            let e = checks.mustFail("refuse \(what) (\(source))") {
+                _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: "/x"))
+            }
+            if let e = e as? FSShareError, source != work + "/missing" {
+                checks.check(e.code == .refused || e.code == .invalidArgument, "\(what): code \(e.code) says refused/invalid")
+            }
+        }
+        for bad in ["", "..", ".", "a/b", "../x", String(repeating: "a", count: 129), "a\u{0}b", "-x"] {
+            checks.mustFail("refuse container id \"\(bad.prefix(12))\"") {
+                _ = try sharer.shareFileSync(container: Container(id: bad, rootfs: .hostMounted("/")), mount: Mount(source: FilePath(src.ro), destination: "/x"))
+            }
+            checks.mustFail("refuse sandbox id \"\(bad.prefix(12))\"") { _ = try LinuxFilesystemSharer(sandboxID: bad, configuration: config()) }
+        }
+        checks.mustFail("refuse relative destination") {
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "rel"))
+        }
+        checks.mustFail("refuse destination /") {
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/"))
+        }
+        checks.check(listTree(root) == before, "refusals changed nothing in the tree")
+        checks.check(readFile(root + "/rf/manifest") == manifestBefore, "refusals changed nothing in the manifest")
+        // Symlink policy.
+        let follow = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(work + "/to-ro"), destination: "/follow"))
+        checks.check(follow != nil, "symlinked source followed under the follow policy")
+        if let strict = try? LinuxFilesystemSharer(sandboxID: "rf", configuration: config(policy: .refuse)) {
+            let e = checks.mustFail("symlinked source refused under the refuse policy") {
+                _ = try strict.shareFileSync(container: c, mount: Mount(source: FilePath(work + "/to-ro"), destination: "/strict"))
+            }
+            checks.check((e as? FSShareError)?.code == .refused, "refuse policy error code")
+        }
+        _ = checks.must("cleanup") { try sharer.cleanupSync() }
+        close(sock)
+        expectNothingLeft("after cleanup")
+    }
+
+    // MARK: rollback (fault injection)
+
+    func rollback() {
+        let src = sources()
+        let c = Container(id: "c", rootfs: .hostMounted(FilePath(src.rw)))
+        // Prepare failing at each of its mount(2) calls and at directory creation leaves nothing.
+        for fault in ["mount#1=EPERM", "mount#2=EIO", "mount#3=EIO", "mount#4=EPERM", "mount#5=EIO", "mount#6=EIO", "mkdirat#3=EACCES", "write#1=ENOSPC"] {
+            FaultInjection.install(FaultInjection.parse(fault) ?? [])
+            let sharer = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config())
+            checks.mustFail("prepare fails under \(fault)") { try sharer?.prepareSync() }
+            FaultInjection.install([])
+            checks.check(mountsUnder(root).isEmpty, "prepare rolled back its mounts (\(fault))")
+            checks.check(!exists(root + "/rb"), "prepare rolled back its directories (\(fault))")
+        }
+        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config()) else { return }
+        _ = checks.must("prepare") { try sharer.prepareSync() }
+        let baseline = mountsUnder(root)
+        let tree = listTree(root + "/rb/mounts")
+        for fault in ["move_mount=EPERM", "mount_setattr=EINVAL", "open_tree=ENOMEM", "mkdirat=EACCES", "openat2=EACCES", "write=EIO"] {
+            FaultInjection.install(FaultInjection.parse(fault) ?? [])
+            checks.mustFail("ro share fails under \(fault)") {
+                _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+            }
+            FaultInjection.install([])
+            checks.check(mountsUnder(root) == baseline, "share rolled back its mounts (\(fault))")
+            checks.check(listTree(root + "/rb/mounts") == tree, "share rolled back its mount point (\(fault))")
+            checks.check((try? sharer.shares().isEmpty) == true, "manifest has no share after \(fault)")
+        }
+        if let legacy = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config(.legacy)) {
+            for fault in ["mount#2=EIO", "mount#4=EPERM", "mount#5=EIO"] {
+                FaultInjection.install(FaultInjection.parse(fault) ?? [])
+                checks.mustFail("legacy ro share fails under \(fault)") {
+                    _ = try legacy.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+                }
+                FaultInjection.install([])
+                checks.check(mountsUnder(root) == baseline, "legacy share rolled back its mounts (\(fault))")
+                checks.check(listTree(root + "/rb/mounts") == tree && listTree(root + "/rb/private").isEmpty, "legacy share left no mount point or staging point (\(fault))")
+            }
+        }
+        _ = checks.must("share works after the faults") {
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+        }
+        _ = checks.must("cleanup") { try sharer.cleanupSync() }
+        expectNothingLeft("after cleanup")
+    }
+
+    // MARK: crash (real SIGKILL at chosen syscalls)
+
+    /// The child side: prepare, then share rw, ro, file, recursive and a rootfs, in one process.
+    func crashChild() {
+        let src = sources()
+        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()) else { exit(3) }
+        let c = Container(id: "c", rootfs: .hostMounted(FilePath(src.rw)))
+        do {
+            try sharer.prepareSync()
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rw), destination: "/data"))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.file), destination: "/f", options: ["ro"]))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rec), destination: "/rec", options: ["ro", "rbind"]))
+            _ = try sharer.shareRootFilesystemSync(container: c)
+        } catch {
+            print("child error: \(error)")
+            exit(4)
+        }
+        exit(0)
+    }
+
+    func crash() {
+        let points = [
+            "mkdirat#2=kill", "write#1=kill", "mount#1=kill", "mount#2=kill", "mount#3=kill", "mount#4=kill",
+            "mount#5=kill", "mount#6=kill", "write#2=kill", "move_mount#1=kill", "mount_setattr#2=kill",
+            "move_mount#2=kill", "openat2#3=kill", "write#4=kill", "move_mount#4=kill", "mkdirat#8=kill", "move_mount#5=kill",
+        ]
+        for point in points {
+            let r = run([selfPath, "crash-child", work], environment: ["FSSHARE_FAULTS": point])
+            checks.check(r.status == -SIGKILL, "child killed by SIGKILL at \(point) (status \(r.status))")
+            let left = mountsUnder(root).count
+            guard let sharer = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()) else { continue }
+            _ = checks.must("cleanup after kill at \(point) (\(left) mounts were left)") { try sharer.cleanupSync() }
+            expectNothingLeft("after kill at \(point)")
+        }
+        let r = run([selfPath, "crash-child", work])
+        checks.check(r.status == 0, "child without faults completes (\(r.output))")
+        _ = checks.must("cleanup after a complete run") { try LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync() }
+        expectNothingLeft("after a complete run")
+    }
+
+    // MARK: cleanup never deletes through a mount
+
+    func noDeleteThroughMounts() {
+        let src = sources()
+        writeFile(src.rw + "/precious", "data")
+        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "nd", configuration: config()) else { return }
+        _ = checks.must("prepare") { try sharer.prepareSync() }
+        let c = Container(id: "c", rootfs: .hostMounted(FilePath(src.rw)))
+        _ = checks.must("share rw + rootfs") {
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rw), destination: "/data"))
+            _ = try sharer.shareRootFilesystemSync(container: c)
+        }
+        // An unmount that fails: cleanup must stop short of deleting anything.
+        FaultInjection.install(FaultInjection.parse("umount2=EPERM") ?? [])
+        let e = checks.mustFail("cleanup with failing unmounts fails") { try sharer.cleanupSync() }
+        FaultInjection.install([])
+        checks.check((e as? FSShareError)?.code == .incompleteCleanup, "error says cleanup is incomplete")
+        checks.check(readFile(src.rw + "/precious") == "data", "source file survives a failed cleanup")
+        // A mount nobody recorded (an operator's stray bind) inside mounts/.
+        mkdirs(root + "/nd/mounts/stray")
+        _ = checks.must("stray bind into mounts/") {
+            try Sys.mount(source: FilePath(src.rw), target: FilePath(root + "/nd/mounts/stray"), flags: UInt(MS_BIND))
+        }
+        _ = checks.must("cleanup succeeds afterwards") { try sharer.cleanupSync() }
+        checks.check(readFile(src.rw + "/precious") == "data", "source file survives cleanup of a stray mount")
+        expectNothingLeft("after cleanup")
+        // A bind made on the parent mount, under the sandbox dir, after its self-bind went away:
+        // removal must not cross it.
+        mkdirs(root + "/nd2/mounts/x")
+        _ = try? Sys.mount(source: FilePath(src.rw), target: FilePath(root + "/nd2/mounts/x"), flags: UInt(MS_BIND))
+        if let s2 = try? LinuxFilesystemSharer(sandboxID: "nd2", configuration: config()) {
+            _ = checks.must("cleanup of a sandbox with no manifest and a foreign mount") { try s2.cleanupSync() }
+        }
+        checks.check(readFile(src.rw + "/precious") == "data", "source file survives (no manifest case)")
+        expectNothingLeft("after cleanup of nd2")
+    }
+
+    // MARK: status and leaks
+
+    func statusLeaks() {
+        let src = sources()
+        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "st", configuration: config()) else { return }
+        _ = checks.must("prepare + share") {
+            try sharer.prepareSync()
+            _ = try sharer.shareFileSync(container: Container(id: "c", rootfs: .hostMounted("/")), mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+        }
+        mkdirs(root + "/leak")
+        _ = checks.must("leak a mount under the root") {
+            try Sys.mount(source: FilePath(src.ro), target: FilePath(root + "/leak"), flags: UInt(MS_BIND))
+        }
+        let inv = checks.must("read inventory") { try Inventory.read(root: FilePath(root)) }
+        checks.check(inv?.sandboxes.map(\.id) == ["st"] || inv?.sandboxes.map(\.id) == ["leak", "st"], "inventory lists the sandbox")
+        checks.check(inv?.sandboxes.first { $0.id == "st" }?.shares.count == 1, "inventory lists its share")
+        checks.check(inv?.sandboxes.first { $0.id == "st" }?.shares.first?.mounted == true, "share is mounted")
+        checks.check(inv?.leakedMounts.map(\.string) == [root + "/leak"], "the stray mount is reported as leaked (\(inv?.leakedMounts ?? []))")
+        _ = checks.must("cleanup --all") { try Inventory.cleanupAll(root: FilePath(root)) }
+        checks.check(mountsUnder(root).isEmpty, "cleanup --all removed every mount")
+        checks.check(!exists(root + "/st"), "cleanup --all removed the sandbox")
+        checks.check(readFile(src.ro + "/key") == "value", "leaked mount's source intact")
+    }
+}

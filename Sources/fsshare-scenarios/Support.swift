@@ -1,0 +1,183 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareSystem
+import SystemPackage
+
+/// Collects check results; a scenario fails if any check failed.
+final class Checks {
+    private(set) var failures = 0
+    private(set) var passed = 0
+
+    func check(_ condition: Bool, _ what: @autoclosure () -> String) {
+        if condition {
+            passed += 1
+            print("ok: \(what())")
+        } else {
+            failures += 1
+            print("FAIL: \(what())")
+        }
+    }
+
+    func must<T>(_ what: String, _ body: () throws -> T) -> T? {
+        do {
+            let value = try body()
+            passed += 1
+            print("ok: \(what)")
+            return value
+        } catch {
+            failures += 1
+            print("FAIL: \(what): \(error)")
+            return nil
+        }
+    }
+
+    /// Expects `body` to throw; returns the error.
+    @discardableResult
+    func mustFail(_ what: String, _ body: () throws -> Void) -> (any Error)? {
+        do {
+            try body()
+            failures += 1
+            print("FAIL: \(what): did not fail")
+            return nil
+        } catch {
+            passed += 1
+            print("ok: \(what) (\(error))")
+            return error
+        }
+    }
+}
+
+/// Runs a program and returns its exit status (or -signal) and combined output.
+func run(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String) {
+    var pipeFDs: [Int32] = [0, 0]
+    guard pipe(&pipeFDs) == 0 else { return (-1, "pipe failed") }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
+    posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 2)
+    posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
+    var env = environment
+    var i = 0
+    while let entry = environ[i] {
+        let s = String(cString: entry)
+        if let eq = s.firstIndex(of: "="), env[String(s[..<eq])] == nil { env[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
+        i += 1
+    }
+    let cArgs = argv.map { strdup($0) } + [nil]
+    let cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer {
+        cArgs.forEach { free($0) }
+        cEnv.forEach { free($0) }
+        posix_spawn_file_actions_destroy(&actions)
+    }
+    var pid: pid_t = 0
+    let rc = posix_spawnp(&pid, argv[0], &actions, nil, cArgs, cEnv)
+    close(pipeFDs[1])
+    if rc != 0 {
+        close(pipeFDs[0])
+        return (-1, "spawn \(argv[0]) failed: \(rc)")
+    }
+    var output: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = read(pipeFDs[0], &buffer, buffer.count)
+        if n > 0 { output += buffer[0..<n] } else if n < 0 && errno == EINTR { continue } else { break }
+    }
+    close(pipeFDs[0])
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : -(status & 0x7f)
+    return (code, String(decoding: output, as: UTF8.self))
+}
+
+/// Starts a long-lived process in the background and returns its pid.
+func spawnBackground(_ argv: [String]) -> pid_t? {
+    let cArgs = argv.map { strdup($0) } + [nil]
+    defer { cArgs.forEach { free($0) } }
+    var pid: pid_t = 0
+    guard posix_spawnp(&pid, argv[0], nil, nil, cArgs, environ) == 0 else { return nil }
+    return pid
+}
+
+/// A mount namespace created as a slave copy of ours, the way virtiofsd makes its own: later
+/// binds propagate into it, later remounts do not. Commands run in it through nsenter.
+final class SlaveView {
+    let pid: pid_t
+
+    init?() {
+        guard let pid = spawnBackground(["unshare", "-m", "--propagation", "slave", "sleep", "600"]) else { return nil }
+        self.pid = pid
+        // Wait until the child has its own namespace (its ns link differs from ours).
+        for _ in 0..<200 {
+            if let theirs = try? Sys.readlinkat(nil, FilePath("/proc/\(pid)/ns/mnt")),
+               let ours = try? Sys.readlinkat(nil, "/proc/self/ns/mnt"), theirs != ours {
+                return
+            }
+            usleep(5000)
+        }
+    }
+
+    /// Runs a shell command inside the view.
+    func sh(_ command: String) -> (status: Int32, output: String) {
+        run(["nsenter", "-t", "\(pid)", "-m", "--", "sh", "-c", command])
+    }
+
+    deinit {
+        kill(pid, SIGKILL)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+    }
+}
+
+/// Paths of mounts below `prefix` in our namespace (mountinfo, for verification only).
+func mountsUnder(_ prefix: String) -> [String] {
+    guard let fd = try? Sys.openat(nil, "/proc/self/mountinfo", flags: O_RDONLY),
+          let bytes = try? Sys.readAll(fd, path: "/proc/self/mountinfo") else { return ["<cannot read mountinfo>"] }
+    Sys.close(fd)
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line in
+        let f = line.split(separator: " ")
+        guard f.count > 4 else { return nil }
+        let p = String(f[4])
+        return p == prefix || p.hasPrefix(prefix + "/") ? p : nil
+    }
+}
+
+/// Every path below `dir` (recursive, not following symlinks), sorted.
+func listTree(_ dir: String) -> [String] {
+    var out: [String] = []
+    func walk(_ path: String) {
+        guard let entries = try? Sys.listDirectory(nil, FilePath(path)) else { return }
+        for e in entries.sorted(by: { $0.name < $1.name }) {
+            let child = path + "/" + e.name
+            out.append(child)
+            if let st = try? Sys.statx(nil, FilePath(child)), st.kind == .directory { walk(child) }
+        }
+    }
+    walk(dir)
+    return out
+}
+
+func writeFile(_ path: String, _ text: String) {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { return }
+    _ = text.withCString { write(fd, $0, strlen($0)) }
+    close(fd)
+}
+
+func readFile(_ path: String) -> String? {
+    guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY) else { return nil }
+    defer { Sys.close(fd) }
+    guard let bytes = try? Sys.readAll(fd, path: FilePath(path)) else { return nil }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+func mkdirs(_ path: String) {
+    var p = ""
+    for c in path.split(separator: "/") {
+        p += "/" + c
+        mkdir(p, 0o755)
+    }
+}
+
+func exists(_ path: String) -> Bool { (try? Sys.statx(nil, FilePath(path))) != nil }
