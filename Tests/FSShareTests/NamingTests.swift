@@ -1,0 +1,73 @@
+@testable import FSShare
+import FSShareSystem
+import SystemPackage
+import Testing
+
+@Suite("Ids, names, manifest encoding, fault specs")
+struct NamingTests {
+    @Test("valid and invalid ids")
+    func ids() {
+        for good in ["a", "pod-1", "A.b_c-9", String(repeating: "f", count: 64), String(repeating: "x", count: 128)] {
+            #expect(Identifier.problem(good) == nil, "\(good)")
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "/a", "-a", ".a", "a b", "a\u{0}", "é", String(repeating: "x", count: 129)] {
+            #expect(Identifier.problem(bad) != nil, "\(bad)")
+        }
+    }
+
+    @Test("share names are deterministic, Kata-shaped, distinct per destination, and fit NAME_MAX")
+    func names() throws {
+        let a = try ShareNaming.volumeName(containerID: "c1", destination: "/etc/config")
+        #expect(a == (try ShareNaming.volumeName(containerID: "c1", destination: "/etc//config/")))
+        #expect(a.hasPrefix("c1-") && a.hasSuffix("-config"))
+        #expect(a.split(separator: "-")[1].count == 16)
+        #expect(a != (try ShareNaming.volumeName(containerID: "c2", destination: "/etc/config")))
+        #expect(a != (try ShareNaming.volumeName(containerID: "c1", destination: "/other/config")))
+        let long = try ShareNaming.volumeName(containerID: String(repeating: "c", count: 128), destination: .init("/" + String(repeating: "d", count: 250)))
+        #expect(long.utf8.count <= 255)
+        #expect(throws: FSShareError.self) { try ShareNaming.volumeName(containerID: "c", destination: "relative") }
+        #expect(throws: FSShareError.self) { try ShareNaming.volumeName(containerID: "c", destination: "/") }
+        // FNV-1a 64 reference vectors.
+        #expect(ShareNaming.fnv1a64([]) == 0xcbf29ce484222325)
+        #expect(ShareNaming.fnv1a64(Array("a".utf8)) == 0xaf63dc4c8601ec8c)
+    }
+
+    @Test("manifest escaping round-trips tabs, newlines and percent signs")
+    func escaping() {
+        for s in ["plain", "a\tb", "line\nbreak", "100%", "%09", "%2509\t\n%"] {
+            #expect(Manifest.unescape(Manifest.escape(s)) == s)
+            #expect(!Manifest.escape(s).contains("\t") && !Manifest.escape(s).contains("\n"))
+        }
+    }
+
+    @Test("mountinfo octal escapes are decoded")
+    func mountinfo() {
+        #expect(Inventory.unescapeMountinfo(Array(#"/a\040b\011c\134d"#.utf8)) == "/a b\tc\\d")
+        #expect(Inventory.unescapeMountinfo(Array(#"/end\04"#.utf8)) == #"/end\04"#)
+    }
+
+    @Test("fault specs parse, and bad ones are rejected")
+    func faults() {
+        #expect(FaultInjection.parse("move_mount#2=kill,mkdirat=EACCES") == [
+            .init(syscall: "move_mount", occurrence: 2, action: .kill),
+            .init(syscall: "mkdirat", occurrence: nil, action: .fail(.permissionDenied)),
+        ])
+        #expect(FaultInjection.parse("x=NOPE") == nil)
+        #expect(FaultInjection.parse("x#0=EIO") == nil)
+        #expect(FaultInjection.parse("novalue") == nil)
+    }
+
+    @Test("syscall errors name the call, the path and the errno")
+    func errors() {
+        #expect(throws: SystemCallError.self) { try Sys.statx(nil, "/nonexistent/fsshare") }
+        do {
+            _ = try Sys.statx(nil, "/nonexistent/fsshare")
+        } catch {
+            #expect(error.syscall == "statx" && error.path == "/nonexistent/fsshare" && error.errno == .noSuchFileOrDirectory)
+            #expect(error.description.contains("statx(/nonexistent/fsshare)"))
+        }
+        FaultInjection.install([.init(syscall: "statx", action: .fail(.ioError))])
+        defer { FaultInjection.install([]) }
+        #expect(throws: SystemCallError(syscall: "statx", path: "/", errno: .ioError)) { try Sys.statx(nil, "/") }
+    }
+}
