@@ -69,11 +69,13 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // The benchmark (run by hack/bench next to the C floor in hack/bench-floor.c).
+        // The benchmark's floor: the same syscall sequences as raw C.
+        .target(name: "CFSShareBenchFloor"),
+        // The benchmark (hack/bench): fsshare and the C floor interleaved in one process.
         .executableTarget(
             name: "fsshare-bench",
             dependencies: [
-                "FSShare", "FSShareSystem",
+                "FSShare", "FSShareSystem", "CFSShareBenchFloor",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict

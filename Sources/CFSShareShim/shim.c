@@ -2,6 +2,7 @@
 #include "fsshare_shim.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -64,6 +65,30 @@ int fsshare_mount_setattr(int dirfd, const char *path, unsigned flags, uint64_t 
     attr.attr_clr = attr_clr;
     attr.propagation = propagation;
     return (int)syscall(SYS_mount_setattr, dirfd, path, flags, &attr, sizeof(attr));
+}
+
+struct fsshare_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+long fsshare_getdents64(int fd, void *buf, size_t size) {
+    return syscall(SYS_getdents64, fd, buf, size);
+}
+
+long fsshare_dirent_at(const void *buf, long length, long offset, const char **name, unsigned char *type) {
+    if (offset >= length) return -1;
+    const struct fsshare_dirent64 *d = (const struct fsshare_dirent64 *)((const char *)buf + offset);
+    *name = d->d_name;
+    *type = d->d_type;
+    return offset + d->d_reclen;
+}
+
+int fsshare_fd_link_path(int fd, char *out, size_t capacity) {
+    return snprintf(out, capacity, "/proc/self/fd/%d", fd);
 }
 
 int fsshare_flock(int fd, int operation) { return flock(fd, operation); }

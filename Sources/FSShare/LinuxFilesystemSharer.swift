@@ -117,7 +117,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     private func openRoot(create: Bool) throws(FSShareError) -> DirFD? {
         let root = configuration.root
-        if create {
+        if create, (try? Sys.statx(nil, root, followSymlinks: true)) == nil {
             // The root is operator configuration, not guest-writable: create it like mkdir -p.
             var path = FilePath("/")
             for component in root.components {

@@ -43,7 +43,9 @@ final class Manifest {
     let path: FilePath
     let directory: DirFD
     private(set) var shares: [String: ShareRecord] = [:]
-    private(set) var order: [String] = []
+    /// When each live share was first recorded (for a stable listing order).
+    private var sequence: [String: Int] = [:]
+    private var nextSequence = 0
     private var parsedBytes = 0
     private var pending: [UInt8] = []
     private var removals = 0
@@ -108,7 +110,7 @@ final class Manifest {
 
     private func reset() {
         shares = [:]
-        order = []
+        sequence = [:]
         parsedBytes = 0
         removals = 0
     }
@@ -123,11 +125,10 @@ final class Manifest {
             let record = ShareRecord(
                 name: fields[1], kind: kind, containerID: fields[4], source: fields[5], destination: fields[6],
                 readOnly: flags.contains("r"), recursive: flags.contains("R"), isFile: flags.contains("f"))
-            if shares[record.name] == nil { order.append(record.name) }
-            shares[record.name] = record
+            insert(record)
         case "U" where fields.count == 2:
             if shares.removeValue(forKey: fields[1]) != nil {
-                order.removeAll { $0 == fields[1] }
+                sequence[fields[1]] = nil
                 removals += 1
             }
         case _ where tag.hasPrefix("fsshare-manifest"):
@@ -152,7 +153,14 @@ final class Manifest {
         if flags.isEmpty { flags = "-" }
         let fields = ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination]
         try append(fields.map(Manifest.escape).joined(separator: "\t") + "\n")
-        if shares[r.name] == nil { order.append(r.name) }
+        insert(r)
+    }
+
+    private func insert(_ r: ShareRecord) {
+        if shares[r.name] == nil {
+            sequence[r.name] = nextSequence
+            nextSequence += 1
+        }
         shares[r.name] = r
     }
 
@@ -161,13 +169,15 @@ final class Manifest {
         guard shares[name] != nil else { return }
         try append("U\t\(Manifest.escape(name))\n")
         shares[name] = nil
-        order.removeAll { $0 == name }
+        sequence[name] = nil
         removals += 1
         if removals > 256 && removals > 2 * shares.count { try compact() }
     }
 
     /// The shares in the order they were first recorded.
-    var orderedShares: [ShareRecord] { order.compactMap { shares[$0] } }
+    var orderedShares: [ShareRecord] {
+        shares.values.sorted { (sequence[$0.name] ?? 0) < (sequence[$1.name] ?? 0) }
+    }
 
     private func append(_ text: String) throws(FSShareError) {
         let bytes = Array(text.utf8)
@@ -216,7 +226,7 @@ final class Manifest {
     }
 
     static func unescape(_ s: String) -> String {
-        guard s.contains("%") else { return s }
+        guard s.utf8.contains(0x25) else { return s }
         return s.replacing("%09", with: "\t").replacing("%0A", with: "\n").replacing("%25", with: "%")
     }
 }

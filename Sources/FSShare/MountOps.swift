@@ -165,47 +165,20 @@ enum MountOps {
         }
     }
 
-    /// Unmounts every mount found below `dir` (deepest first), never descending into a mount it
-    /// could not remove. Returns the paths that are still mounts.
-    static func unmountBelow(_ dir: DirFD, mountID: UInt64, problems: inout [String]) {
-        let entries: [(name: String, kind: FileKind?)]
-        do {
-            entries = try Sys.listDirectory(dir, ".")
-        } catch {
-            problems.append("\(error)")
-            return
-        }
-        for entry in entries {
-            let name = FilePath(entry.name)
-            do {
-                var st = try Sys.statx(dir, name)
-                if st.isMountRoot || st.mountID != mountID {
-                    try unmountAll(dir, name)
-                    st = try Sys.statx(dir, name)
-                    if st.isMountRoot || st.mountID != mountID {
-                        problems.append("\(dir.display(name)) is still a mount point")
-                        continue
-                    }
-                }
-                if st.kind == .directory {
-                    let child = try Sys.openat(dir, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
-                    defer { Sys.close(child) }
-                    unmountBelow(DirFD(fd: child, path: dir.display(name)), mountID: mountID, problems: &problems)
-                }
-            } catch {
-                if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
-            }
-        }
-    }
-
     /// Removes `dir/name` and everything below it, entry by entry, only while every entry is on
     /// mount `mountID` and is not a mount root: it never deletes through a mount point (Kata's
-    /// `RemoveAll` does, kata-behavior §2.2). What it cannot remove is listed in `problems`.
-    static func removeTree(_ dir: DirFD, _ name: FilePath, mountID: UInt64, problems: inout [String]) {
+    /// `RemoveAll` does, kata-behavior §2.2). With `unmountStrays`, a mount met on the way is
+    /// unmounted first (children before their parents, since the walk unmounts on the way
+    /// down only what is mounted on top of an entry). What it cannot remove is listed in `problems`.
+    static func removeTree(_ dir: DirFD, _ name: FilePath, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
         let shown = dir.display(name)
-        let st: FileStatus
+        var st: FileStatus
         do {
             st = try Sys.statx(dir, name)
+            if (st.isMountRoot || st.mountID != mountID) && unmountStrays {
+                try unmountAll(dir, name)
+                st = try Sys.statx(dir, name)
+            }
         } catch {
             if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
             return
@@ -216,11 +189,12 @@ enum MountOps {
         }
         if st.kind == .directory {
             do {
-                let child = try Sys.openat(dir, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+                // One O_RDONLY descriptor serves both the listing and the *at calls below it.
+                let child = try Sys.openat(dir, name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
                 defer { Sys.close(child) }
                 let childDir = DirFD(fd: child, path: shown)
-                for entry in try Sys.listDirectory(childDir, ".") {
-                    removeTree(childDir, FilePath(entry.name), mountID: mountID, problems: &problems)
+                for entry in try Sys.listDirectory(child, path: shown) {
+                    removeTree(childDir, FilePath(entry.name), mountID: mountID, unmountStrays: unmountStrays, problems: &problems)
                 }
             } catch {
                 problems.append("\(error)")

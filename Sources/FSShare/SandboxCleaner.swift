@@ -60,33 +60,38 @@ struct SandboxCleaner {
                 if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
             }
         }
-        // 2. Anything else mounted below mounts/ and private/ (a crash between mount and
-        //    manifest cannot happen, but an operator's stray mount can).
-        if let baseID = try? Sys.statx(top, "").mountID {
-            for dir in ["mounts", "private"] {
-                let n = FilePath(dir)
-                do {
-                    try MountOps.unmountAll(top, n)
-                    let fd = try Sys.openat(top, n, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
-                    defer { Sys.close(fd) }
-                    MountOps.unmountBelow(DirFD(fd: fd, path: top.display(n)), mountID: baseID, problems: &problems)
-                } catch {
-                    if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
-                }
-            }
-            // 3. The export.
-            do { try MountOps.unmountAll(top, "shared") } catch { problems.append("\(error)") }
-        }
-        // 4. The sandbox self-bind (detaching it also detaches anything left below it).
+        // 2. The export.
+        do { try MountOps.unmountAll(top, "shared") } catch { problems.append("\(error)") }
+        // 3. The sandbox self-bind (detaching it also detaches anything left below it).
         do { try MountOps.unmountAll(rootDir, sid) } catch { problems.append("\(error)") }
 
-        // 5. Verify and delete, never crossing a mount.
-        let rootStat = try sys("cannot stat \(root)") { () throws(SystemCallError) in try Sys.statx(rootDir, "") }
         guard problems.isEmpty else {
             throw FSShareError(.incompleteCleanup, "cleanup of sandbox \(sandboxID) left mounts behind; nothing was deleted: " + problems.joined(separator: "; "))
         }
-        // The manifest goes last among files: if deletion stops early, a later cleanup still finds it.
-        MountOps.removeTree(rootDir, sid, mountID: rootStat.mountID, problems: &problems)
+        // 4. Delete entry by entry, never crossing a mount: a mount still found in the tree (one
+        //    made on the parent mount, outside the self-bind) is unmounted first, deepest first,
+        //    and what cannot be unmounted is neither entered nor deleted.
+        let rootStat = try sys("cannot stat \(root)") { () throws(SystemCallError) in try Sys.statx(rootDir, "") }
+        // The manifest goes after everything else in the sandbox: if deletion stops early, the
+        // next cleanup still finds it.
+        do throws(SystemCallError) {
+            let st = try Sys.statx(rootDir, sid)
+            guard !st.isMountRoot, st.mountID == rootStat.mountID else {
+                throw SystemCallError(syscall: "umount2", path: sandboxPath, errno: .resourceBusy)
+            }
+            let sandboxFD = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            defer { Sys.close(sandboxFD) }
+            let sandboxDir = DirFD(fd: sandboxFD, path: sandboxPath)
+            for entry in try Sys.listDirectory(sandboxFD, path: sandboxPath) where entry.name != Manifest.fileName.string {
+                MountOps.removeTree(sandboxDir, FilePath(entry.name), mountID: rootStat.mountID, unmountStrays: true, problems: &problems)
+            }
+            if problems.isEmpty {
+                MountOps.removeTree(sandboxDir, Manifest.fileName, mountID: rootStat.mountID, unmountStrays: false, problems: &problems)
+            }
+            if problems.isEmpty { try Sys.unlinkat(rootDir, sid, directory: true) }
+        } catch {
+            if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
+        }
         if !problems.isEmpty {
             throw FSShareError(.incompleteCleanup, "cleanup of sandbox \(sandboxID) is incomplete: " + problems.joined(separator: "; "))
         }

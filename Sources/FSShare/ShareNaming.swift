@@ -26,11 +26,34 @@ public enum ShareNaming {
         guard destination.isAbsolute else {
             throw FSShareError(.invalidArgument, "mount destination \"\(raw)\" is not an absolute path")
         }
-        let dest = destination.lexicallyNormalized()
+        // Normalising is the expensive part; most destinations are already normal.
+        let dest = isNormal(raw) ? destination : destination.lexicallyNormalized()
         guard let last = dest.lastComponent, last.kind == .regular else {
             throw FSShareError(.invalidArgument, "mount destination \"\(raw)\" has no final name to share under")
         }
         return dest
+    }
+
+    /// True if `path` has no empty, "." or ".." components and no trailing slash.
+    static func isNormal(_ path: String) -> Bool {
+        var previous: UInt8 = 0x2F
+        var componentStart = true
+        var dots = 0
+        for b in path.utf8.dropFirst() {
+            if b == 0x2F {
+                if previous == 0x2F || (componentStart && dots > 0) { return false }
+                componentStart = true
+                dots = 0
+            } else if b == 0x2E && componentStart {
+                dots += 1
+                if dots > 2 { componentStart = false }
+            } else {
+                componentStart = false
+                dots = 0
+            }
+            previous = b
+        }
+        return previous != 0x2F && !(componentStart && dots > 0)
     }
 
     /// 64-bit FNV-1a: stable across processes and versions (unlike Swift's `Hasher`).
@@ -44,10 +67,9 @@ public enum ShareNaming {
     }
 
     static func hex16(_ v: UInt64) -> String {
-        let digits = Array("0123456789abcdef")
-        var chars: [Character] = []
-        chars.reserveCapacity(16)
-        for shift in stride(from: 60, through: 0, by: -4) { chars.append(digits[Int((v >> UInt64(shift)) & 0xF)]) }
-        return String(chars)
+        let digits: StaticString = "0123456789abcdef"
+        var bytes = [UInt8](repeating: 0, count: 16)
+        for i in 0..<16 { bytes[i] = digits.utf8Start[Int((v >> UInt64(60 - 4 * i)) & 0xF)] }
+        return String(decoding: bytes, as: UTF8.self)
     }
 }

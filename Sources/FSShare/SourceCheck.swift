@@ -22,13 +22,29 @@ enum SourceCheck {
         0xf97c_ff8c: "selinuxfs", 0x4249_4e4d: "binfmt_misc", 0x6573_5543: "fusectl", 0x6e73_6673: "nsfs",
     ]
 
-    /// Why `path` (lexically) may not be shared, or nil.
+    /// Why `path` (lexically) may not be shared, or nil. Byte-level: this runs on every share.
     static func lexicalProblem(_ path: FilePath) -> String? {
-        let p = path.lexicallyNormalized()
-        for system in ["/proc", "/sys"] where p == FilePath(system) || p.starts(with: FilePath(system)) {
-            return "it is under \(system), a kernel interface"
+        var bytes = Array(path.string.utf8)
+        while bytes.count > 1 && bytes.last == 0x2F { bytes.removeLast() }
+        // Only a path with "." or ".." components or doubled slashes needs normalising first.
+        var needsNormalising = false
+        var previous: UInt8 = 0
+        for (i, b) in bytes.enumerated() {
+            if b == 0x2F && previous == 0x2F { needsNormalising = true }
+            if b == 0x2E && previous == 0x2F && (i + 1 == bytes.count || bytes[i + 1] == 0x2F || bytes[i + 1] == 0x2E) {
+                needsNormalising = true
+            }
+            previous = b
         }
-        if p == "/dev" { return "it is the host's /dev" }
+        if needsNormalising { bytes = Array(path.lexicallyNormalized().string.utf8) }
+        func under(_ prefix: StaticString) -> Bool {
+            let p = UnsafeBufferPointer(start: prefix.utf8Start, count: prefix.utf8CodeUnitCount)
+            guard bytes.count >= p.count, bytes[0..<p.count].elementsEqual(p) else { return false }
+            return bytes.count == p.count || bytes[p.count] == 0x2F
+        }
+        if under("/proc") { return "it is under /proc, a kernel interface" }
+        if under("/sys") { return "it is under /sys, a kernel interface" }
+        if bytes.elementsEqual("/dev".utf8) { return "it is the host's /dev" }
         return nil
     }
 
@@ -57,7 +73,7 @@ enum SourceCheck {
             default: throw refused(path, "it is a \(st.kind), which a shared filesystem cannot carry")
             }
             if let problem = lexicalProblem(resolved) { throw refused(path, "it resolves to \(resolved): \(problem.dropFirst(3))") }
-            if resolved.starts(with: "/dev"), st.kind != .regular {
+            if resolved.string.hasPrefix("/dev/"), st.kind != .regular {
                 throw refused(path, "it is a \(st.kind) under /dev (host devices are not shared)")
             }
             let magic = try Sys.filesystemType(fd, path: path)

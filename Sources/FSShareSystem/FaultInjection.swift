@@ -87,10 +87,10 @@ public enum FaultInjection {
     /// Called by every wrapper before the real call. Throws the injected error, kills the
     /// process, or returns to let the real call run.
     @inline(__always)
-    static func check(_ syscall: StaticString, _ path: FilePath?) throws(SystemCallError) {
+    static func check(_ syscall: StaticString, _ path: @autoclosure () -> FilePath?) throws(SystemCallError) {
         let flag = enabled.load(ordering: .relaxed)
         if flag == 0 { return }
-        try slowCheck(syscall, path, flag)
+        try slowCheck(syscall, path(), flag)
     }
 
     @inline(never)

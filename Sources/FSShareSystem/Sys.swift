@@ -176,13 +176,19 @@ public enum Sys {
 
     /// `readlink` of `/proc/self/fd/N`: the path the kernel has for an open descriptor.
     public static func pathOf(_ fd: FileDescriptor) throws(SystemCallError) -> FilePath {
-        let link = FilePath("/proc/self/fd/\(fd.rawValue)")
-        try FaultInjection.check("readlink", link)
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = link.withPlatformString { Glibc.readlink($0, &buffer, buffer.count - 1) }
-        if n < 0 { throw fail("readlink", link) }
-        let bytes = buffer[0..<n].map { UInt8(bitPattern: $0) }
-        return FilePath(String(decoding: bytes, as: UTF8.self))
+        try FaultInjection.check("readlink", FilePath("/proc/self/fd/\(fd.rawValue)"))
+        // A stack buffer: this runs on every share, and a zeroed 4 KiB heap array showed up in profiles.
+        let result: FilePath? = withUnsafeTemporaryAllocation(of: CChar.self, capacity: Int(PATH_MAX) + 1) { buffer in
+            withUnsafeTemporaryAllocation(of: CChar.self, capacity: 32) { link -> FilePath? in
+                guard let target = buffer.baseAddress, let linkBase = link.baseAddress else { return nil }
+                _ = fsshare_fd_link_path(fd.rawValue, linkBase, link.count)
+                let n = Glibc.readlink(linkBase, target, buffer.count - 1)
+                if n < 0 { return nil }
+                return FilePath(String(decoding: UnsafeRawBufferPointer(start: target, count: n), as: UTF8.self))
+            }
+        }
+        guard let result else { throw fail("readlink", FilePath("/proc/self/fd/\(fd.rawValue)")) }
+        return result
     }
 
     /// `readlinkat(2)` of a symlink below `dir`.
@@ -202,36 +208,50 @@ public enum Sys {
         return t
     }
 
-    /// Lists the names in a directory (not `.` or `..`), with their `d_type` kind.
+    /// Lists the names in a directory (not `.` or `..`), with their `d_type` kind. Uses
+    /// getdents64 directly: opendir would add an fstat and two fcntls per listing.
     public static func listDirectory(_ dir: DirFD?, _ path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
         let fd = try openat(dir, path, flags: O_RDONLY | FSSHARE_O_DIRECTORY | FSSHARE_O_NOFOLLOW)
-        guard let stream = fdopendir(fd.rawValue) else {
-            let error = fail("fdopendir", shown(dir, path))
-            try? fd.close()
-            throw error
-        }
-        defer { closedir(stream) }
+        defer { close(fd) }
+        return try listDirectory(fd, path: shown(dir, path))
+    }
+
+    /// Lists a directory opened `O_RDONLY` (from its current position; use a fresh descriptor).
+    public static func listDirectory(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
         var result: [(String, FileKind?)] = []
-        while true {
-            Glibc.errno = 0
-            guard let entry = readdir(stream) else {
-                if Glibc.errno != 0 { throw fail("readdir", shown(dir, path)) }
-                break
+        var failure: SystemCallError?
+        withUnsafeTemporaryAllocation(byteCount: 32768, alignment: 8) { buffer in
+            while true {
+                let n = fsshare_getdents64(fd.rawValue, buffer.baseAddress, buffer.count)
+                if n < 0 {
+                    if Glibc.errno == EINTR { continue }
+                    failure = fail("getdents64", path)
+                    return
+                }
+                if n == 0 { return }
+                var offset = 0
+                while true {
+                    var namePointer: UnsafePointer<CChar>?
+                    var type: UInt8 = 0
+                    let next = fsshare_dirent_at(buffer.baseAddress, n, offset, &namePointer, &type)
+                    if next < 0 { break }
+                    offset = next
+                    guard let namePointer else { continue }
+                    let name = String(cString: namePointer)
+                    if name == "." || name == ".." { continue }
+                    let kind: FileKind?
+                    switch Int32(type) {
+                    case Int32(DT_DIR): kind = .directory
+                    case Int32(DT_REG): kind = .regular
+                    case Int32(DT_LNK): kind = .symlink
+                    case Int32(DT_UNKNOWN): kind = nil
+                    default: kind = .unknown
+                    }
+                    result.append((name, kind))
+                }
             }
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-            }
-            if name == "." || name == ".." { continue }
-            let kind: FileKind?
-            switch Int32(entry.pointee.d_type) {
-            case Int32(DT_DIR): kind = .directory
-            case Int32(DT_REG): kind = .regular
-            case Int32(DT_LNK): kind = .symlink
-            case Int32(DT_UNKNOWN): kind = nil
-            default: kind = .unknown
-            }
-            result.append((name, kind))
         }
+        if let failure { throw failure }
         return result
     }
 

@@ -39,6 +39,16 @@ int fsshare_move_mount(int from_dirfd, const char *from_path, int to_dirfd, cons
 /// mount_setattr(2) with a struct mount_attr built from the arguments. -1 with errno (ENOSYS before 5.12).
 int fsshare_mount_setattr(int dirfd, const char *path, unsigned flags, uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
 
+/// Writes "/proc/self/fd/N" into out (no allocation). Returns the length.
+int fsshare_fd_link_path(int fd, char *out, size_t capacity);
+
+/// getdents64(2) into buf; returns bytes read, 0 at the end, -1 with errno.
+long fsshare_getdents64(int fd, void *buf, size_t size);
+
+/// Walks a getdents64 buffer: returns the offset of the next record after `offset` (or -1 at the
+/// end) and sets *name and *type for the record at `offset`.
+long fsshare_dirent_at(const void *buf, long length, long offset, const char **name, unsigned char *type);
+
 /// flock(2) (Swift sees the name as the struct).
 int fsshare_flock(int fd, int operation);
 

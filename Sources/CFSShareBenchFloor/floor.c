@@ -1,0 +1,177 @@
+#define _GNU_SOURCE
+#include "bench_floor.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/mount.h>
+#include <linux/openat2.h>
+
+#define CHECK(x) do { if ((x) < 0) return -errno; } while (0)
+
+static int sx(int dir, const char *path, int flags, struct statx *st) {
+    return statx(dir, path, flags | AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, st);
+}
+
+int floor_prepare(int root, const char *sid, floor_sandbox *out) {
+    struct statx st;
+    char a[64], b[64];
+    out->root = root;
+    CHECK(statx(root, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, &st));
+    CHECK(out->rootfd_own = openat(root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    CHECK(mkdirat(root, sid, 0700));
+    CHECK(out->lock = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    CHECK(flock(out->lock, LOCK_EX));
+    if (sx(out->lock, "manifest", 0, &st) == 0) return -EEXIST;
+    CHECK(out->manifest = openat(out->lock, "manifest", O_RDWR | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600));
+    CHECK(sx(out->manifest, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(out->lock, "manifest", 0, &st));
+    CHECK(write(out->manifest, "fsshare-manifest 1\tsb\n", 22));
+    CHECK(sx(root, sid, 0, &st));
+    snprintf(a, sizeof a, "/proc/self/fd/%d", out->lock);
+    CHECK(mount(a, a, NULL, MS_BIND, NULL));
+    snprintf(b, sizeof b, "/proc/self/fd/%d/%s", root, sid);
+    CHECK(mount(NULL, b, NULL, MS_PRIVATE, NULL));
+    CHECK(mount(NULL, b, NULL, MS_SHARED, NULL));
+    CHECK(out->top = openat(root, sid, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    CHECK(mkdirat(out->top, "mounts", 0750));
+    CHECK(mkdirat(out->top, "shared", 0700));
+    CHECK(mkdirat(out->top, "private", 0750));
+    CHECK(sx(out->top, "shared", 0, &st));
+    snprintf(a, sizeof a, "/proc/self/fd/%d/mounts", out->top);
+    snprintf(b, sizeof b, "/proc/self/fd/%d/shared", out->top);
+    CHECK(mount(a, b, NULL, MS_BIND, NULL));
+    CHECK(mount(NULL, b, NULL, MS_SLAVE, NULL));
+    CHECK(mount(NULL, b, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL));
+    CHECK(out->mounts = openat(out->top, "mounts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    CHECK(out->private_dir = openat(out->top, "private", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    CHECK(sx(out->mounts, "", AT_EMPTY_PATH, &st));
+    CHECK(flock(out->lock, LOCK_UN));
+    return 0;
+}
+
+/// Lists a directory the way fsshare does (openat O_RDONLY, getdents64 until 0), then removes it.
+static int remove_empty_dir(int parent, const char *name, uint64_t mnt_id) {
+    struct statx st;
+    char buf[32768];
+    CHECK(sx(parent, name, 0, &st));
+    if ((st.stx_attributes & STATX_ATTR_MOUNT_ROOT) || st.stx_mnt_id != mnt_id) return -EBUSY;
+    int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(fd);
+    while (syscall(SYS_getdents64, fd, buf, sizeof buf) > 0) {}
+    close(fd);
+    CHECK(unlinkat(parent, name, AT_REMOVEDIR));
+    return 0;
+}
+
+int floor_cleanup(floor_sandbox *sb, const char *sid) {
+    struct statx st;
+    char p[64], buf[32768];
+    // What fsshare's cleaner does: fresh descriptors, read the manifest, unmount, walk, delete.
+    close(sb->manifest); close(sb->mounts); close(sb->private_dir); close(sb->top); close(sb->lock); close(sb->rootfd_own);
+    int root = openat(sb->root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    CHECK(root);
+    int lock = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(lock);
+    CHECK(flock(lock, LOCK_EX));
+    int top = openat(root, sid, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(top);
+    int manifest = openat(lock, "manifest", O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(manifest);
+    CHECK(sx(manifest, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(lock, "manifest", 0, &st));
+    CHECK(pread(manifest, buf, sizeof buf, 0));
+    CHECK(pread(manifest, buf, sizeof buf, 22));
+    CHECK(sx(top, "shared", 0, &st));
+    snprintf(p, sizeof p, "/proc/self/fd/%d/shared", top);
+    CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
+    CHECK(sx(top, "shared", 0, &st));
+    CHECK(sx(root, sid, 0, &st));
+    snprintf(p, sizeof p, "/proc/self/fd/%d/%s", root, sid);
+    CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
+    CHECK(sx(root, sid, 0, &st));
+    CHECK(sx(root, "", AT_EMPTY_PATH, &st));
+    uint64_t mnt_id = st.stx_mnt_id;
+    CHECK(sx(root, sid, 0, &st));
+    int dir = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(dir);
+    while (syscall(SYS_getdents64, dir, buf, sizeof buf) > 0) {}
+    CHECK(remove_empty_dir(dir, "private", mnt_id));
+    CHECK(remove_empty_dir(dir, "shared", mnt_id));
+    CHECK(remove_empty_dir(dir, "mounts", mnt_id));
+    CHECK(sx(dir, "manifest", 0, &st));
+    CHECK(unlinkat(dir, "manifest", 0));
+    CHECK(unlinkat(root, sid, AT_REMOVEDIR));
+    close(dir); close(manifest); close(top); close(lock); close(root);
+    return 0;
+}
+
+int floor_share(floor_sandbox *sb, const char *source, const char *name, int read_only) {
+    struct statx st;
+    struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_NO_MAGICLINKS };
+    struct statfs sfs;
+    char link[64], resolved[4096], line[512];
+    CHECK(flock(sb->lock, LOCK_EX));
+    CHECK(sx(sb->lock, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(sb->manifest, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(sb->lock, "manifest", 0, &st));
+    int src = (int)syscall(SYS_openat2, AT_FDCWD, source, &how, sizeof how);
+    CHECK(src);
+    CHECK(sx(src, "", AT_EMPTY_PATH, &st));
+    snprintf(link, sizeof link, "/proc/self/fd/%d", src);
+    CHECK(readlink(link, resolved, sizeof resolved));
+    CHECK(fstatfs(src, &sfs));
+    int n = snprintf(line, sizeof line, "S\t%s\tvolume\t%s\tc\t%s\t/d\n", name, read_only ? "r" : "-", source);
+    CHECK(write(sb->manifest, line, (size_t)n));
+    CHECK(mkdirat(sb->mounts, name, 0755));
+    int target = openat(sb->mounts, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(target);
+    CHECK(sx(target, "", AT_EMPTY_PATH, &st));
+    int tree = (int)syscall(SYS_open_tree, src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    CHECK(tree);
+    struct mount_attr attr = { .attr_set = read_only ? MOUNT_ATTR_RDONLY : 0, .propagation = MS_PRIVATE };
+    CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr));
+    CHECK(syscall(SYS_move_mount, tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH));
+    close(tree); close(target); close(src);
+    CHECK(flock(sb->lock, LOCK_UN));
+    return 0;
+}
+
+int floor_unshare(floor_sandbox *sb, const char *name) {
+    struct statx st;
+    char p[512], line[512];
+    CHECK(flock(sb->lock, LOCK_EX));
+    CHECK(sx(sb->lock, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(sb->manifest, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(sb->lock, "manifest", 0, &st));
+    CHECK(sx(sb->mounts, name, 0, &st));
+    snprintf(p, sizeof p, "/proc/self/fd/%d/%s", sb->mounts, name);
+    CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
+    CHECK(sx(sb->mounts, name, 0, &st));
+    CHECK(sx(sb->mounts, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(sb->mounts, name, 0, &st));
+    CHECK(unlinkat(sb->mounts, name, AT_REMOVEDIR));
+    int n = snprintf(line, sizeof line, "U\t%s\n", name);
+    CHECK(write(sb->manifest, line, (size_t)n));
+    CHECK(flock(sb->lock, LOCK_UN));
+    return 0;
+}
+
+int floor_kata_rw_share(const char *source, const char *target) {
+    CHECK(mkdir(target, 0755));
+    CHECK(mount(source, target, NULL, MS_BIND, NULL));
+    CHECK(mount(NULL, target, NULL, MS_PRIVATE, NULL));
+    return 0;
+}
+
+int floor_kata_unshare(const char *target) {
+    CHECK(umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW));
+    CHECK(rmdir(target));
+    return 0;
+}

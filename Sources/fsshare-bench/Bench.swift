@@ -1,0 +1,152 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFSShareBenchFloor
+import FSShare
+import FSShareSystem
+import SystemPackage
+
+/// fsshare against the C floor (the same syscall sequences, raw), interleaved iteration by
+/// iteration in one process so both see the same machine noise. Run by hack/bench inside a
+/// private mount namespace: `fsshare-bench WORKDIR [ITERATIONS]`.
+@main
+struct Bench {
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    static func fail(_ what: String) -> Never {
+        print("fsshare-bench: \(what)")
+        exit(1)
+    }
+
+    struct Stats {
+        var samples: [Double] = []
+        mutating func add(_ ns: UInt64) { samples.append(Double(ns) / 1000) }
+        var median: Double { percentile(0.5) }
+        var p99: Double { percentile(0.99) }
+        func percentile(_ p: Double) -> Double {
+            let s = samples.sorted()
+            guard !s.isEmpty else { return .nan }
+            return s[min(s.count - 1, Int((Double(s.count - 1) * p).rounded()))]
+        }
+    }
+
+    static func main() {
+        let args = CommandLine.arguments
+        guard args.count >= 2 else { fail("usage: fsshare-bench WORKDIR [ITERATIONS]") }
+        let work = args[1]
+        let iterations = args.count > 2 ? Int(args[2]) ?? 2000 : 2000
+        let t = work + "/t"
+        _ = Sys.run(["mkdir", "-p", t, work + "/src"])
+        // Targets on tmpfs, as under /run on a real host; sources on their own tmpfs.
+        do {
+            try Sys.mount(source: "tmpfs", target: FilePath(t), fstype: "tmpfs", flags: 0)
+            try Sys.mount(source: "tmpfs", target: FilePath(work + "/src"), fstype: "tmpfs", flags: 0)
+        } catch { fail("cannot mount tmpfs: \(error)") }
+        let source = work + "/src/vol"
+        mkdir(source, 0o755)
+        mkdir(t + "/kata", 0o755)
+
+        print("fsshare-bench: \(iterations) iterations per cell; fsshare and floor interleaved; times in µs")
+        print("op                          N   fsshare med / p99      floor med / p99     ratio med / p99    kata-min floor med / p99")
+        for existing in [0, 1000] {
+            run(existing: existing, iterations: iterations, t: t, source: source)
+        }
+    }
+
+    static func run(existing: Int, iterations: Int, t: String, source: String) {
+        let solo: String? = getenv("FSSHARE_BENCH_SOLO").map { String(cString: $0) }
+        let root = t + "/root-\(existing)"
+        mkdir(root, 0o755)
+        let config = SharerConfiguration(root: FilePath(root))
+        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "fs", configuration: config),
+              (try? sharer.prepareSync()) != nil else { fail("prepare fs") }
+        let rootFD = open(root, Sys.oPath | O_DIRECTORY | O_CLOEXEC)
+        var floor = floor_sandbox()
+        guard floor_prepare(rootFD, "fl", &floor) == 0 else { fail("floor prepare") }
+        let c = Container(id: "c", rootfs: .hostMounted("/"))
+        // N existing shares in both sandboxes.
+        for i in 0..<existing {
+            guard (try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: FilePath("/v\(i)")))) != nil,
+                  floor_share(&floor, source, "c-0000000000000000-v\(i)", 0) == 0 else { fail("existing share \(i)") }
+        }
+        let floorName = "c-0123456789abcdef-bench"
+        for readOnly in [false, true] {
+            var mine = Stats(), raw = Stats(), kata = Stats()
+            let mount = Mount(source: FilePath(source), destination: "/bench", options: readOnly ? ["ro"] : [])
+            for i in 0..<(iterations + iterations / 10) {
+                let record = i >= iterations / 10  // the first 10% warm up
+                func measureMine() {
+                    let a = now()
+                    guard (try? sharer.shareFileSync(container: c, mount: mount)) != nil,
+                          (try? sharer.unshareFileSync(container: c, mount: mount)) != nil else { fail("fsshare share/unshare") }
+                    if record { mine.add(now() - a) }
+                }
+                func measureFloor() {
+                    let a = now()
+                    guard floor_share(&floor, source, floorName, readOnly ? 1 : 0) == 0, floor_unshare(&floor, floorName) == 0 else { fail("floor share/unshare") }
+                    if record { raw.add(now() - a) }
+                }
+                if solo == "mine" { measureMine() } else if solo == "floor" { measureFloor() } else if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
+                if !readOnly && solo == nil {
+                    let a = now()
+                    guard floor_kata_rw_share(source, t + "/kata/x") == 0, floor_kata_unshare(t + "/kata/x") == 0 else { fail("kata floor") }
+                    if record { kata.add(now() - a) }
+                }
+            }
+            report(readOnly ? "ro share+unshare" : "rw share+unshare", existing, mine, raw, readOnly ? nil : kata)
+        }
+        // prepare + cleanup of another sandbox while the N shares exist.
+        var mine = Stats(), raw = Stats()
+        guard let pc = try? LinuxFilesystemSharer(sandboxID: "pc", configuration: config) else { fail("pc") }
+        for i in 0..<(iterations / 2 + iterations / 20) {
+            let record = i >= iterations / 20
+            func measureMine() {
+                let a = now()
+                guard (try? pc.prepareSync()) != nil, (try? pc.cleanupSync()) != nil else { fail("fsshare prepare/cleanup") }
+                if record { mine.add(now() - a) }
+            }
+            func measureFloor() {
+                var sb = floor_sandbox()
+                let a = now()
+                guard floor_prepare(rootFD, "pf", &sb) == 0, floor_cleanup(&sb, "pf") == 0 else { fail("floor prepare/cleanup") }
+                if record { raw.add(now() - a) }
+            }
+            if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
+        }
+        report("prepare+cleanup", existing, mine, raw, nil)
+        for i in 0..<existing { _ = floor_unshare(&floor, "c-0000000000000000-v\(i)") }
+        _ = floor_cleanup(&floor, "fl")
+        guard (try? sharer.cleanupSync()) != nil else { fail("cleanup fs") }
+        close(rootFD)
+    }
+
+    static func f(_ v: Double) -> String {
+        guard v.isFinite else { return "-" }
+        let s = String(Int((v * 10).rounded()))
+        let padded = s.count < 2 ? "0" + s : s
+        return String(padded.dropLast()) + "." + String(padded.last ?? "0")
+    }
+
+    static func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+
+    static func report(_ op: String, _ n: Int, _ mine: Stats, _ raw: Stats, _ kata: Stats?) {
+        let ratioMed = mine.median / raw.median
+        let ratioP99 = mine.p99 / raw.p99
+        var line = pad(op, 24) + pad(String(n), 6)
+        line += pad("\(f(mine.median)) / \(f(mine.p99))", 22) + pad("\(f(raw.median)) / \(f(raw.p99))", 20)
+        line += pad("\(format2(ratioMed))x / \(format2(ratioP99))x", 19)
+        if let kata { line += "\(f(kata.median)) / \(f(kata.p99))" }
+        print(line)
+    }
+
+    static func format2(_ v: Double) -> String {
+        guard v.isFinite else { return "-" }
+        let hundredths = Int((v * 100).rounded())
+        let frac = hundredths % 100
+        return "\(hundredths / 100).\(frac < 10 ? "0" : "")\(frac)"
+    }
+}

@@ -1,1 +1,0 @@
-print("fsshare-bench: see hack/bench")
