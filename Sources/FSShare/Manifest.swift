@@ -146,13 +146,7 @@ final class Manifest {
 
     /// Records a share before it is mounted.
     func recordShare(_ r: ShareRecord) throws(FSShareError) {
-        var flags = ""
-        if r.readOnly { flags += "r" }
-        if r.recursive { flags += "R" }
-        if r.isFile { flags += "f" }
-        if flags.isEmpty { flags = "-" }
-        let fields = ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination]
-        try append(fields.map(Manifest.escape).joined(separator: "\t") + "\n")
+        try append(Manifest.line(for: r))
         insert(r)
     }
 
@@ -174,6 +168,13 @@ final class Manifest {
         if removals > 256 && removals > 2 * shares.count { try compact() }
     }
 
+    /// The journal line that records `r`.
+    static func line(for r: ShareRecord) -> String {
+        var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "")
+        if flags.isEmpty { flags = "-" }
+        return ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination].map(escape).joined(separator: "\t") + "\n"
+    }
+
     /// The shares in the order they were first recorded.
     var orderedShares: [ShareRecord] {
         shares.values.sorted { (sequence[$0.name] ?? 0) < (sequence[$1.name] ?? 0) }
@@ -189,11 +190,7 @@ final class Manifest {
     private func compact() throws(FSShareError) {
         let tmpName: FilePath = "manifest.tmp"
         var text = Manifest.header + "\n"
-        for r in orderedShares {
-            var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "")
-            if flags.isEmpty { flags = "-" }
-            text += ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination].map(Manifest.escape).joined(separator: "\t") + "\n"
-        }
+        for r in orderedShares { text += Manifest.line(for: r) }
         let bytes = Array(text.utf8)
         let dir = directory
         try sys("cannot compact the sandbox manifest") { () throws(SystemCallError) in
