@@ -177,7 +177,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         // group: then binds under mounts/ propagate to shared/ and to virtiofsd's slave
         // namespace even where / is private (this machine; Kata's Prepare propagates nothing
         // there), and they propagate nowhere else on hosts where /run is shared.
-        if !(try isMountRoot(root, sid)) {
+        if try isMountRoot(root, sid) {
+            // Left by an earlier prepare (or made by the operator): make sure it propagates.
+            try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                try Sys.mount(source: nil, target: MountOps.fdPath(root.fd, sid), flags: UInt(MS_SHARED))
+            }
+        } else {
             let target = MountOps.fdPath(root.fd, sid)
             try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
                 try Sys.mount(source: MountOps.fdPath(lock), target: MountOps.fdPath(lock), flags: UInt(MS_BIND))

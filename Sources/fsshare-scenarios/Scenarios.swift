@@ -146,6 +146,17 @@ struct Scenarios {
         checks.check(readFile(src.ro + "/key") == "value", "ro source content intact")
         checks.mustFail("share after cleanup says not prepared") { _ = try sharer.shareFileSync(container: c, mount: rwMount) }
         _ = checks.must("unshare after cleanup is not an error") { try sharer.unshareFileSync(container: c, mount: rwMount) }
+        // Prepare where the sandbox directory is already a mount, but a private one.
+        mkdirs(root + "/sb2")
+        _ = try? Sys.mount(source: "tmpfs", target: FilePath(root + "/sb2"), fstype: "tmpfs", flags: 0)
+        _ = try? Sys.mount(source: nil, target: FilePath(root + "/sb2"), flags: UInt(MS_PRIVATE))
+        if let s2 = try? LinuxFilesystemSharer(sandboxID: "sb2", configuration: config()) {
+            _ = checks.must("prepare over a private mount") { try s2.prepareSync() }
+            let r = try? s2.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/p"))
+            let name = r?.guestPath.split(separator: "/").last.map(String.init) ?? "?"
+            checks.check(readFile(root + "/sb2/shared/\(name)/key") == "value", "a share propagates to shared/ over a private pre-existing mount")
+            _ = checks.must("cleanup sb2") { try s2.cleanupSync() }
+        }
         // Another process (the CLI) sees the same sandbox through the manifest.
         _ = checks.must("prepare again after cleanup") { try sharer.prepareSync() }
         let other = try? LinuxFilesystemSharer(sandboxID: "sb1", configuration: config())
@@ -180,6 +191,12 @@ struct Scenarios {
         let ro = share(src.ro, "/cfg", ["ro"])
         let file = share(src.file, "/etc/f.txt", ["ro"])
         let rec: String? = method == .legacy ? nil : share(src.rec, "/rec", ["ro", "rbind"])
+        if method == .legacy {
+            let e = checks.mustFail("legacy method refuses a recursive read-only share") {
+                _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rec), destination: "/rec", options: ["ro", "rbind"]))
+            }
+            checks.check((e as? FSShareError)?.code == .unsupported, "that refusal says unsupported")
+        }
         let recRW = share(src.rec, "/rec-rw", ["rbind"])
         let rootfs = try? sharer.shareRootFilesystemSync(container: c)
         checks.check(rootfs != nil, "share rootfs")
