@@ -453,12 +453,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     private func makeBlockRootfsDirectories(_ record: ShareRecord, suffix: String, handle h: SandboxHandle) throws(FSShareError) {
         if h.manifest.shares[record.name] != record { try h.manifest.recordShare(record) }
         let cid = FilePath(record.name)
-        let made = try sys("cannot create \(h.mounts.display(cid))") { () throws(SystemCallError) in
-            let made = try Sys.mkdirat(h.mounts, cid, mode: 0o750)
+        try sys("cannot create \(h.mounts.display(cid))") { () throws(SystemCallError) in
+            try Sys.mkdirat(h.mounts, cid, mode: 0o750)
             if !suffix.isEmpty { try Sys.mkdirat(h.mounts, cid.appending(suffix), mode: 0o750) }
-            return made
         }
-        _ = made
     }
 
     /// Unmounts and removes a share and forgets it. Missing pieces are fine (idempotent).

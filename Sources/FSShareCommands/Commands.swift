@@ -272,7 +272,7 @@ struct UnshareRootfs: AsyncParsableCommand {
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root)))
-        try Identifier.validateThrowing(container)
+        try Identifier.validate(container, what: "container")
         try sharer.unshare(name: "\(container)/rootfs")
         try sharer.unshare(name: container)
         if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
@@ -366,11 +366,6 @@ public struct FSShareCLI: AsyncParsableCommand {
     }
 }
 
-extension Identifier {
-    static func validateThrowing(_ id: String) throws {
-        try validate(id, what: "container")
-    }
-}
 
 /// Writes bytes straight to a descriptor (stdout/stderr) without stdio's global state.
 func writeAll(fd: Int32, _ bytes: [UInt8]) {
