@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "FSShare", targets: ["FSShare"]),
         .library(name: "FSShareProto", targets: ["FSShareProto"]),
         .executable(name: "fsshare", targets: ["fsshare"]),
+        .executable(name: "fsshare-agent", targets: ["fsshare-agent"]),
     ],
     dependencies: [
         // traits: [] keeps full Foundation (and ICU) out of our binaries; see platform-notes §1.
@@ -38,11 +39,32 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The agent channel: ttrpc framing and transports (unix, hybrid vsock, vsock, serial).
+        .target(
+            name: "FSShareAgentChannel",
+            dependencies: [
+                "FSShareSystem", "FSShareProto",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: strict
+        ),
+        // The guest agent's logic (fsshare-agent is its thin executable).
+        .target(
+            name: "FSShareGuestAgent",
+            dependencies: [
+                "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(name: "fsshare-agent", dependencies: ["FSShareGuestAgent", "FSShareAgentChannel"], swiftSettings: strict),
         // The library users link.
         .target(
             name: "FSShare",
             dependencies: [
-                "FSShareSystem", "FSShareProto",
+                "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

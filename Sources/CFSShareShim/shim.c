@@ -11,6 +11,14 @@
 #include <unistd.h>
 #include <linux/mount.h>
 #include <linux/openat2.h>
+#include <linux/vm_sockets.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <termios.h>
+#include <time.h>
 
 #ifndef STATX_MNT_ID
 #define STATX_MNT_ID 0x00001000U
@@ -116,3 +124,142 @@ const uint64_t FSSHARE_RESOLVE_NO_MAGICLINKS = RESOLVE_NO_MAGICLINKS;
 const uint64_t FSSHARE_RESOLVE_NO_SYMLINKS = RESOLVE_NO_SYMLINKS;
 const uint64_t FSSHARE_RESOLVE_BENEATH = RESOLVE_BENEATH;
 const uint64_t FSSHARE_RESOLVE_NO_XDEV = RESOLVE_NO_XDEV;
+
+int fsshare_unix_connect(const char *path) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(addr.sun_path)) { errno = ENAMETOOLONG; return -1; }
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    while (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
+        if (errno == EINTR) continue;
+        int saved = errno; close(fd); errno = saved; return -1;
+    }
+    return fd;
+}
+
+int fsshare_unix_listen(const char *path, int backlog) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(addr.sun_path)) { errno = ENAMETOOLONG; return -1; }
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(fd, backlog) != 0) {
+        int saved = errno; close(fd); errno = saved; return -1;
+    }
+    return fd;
+}
+
+int fsshare_vsock_connect(unsigned cid, unsigned port) {
+    struct sockaddr_vm addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.svm_family = AF_VSOCK;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    while (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
+        if (errno == EINTR) continue;
+        int saved = errno; close(fd); errno = saved; return -1;
+    }
+    return fd;
+}
+
+int fsshare_vsock_listen(unsigned port, int backlog) {
+    struct sockaddr_vm addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.svm_family = AF_VSOCK;
+    addr.svm_cid = VMADDR_CID_ANY;
+    addr.svm_port = port;
+    int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(fd, backlog) != 0) {
+        int saved = errno; close(fd); errno = saved; return -1;
+    }
+    return fd;
+}
+
+int fsshare_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+int fsshare_poll_in(int fd1, int fd2, int timeout_ms) {
+    struct pollfd p[2] = {{fd1, POLLIN, 0}, {fd2, POLLIN, 0}};
+    int rc = poll(p, fd2 >= 0 ? 2 : 1, timeout_ms);
+    if (rc <= 0) return rc;
+    int mask = 0;
+    if (p[0].revents) mask |= 1;
+    if (fd2 >= 0 && p[1].revents) mask |= 2;
+    return mask;
+}
+
+int fsshare_poll_out(int fd, int timeout_ms) {
+    struct pollfd p = {fd, POLLOUT, 0};
+    int rc = poll(&p, 1, timeout_ms);
+    return rc < 0 ? -1 : (rc > 0 ? 1 : 0);
+}
+
+long fsshare_send(int fd, const void *buf, size_t len, int is_socket) {
+    return is_socket ? send(fd, buf, len, MSG_NOSIGNAL) : write(fd, buf, len);
+}
+
+int fsshare_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned flags) {
+    return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
+}
+
+int fsshare_make_raw(int fd) {
+    struct termios t;
+    if (tcgetattr(fd, &t) != 0) return -1;
+    cfmakeraw(&t);
+    return tcsetattr(fd, TCSANOW, &t);
+}
+
+int fsshare_pipe(int fds[2]) { return pipe2(fds, O_CLOEXEC | O_NONBLOCK); }
+
+typedef struct { void (*fn)(void *); void *ctx; } fsshare_thunk;
+
+static void *fsshare_thread_main(void *arg) {
+    fsshare_thunk t = *(fsshare_thunk *)arg;
+    free(arg);
+    t.fn(t.ctx);
+    return NULL;
+}
+
+int fsshare_thread_start(void (*fn)(void *), void *ctx, uint64_t *handle) {
+    fsshare_thunk *t = malloc(sizeof(*t));
+    if (!t) return ENOMEM;
+    t->fn = fn;
+    t->ctx = ctx;
+    pthread_t th;
+    int rc = pthread_create(&th, NULL, fsshare_thread_main, t);
+    if (rc != 0) { free(t); return rc; }
+    if (handle) *handle = (uint64_t)th;
+    else pthread_detach(th);
+    return 0;
+}
+
+int fsshare_thread_join(uint64_t handle) { return pthread_join((pthread_t)handle, NULL); }
+
+long fsshare_peak_rss_kib(void) {
+    FILE *f = fopen("/proc/self/status", "re");
+    if (!f) return -1;
+    char line[256];
+    long kib = -1;
+    while (fgets(line, sizeof(line), f)) {
+        if (strncmp(line, "VmHWM:", 6) == 0) { kib = strtol(line + 6, NULL, 10); break; }
+    }
+    fclose(f);
+    return kib;
+}
+
+uint64_t fsshare_monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+const unsigned FSSHARE_RENAME_NOREPLACE = RENAME_NOREPLACE;
+const unsigned FSSHARE_RENAME_EXCHANGE = RENAME_EXCHANGE;
+const unsigned FSSHARE_VMADDR_CID_HOST = VMADDR_CID_HOST;

@@ -7,7 +7,7 @@ extension Sys {
     /// that signal) and its combined stdout and stderr.
     public static func run(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String) {
         var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { return (-1, "pipe failed") }
+        guard Glibc.pipe(&pipeFDs) == 0 else { return (-1, "pipe failed") }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
@@ -37,7 +37,7 @@ extension Sys {
         var output: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = read(pipeFDs[0], &buffer, buffer.count)
+            let n = Glibc.read(pipeFDs[0], &buffer, buffer.count)
             if n > 0 { output += buffer[0..<n] } else if n < 0 && errno == EINTR { continue } else { break }
         }
         Glibc.close(pipeFDs[0])

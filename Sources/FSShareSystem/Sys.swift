@@ -104,10 +104,10 @@ public enum Sys {
     }
 
     /// `openat2(2)` with `RESOLVE_*` flags. Always adds `O_CLOEXEC`.
-    public static func openat2(_ dir: DirFD?, _ path: FilePath, flags: Int32, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
+    public static func openat2(_ dir: DirFD?, _ path: FilePath, flags: Int32, mode: mode_t = 0, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("openat2", shown(dir, path))
         while true {
-            let fd = path.withPlatformString { fsshare_openat2(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, 0, resolve) }
+            let fd = path.withPlatformString { fsshare_openat2(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, UInt32(mode), resolve) }
             if fd >= 0 { return FileDescriptor(rawValue: fd) }
             if Glibc.errno == EINTR || Glibc.errno == EAGAIN { continue }
             throw fail("openat2", shown(dir, path))

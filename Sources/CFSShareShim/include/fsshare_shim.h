@@ -74,6 +74,44 @@ extern const uint64_t FSSHARE_RESOLVE_NO_SYMLINKS;
 extern const uint64_t FSSHARE_RESOLVE_BENEATH;
 extern const uint64_t FSSHARE_RESOLVE_NO_XDEV;
 
+// ---- Sockets, channels, threads (the agent channel and the watcher) ----
+
+/// socket(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC) + connect(path). fd or -1 with errno.
+int fsshare_unix_connect(const char *path);
+/// socket(AF_UNIX) + bind(path) + listen(backlog). fd or -1 with errno (ENAMETOOLONG if the path does not fit).
+int fsshare_unix_listen(const char *path, int backlog);
+/// socket(AF_VSOCK, SOCK_STREAM|SOCK_CLOEXEC) + connect(cid, port). fd or -1 with errno.
+int fsshare_vsock_connect(unsigned cid, unsigned port);
+/// socket(AF_VSOCK) + bind(VMADDR_CID_ANY, port) + listen. fd or -1 with errno.
+int fsshare_vsock_listen(unsigned port, int backlog);
+/// accept4(fd, SOCK_CLOEXEC). fd or -1 with errno.
+int fsshare_accept(int fd);
+/// poll(2) for POLLIN on up to two fds (fd2 < 0: unused). Returns a bitmask: 1 = fd1 readable
+/// (or hung up), 2 = fd2 readable; 0 on timeout; -1 with errno. timeout_ms < 0 waits forever.
+int fsshare_poll_in(int fd1, int fd2, int timeout_ms);
+/// poll(2) for POLLOUT on fd. 1 writable, 0 timeout, -1 with errno.
+int fsshare_poll_out(int fd, int timeout_ms);
+/// send(2) with MSG_NOSIGNAL (a closed peer gives EPIPE, not SIGPIPE); write(2) for non-sockets.
+long fsshare_send(int fd, const void *buf, size_t len, int is_socket);
+/// renameat2(2). -1 with errno.
+int fsshare_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned flags);
+/// Puts a terminal into raw mode (cfmakeraw). 0, or -1 with errno (ENOTTY for a non-tty: fine).
+int fsshare_make_raw(int fd);
+/// pipe2(O_CLOEXEC|O_NONBLOCK). 0 or -1 with errno.
+int fsshare_pipe(int fds[2]);
+/// Starts a pthread running fn(ctx): joinable when handle is non-NULL, else detached. 0 or an errno.
+int fsshare_thread_start(void (*fn)(void *), void *ctx, uint64_t *handle);
+/// pthread_join.
+int fsshare_thread_join(uint64_t handle);
+/// The peak resident set size of this process in KiB (VmHWM), or -1.
+long fsshare_peak_rss_kib(void);
+/// CLOCK_MONOTONIC in nanoseconds.
+uint64_t fsshare_monotonic_ns(void);
+
+extern const unsigned FSSHARE_RENAME_NOREPLACE;
+extern const unsigned FSSHARE_RENAME_EXCHANGE;
+extern const unsigned FSSHARE_VMADDR_CID_HOST;
+
 #ifdef __cplusplus
 }
 #endif

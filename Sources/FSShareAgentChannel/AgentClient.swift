@@ -1,0 +1,237 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareProto
+import FSShareSystem
+import SwiftProtobuf
+import Synchronization
+import SystemPackage
+
+/// A ttrpc client for the guest agent: Kata's `grpc.AgentService/CopyFile` and fsshare's
+/// `fsshare.GuestFiles`.
+///
+/// Calls are serialised on one connection, opened on first use. A call that fails on the
+/// transport (EOF, reset, timeout) drops the connection; the next call reconnects, and a call
+/// whose request may not have reached the agent is retried once on a fresh connection (every
+/// fsshare request is idempotent: a chunk at an offset, a mkdir, a rename that already happened
+/// fails harmlessly).
+///
+/// ```swift
+/// let agent = AgentClient(address: try AgentAddress(parsing: "unix:/run/vm/agent.sock"))
+/// try agent.copyFile(request)
+/// ```
+public final class AgentClient: Sendable {
+    public let address: AgentAddress
+    /// Per-call timeout (Kata's default for CopyFile is 60 s).
+    public let callTimeout: Duration
+    /// Time allowed to connect (and to finish the hybrid-vsock handshake).
+    public let connectTimeout: Duration
+
+    private struct State: ~Copyable {
+        var stream: FrameStream?
+        var nextStreamID: UInt32 = 1
+        var reconnects = 0
+    }
+    private let state: Mutex<State>
+
+    /// A client for `address`; nothing is opened until the first call.
+    public init(address: AgentAddress, callTimeout: Duration = .seconds(60), connectTimeout: Duration = .seconds(5)) {
+        self.address = address
+        self.callTimeout = callTimeout
+        self.connectTimeout = connectTimeout
+        self.state = Mutex(State())
+        self.adopted = false
+    }
+
+    /// A client over an already-open byte stream (for example a pty master); it cannot reconnect.
+    public init(adopting fd: FileDescriptor, name: String, callTimeout: Duration = .seconds(60)) {
+        self.address = .serial(FilePath(name))
+        self.callTimeout = callTimeout
+        self.connectTimeout = .seconds(5)
+        var s = State()
+        s.stream = FrameStream(fd: fd, name: name)
+        self.state = Mutex(s)
+        self.adopted = true
+    }
+    private let adopted: Bool
+
+    /// How many times the client had to reconnect (for logs and tests).
+    public var reconnectCount: Int { state.withLock { $0.reconnects } }
+
+    /// Drops the connection (the next call reconnects).
+    public func disconnect() {
+        state.withLock { s in
+            s.stream?.close()
+            s.stream = nil
+        }
+    }
+
+    // MARK: - Calls
+
+    /// `grpc.AgentService/CopyFile`.
+    public func copyFile(_ request: Grpc_CopyFileRequest) throws(AgentError) {
+        _ = try call(TTRPC.agentService, TTRPC.copyFileMethod, request)
+    }
+
+    /// `fsshare.GuestFiles/GetInfo`. Throws with ``AgentError/isUnimplemented`` on a Kata agent.
+    public func info() throws(AgentError) -> Fsshare_InfoResponse {
+        let bytes = try call(TTRPC.guestFilesService, "GetInfo", Fsshare_InfoRequest())
+        do {
+            return try Fsshare_InfoResponse(serializedBytes: bytes)
+        } catch {
+            throw AgentError(.protocolError, "the agent at \(address) sent an undecodable GetInfo reply: \(error)")
+        }
+    }
+
+    /// `fsshare.GuestFiles/RemovePath`.
+    public func removePath(_ path: String, recursive: Bool) throws(AgentError) {
+        var r = Fsshare_RemovePathRequest()
+        r.path = path
+        r.recursive = recursive
+        _ = try call(TTRPC.guestFilesService, "RemovePath", r)
+    }
+
+    /// `fsshare.GuestFiles/RenamePath`.
+    public func renamePath(from: String, to: String) throws(AgentError) {
+        var r = Fsshare_RenamePathRequest()
+        r.from = from
+        r.to = to
+        _ = try call(TTRPC.guestFilesService, "RenamePath", r)
+    }
+
+    /// `fsshare.GuestFiles/PruneDirectory`.
+    public func pruneDirectory(_ path: String, keep: [String]) throws(AgentError) {
+        var r = Fsshare_PruneDirectoryRequest()
+        r.path = path
+        r.keep = keep
+        _ = try call(TTRPC.guestFilesService, "PruneDirectory", r)
+    }
+
+    /// One unary call: sends `message` to `service/method`, returns the reply payload.
+    public func call(_ service: String, _ method: String, _ message: some SwiftProtobuf.Message) throws(AgentError) -> [UInt8] {
+        let payload: [UInt8]
+        do {
+            payload = try message.serializedBytes()
+        } catch {
+            throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
+        }
+        return try call(service, method, payload: payload)
+    }
+
+    /// One unary call with an already-encoded request.
+    public func call(_ service: String, _ method: String, payload: [UInt8]) throws(AgentError) -> [UInt8] {
+        try state.withLock { (s: inout State) throws(AgentError) -> [UInt8] in
+            var attempt = 0
+            while true {
+                attempt += 1
+                let fresh = s.stream == nil
+                let stream = try connected(&s)
+                do throws(AgentError) {
+                    return try exchange(stream, &s, service, method, payload)
+                } catch {
+                    stream.close()
+                    s.stream = nil
+                    // A remote status is an answer, not a transport failure; a timeout may
+                    // mean the agent is busy applying the request, so do not resend it.
+                    if error.code == .remote || error.code == .protocolError || error.code == .timeout || adopted { throw error }
+                    if fresh || attempt > 1 { throw error }
+                    s.reconnects += 1
+                }
+            }
+        }
+    }
+
+    private func connected(_ s: inout State) throws(AgentError) -> FrameStream {
+        if let stream = s.stream { return stream }
+        if adopted { throw AgentError(.disconnected, "the stream to \(address) is closed") }
+        let stream = try AgentClient.open(address, timeout: connectTimeout)
+        s.stream = stream
+        s.nextStreamID = 1
+        return stream
+    }
+
+    private func exchange(_ stream: FrameStream, _ s: inout State, _ service: String, _ method: String, _ payload: [UInt8]) throws(AgentError) -> [UInt8] {
+        var request = Ttrpc_Request()
+        request.service = service
+        request.method = method
+        request.payload = Data(payload)
+        let nanos = Int64(callTimeout.components.seconds) * 1_000_000_000 + callTimeout.components.attoseconds / 1_000_000_000
+        request.timeoutNano = nanos
+        let bytes: [UInt8]
+        do {
+            bytes = try request.serializedBytes()
+        } catch {
+            throw AgentError(.protocolError, "cannot encode a ttrpc request: \(error)")
+        }
+        let id = s.nextStreamID
+        s.nextStreamID &+= 2
+        let deadline = Sys.monotonicNanoseconds() + UInt64(max(nanos, 0))
+        try stream.write(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: bytes), deadline: deadline)
+        while true {
+            guard let frame = try stream.readFrame(deadline: deadline) else {
+                throw AgentError(.disconnected, "the agent at \(address) closed the connection during \(service)/\(method)")
+            }
+            // A reply to an earlier, timed-out call cannot arrive: timeouts drop the connection.
+            guard frame.streamID == id else {
+                throw AgentError(.protocolError, "the agent at \(address) answered stream \(frame.streamID), expected \(id)")
+            }
+            guard frame.type == TTRPC.typeResponse else {
+                throw AgentError(.protocolError, "the agent at \(address) sent frame type \(frame.type) for a unary call")
+            }
+            let response: Ttrpc_Response
+            do {
+                response = try Ttrpc_Response(serializedBytes: frame.payload)
+            } catch {
+                throw AgentError(.protocolError, "the agent at \(address) sent an undecodable ttrpc response: \(error)")
+            }
+            if response.hasStatus && response.status.code != GRPCStatus.ok {
+                let msg = response.status.message
+                throw AgentError(
+                    .remote, "the agent at \(address) refused \(service)/\(method): \(msg.isEmpty ? "status \(response.status.code)" : msg)",
+                    status: response.status.code)
+            }
+            return Array(response.payload)
+        }
+    }
+
+    // MARK: - Transports
+
+    /// Opens a byte stream to `address` (connect, handshake, or open + raw mode).
+    public static func open(_ address: AgentAddress, timeout: Duration) throws(AgentError) -> FrameStream {
+        let name = address.description
+        do {
+            switch address {
+            case .unix(let path):
+                return FrameStream(fd: try Sys.connectUnix(path), name: name)
+            case .vsock(let cid, let port):
+                return FrameStream(fd: try Sys.connectVsock(cid: cid, port: port), name: name)
+            case .serial(let path):
+                let fd = try Sys.openat(nil, path, flags: O_RDWR | O_NOCTTY)
+                do {
+                    try Sys.makeRaw(fd, path: path)
+                } catch {
+                    Sys.close(fd)
+                    throw error
+                }
+                return FrameStream(fd: fd, name: name)
+            case .hybridVsock(let path, let port):
+                let stream = FrameStream(fd: try Sys.connectUnix(path), name: name)
+                let nanos = UInt64(timeout.components.seconds) * 1_000_000_000 + UInt64(timeout.components.attoseconds / 1_000_000_000)
+                let deadline = Sys.monotonicNanoseconds() + nanos
+                try stream.write(Array("CONNECT \(port)\n".utf8), deadline: deadline)
+                let line = try stream.readLine(deadline: deadline)
+                guard line.hasPrefix("OK") else {
+                    throw AgentError(.unreachable, "the hybrid-vsock muxer at \(path) refused port \(port): \"\(line.prefix(80))\"")
+                }
+                return stream
+            }
+        } catch let e as AgentError {
+            throw e
+        } catch {
+            throw AgentError(.unreachable, "cannot reach the agent at \(name): \(error)")
+        }
+    }
+}

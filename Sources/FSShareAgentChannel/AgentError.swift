@@ -1,0 +1,46 @@
+/// A failure talking to the guest agent, with a sentence a person can act on.
+public struct AgentError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Code: String, Sendable {
+        /// The address cannot be parsed.
+        case invalidAddress = "invalid-address"
+        /// The agent cannot be reached (connect, handshake or open failed).
+        case unreachable
+        /// No reply within the call's timeout; the connection is dropped.
+        case timeout
+        /// The connection broke mid-call (reset, EOF, write error).
+        case disconnected
+        /// The peer sent something that is not valid ttrpc.
+        case protocolError = "protocol"
+        /// The agent answered with a non-OK status (see ``status``).
+        case remote
+    }
+
+    public var code: Code
+    public var message: String
+    /// For ``Code/remote``: the gRPC status code the agent returned (12 = UNIMPLEMENTED).
+    public var status: Int32?
+
+    public init(_ code: Code, _ message: String, status: Int32? = nil) {
+        self.code = code
+        self.message = message
+        self.status = status
+    }
+
+    /// The agent does not serve the method (a Kata agent asked for fsshare's own service).
+    public var isUnimplemented: Bool { code == .remote && status == GRPCStatus.unimplemented }
+
+    public var description: String { message }
+}
+
+/// The gRPC status codes ttrpc carries (google.rpc.Code).
+public enum GRPCStatus {
+    public static let ok: Int32 = 0
+    public static let invalidArgument: Int32 = 3
+    public static let notFound: Int32 = 5
+    public static let alreadyExists: Int32 = 6
+    public static let permissionDenied: Int32 = 7
+    public static let resourceExhausted: Int32 = 8
+    public static let failedPrecondition: Int32 = 9
+    public static let unimplemented: Int32 = 12
+    public static let `internal`: Int32 = 13
+}

@@ -1,0 +1,192 @@
+import FSShareSystem
+import SystemPackage
+
+/// The ttrpc wire format (github.com/containerd/ttrpc): each message is a 10-byte header —
+/// payload length (u32 big-endian), stream id (u32 big-endian), type (u8), flags (u8) — then
+/// the payload, a protobuf `ttrpc.Request` or `ttrpc.Response`. Clients use odd stream ids.
+public enum TTRPC {
+    public static let headerLength = 10
+    /// ttrpc's default `messageLengthMax` (4 MiB); larger frames are refused both ways.
+    public static let maxMessageLength = 4 << 20
+    public static let typeRequest: UInt8 = 1
+    public static let typeResponse: UInt8 = 2
+    public static let typeData: UInt8 = 3
+
+    /// Kata's agent service and the one method of it fsshare calls.
+    public static let agentService = "grpc.AgentService"
+    public static let copyFileMethod = "CopyFile"
+    /// fsshare's own guest service (Proto/fsshare_agent.proto).
+    public static let guestFilesService = "fsshare.GuestFiles"
+}
+
+/// One ttrpc frame.
+public struct TTRPCFrame: Sendable, Equatable {
+    public var streamID: UInt32
+    public var type: UInt8
+    public var flags: UInt8
+    public var payload: [UInt8]
+
+    public init(streamID: UInt32, type: UInt8, flags: UInt8 = 0, payload: [UInt8]) {
+        self.streamID = streamID
+        self.type = type
+        self.flags = flags
+        self.payload = payload
+    }
+
+    /// Header and payload as one buffer (one write per frame).
+    public var encoded: [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(TTRPC.headerLength + payload.count)
+        let n = UInt32(payload.count)
+        out += [UInt8(n >> 24), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
+        out += [UInt8(streamID >> 24), UInt8(streamID >> 16 & 0xff), UInt8(streamID >> 8 & 0xff), UInt8(streamID & 0xff)]
+        out += [type, flags]
+        out += payload
+        return out
+    }
+}
+
+/// A byte stream (socket or character device) carrying ttrpc frames, with deadlines.
+/// Not thread-safe: it is owned by one thread at a time (a client holds it under its lock; the
+/// agent hands each accepted connection to the thread that serves it), hence `@unchecked`.
+public final class FrameStream: @unchecked Sendable {
+    public let fd: FileDescriptor
+    /// Shown in errors: the address or path.
+    public let name: String
+    private let isSocket: Bool
+    private var buffer: [UInt8] = []
+    private var start = 0
+
+    /// Takes ownership of `fd` (closed by ``close()`` or deinit).
+    public init(fd: FileDescriptor, name: String) {
+        self.fd = fd
+        self.name = name
+        self.isSocket = Sys.isSocket(fd)
+    }
+
+    private var closed = false
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        Sys.close(fd)
+    }
+
+    deinit { close() }
+
+    private var shown: FilePath { FilePath(name) }
+
+    /// Milliseconds left until `deadline` (nanoseconds on the monotonic clock; nil: forever).
+    private func remaining(_ deadline: UInt64?) -> Int32 {
+        guard let deadline else { return -1 }
+        let now = Sys.monotonicNanoseconds()
+        if now >= deadline { return 0 }
+        return Int32(min((deadline - now + 999_999) / 1_000_000, UInt64(Int32.max)))
+    }
+
+    /// Writes all of `bytes` before `deadline`.
+    public func write(_ bytes: [UInt8], deadline: UInt64?) throws(AgentError) {
+        var done = 0
+        while done < bytes.count {
+            do {
+                if deadline != nil {
+                    guard try Sys.pollOut(fd, timeoutMilliseconds: remaining(deadline), path: shown) else {
+                        throw AgentError(.timeout, "timed out writing to the agent at \(name)")
+                    }
+                }
+                let n = try bytes.withUnsafeBytes { (all) throws(SystemCallError) -> Int in
+                    try Sys.send(fd, UnsafeRawBufferPointer(rebasing: all[done...]), isSocket: isSocket, path: shown)
+                }
+                done += n
+            } catch let e as SystemCallError {
+                throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(e)")
+            } catch let e as AgentError {
+                throw e
+            } catch {
+                throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(error)")
+            }
+        }
+    }
+
+    /// Writes one frame.
+    public func write(_ frame: TTRPCFrame, deadline: UInt64?) throws(AgentError) {
+        guard frame.payload.count <= TTRPC.maxMessageLength else {
+            throw AgentError(.protocolError, "a \(frame.payload.count)-byte message exceeds ttrpc's \(TTRPC.maxMessageLength)-byte limit")
+        }
+        try write(frame.encoded, deadline: deadline)
+    }
+
+    /// Reads more bytes into the buffer. False at end of stream.
+    private func fill(deadline: UInt64?, wake: FileDescriptor?) throws(AgentError) -> Bool {
+        do {
+            if deadline != nil || wake != nil {
+                let ready = try Sys.pollIn(fd, wake: wake, timeoutMilliseconds: remaining(deadline), path: shown)
+                if ready & 2 != 0 { throw AgentError(.disconnected, "stopped") }
+                if ready == 0 { throw AgentError(.timeout, "timed out waiting for the agent at \(name)") }
+            }
+            if start > 0 && start == buffer.count {
+                buffer.removeAll(keepingCapacity: true)
+                start = 0
+            }
+            let before = buffer.count
+            buffer.append(contentsOf: repeatElement(0, count: 65536))
+            let n = try buffer.withUnsafeMutableBytes { (all) throws(SystemCallError) -> Int in
+                try Sys.read(fd, into: UnsafeMutableRawBufferPointer(rebasing: all[before...]), path: shown)
+            }
+            buffer.removeLast(65536 - n)
+            return n > 0
+        } catch let e as SystemCallError {
+            throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(e)")
+        } catch let e as AgentError {
+            throw e
+        } catch {
+            throw AgentError(.disconnected, "\(error)")
+        }
+    }
+
+    /// Reads exactly `count` bytes. Nil if the stream ends cleanly before the first byte.
+    private func take(_ count: Int, deadline: UInt64?, wake: FileDescriptor?, atBoundary: Bool) throws(AgentError) -> ArraySlice<UInt8>? {
+        while buffer.count - start < count {
+            if try !fill(deadline: deadline, wake: wake) {
+                if atBoundary && buffer.count == start { return nil }
+                throw AgentError(.disconnected, "the agent at \(name) closed the connection mid-message")
+            }
+        }
+        let slice = buffer[start..<start + count]
+        start += count
+        return slice
+    }
+
+    /// Reads one frame; nil when the peer closed the stream between frames.
+    public func readFrame(deadline: UInt64?, wake: FileDescriptor? = nil) throws(AgentError) -> TTRPCFrame? {
+        guard let h = try take(TTRPC.headerLength, deadline: deadline, wake: wake, atBoundary: true) else { return nil }
+        let b = Array(h)
+        let length = Int(b[0]) << 24 | Int(b[1]) << 16 | Int(b[2]) << 8 | Int(b[3])
+        let stream = UInt32(b[4]) << 24 | UInt32(b[5]) << 16 | UInt32(b[6]) << 8 | UInt32(b[7])
+        guard length <= TTRPC.maxMessageLength else {
+            throw AgentError(.protocolError, "\(name) sent a \(length)-byte ttrpc message (limit \(TTRPC.maxMessageLength))")
+        }
+        guard let payload = try take(length, deadline: deadline, wake: wake, atBoundary: false) else {
+            throw AgentError(.disconnected, "the agent at \(name) closed the connection mid-message")
+        }
+        if start == buffer.count {
+            buffer.removeAll(keepingCapacity: buffer.capacity <= 1 << 20)
+            start = 0
+        }
+        return TTRPCFrame(streamID: stream, type: b[8], flags: b[9], payload: Array(payload))
+    }
+
+    /// Reads one `\n`-terminated line (the hybrid-vsock handshake), at most 512 bytes.
+    public func readLine(deadline: UInt64?) throws(AgentError) -> String {
+        while true {
+            if let nl = buffer[start...].firstIndex(of: 0x0A) {
+                let line = String(decoding: buffer[start..<nl], as: UTF8.self)
+                start = nl + 1
+                return line
+            }
+            guard buffer.count - start < 512 else { throw AgentError(.protocolError, "\(name) sent an over-long handshake line") }
+            if try !fill(deadline: deadline, wake: nil) {
+                throw AgentError(.unreachable, "\(name) closed the connection during the handshake")
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#endif
+import FSShareProto
+import FSShareSystem
+import SwiftProtobuf
+import SystemPackage
+
+/// The server half of a ttrpc connection: reads requests, hands each to `handler`, writes the
+/// reply on the request's stream. Requests are served in order, one at a time.
+public enum TTRPCServer {
+    /// What a handler returns: the reply payload, or a gRPC status code and message.
+    public enum Reply: Sendable {
+        case ok([UInt8])
+        case failure(Int32, String)
+    }
+
+    /// Serves `stream` until the peer closes it, a protocol error, or `wake` becomes readable.
+    /// Returns why it stopped (nil: the peer closed the connection cleanly).
+    public static func serve(
+        _ stream: FrameStream, wake: FileDescriptor? = nil,
+        handler: (_ service: String, _ method: String, _ payload: [UInt8]) -> Reply
+    ) -> AgentError? {
+        while true {
+            let frame: TTRPCFrame
+            do {
+                guard let f = try stream.readFrame(deadline: nil, wake: wake) else { return nil }
+                frame = f
+            } catch {
+                return error
+            }
+            // Only requests on odd (client-initiated) streams are valid from a client.
+            guard frame.type == TTRPC.typeRequest, frame.streamID % 2 == 1 else {
+                return AgentError(.protocolError, "unexpected frame type \(frame.type) on stream \(frame.streamID)")
+            }
+            let reply: Reply
+            do {
+                let request = try Ttrpc_Request(serializedBytes: frame.payload)
+                reply = handler(request.service, request.method, Array(request.payload))
+            } catch {
+                reply = .failure(GRPCStatus.invalidArgument, "undecodable ttrpc request: \(error)")
+            }
+            var response = Ttrpc_Response()
+            switch reply {
+            case .ok(let payload):
+                response.payload = Data(payload)
+            case .failure(let code, let message):
+                response.status.code = code
+                response.status.message = message
+            }
+            do {
+                let bytes: [UInt8] = try response.serializedBytes()
+                try stream.write(TTRPCFrame(streamID: frame.streamID, type: TTRPC.typeResponse, payload: bytes), deadline: nil)
+            } catch let e as AgentError {
+                return e
+            } catch {
+                return AgentError(.protocolError, "cannot encode a reply: \(error)")
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareAgentChannel
+import FSShareProto
+import FSShareSystem
+import SwiftProtobuf
+import Synchronization
+import SystemPackage
+
+/// `fsshare-agent`: the guest side of copy mode. Serves Kata's `grpc.AgentService/CopyFile` and
+/// fsshare's `fsshare.GuestFiles` over ttrpc, confined below one share directory.
+///
+/// It is small on purpose: the host is its only client, and every request is checked as if
+/// it were hostile anyway (canonical paths below the share directory, no symlink traversal,
+/// bounded chunks).
+public final class GuestAgent: Sendable {
+    public static let version = "fsshare-agent 0.2"
+    public static let features = ["CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory"]
+    /// At most this many connections are served at once; more wait in the listen backlog.
+    public static let maxConnections = 32
+
+    let files: GuestFilesBox
+    let log: @Sendable (String) -> Void
+    private let active = Atomic<Int>(0)
+
+    /// An agent confined to `shareDir` (created if missing).
+    public init(shareDir: String, log: @escaping @Sendable (String) -> Void) throws(SystemCallError) {
+        self.files = GuestFilesBox(try GuestFiles(shareDir: shareDir))
+        self.log = log
+    }
+
+    /// Handles one request.
+    public func handle(_ service: String, _ method: String, _ payload: [UInt8]) -> TTRPCServer.Reply {
+        do {
+            switch (service, method) {
+            case (TTRPC.agentService, TTRPC.copyFileMethod):
+                let r = try Grpc_CopyFileRequest(serializedBytes: payload)
+                try files.locked { (f) throws(GuestAgentError) in try f.copyFile(r) }
+                return .ok([])
+            case (TTRPC.guestFilesService, "GetInfo"):
+                var info = Fsshare_InfoResponse()
+                info.version = GuestAgent.version
+                info.shareDir = files.shareDir
+                info.features = GuestAgent.features
+                return .ok(try info.serializedBytes())
+            case (TTRPC.guestFilesService, "RemovePath"):
+                let r = try Fsshare_RemovePathRequest(serializedBytes: payload)
+                try files.locked { (f) throws(GuestAgentError) in try f.removePath(r.path, recursive: r.recursive) }
+                return .ok([])
+            case (TTRPC.guestFilesService, "RenamePath"):
+                let r = try Fsshare_RenamePathRequest(serializedBytes: payload)
+                try files.locked { (f) throws(GuestAgentError) in try f.renamePath(from: r.from, to: r.to) }
+                return .ok([])
+            case (TTRPC.guestFilesService, "PruneDirectory"):
+                let r = try Fsshare_PruneDirectoryRequest(serializedBytes: payload)
+                try files.locked { (f) throws(GuestAgentError) in try f.pruneDirectory(r.path, keep: r.keep) }
+                return .ok([])
+            default:
+                return .failure(GRPCStatus.unimplemented, "\(service)/\(method) is not implemented by \(GuestAgent.version)")
+            }
+        } catch let e as GuestAgentError {
+            log("refused \(service)/\(method): \(e.message)")
+            switch e.kind {
+            case .invalid: return .failure(GRPCStatus.invalidArgument, e.message)
+            case .denied: return .failure(GRPCStatus.permissionDenied, e.message)
+            case .notFound: return .failure(GRPCStatus.notFound, e.message)
+            case .failed: return .failure(GRPCStatus.internal, e.message)
+            }
+        } catch {
+            return .failure(GRPCStatus.invalidArgument, "undecodable \(method) request: \(error)")
+        }
+    }
+
+    /// Serves one connection on the calling thread until it closes.
+    public func serve(_ stream: FrameStream) {
+        if let error = TTRPCServer.serve(stream, handler: handle) {
+            log("connection \(stream.name) ended: \(error)")
+        }
+        stream.close()
+    }
+
+    /// Listens on `address` and serves forever (returns only on a listen error).
+    public func run(listening address: AgentAddress) throws(AgentError) {
+        switch address {
+        case .serial(let path):
+            // A character device has no connections: serve it, and reopen when the host side
+            // goes away (EOF on a virtio-serial port whose host end closed).
+            while true {
+                let stream = try AgentClient.open(address, timeout: .seconds(5))
+                log("serving \(path)")
+                serve(stream)
+                var pause = timespec(tv_sec: 0, tv_nsec: 100_000_000)
+                nanosleep(&pause, nil)
+            }
+        case .unix(let path), .hybridVsock(let path, _):
+            try? Sys.unlinkat(nil, path, directory: false)
+            let listener: FileDescriptor
+            do { listener = try Sys.listenUnix(path) } catch { throw AgentError(.unreachable, "cannot listen on \(address): \(error)") }
+            log("listening on \(address)")
+            var muxPort: UInt32?
+            if case .hybridVsock(_, let port) = address { muxPort = port }
+            try acceptLoop(listener, name: address.description, muxPort: muxPort)
+        case .vsock(_, let port):
+            let listener: FileDescriptor
+            do { listener = try Sys.listenVsock(port: port) } catch { throw AgentError(.unreachable, "cannot listen on \(address): \(error)") }
+            log("listening on \(address)")
+            try acceptLoop(listener, name: address.description, muxPort: nil)
+        }
+    }
+
+    /// Accepts connections, each served on its own thread. With `muxPort`, each connection
+    /// first does the hybrid-vsock handshake (the role Firecracker's muxer plays).
+    private func acceptLoop(_ listener: FileDescriptor, name: String, muxPort: UInt32?) throws(AgentError) {
+        while true {
+            let conn: FileDescriptor
+            do { conn = try Sys.accept(listener, path: FilePath(name)) } catch { throw AgentError(.unreachable, "accept on \(name) failed: \(error)") }
+            guard active.add(1, ordering: .relaxed).newValue <= GuestAgent.maxConnections else {
+                active.subtract(1, ordering: .relaxed)
+                log("refused a connection on \(name): \(GuestAgent.maxConnections) already open")
+                Sys.close(conn)
+                continue
+            }
+            let stream = FrameStream(fd: conn, name: name)
+            do {
+                try OSThread.detach { [self] in
+                    defer { active.subtract(1, ordering: .relaxed) }
+                    if let muxPort {
+                        let deadline = Sys.monotonicNanoseconds() + 5_000_000_000
+                        guard let line = try? stream.readLine(deadline: deadline), line == "CONNECT \(muxPort)" else {
+                            log("hybrid-vsock handshake on \(name) failed")
+                            stream.close()
+                            return
+                        }
+                        do { try stream.write(Array("OK \(muxPort)\n".utf8), deadline: deadline) } catch { return }
+                    }
+                    serve(stream)
+                }
+            } catch {
+                active.subtract(1, ordering: .relaxed)
+                log("cannot start a connection thread: \(error)")
+            }
+        }
+    }
+}
+
+/// The file operations behind one lock: requests from several connections (the watcher and a
+/// `share` at once) touch the same tree, and each request must apply as a unit.
+final class GuestFilesBox: Sendable {
+    private let files: Mutex<GuestFilesHolder>
+    let shareDir: String
+
+    struct GuestFilesHolder: @unchecked Sendable {
+        // Only touched with the mutex held.
+        let files: GuestFiles
+    }
+
+    init(_ files: GuestFiles) {
+        self.shareDir = files.shareDir
+        self.files = Mutex(GuestFilesHolder(files: files))
+    }
+
+    func locked(_ body: (GuestFiles) throws(GuestAgentError) -> Void) throws(GuestAgentError) {
+        try files.withLock { (h) throws(GuestAgentError) in try body(h.files) }
+    }
+}

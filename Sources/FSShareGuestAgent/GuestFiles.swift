@@ -1,0 +1,267 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareProto
+import FSShareSystem
+import SystemPackage
+
+/// The agent's filesystem operations, confined below the share directory.
+///
+/// Every path is resolved from a descriptor of the share directory with
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: a symlink anywhere
+/// in a parent, planted by a container or by an earlier request, stops the request instead of
+/// redirecting it. Final components are created, replaced and removed with `*at` calls that do
+/// not follow links either. Files arrive in a temp file and are renamed into place, so a reader
+/// sees the old content or the new, never a torn file.
+final class GuestFiles {
+    let shareDir: String
+    let root: DirFD
+    private let isRoot = geteuid() == 0
+    static let resolve = Sys.resolveBeneath | Sys.resolveNoSymlinks | Sys.resolveNoMagicLinks
+
+    init(shareDir: String) throws(SystemCallError) {
+        var dir = shareDir
+        while dir.count > 1 && dir.hasSuffix("/") { dir.removeLast() }
+        self.shareDir = dir
+        let path = FilePath(dir)
+        var partial = FilePath("/")
+        for c in path.components {
+            partial.append(c)
+            _ = try Sys.mkdirat(nil, partial, mode: 0o755)
+        }
+        root = DirFD(fd: try Sys.openat(nil, path, flags: Sys.oPath | Sys.oDirectory), path: path)
+    }
+
+    // MARK: - Resolution
+
+    /// Opens the parent directory of `p` (O_PATH), creating missing directories with `dirMode`
+    /// when asked; the directory that directly holds the leaf is chowned as Kata does.
+    private func openParent(_ p: GuestPath, create dirMode: mode_t?, uid: UInt32 = 0, gid: UInt32 = 0) throws(GuestAgentError) -> DirFD {
+        let parent = p.parent
+        if parent.isEmpty { return DirFD(fd: try dup(root.fd), path: root.path) }
+        let rel = FilePath(parent.joined(separator: "/"))
+        do {
+            let fd = try Sys.openat2(root, rel, flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
+            return DirFD(fd: fd, path: root.display(rel))
+        } catch {
+            guard error.errno == .noSuchFileOrDirectory, dirMode != nil else { throw refusal(error, p) }
+        }
+        let mode = dirMode ?? 0o750
+        // Create the missing directories one at a time, each resolved the same way.
+        var current = DirFD(fd: try dup(root.fd), path: root.path)
+        for (i, name) in parent.enumerated() {
+            let n = FilePath(name)
+            do throws(SystemCallError) {
+                let made = try Sys.mkdirat(current, n, mode: mode & 0o777)
+                let next = try Sys.openat2(current, n, flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
+                if made && i == parent.count - 1 { try chown(DirFD(fd: next, path: current.display(n)), "", uid, gid) }
+                Sys.close(current.fd)
+                current = DirFD(fd: next, path: current.display(n))
+            } catch {
+                Sys.close(current.fd)
+                throw refusal(error, p)
+            }
+        }
+        return current
+    }
+
+    private func dup(_ fd: FileDescriptor) throws(GuestAgentError) -> FileDescriptor {
+        do {
+            return try Sys.openat(DirFD(fd: fd, path: root.path), ".", flags: Sys.oPath | Sys.oDirectory)
+        } catch {
+            throw GuestAgentError(.failed, "\(error)")
+        }
+    }
+
+    private func refusal(_ e: SystemCallError, _ p: GuestPath) -> GuestAgentError {
+        switch e.errno {
+        case .tooManySymbolicLinkLevels, .notDirectory, .improperLink:
+            return GuestAgentError(.denied, "\(p.components.joined(separator: "/")): a parent is a symlink or not a directory (\(e))")
+        case .noSuchFileOrDirectory:
+            return GuestAgentError(.notFound, "\(e)")
+        default:
+            return GuestAgentError(.failed, "\(e)")
+        }
+    }
+
+    private func chown(_ dir: DirFD, _ name: FilePath, _ uid: UInt32, _ gid: UInt32) throws(SystemCallError) {
+        do {
+            try Sys.lchownat(dir, name, uid: uid, gid: gid)
+        } catch {
+            // An unprivileged agent (a test) cannot give files away; root must.
+            if error.errno == .notPermitted && !isRoot { return }
+            throw error
+        }
+    }
+
+    // MARK: - CopyFile
+
+    /// Kata's `CopyFile` semantics (directories, symlinks, chunked files) with atomic replace.
+    func copyFile(_ r: Grpc_CopyFileRequest) throws(GuestAgentError) {
+        let p = try GuestPath(r.path, shareDir: shareDir)
+        let type = r.fileMode & UInt32(S_IFMT)
+        let perm = mode_t(r.fileMode & 0o7777)
+        let uid = UInt32(bitPattern: r.uid), gid = UInt32(bitPattern: r.gid)
+        let parent = try openParent(p, create: mode_t(r.dirMode == 0 ? 0o750 : r.dirMode), uid: uid, gid: gid)
+        defer { Sys.close(parent.fd) }
+        let leaf = FilePath(p.leaf)
+        do {
+            switch type {
+            case UInt32(S_IFDIR):
+                if let st = try? Sys.statx(parent, leaf), st.kind != .directory { try removeTree(parent, leaf) }
+                _ = try Sys.mkdirat(parent, leaf, mode: 0o700)
+                let fd = try Sys.openat2(parent, leaf, flags: O_RDONLY | Sys.oDirectory, resolve: GuestFiles.resolve)
+                defer { Sys.close(fd) }
+                try Sys.fchmod(fd, mode: perm, path: parent.display(leaf))
+                try fchown(fd, uid, gid, parent.display(leaf))
+            case UInt32(S_IFLNK):
+                let target = String(decoding: r.data, as: UTF8.self)
+                try GuestPath.checkSymlinkTarget(target, at: p)
+                // Create under a temp name and rename over the old link: never a moment without it.
+                let tmp = FilePath(".\(p.leaf).fsshare-tmp")
+                try? Sys.unlinkat(parent, tmp, directory: false)
+                try Sys.symlinkat(target, parent, tmp)
+                try chown(parent, tmp, uid, gid)
+                if let st = try? Sys.statx(parent, leaf), st.kind == .directory { try removeTree(parent, leaf) }
+                try Sys.renameat(parent, tmp, leaf)
+            case UInt32(S_IFREG):
+                try writeChunk(r, parent: parent, leaf: leaf, perm: perm, uid: uid, gid: gid)
+            default:
+                throw GuestAgentError(.invalid, "\(r.path): file mode \(String(r.fileMode, radix: 8)) is not a file, directory or symlink")
+            }
+        } catch let e as GuestAgentError {
+            throw e
+        } catch let e as SystemCallError {
+            throw refusal(e, p)
+        } catch {
+            throw GuestAgentError(.failed, "\(error)")
+        }
+    }
+
+    private func fchown(_ fd: FileDescriptor, _ uid: UInt32, _ gid: UInt32, _ path: FilePath) throws(SystemCallError) {
+        do {
+            try Sys.fchown(fd, uid: uid, gid: gid, path: path)
+        } catch {
+            if error.errno == .notPermitted && !isRoot { return }
+            throw error
+        }
+    }
+
+    private func writeChunk(_ r: Grpc_CopyFileRequest, parent: DirFD, leaf: FilePath, perm: mode_t, uid: UInt32, gid: UInt32) throws(GuestAgentError) {
+        guard r.fileSize >= 0, r.offset >= 0, r.offset + Int64(r.data.count) <= r.fileSize else {
+            throw GuestAgentError(.invalid, "\(r.path): chunk at \(r.offset) of \(r.data.count) bytes does not fit a \(r.fileSize)-byte file")
+        }
+        let tmp = FilePath(".\(leaf.string).fsshare-tmp")
+        do {
+            let flags = O_WRONLY | Sys.oNoFollow | (r.offset == 0 ? O_CREAT | O_TRUNC : 0)
+            let fd = try Sys.openat2(parent, tmp, flags: flags, mode: 0o600, resolve: GuestFiles.resolve)
+            defer { Sys.close(fd) }
+            if !r.data.isEmpty {
+                // Data.withUnsafeBytes only rethrows untyped errors; carry the typed one out.
+                var failure: SystemCallError?
+                r.data.withUnsafeBytes { b in
+                    do throws(SystemCallError) { try Sys.pwriteAll(fd, b, offset: r.offset, path: parent.display(tmp)) } catch { failure = error }
+                }
+                if let failure { throw failure }
+            }
+            let st = try Sys.fstatx(fd, path: parent.display(tmp))
+            guard Int64(st.size) >= r.fileSize else { return }
+            try Sys.fchmod(fd, mode: perm, path: parent.display(tmp))
+            try fchown(fd, uid, gid, parent.display(tmp))
+            if let old = try? Sys.statx(parent, leaf), old.kind == .directory { try removeTree(parent, leaf) }
+            try Sys.renameat(parent, tmp, leaf)
+        } catch let e as GuestAgentError {
+            throw e
+        } catch let e as SystemCallError {
+            if e.errno == .noSuchFileOrDirectory && r.offset > 0 {
+                throw GuestAgentError(.invalid, "\(r.path): chunk at offset \(r.offset) without the chunk at 0")
+            }
+            throw GuestAgentError(.failed, "\(e)")
+        } catch {
+            throw GuestAgentError(.failed, "\(error)")
+        }
+    }
+
+    // MARK: - fsshare.GuestFiles
+
+    func removePath(_ path: String, recursive: Bool) throws(GuestAgentError) {
+        let p = try GuestPath(path, shareDir: shareDir)
+        let parent: DirFD
+        do {
+            parent = try openParent(p, create: nil)
+        } catch {
+            if error.kind == .notFound { return }
+            throw error
+        }
+        defer { Sys.close(parent.fd) }
+        let leaf = FilePath(p.leaf)
+        do {
+            guard let st = try? Sys.statx(parent, leaf) else { return }
+            if st.kind == .directory {
+                guard recursive else {
+                    try Sys.unlinkat(parent, leaf, directory: true)
+                    return
+                }
+                try removeTree(parent, leaf)
+            } else {
+                try Sys.unlinkat(parent, leaf, directory: false)
+            }
+        } catch {
+            throw refusal(error, p)
+        }
+    }
+
+    func renamePath(from: String, to: String) throws(GuestAgentError) {
+        let f = try GuestPath(from, shareDir: shareDir)
+        let t = try GuestPath(to, shareDir: shareDir)
+        let fromParent = try openParent(f, create: nil)
+        defer { Sys.close(fromParent.fd) }
+        let toParent = try openParent(t, create: nil)
+        defer { Sys.close(toParent.fd) }
+        do {
+            try Sys.renameat(fromParent, FilePath(f.leaf), toParent, FilePath(t.leaf))
+        } catch {
+            throw refusal(error, t)
+        }
+    }
+
+    func pruneDirectory(_ path: String, keep: [String]) throws(GuestAgentError) {
+        let p = try GuestPath(path, shareDir: shareDir)
+        let parent = try openParent(p, create: nil)
+        defer { Sys.close(parent.fd) }
+        let keepSet = Set(keep)
+        do {
+            let fd = try Sys.openat2(parent, FilePath(p.leaf), flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
+            defer { Sys.close(fd) }
+            let dir = DirFD(fd: fd, path: parent.display(FilePath(p.leaf)))
+            for entry in try Sys.listDirectory(dir, ".") where !keepSet.contains(entry.name) {
+                try removeTree(dir, FilePath(entry.name))
+            }
+        } catch {
+            throw refusal(error, p)
+        }
+    }
+
+    /// Removes `dir/name` and everything below it, never following a symlink.
+    func removeTree(_ dir: DirFD, _ name: FilePath) throws(SystemCallError) {
+        guard let st = try? Sys.statx(dir, name) else { return }
+        if st.kind != .directory {
+            try Sys.unlinkat(dir, name, directory: false)
+            return
+        }
+        let fd = try Sys.openat2(dir, name, flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
+        defer { Sys.close(fd) }
+        let sub = DirFD(fd: fd, path: dir.display(name))
+        for entry in try Sys.listDirectory(sub, ".") {
+            try removeTree(sub, FilePath(entry.name))
+        }
+        do {
+            try Sys.unlinkat(dir, name, directory: true)
+        } catch {
+            if error.errno != .noSuchFileOrDirectory { throw error }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFSShareShim
+import SystemPackage
+
+// Wrappers for the agent channel (sockets, polling, stream I/O), the guest agent's file writes,
+// the watcher's inotify calls and threads. Same rules as the rest of `Sys`: fault injection,
+// EINTR retried where safe, errors name the call and the path (or address).
+extension Sys {
+    // MARK: - Sockets and streams
+
+    /// Connects a stream socket to a unix socket path.
+    public static func connectUnix(_ path: FilePath) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("connect", path)
+        let fd = path.withPlatformString { fsshare_unix_connect($0) }
+        if fd < 0 { throw fail("connect", path) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// Binds and listens on a unix socket path (which must not exist).
+    public static func listenUnix(_ path: FilePath, backlog: Int32 = 16) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("bind", path)
+        let fd = path.withPlatformString { fsshare_unix_listen($0, backlog) }
+        if fd < 0 { throw fail("bind", path) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// Connects an AF_VSOCK stream socket to `cid:port`.
+    public static func connectVsock(cid: UInt32, port: UInt32) throws(SystemCallError) -> FileDescriptor {
+        let shown = FilePath("vsock:\(cid):\(port)")
+        try FaultInjection.check("connect", shown)
+        let fd = fsshare_vsock_connect(cid, port)
+        if fd < 0 { throw fail("connect", shown) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// Listens on AF_VSOCK `port` (any cid).
+    public static func listenVsock(port: UInt32, backlog: Int32 = 16) throws(SystemCallError) -> FileDescriptor {
+        let shown = FilePath("vsock:any:\(port)")
+        try FaultInjection.check("bind", shown)
+        let fd = fsshare_vsock_listen(port, backlog)
+        if fd < 0 { throw fail("bind", shown) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// `accept4(2)` with `SOCK_CLOEXEC`.
+    public static func accept(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("accept", path)
+        while true {
+            let conn = fsshare_accept(fd.rawValue)
+            if conn >= 0 { return FileDescriptor(rawValue: conn) }
+            if Glibc.errno == EINTR || Glibc.errno == ECONNABORTED { continue }
+            throw fail("accept", path)
+        }
+    }
+
+    /// Waits until `fd` (bit 1) or `wake` (bit 2) is readable. Returns 0 on timeout.
+    /// `timeoutMilliseconds` < 0 waits forever.
+    public static func pollIn(_ fd: FileDescriptor, wake: FileDescriptor? = nil, timeoutMilliseconds: Int32, path: FilePath) throws(SystemCallError) -> Int32 {
+        while true {
+            let rc = fsshare_poll_in(fd.rawValue, wake?.rawValue ?? -1, timeoutMilliseconds)
+            if rc >= 0 { return rc }
+            if Glibc.errno == EINTR { continue }
+            throw fail("poll", path)
+        }
+    }
+
+    /// Waits until `fd` is writable. False on timeout.
+    public static func pollOut(_ fd: FileDescriptor, timeoutMilliseconds: Int32, path: FilePath) throws(SystemCallError) -> Bool {
+        while true {
+            let rc = fsshare_poll_out(fd.rawValue, timeoutMilliseconds)
+            if rc >= 0 { return rc == 1 }
+            if Glibc.errno == EINTR { continue }
+            throw fail("poll", path)
+        }
+    }
+
+    /// One `read(2)` into `buffer`; 0 at end of stream.
+    public static func read(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, path: FilePath) throws(SystemCallError) -> Int {
+        try FaultInjection.check("read", path)
+        while true {
+            let n = Glibc.read(fd.rawValue, buffer.baseAddress, buffer.count)
+            if n >= 0 { return n }
+            if Glibc.errno == EINTR { continue }
+            throw fail("read", path)
+        }
+    }
+
+    /// One `send(2)` (MSG_NOSIGNAL) or, for non-sockets, `write(2)`. Returns bytes written.
+    public static func send(_ fd: FileDescriptor, _ buffer: UnsafeRawBufferPointer, isSocket: Bool, path: FilePath) throws(SystemCallError) -> Int {
+        try FaultInjection.check("send", path)
+        while true {
+            let n = fsshare_send(fd.rawValue, buffer.baseAddress, buffer.count, isSocket ? 1 : 0)
+            if n >= 0 { return n }
+            if Glibc.errno == EINTR { continue }
+            throw fail(isSocket ? "send" : "write", path)
+        }
+    }
+
+    /// Puts a terminal (a serial port or pty) into raw mode; a non-terminal is left alone.
+    public static func makeRaw(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) {
+        if fsshare_make_raw(fd.rawValue) != 0 && Glibc.errno != ENOTTY && Glibc.errno != EINVAL {
+            throw fail("tcsetattr", path)
+        }
+    }
+
+    /// `socket` type check: true for sockets (they get MSG_NOSIGNAL sends).
+    public static func isSocket(_ fd: FileDescriptor) -> Bool {
+        guard let st = try? fstatx(fd, path: "") else { return false }
+        return st.kind == .socket
+    }
+
+    /// A non-blocking close-on-exec pipe: (read end, write end). Used to wake poll loops.
+    public static func pipe() throws(SystemCallError) -> (FileDescriptor, FileDescriptor) {
+        var fds: [Int32] = [-1, -1]
+        if fsshare_pipe(&fds) != 0 { throw fail("pipe2", nil) }
+        return (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
+    }
+
+    /// `shutdown(fd, SHUT_RDWR)`: wakes a thread blocked reading the socket. Errors ignored.
+    public static func shutdown(_ fd: FileDescriptor) {
+        _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR))
+    }
+
+    // MARK: - File contents and metadata
+
+    /// `pread(2)`; returns bytes read (0 at end of file).
+    public static func pread(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, offset: Int64, path: FilePath) throws(SystemCallError) -> Int {
+        try FaultInjection.check("pread", path)
+        while true {
+            let n = Glibc.pread(fd.rawValue, buffer.baseAddress, buffer.count, off_t(offset))
+            if n >= 0 { return n }
+            if Glibc.errno == EINTR { continue }
+            throw fail("pread", path)
+        }
+    }
+
+    /// `pwrite(2)` of the whole buffer at `offset` (looping on short writes).
+    public static func pwriteAll(_ fd: FileDescriptor, _ buffer: UnsafeRawBufferPointer, offset: Int64, path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("pwrite", path)
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.pwrite(fd.rawValue, buffer.baseAddress.map { $0 + done }, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw fail("pwrite", path)
+            }
+            done += n
+        }
+    }
+
+    /// `symlinkat(2)`: creates `dir/path` pointing at `target`.
+    public static func symlinkat(_ target: String, _ dir: DirFD?, _ path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("symlinkat", shown(dir, path))
+        let rc = path.withPlatformString { p in target.withCString { Glibc.symlinkat($0, dirfd(dir), p) } }
+        if rc != 0 { throw fail("symlinkat", shown(dir, path)) }
+    }
+
+    /// `fchmod(2)`.
+    public static func fchmod(_ fd: FileDescriptor, mode: mode_t, path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("fchmod", path)
+        if Glibc.fchmod(fd.rawValue, mode) != 0 { throw fail("fchmod", path) }
+    }
+
+    /// `fchownat(2)`, never following a final symlink (it changes the link itself).
+    public static func lchownat(_ dir: DirFD?, _ path: FilePath, uid: UInt32, gid: UInt32) throws(SystemCallError) {
+        try FaultInjection.check("fchownat", shown(dir, path))
+        let rc = path.withPlatformString { Glibc.fchownat(dirfd(dir), $0, uid, gid, FSSHARE_AT_SYMLINK_NOFOLLOW) }
+        if rc != 0 { throw fail("fchownat", shown(dir, path)) }
+    }
+
+    /// `fchown(2)`.
+    public static func fchown(_ fd: FileDescriptor, uid: UInt32, gid: UInt32, path: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("fchown", path)
+        if Glibc.fchown(fd.rawValue, uid, gid) != 0 { throw fail("fchown", path) }
+    }
+
+    /// `renameat(2)` between two directories.
+    public static func renameat(_ fromDir: DirFD, _ from: FilePath, _ toDir: DirFD, _ to: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("renameat", toDir.display(to))
+        let rc = from.withPlatformString { f in
+            to.withPlatformString { t in fsshare_renameat2(fromDir.fd.rawValue, f, toDir.fd.rawValue, t, 0) }
+        }
+        if rc != 0 { throw fail("renameat", toDir.display(to)) }
+    }
+
+    // MARK: - inotify
+
+    /// `inotify_init1(IN_CLOEXEC | IN_NONBLOCK)`.
+    public static func inotifyInit() throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("inotify_init1", nil)
+        let fd = inotify_init1(Int32(IN_CLOEXEC | IN_NONBLOCK))
+        if fd < 0 { throw fail("inotify_init1", nil) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// `inotify_add_watch(2)`; returns the watch descriptor.
+    public static func inotifyAddWatch(_ fd: FileDescriptor, _ path: FilePath, mask: UInt32) throws(SystemCallError) -> Int32 {
+        try FaultInjection.check("inotify_add_watch", path)
+        let wd = path.withPlatformString { inotify_add_watch(fd.rawValue, $0, mask) }
+        if wd < 0 { throw fail("inotify_add_watch", path) }
+        return wd
+    }
+
+    /// `inotify_rm_watch(2)`; errors (the watch is already gone) are ignored.
+    public static func inotifyRemoveWatch(_ fd: FileDescriptor, _ wd: Int32) {
+        _ = inotify_rm_watch(fd.rawValue, wd)
+    }
+
+    /// A non-blocking read of an inotify descriptor: 0 when nothing is queued.
+    public static func readAvailable(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, path: FilePath) throws(SystemCallError) -> Int {
+        while true {
+            let n = Glibc.read(fd.rawValue, buffer.baseAddress, buffer.count)
+            if n >= 0 { return n }
+            if Glibc.errno == EINTR { continue }
+            if Glibc.errno == EAGAIN { return 0 }
+            throw fail("read", path)
+        }
+    }
+
+    // MARK: - Process facts
+
+    /// Peak resident set size of this process in bytes (`VmHWM`), or nil.
+    public static func peakResidentBytes() -> Int? {
+        let kib = fsshare_peak_rss_kib()
+        return kib < 0 ? nil : kib * 1024
+    }
+
+    /// `CLOCK_MONOTONIC` in nanoseconds.
+    public static func monotonicNanoseconds() -> UInt64 { fsshare_monotonic_ns() }
+}
+
+/// A joinable OS thread running a closure: the watcher's reader and the agent's connection
+/// handlers block in syscalls, so they get threads of their own rather than pool threads.
+public final class OSThread: Sendable {
+    private let handle: UInt64
+
+    private final class Box {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+
+    /// Starts `body` on a new thread.
+    public init(_ body: @escaping @Sendable () -> Void) throws(SystemCallError) {
+        let box = Unmanaged.passRetained(Box(body))
+        var h: UInt64 = 0
+        let rc = fsshare_thread_start({ ctx in
+            guard let ctx else { return }
+            let box = Unmanaged<Box>.fromOpaque(ctx).takeRetainedValue()
+            box.body()
+        }, box.toOpaque(), &h)
+        if rc != 0 {
+            box.release()
+            throw SystemCallError(syscall: "pthread_create", path: nil, errno: Errno(rawValue: rc))
+        }
+        handle = h
+    }
+
+    /// Waits for the thread to finish. Call at most once.
+    public func join() { _ = fsshare_thread_join(handle) }
+
+    /// Starts `body` on a detached thread (nobody joins it; it cleans up when it returns).
+    public static func detach(_ body: @escaping @Sendable () -> Void) throws(SystemCallError) {
+        let box = Unmanaged.passRetained(Box(body))
+        let rc = fsshare_thread_start({ ctx in
+            guard let ctx else { return }
+            Unmanaged<Box>.fromOpaque(ctx).takeRetainedValue().body()
+        }, box.toOpaque(), nil)
+        if rc != 0 {
+            box.release()
+            throw SystemCallError(syscall: "pthread_create", path: nil, errno: Errno(rawValue: rc))
+        }
+    }
+}
