@@ -74,7 +74,7 @@ let package = Package(
         .target(
             name: "FSShareCommands",
             dependencies: [
-                "FSShare", "FSShareProto", "FSShareSystem",
+                "FSShare", "FSShareProto", "FSShareSystem", "FSShareAgentChannel",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),

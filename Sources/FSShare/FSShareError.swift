@@ -1,3 +1,4 @@
+import FSShareAgentChannel
 import FSShareSystem
 import SystemPackage
 
@@ -22,6 +23,10 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
         case systemCall
         /// Cleanup could not remove everything; the message lists what is left.
         case incompleteCleanup
+        /// The guest agent could not be reached or refused a request (copy mode).
+        case agent
+        /// A configured limit or a kernel limit (inotify watches) was reached.
+        case limitExceeded
     }
 
     public var code: Code
@@ -42,6 +47,11 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
     }
 
     public var description: String { message }
+
+    /// Wraps an agent failure with a sentence about the operation it broke.
+    public static func agent(_ what: String, _ error: AgentError) -> FSShareError {
+        FSShareError(.agent, "\(what): \(error.message)")
+    }
 }
 
 /// Runs `body`, turning a ``SystemCallError`` into an ``FSShareError`` that says `what` failed.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import FSShareAgentChannel
 import FSShareSystem
 import Synchronization
 import SystemPackage
@@ -66,6 +67,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     public let sandboxID: String
     public let configuration: SharerConfiguration
     public let layout: SandboxLayout
+    /// Copy mode (`sharedFilesystem == .none`): the channel to the guest agent.
+    public let agent: AgentClient?
+    /// Copy mode: mirrors kubelet atomic-writer volumes shared by this sharer (shared per process).
+    public let watcher: VolumeWatcher?
 
     private struct State: ~Copyable {
         var handle: SandboxHandle?
@@ -73,7 +78,15 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     private let state = Mutex(State())
 
     /// Creates a sharer for one sandbox. Nothing is touched on disk until an operation runs.
-    public init(sandboxID: String, configuration: SharerConfiguration = SharerConfiguration()) throws(FSShareError) {
+    ///
+    /// In copy mode (`configuration.sharedFilesystem == .none`) volumes are copied through
+    /// `agent`; with a `watcher`, kubelet atomic-writer volumes are then kept in sync with it.
+    public init(
+        sandboxID: String, configuration: SharerConfiguration = SharerConfiguration(),
+        agent: AgentClient? = nil, watcher: VolumeWatcher? = nil
+    ) throws(FSShareError) {
+        self.agent = agent
+        self.watcher = watcher
         try Identifier.validate(sandboxID, what: "sandbox")
         guard configuration.root.isAbsolute, !configuration.root.string.utf8.contains(0) else {
             throw FSShareError(.invalidArgument, "the sandbox root \"\(configuration.root)\" must be an absolute path")
@@ -275,10 +288,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             recursive: mount.isRecursive, isFile: false)
         let method = configuration.mountMethod
         let policy = configuration.sourceSymlinks
+        let copyMode = configuration.sharedFilesystem == .none
         return try state.withLock { (s: inout State) throws(FSShareError) -> SharedFile? in
             let h = try preparedHandle(&s)
             return try h.locked { () throws(FSShareError) -> SharedFile in
                 try h.manifest.refresh()
+                if copyMode { return try copyShare(record, handle: h, policy: policy) }
                 try share(record, in: h.mounts, handle: h, method: method, policy: policy)
                 return SharedFile(guestPath: layout.guestPath(name))
             }
@@ -462,6 +477,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Unmounts and removes a share and forgets it. Missing pieces are fine (idempotent).
     private func removeShare(_ name: String, handle h: SandboxHandle) throws(FSShareError) {
         let record = h.manifest.shares[name]
+        if let record, record.kind == .copy {
+            try removeCopy(record, handle: h)
+            return
+        }
         let path = FilePath(name)
         let components = Array(path.components)
         // Volumes are one component below mounts/; rootfs is <cid>/rootfs; block rootfs <cid>[/suffix].
@@ -508,6 +527,111 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             }
         }
         try h.manifest.recordRemoval(name)
+    }
+}
+
+// MARK: - Copy mode
+
+extension LinuxFilesystemSharer {
+    /// Copies a volume into the guest (called with both locks held). Idempotent: a completed
+    /// copy of the same source is not copied again. On failure the partial guest copy and the
+    /// record are removed.
+    fileprivate func copyShare(_ proposed: ShareRecord, handle h: SandboxHandle, policy: SourceSymlinkPolicy) throws(FSShareError) -> SharedFile {
+        guard let agent else {
+            throw FSShareError(.unsupported, "copy mode (shared filesystem \"none\") needs an agent channel; none was given")
+        }
+        var record = proposed
+        record.kind = .copy
+        let guestPath = layout.guestPath(record.name)
+        record.guestPath = guestPath
+        if let existing = h.manifest.shares[record.name] {
+            guard existing.source == record.source, existing.readOnly == record.readOnly, existing.kind == .copy else {
+                throw FSShareError(.conflict, "\(record.destination) of container \(record.containerID) is already shared from \(existing.source); unshare it first")
+            }
+            if existing.copied {
+                if existing.watched { try? watcher?.watch(sandboxID: sandboxID, name: existing.name, volume: FilePath(existing.source), guestPath: guestPath, agent: agent) }
+                return SharedFile(guestPath: guestPath)
+            }
+        }
+        let source = try SourceCheck.open(FilePath(record.source), policy: policy)
+        defer { Sys.close(source.fd) }
+        record.isFile = source.kind == .regular
+        record.watched = !record.isFile && (KubeletVolume.match(FilePath(record.source)) != nil || KubeletVolume.match(source.path) != nil)
+        try h.manifest.recordShare(record)
+        var report = CopyReport()
+        var mirrored: AtomicWriterMirror.GuestState?
+        do throws(FSShareError) {
+            var plain = true
+            if record.watched {
+                let mirror = AtomicWriterMirror(volume: DirFD(fd: source.fd, path: source.path), guestDir: guestPath, limits: watcher?.limits ?? WatchLimits(maxEntries: .max, maxBytes: .max))
+                if case .synced = try mirror.sync(agent: agent, state: &mirrored, force: true, report: &report) { plain = false }
+            }
+            if plain {
+                record.watched = false
+                report = try GuestCopier.copyTree(source, to: guestPath, agent: agent)
+            }
+        } catch {
+            // Roll back: the guest copy (best effort; the agent may be what failed) and the record.
+            try? agent.removePath(guestPath, recursive: true)
+            try? h.manifest.recordRemoval(record.name)
+            throw error
+        }
+        record.copied = true
+        try h.manifest.recordShare(record)
+        if record.watched, let watcher {
+            try watcher.watch(sandboxID: sandboxID, name: record.name, volume: FilePath(record.source), guestPath: guestPath, agent: agent, state: mirrored)
+        }
+        return SharedFile(guestPath: guestPath, copyReport: report)
+    }
+
+    /// Removes a copied volume from the guest and forgets it.
+    fileprivate func removeCopy(_ record: ShareRecord, handle h: SandboxHandle) throws(FSShareError) {
+        watcher?.unwatch(sandboxID: sandboxID, name: record.name)
+        let guestPath = layout.guestPath(record.name)
+        if let agent {
+            do {
+                try agent.removePath(guestPath, recursive: true)
+            } catch {
+                // A Kata agent has no removal: the copy stays until the VM goes (as in Kata).
+                if !error.isUnimplemented { throw FSShareError.agent("cannot remove \(guestPath) from the guest", error) }
+            }
+        } else {
+            throw FSShareError(.unsupported, "removing the copied volume \(record.name) needs an agent channel")
+        }
+        try h.manifest.recordRemoval(record.name)
+    }
+}
+
+extension GuestCopier {
+    /// Copies an opened source (file or directory) to `guestPath` over one pipelined window.
+    static func copyTree(_ source: SourceCheck.Opened, to guestPath: String, agent: AgentClient) throws(FSShareError) -> CopyReport {
+        // O_PATH descriptors cannot be read: reopen the checked object itself for reading.
+        let readable = try sys("cannot open \(source.path)") { () throws(SystemCallError) in
+            try Sys.openat(nil, MountOps.fdPath(source.fd), flags: O_RDONLY | (source.kind == .directory ? Sys.oDirectory : 0))
+        }
+        defer { Sys.close(readable) }
+        let copier = GuestCopier()
+        var report = CopyReport()
+        var failure: FSShareError?
+        do {
+            try agent.withPipeline { (p: inout AgentClient.Pipeline) throws(AgentError) in
+                do throws(FSShareError) {
+                    try copier.copy(readable, shownAs: source.path, to: guestPath, pipeline: &p, report: &report)
+                } catch {
+                    failure = error
+                    throw error.asAgentError
+                }
+                try p.flush()
+                for refused in p.tolerated {
+                    report.symlinks -= 1
+                    report.skipped.append(.init(path: "", reason: refused.message))
+                }
+            }
+        } catch {
+            if let failure { throw failure }
+            throw FSShareError.agent("cannot copy \(source.path) into the guest", error)
+        }
+        return report
     }
 }
 

@@ -13,6 +13,8 @@ public struct ShareRecord: Sendable, Equatable {
         case rootfs
         /// A block-device rootfs: only directories `mounts/<cid>[/<suffix>]`, no mount.
         case rootfsDirectory = "rootfs-dir"
+        /// Copy mode: a volume copied into the guest at `<guest shared dir>/<name>`; nothing on the host.
+        case copy
     }
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
     public var name: String
@@ -24,6 +26,12 @@ public struct ShareRecord: Sendable, Equatable {
     public var recursive: Bool
     /// The share is a single file (its mount point is a file).
     public var isFile: Bool
+    /// Copy mode: the copy into the guest completed.
+    public var copied: Bool = false
+    /// Copy mode: a kubelet atomic-writer volume whose updates are mirrored by the watcher.
+    public var watched: Bool = false
+    /// Copy mode: where the copy lives in the guest.
+    public var guestPath: String? = nil
 }
 
 /// The sandbox manifest: an append-only journal at `<root>/<sid>/manifest`, outside the exported
@@ -119,12 +127,13 @@ final class Manifest {
         let fields = line.split(separator: "\t", omittingEmptySubsequences: false).map { Manifest.unescape(String($0)) }
         guard let tag = fields.first else { return }
         switch tag {
-        case "S" where fields.count == 7:
+        case "S" where fields.count == 7 || fields.count == 8:
             guard let kind = ShareRecord.Kind(rawValue: fields[2]) else { throw corrupt(line) }
             let flags = fields[3]
             let record = ShareRecord(
                 name: fields[1], kind: kind, containerID: fields[4], source: fields[5], destination: fields[6],
-                readOnly: flags.contains("r"), recursive: flags.contains("R"), isFile: flags.contains("f"))
+                readOnly: flags.contains("r"), recursive: flags.contains("R"), isFile: flags.contains("f"),
+                copied: flags.contains("c"), watched: flags.contains("w"), guestPath: fields.count == 8 ? fields[7] : nil)
             insert(record)
         case "U" where fields.count == 2:
             if shares.removeValue(forKey: fields[1]) != nil {
@@ -170,9 +179,11 @@ final class Manifest {
 
     /// The journal line that records `r`.
     static func line(for r: ShareRecord) -> String {
-        var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "")
+        var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "") + (r.copied ? "c" : "") + (r.watched ? "w" : "")
         if flags.isEmpty { flags = "-" }
-        return ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination].map(escape).joined(separator: "\t") + "\n"
+        var fields = ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination]
+        if let g = r.guestPath { fields.append(g) }
+        return fields.map(escape).joined(separator: "\t") + "\n"
     }
 
     /// The shares in the order they were first recorded.

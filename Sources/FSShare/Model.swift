@@ -68,11 +68,15 @@ public struct SharedFile: Sendable, Equatable {
     public var containerStorages: [Storage]
     /// Storages for volumes.
     public var volumeStorages: [Storage]
+    /// Copy mode: what was copied into the guest (nil when nothing was copied by this call,
+    /// including when the share already existed).
+    public var copyReport: CopyReport?
 
-    public init(guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = []) {
+    public init(guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = [], copyReport: CopyReport? = nil) {
         self.guestPath = guestPath
         self.containerStorages = containerStorages
         self.volumeStorages = volumeStorages
+        self.copyReport = copyReport
     }
 }
 

@@ -158,8 +158,7 @@ public final class AgentClient: Sendable {
         request.service = service
         request.method = method
         request.payload = Data(payload)
-        let nanos = Int64(callTimeout.components.seconds) * 1_000_000_000 + callTimeout.components.attoseconds / 1_000_000_000
-        request.timeoutNano = nanos
+        request.timeoutNano = callTimeoutNanos
         let bytes: [UInt8]
         do {
             bytes = try request.serializedBytes()
@@ -168,33 +167,43 @@ public final class AgentClient: Sendable {
         }
         let id = s.nextStreamID
         s.nextStreamID &+= 2
-        let deadline = Sys.monotonicNanoseconds() + UInt64(max(nanos, 0))
-        try stream.write(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: bytes), deadline: deadline)
-        while true {
-            guard let frame = try stream.readFrame(deadline: deadline) else {
-                throw AgentError(.disconnected, "the agent at \(address) closed the connection during \(service)/\(method)")
-            }
-            // A reply to an earlier, timed-out call cannot arrive: timeouts drop the connection.
-            guard frame.streamID == id else {
-                throw AgentError(.protocolError, "the agent at \(address) answered stream \(frame.streamID), expected \(id)")
-            }
-            guard frame.type == TTRPC.typeResponse else {
-                throw AgentError(.protocolError, "the agent at \(address) sent frame type \(frame.type) for a unary call")
-            }
-            let response: Ttrpc_Response
-            do {
-                response = try Ttrpc_Response(serializedBytes: frame.payload)
-            } catch {
-                throw AgentError(.protocolError, "the agent at \(address) sent an undecodable ttrpc response: \(error)")
-            }
-            if response.hasStatus && response.status.code != GRPCStatus.ok {
-                let msg = response.status.message
-                throw AgentError(
-                    .remote, "the agent at \(address) refused \(service)/\(method): \(msg.isEmpty ? "status \(response.status.code)" : msg)",
-                    status: response.status.code)
-            }
-            return Array(response.payload)
+        try stream.write(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: bytes), deadline: deadline())
+        return try readReply(stream, id: id, what: "\(service)/\(method)")
+    }
+
+    var callTimeoutNanos: Int64 {
+        Int64(callTimeout.components.seconds) * 1_000_000_000 + callTimeout.components.attoseconds / 1_000_000_000
+    }
+
+    /// The monotonic deadline of a call starting now.
+    func deadline() -> UInt64 { Sys.monotonicNanoseconds() + UInt64(max(callTimeoutNanos, 0)) }
+
+    /// Reads the reply to stream `id`; a non-OK status becomes a ``AgentError/Code/remote`` error.
+    func readReply(_ stream: FrameStream, id: UInt32, what: String) throws(AgentError) -> [UInt8] {
+        guard let frame = try stream.readFrame(deadline: deadline()) else {
+            throw AgentError(.disconnected, "the agent at \(address) closed the connection during \(what)")
         }
+        // Replies come in request order on one connection (the agent serves in order), and a
+        // timed-out call drops the connection, so a stray id is a protocol error.
+        guard frame.streamID == id else {
+            throw AgentError(.protocolError, "the agent at \(address) answered stream \(frame.streamID), expected \(id)")
+        }
+        guard frame.type == TTRPC.typeResponse else {
+            throw AgentError(.protocolError, "the agent at \(address) sent frame type \(frame.type) for a unary call")
+        }
+        let response: Ttrpc_Response
+        do {
+            response = try Ttrpc_Response(serializedBytes: frame.payload)
+        } catch {
+            throw AgentError(.protocolError, "the agent at \(address) sent an undecodable ttrpc response: \(error)")
+        }
+        if response.hasStatus && response.status.code != GRPCStatus.ok {
+            let msg = response.status.message
+            throw AgentError(
+                .remote, "the agent at \(address) refused \(what): \(msg.isEmpty ? "status \(response.status.code)" : msg)",
+                status: response.status.code)
+        }
+        return Array(response.payload)
     }
 
     // MARK: - Transports
@@ -232,6 +241,106 @@ public final class AgentClient: Sendable {
             throw e
         } catch {
             throw AgentError(.unreachable, "cannot reach the agent at \(name): \(error)")
+        }
+    }
+}
+
+extension AgentClient {
+    /// A window of requests in flight on the client's connection: requests are written
+    /// back to back and their replies read later, so a copy of many small entries pays one
+    /// round trip per ``flush()`` rather than one per entry. The agent applies requests in the
+    /// order they were sent. Bounded: at most `maxInFlight` requests or `maxBytes` of
+    /// request data are outstanding before the window waits for replies.
+    ///
+    /// The window holds the client's lock for its whole lifetime (`withPipeline`).
+    public func withPipeline<T>(_ body: (inout Pipeline) throws(AgentError) -> T) throws(AgentError) -> T {
+        try state.withLock { (s: inout State) throws(AgentError) -> T in
+            let stream = try connected(&s)
+            var pipeline = Pipeline(client: self, stream: stream, nextStreamID: s.nextStreamID)
+            do throws(AgentError) {
+                let result = try body(&pipeline)
+                try pipeline.flush()
+                s.nextStreamID = pipeline.nextStreamID
+                return result
+            } catch {
+                // The stream's state is unknown (replies may be pending): start over next time.
+                stream.close()
+                s.stream = nil
+                throw error
+            }
+        }
+    }
+
+    /// See ``AgentClient/withPipeline(_:)``.
+    public struct Pipeline: ~Copyable {
+        let client: AgentClient
+        let stream: FrameStream
+        var nextStreamID: UInt32
+        private var pending: [(id: UInt32, bytes: Int, onError: ((AgentError) -> AgentError?)?)] = []
+        private var pendingBytes = 0
+        public var maxInFlight = 128
+        public var maxBytes = 4 << 20
+        /// Remote refusals that a request's handler chose to tolerate.
+        public private(set) var tolerated: [AgentError] = []
+
+        init(client: AgentClient, stream: FrameStream, nextStreamID: UInt32) {
+            self.client = client
+            self.stream = stream
+            self.nextStreamID = nextStreamID
+        }
+
+        /// Sends one request. `onError` sees a remote refusal of this request and returns nil
+        /// to tolerate it (it is collected in ``tolerated``) or an error to fail the window.
+        public mutating func send(
+            _ service: String, _ method: String, _ message: some SwiftProtobuf.Message,
+            onError: ((AgentError) -> AgentError?)? = nil
+        ) throws(AgentError) {
+            let payload: [UInt8]
+            do {
+                var request = Ttrpc_Request()
+                request.service = service
+                request.method = method
+                request.payload = try message.serializedBytes()
+                request.timeoutNano = client.callTimeoutNanos
+                payload = try request.serializedBytes()
+            } catch {
+                throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
+            }
+            while pending.count >= maxInFlight || (pendingBytes + payload.count > maxBytes && !pending.isEmpty) {
+                try receiveOne()
+            }
+            let id = nextStreamID
+            nextStreamID &+= 2
+            try stream.write(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: payload), deadline: client.deadline())
+            pending.append((id, payload.count, onError))
+            pendingBytes += payload.count
+        }
+
+        /// Waits for every outstanding reply; throws the first refusal not tolerated.
+        public mutating func flush() throws(AgentError) {
+            var first: AgentError?
+            while !pending.isEmpty {
+                do throws(AgentError) {
+                    try receiveOne()
+                } catch {
+                    // Keep reading replies after a refusal so the stream stays in step.
+                    if error.code != .remote { throw error }
+                    if first == nil { first = error }
+                }
+            }
+            if let first { throw first }
+        }
+
+        private mutating func receiveOne() throws(AgentError) {
+            let (id, bytes, onError) = pending.removeFirst()
+            pendingBytes -= bytes
+            do throws(AgentError) {
+                _ = try client.readReply(stream, id: id, what: "a pipelined request")
+            } catch {
+                guard error.code == .remote, let onError else { throw error }
+                if let failure = onError(error) { throw failure }
+                tolerated.append(error)
+            }
         }
     }
 }

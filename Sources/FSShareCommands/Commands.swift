@@ -3,7 +3,9 @@ import Glibc
 #endif
 import ArgumentParser
 import FSShare
+import FSShareAgentChannel
 import FSShareProto
+import FSShareSystem
 import SystemPackage
 
 /// Options every command takes.
@@ -62,6 +64,38 @@ struct HypervisorOptions: ParsableArguments {
             root: FilePath(root), sharedFilesystem: fs,
             blockDeviceDriver: BlockDeviceDriver(rawValue: blockDriver) ?? .virtioSCSI,
             shmSize: shmSize, mountMethod: MountMethod(rawValue: mountMethod) ?? .automatic)
+    }
+}
+
+/// Options for copy mode: how to reach the guest agent.
+struct AgentOptions: ParsableArguments {
+    @Option(name: .long, help: "Guest agent address (copy mode): unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH. Implies --shared-fs none.")
+    var agent: String?
+
+    @Option(name: .long, help: "Where the guest keeps shares (copy mode destination prefix).")
+    var guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir
+
+    @Option(name: .long, help: "Seconds an agent call may take.")
+    var agentTimeout: Int = 60
+
+    func validate() throws {
+        if let agent {
+            do { _ = try AgentAddress(parsing: agent) } catch { throw ValidationError(error.message) }
+        }
+        guard guestSharedDir.hasPrefix("/") else { throw ValidationError("--guest-shared-dir must be absolute") }
+    }
+
+    func client() throws -> AgentClient? {
+        guard let agent else { return nil }
+        return AgentClient(address: try AgentAddress(parsing: agent), callTimeout: .seconds(agentTimeout))
+    }
+
+    /// `base` switched to copy mode when an agent is given.
+    func apply(_ base: SharerConfiguration) -> SharerConfiguration {
+        var c = base
+        c.guestSharedDir = guestSharedDir
+        if agent != nil { c.sharedFilesystem = .none }
+        return c
     }
 }
 
@@ -167,9 +201,11 @@ struct Share: AsyncParsableCommand {
     @Flag(name: .long, help: "Read-only (in the guest too).") var ro = false
     @Flag(name: .long, help: "Recursive: carry submounts of the source.") var recursive = false
     @Option(name: .long, help: "Descriptor output: json, binary or text.") var format: DescriptorFormat?
+    @OptionGroup var agent: AgentOptions
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: sandbox, configuration: agent.apply(hypervisor.configuration(root: common.root)), agent: try agent.client())
         var options: [String] = []
         if ro { options.append("ro") }
         if recursive { options.append("rbind") }
@@ -178,8 +214,18 @@ struct Share: AsyncParsableCommand {
         guard let shared = try await sharer.shareFile(container: c, mount: mount) else {
             throw ValidationError("this mount is not shared")
         }
-        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))],
-                 storages: shared.volumeStorages, text: [shared.guestPath])
+        var fields: [(String, JSON)] = [("guest_path", .string(shared.guestPath))]
+        var text = [shared.guestPath]
+        if let r = shared.copyReport {
+            fields.append(("copied", .object([
+                ("files", .number(r.files)), ("directories", .number(r.directories)),
+                ("symlinks", .number(r.symlinks)), ("bytes", .number(Int(r.bytes))),
+                ("skipped", .array(r.skipped.map { .object([("path", .string($0.path)), ("reason", .string($0.reason))]) })),
+            ])))
+            text.append("copied \(r.files) files, \(r.directories) directories, \(r.symlinks) symlinks, \(r.bytes) bytes")
+            text += r.skipped.map { "skipped \($0.path): \($0.reason)" }
+        }
+        try emit(common, format: format, fields: fields, storages: shared.volumeStorages, text: text)
     }
 }
 
@@ -194,12 +240,52 @@ struct Unshare: AsyncParsableCommand {
     @Option(name: .long, help: "Sandbox id.") var sandbox: String
     @Option(name: .long, help: "Container id.") var container: String
     @Option(name: .long, help: "The container destination given to share.") var destination: String
+    @OptionGroup var agent: AgentOptions
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root)))
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: sandbox, configuration: agent.apply(SharerConfiguration(root: FilePath(common.root))), agent: try agent.client())
         let c = Container(id: container, rootfs: .hostMounted("/"))
         try await sharer.unshareFile(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
         if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
+    }
+}
+
+struct Watch: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Keep a sandbox's copied configmap/secret/projected/downward-API volumes in sync with the guest.",
+        discussion: """
+            Runs until SIGTERM or SIGINT. Mirrors every watched copy-mode share in the sandbox manifest \
+            (resyncing each in full on start, so a restart brings the guest back in line) and follows the \
+            manifest for shares added or removed later. One inotify instance serves every volume; each \
+            sync is logged on standard output.
+
+            Example:
+              fsshare watch --root /run/fsshare --sandbox pod1 --agent unix:/run/vm/pod1/agent.sock
+            """)
+    @OptionGroup var common: CommonOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Guest agent address: unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH.") var agent: String
+    @Option(name: .long, help: "Most entries one volume update may have before it is no longer mirrored.") var maxEntries: Int = WatchLimits().maxEntries
+    @Option(name: .long, help: "Most bytes one volume update may have before it is no longer mirrored.") var maxBytes: Int64 = WatchLimits().maxBytes
+    @Option(name: .long, help: "Seconds an agent call may take.") var agentTimeout: Int = 60
+
+    func run() async throws {
+        let address: AgentAddress
+        do { address = try AgentAddress(parsing: agent) } catch { throw ValidationError(error.message) }
+        let signals = try Sys.terminationSignals()
+        let json = common.json
+        let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes)) { line in
+            let text = json ? JSON.object([("event", .string(line))]).render() : "fsshare watch: \(line)"
+            writeAll(fd: 1, Array((text + "\n").utf8))
+        }
+        try watcher.start()
+        defer { watcher.stop() }
+        try watcher.follow(root: FilePath(common.root), sandboxID: sandbox, agent: AgentClient(address: address, callTimeout: .seconds(agentTimeout)))
+        // Block until a termination signal; the watcher's own threads do the work.
+        _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")
+        let stats = watcher.statistics
+        writeAll(fd: 1, Array("fsshare watch: stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)\n".utf8))
     }
 }
 
@@ -336,7 +422,7 @@ public struct FSShareCLI: AsyncParsableCommand {
         commandName: "fsshare",
         abstract: "Share host filesystems into VM sandboxes (Kata-compatible layout and descriptors).",
         discussion: "Exit status: 0 ok, 1 the operation failed, 2 usage error.",
-        subcommands: [Prepare.self, Cleanup.self, Share.self, Unshare.self, ShareRootfs.self, UnshareRootfs.self, Status.self])
+        subcommands: [Prepare.self, Cleanup.self, Share.self, Unshare.self, ShareRootfs.self, UnshareRootfs.self, Status.self, Watch.self])
 
     public init() {}
 
@@ -351,6 +437,9 @@ public struct FSShareCLI: AsyncParsableCommand {
             }
             return 0
         } catch let error as FSShareError {
+            writeAll(fd: 2, Array("fsshare: \(error.message)\n".utf8))
+            return 1
+        } catch let error as AgentError {
             writeAll(fd: 2, Array("fsshare: \(error.message)\n".utf8))
             return 1
         } catch {

@@ -105,6 +105,8 @@ int fsshare_thread_start(void (*fn)(void *), void *ctx, uint64_t *handle);
 int fsshare_thread_join(uint64_t handle);
 /// The peak resident set size of this process in KiB (VmHWM), or -1.
 long fsshare_peak_rss_kib(void);
+/// Routes SIGTERM and SIGINT to a pipe (self-pipe trick); returns its read end or -1 with errno.
+int fsshare_signal_pipe(void);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t fsshare_monotonic_ns(void);
 

@@ -1,0 +1,485 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareAgentChannel
+import FSShareSystem
+import Synchronization
+import SystemPackage
+
+/// Keeps kubelet atomic-writer volumes (configmap, secret, projected, downward-API) in sync with
+/// their copies in the guest, for every sandbox of the process, with **one** inotify instance.
+///
+/// Lifetime: ``start()`` creates the inotify instance and its reader thread; ``stop()`` ends
+/// them and every sync worker, and may be called any number of times. Volumes are added with
+/// ``watch(sandboxID:name:volume:guestPath:agent:)`` (the sharer does this for watched copy-mode
+/// shares) or by following a sandbox manifest (``follow(root:sandboxID:agent:)``, what
+/// `fsshare watch` runs).
+///
+/// What it reacts to, per volume directory: `IN_MOVED_TO ..data` (kubelet's atomic swap: the new
+/// timestamped directory is complete at that moment), `IN_CREATE`/`IN_DELETE` of key links (kubelet
+/// adds and removes them right after the swap), `IN_DELETE_SELF`/`IN_MOVE_SELF` (the volume went
+/// away: mirroring stops, the guest copy stays), and `IN_Q_OVERFLOW` (events were lost: every
+/// volume is resynced in full). Each sandbox has its own sync worker thread, so a slow agent
+/// delays only its own sandbox; updates that arrive during a sync are coalesced into one more.
+public final class VolumeWatcher: Sendable {
+    /// One line per sync, error and lifecycle event.
+    public typealias Logger = @Sendable (String) -> Void
+
+    public let limits: WatchLimits
+    let log: Logger
+    private let core = Mutex(Core())
+
+    /// Counters, for logs, tests and the benchmark.
+    public struct Statistics: Sendable, Equatable {
+        public var inotifyInstances = 0
+        public var watchedVolumes = 0
+        public var syncs = 0
+        public var failedSyncs = 0
+        public var overflows = 0
+        /// Volumes no longer mirrored, with the reason (over a limit, gone, failing).
+        public var stopped: [String: String] = [:]
+    }
+
+    struct Volume {
+        let sandboxID: String
+        let name: String
+        let hostPath: FilePath
+        let guestPath: String
+        let agent: AgentClient
+        let fd: FileDescriptor
+        let wd: Int32
+        var state: AtomicWriterMirror.GuestState?
+        var dirty = false
+        var force = false
+    }
+
+    final class Worker: Sendable {
+        let wakeRead: FileDescriptor
+        let wakeWrite: FileDescriptor
+        let thread: Mutex<OSThread?> = Mutex(nil)
+        init(_ pipe: (FileDescriptor, FileDescriptor)) {
+            wakeRead = pipe.0
+            wakeWrite = pipe.1
+        }
+        func wake() {
+            var b: UInt8 = 1
+            _ = Glibc.write(wakeWrite.rawValue, &b, 1)
+        }
+    }
+
+    struct Followed {
+        let root: FilePath
+        let sandboxID: String
+        let agent: AgentClient
+        let dir: DirFD
+        let wd: Int32
+    }
+
+    struct Core: ~Copyable {
+        var inotify: FileDescriptor?
+        var wake: (FileDescriptor, FileDescriptor)?
+        var reader: OSThread?
+        var stopping = false
+        var volumes: [String: Volume] = [:]
+        var byWD: [Int32: String] = [:]
+        var workers: [String: Worker] = [:]
+        var followed: [Int32: Followed] = [:]
+        var stats = Statistics()
+    }
+
+    static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
+
+    /// A watcher; nothing runs until ``start()``.
+    public init(limits: WatchLimits = WatchLimits(), log: @escaping Logger = { _ in }) {
+        self.limits = limits
+        self.log = log
+    }
+
+    deinit { stop() }
+
+    public var statistics: Statistics { core.withLock { $0.stats } }
+
+    // MARK: - Lifetime
+
+    /// Creates the inotify instance and starts reading it. Starting a started watcher is a no-op.
+    public func start() throws(FSShareError) {
+        try core.withLock { (c: inout Core) throws(FSShareError) in
+            if c.inotify != nil { return }
+            c.stopping = false
+            let fd: FileDescriptor
+            do throws(SystemCallError) {
+                fd = try Sys.inotifyInit()
+            } catch {
+                if error.errno == .tooManyOpenFiles {
+                    throw FSShareError(.limitExceeded, "cannot create an inotify instance: the per-user limit (fs.inotify.max_user_instances) is reached", systemCall: error)
+                }
+                throw FSShareError.system("cannot create an inotify instance", error)
+            }
+            let wake = try sys("cannot create the watcher's wake pipe") { () throws(SystemCallError) in try Sys.pipe() }
+            c.inotify = fd
+            c.wake = wake
+            c.stats.inotifyInstances = 1
+            do throws(SystemCallError) {
+                c.reader = try OSThread { [self] in readLoop(fd, wake: wake.0) }
+            } catch {
+                Sys.close(fd)
+                Sys.close(wake.0)
+                Sys.close(wake.1)
+                c.inotify = nil
+                c.wake = nil
+                c.stats.inotifyInstances = 0
+                throw FSShareError.system("cannot start the watcher thread", error)
+            }
+        }
+        log("watcher started (one inotify instance for every sandbox)")
+    }
+
+    /// Stops reading events and every sync worker, and releases every watch. Idempotent.
+    public func stop() {
+        let (reader, wake, workers) = core.withLock { c -> (OSThread?, (FileDescriptor, FileDescriptor)?, [Worker]) in
+            if c.stopping || c.inotify == nil { return (nil, nil, []) }
+            c.stopping = true
+            let r = c.reader
+            c.reader = nil
+            return (r, c.wake, Array(c.workers.values))
+        }
+        guard let wake else { return }
+        var b: UInt8 = 1
+        _ = Glibc.write(wake.1.rawValue, &b, 1)
+        reader?.join()
+        for w in workers {
+            w.wake()
+            let t = w.thread.withLock { t -> OSThread? in
+                let x = t
+                t = nil
+                return x
+            }
+            t?.join()
+            Sys.close(w.wakeRead)
+            Sys.close(w.wakeWrite)
+        }
+        core.withLock { c in
+            for v in c.volumes.values { Sys.close(v.fd) }
+            for f in c.followed.values { Sys.close(f.dir.fd) }
+            c.volumes = [:]
+            c.byWD = [:]
+            c.followed = [:]
+            c.workers = [:]
+            if let fd = c.inotify { Sys.close(fd) }
+            Sys.close(wake.0)
+            Sys.close(wake.1)
+            c.inotify = nil
+            c.wake = nil
+            c.stats.inotifyInstances = 0
+            c.stats.watchedVolumes = 0
+        }
+        log("watcher stopped")
+    }
+
+    // MARK: - Volumes
+
+    static let volumeMask = UInt32(IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+
+    /// Starts mirroring `volume` (a kubelet atomic-writer volume directory) to `guestPath`
+    /// through `agent`. The first sync is a full one (it also removes stale guest entries).
+    /// Watching an already watched volume is a no-op.
+    public func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient) throws(FSShareError) {
+        try watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: nil)
+    }
+
+    func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?) throws(FSShareError) {
+        let key = VolumeWatcher.key(sandboxID, name)
+        try core.withLock { (c: inout Core) throws(FSShareError) in
+            guard let inotify = c.inotify, !c.stopping else {
+                throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
+            }
+            if c.volumes[key] != nil { return }
+            let fd = try sys("cannot open the watched volume \(volume)") { () throws(SystemCallError) in
+                try Sys.openat(nil, volume, flags: Sys.oPath | Sys.oDirectory)
+            }
+            let wd: Int32
+            do throws(SystemCallError) {
+                // Watch exactly the directory opened (its /proc/self/fd link), not whatever the
+                // path names by the time the watch is added.
+                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: VolumeWatcher.volumeMask)
+            } catch {
+                Sys.close(fd)
+                if error.errno == .noSpace {
+                    throw FSShareError(
+                        .limitExceeded,
+                        "cannot watch \(volume): the inotify watch limit is reached (fs.inotify.max_user_watches = \(VolumeWatcher.sysctl("max_user_watches"))); raise it or watch fewer volumes",
+                        systemCall: error)
+                }
+                throw FSShareError.system("cannot watch \(volume)", error)
+            }
+            var v = Volume(sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, fd: fd, wd: wd, state: state)
+            // A second volume on the same inode shares the wd: keep one entry per wd.
+            if let other = c.byWD[wd], other != key {
+                Sys.close(fd)
+                throw FSShareError(.conflict, "\(volume) is already watched as \(other)")
+            }
+            v.dirty = state == nil
+            v.force = state == nil
+            c.volumes[key] = v
+            c.byWD[wd] = key
+            c.stats.watchedVolumes = c.volumes.count
+            c.stats.stopped[key] = nil
+            let worker = try self.worker(for: sandboxID, &c)
+            if v.dirty { worker.wake() }
+        }
+        log("watching \(volume) -> \(guestPath)")
+    }
+
+    /// Stops mirroring a volume (its guest copy is left alone). Unknown volumes are ignored.
+    public func unwatch(sandboxID: String, name: String) {
+        let key = VolumeWatcher.key(sandboxID, name)
+        core.withLock { c in
+            guard let v = c.volumes.removeValue(forKey: key) else { return }
+            c.byWD[v.wd] = nil
+            if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
+            Sys.close(v.fd)
+            c.stats.watchedVolumes = c.volumes.count
+        }
+    }
+
+    /// The volumes being mirrored, as `sandbox/name` keys.
+    public var watchedVolumes: [String] { core.withLock { Array($0.volumes.keys).sorted() } }
+
+    private func worker(for sandboxID: String, _ c: inout Core) throws(FSShareError) -> Worker {
+        if let w = c.workers[sandboxID] { return w }
+        let w = Worker(try sys("cannot create a wake pipe") { () throws(SystemCallError) in try Sys.pipe() })
+        let t: OSThread
+        do throws(SystemCallError) {
+            t = try OSThread { [self] in workLoop(sandboxID, w) }
+        } catch {
+            Sys.close(w.wakeRead)
+            Sys.close(w.wakeWrite)
+            throw FSShareError.system("cannot start a sync worker", error)
+        }
+        w.thread.withLock { $0 = t }
+        c.workers[sandboxID] = w
+        return w
+    }
+
+    static func sysctl(_ name: String) -> String {
+        guard let fd = try? Sys.openat(nil, FilePath("/proc/sys/fs/inotify/" + name), flags: O_RDONLY) else { return "?" }
+        defer { Sys.close(fd) }
+        let bytes = (try? Sys.readAll(fd, path: "")) ?? []
+        return String(decoding: bytes, as: UTF8.self).trimmingSuffixNewline
+    }
+
+    // MARK: - Events
+
+    private func readLoop(_ fd: FileDescriptor, wake: FileDescriptor) {
+        let size = 64 * 1024
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
+        defer { buffer.deallocate() }
+        while true {
+            guard let ready = try? Sys.pollIn(fd, wake: wake, timeoutMilliseconds: -1, path: "inotify") else { return }
+            if ready & 2 != 0 { return }
+            guard let n = try? Sys.readAvailable(fd, into: buffer, path: "inotify"), n > 0 else { continue }
+            var events: [(wd: Int32, mask: UInt32, name: String)] = []
+            var offset = 0
+            while offset + 16 <= n {
+                let wd = buffer.load(fromByteOffset: offset, as: Int32.self)
+                let mask = buffer.load(fromByteOffset: offset + 4, as: UInt32.self)
+                let len = Int(buffer.load(fromByteOffset: offset + 12, as: UInt32.self))
+                var name = ""
+                if len > 0 {
+                    let raw = UnsafeRawBufferPointer(rebasing: buffer[(offset + 16)..<(offset + 16 + len)])
+                    let end = raw.firstIndex(of: 0) ?? len
+                    name = String(decoding: raw[0..<end], as: UTF8.self)
+                }
+                events.append((wd, mask, name))
+                offset += 16 + len
+            }
+            handle(events)
+        }
+    }
+
+    private func handle(_ events: [(wd: Int32, mask: UInt32, name: String)]) {
+        var wakeSandboxes: Set<String> = []
+        var reloads: [Followed] = []
+        var lines: [String] = []
+        core.withLock { c in
+            for e in events {
+                if e.mask & UInt32(IN_Q_OVERFLOW) != 0 {
+                    // Events were lost: resync everything, and re-read followed manifests.
+                    c.stats.overflows += 1
+                    for (k, var v) in c.volumes {
+                        v.dirty = true
+                        v.force = true
+                        c.volumes[k] = v
+                        wakeSandboxes.insert(v.sandboxID)
+                    }
+                    reloads += c.followed.values
+                    lines.append("inotify queue overflowed: resyncing every volume")
+                    continue
+                }
+                if let f = c.followed[e.wd] {
+                    if e.name == "manifest" { reloads.append(f) }
+                    continue
+                }
+                guard let key = c.byWD[e.wd], var v = c.volumes[key] else { continue }
+                if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT) != 0 {
+                    c.volumes[key] = nil
+                    c.byWD[e.wd] = nil
+                    if e.mask & UInt32(IN_IGNORED) == 0, let fd = c.inotify { Sys.inotifyRemoveWatch(fd, e.wd) }
+                    Sys.close(v.fd)
+                    c.stats.watchedVolumes = c.volumes.count
+                    c.stats.stopped[key] = "the volume directory \(v.hostPath) went away"
+                    lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
+                    continue
+                }
+                // The swap itself, or a key link added or removed after it.
+                let relevant = e.name == "..data" ? e.mask & UInt32(IN_MOVED_TO) != 0 : !e.name.hasPrefix("..")
+                guard relevant, !v.dirty else { continue }
+                v.dirty = true
+                c.volumes[key] = v
+                wakeSandboxes.insert(v.sandboxID)
+            }
+            for s in wakeSandboxes { c.workers[s]?.wake() }
+        }
+        for line in lines { log(line) }
+        for f in reloads { reload(f) }
+    }
+
+    // MARK: - Sync
+
+    private func workLoop(_ sandboxID: String, _ worker: Worker) {
+        var scratch: UInt8 = 0
+        while true {
+            guard (try? Sys.pollIn(worker.wakeRead, timeoutMilliseconds: -1, path: "wake")) != nil else { return }
+            while Glibc.read(worker.wakeRead.rawValue, &scratch, 1) > 0 {}
+            if core.withLock({ $0.stopping }) { return }
+            // Take every dirty volume of this sandbox; new events mark them dirty again.
+            while true {
+                let job: (String, Volume)? = core.withLock { c in
+                    guard let (k, v) = c.volumes.first(where: { $0.value.sandboxID == sandboxID && $0.value.dirty }) else { return nil }
+                    var taken = v
+                    taken.dirty = false
+                    taken.force = false
+                    c.volumes[k] = taken
+                    return (k, v)
+                }
+                guard let (key, v) = job else { break }
+                if core.withLock({ $0.stopping }) { return }
+                sync(key, v)
+            }
+        }
+    }
+
+    private func sync(_ key: String, _ v: Volume) {
+        let start = Sys.monotonicNanoseconds()
+        let mirror = AtomicWriterMirror(volume: DirFD(fd: v.fd, path: v.hostPath), guestDir: v.guestPath, limits: limits)
+        var state = v.state
+        var report = CopyReport()
+        do {
+            let outcome = try mirror.sync(agent: v.agent, state: &state, force: v.force, report: &report)
+            let micros = (Sys.monotonicNanoseconds() - start) / 1000
+            core.withLock { c in
+                if var now = c.volumes[key], now.fd == v.fd {
+                    now.state = state
+                    c.volumes[key] = now
+                }
+                c.stats.syncs += 1
+            }
+            switch outcome {
+            case .unchanged: break
+            case .synced(let ts, let entries, let bytes):
+                log("synced \(v.hostPath) -> \(v.guestPath) (\(ts), \(entries) entries, \(bytes) bytes) in \(micros) µs")
+            case .notAtomicWriter:
+                log("\(v.hostPath) has no ..data link: not an atomic-writer volume, nothing mirrored")
+            }
+        } catch {
+            core.withLock { c in
+                c.stats.failedSyncs += 1
+                if error.code == .limitExceeded, let gone = c.volumes.removeValue(forKey: key) {
+                    // The fallback: stop mirroring, keep the last complete content in the guest.
+                    c.byWD[gone.wd] = nil
+                    if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
+                    Sys.close(gone.fd)
+                    c.stats.watchedVolumes = c.volumes.count
+                    c.stats.stopped[key] = error.message
+                } else if var now = c.volumes[key], now.fd == v.fd {
+                    // Retried on the next event (or resync); the guest keeps its last good copy.
+                    now.force = true
+                    c.volumes[key] = now
+                }
+            }
+            log("sync of \(v.hostPath) failed: \(error.message)\(error.code == .limitExceeded ? "; no longer mirrored (the guest keeps the last complete copy)" : "")")
+        }
+    }
+
+    // MARK: - Following a sandbox manifest
+
+    /// Mirrors every watched copy-mode volume recorded in sandbox `sandboxID`'s manifest under
+    /// `root`, and follows the manifest: shares added or removed later (by other processes)
+    /// are picked up. On start every volume gets a full resync, so a restarted watcher brings
+    /// the guest back in line.
+    public func follow(root: FilePath, sandboxID: String, agent: AgentClient) throws(FSShareError) {
+        try Identifier.validate(sandboxID, what: "sandbox")
+        let path = root.appending(sandboxID)
+        let fd = try sys("cannot open the sandbox directory \(path)") { () throws(SystemCallError) in
+            try Sys.openat(nil, path, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+        }
+        let f: Followed = try core.withLock { (c: inout Core) throws(FSShareError) -> Followed in
+            guard let inotify = c.inotify else {
+                Sys.close(fd)
+                throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
+            }
+            let wd: Int32
+            do throws(SystemCallError) {
+                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_MODIFY | IN_MOVED_TO | IN_CLOSE_WRITE | IN_ONLYDIR))
+            } catch {
+                Sys.close(fd)
+                throw FSShareError.system("cannot watch \(path)", error)
+            }
+            let f = Followed(root: root, sandboxID: sandboxID, agent: agent, dir: DirFD(fd: fd, path: path), wd: wd)
+            c.followed[wd] = f
+            return f
+        }
+        try reloadOrThrow(f)
+    }
+
+    private func reload(_ f: Followed) {
+        do {
+            try reloadOrThrow(f)
+        } catch {
+            log("cannot re-read the manifest of sandbox \(f.sandboxID): \(error.message)")
+        }
+    }
+
+    private func reloadOrThrow(_ f: Followed) throws(FSShareError) {
+        guard let manifest = try Manifest.open(in: f.dir, sandboxID: f.sandboxID, create: false) else {
+            throw FSShareError(.notPrepared, "sandbox \(f.sandboxID) has no manifest under \(f.root)")
+        }
+        let guestDir = SandboxLayout(root: f.root, sandboxID: f.sandboxID, guestSharedDir: SharerConfiguration.defaultGuestSharedDir)
+        let wanted = manifest.orderedShares.filter { $0.kind == .copy && $0.watched && $0.copied }
+        let wantedNames = Set(wanted.map(\.name))
+        let current = core.withLock { c in c.volumes.values.filter { $0.sandboxID == f.sandboxID }.map(\.name) }
+        for name in current where !wantedNames.contains(name) {
+            unwatch(sandboxID: f.sandboxID, name: name)
+            log("\(f.sandboxID)/\(name) was unshared: stopped mirroring it")
+        }
+        var firstError: FSShareError?
+        for r in wanted {
+            do {
+                try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: f.agent)
+            } catch {
+                log("cannot watch \(r.source): \(error.message)")
+                core.withLock { $0.stats.stopped[VolumeWatcher.key(f.sandboxID, r.name)] = error.message }
+                if firstError == nil { firstError = error }
+            }
+        }
+        if let firstError, firstError.code == .limitExceeded { throw firstError }
+    }
+}
+
+extension String {
+    var trimmingSuffixNewline: String {
+        var s = self
+        while s.hasSuffix("\n") { s.removeLast() }
+        return s
+    }
+}
