@@ -108,7 +108,7 @@ let package = Package(
             name: "FSShareTests",
             dependencies: [
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
-                "fsshare-scenarios", "fsshare",
+                "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

@@ -286,3 +286,12 @@ int fsshare_signal_pipe(void) {
     if (sigaction(SIGTERM, &sa, NULL) != 0 || sigaction(SIGINT, &sa, NULL) != 0) return -1;
     return p[0];
 }
+
+int fsshare_open_pty(char *slave_name, size_t capacity) {
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) return -1;
+    if (grantpt(m) != 0 || unlockpt(m) != 0 || ptsname_r(m, slave_name, capacity) != 0) {
+        int saved = errno; close(m); errno = saved; return -1;
+    }
+    return m;
+}

@@ -51,6 +51,8 @@ public final class VolumeWatcher: Sendable {
         var state: AtomicWriterMirror.GuestState?
         var dirty = false
         var force = false
+        /// The last sync failed (agent away, I/O error): retried every second until it works.
+        var failing = false
     }
 
     final class Worker: Sendable {
@@ -349,9 +351,20 @@ public final class VolumeWatcher: Sendable {
     private func workLoop(_ sandboxID: String, _ worker: Worker) {
         var scratch: UInt8 = 0
         while true {
-            guard (try? Sys.pollIn(worker.wakeRead, timeoutMilliseconds: -1, path: "wake")) != nil else { return }
+            let retrying = core.withLock { c in c.volumes.values.contains { $0.sandboxID == sandboxID && $0.failing } }
+            guard let ready = try? Sys.pollIn(worker.wakeRead, timeoutMilliseconds: retrying ? 1000 : -1, path: "wake") else { return }
             while Glibc.read(worker.wakeRead.rawValue, &scratch, 1) > 0 {}
             if core.withLock({ $0.stopping }) { return }
+            if ready == 0 {
+                // Retry failed syncs: without this an update whose sync failed (agent restarting)
+                // would wait for the next kubelet update.
+                core.withLock { c in
+                    for (k, var v) in c.volumes where v.sandboxID == sandboxID && v.failing {
+                        v.dirty = true
+                        c.volumes[k] = v
+                    }
+                }
+            }
             // Take every dirty volume of this sandbox; new events mark them dirty again.
             while true {
                 let job: (String, Volume)? = core.withLock { c in
@@ -380,6 +393,7 @@ public final class VolumeWatcher: Sendable {
             core.withLock { c in
                 if var now = c.volumes[key], now.fd == v.fd {
                     now.state = state
+                    now.failing = false
                     c.volumes[key] = now
                 }
                 c.stats.syncs += 1
@@ -404,6 +418,7 @@ public final class VolumeWatcher: Sendable {
                 } else if var now = c.volumes[key], now.fd == v.fd {
                     // Retried on the next event (or resync); the guest keeps its last good copy.
                     now.force = true
+                    now.failing = true
                     c.volumes[key] = now
                 }
             }

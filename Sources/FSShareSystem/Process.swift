@@ -1,13 +1,21 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import SystemPackage
 
 extension Sys {
     /// Runs a program (PATH lookup), waits, and returns its exit status (negative: killed by
     /// that signal) and its combined stdout and stderr.
     public static func run(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String) {
+        let r = runMeasured(argv, environment: environment)
+        return (r.status, r.output)
+    }
+
+    /// ``run(_:environment:)`` that also reports the child's peak resident set size (KiB,
+    /// from `wait4`'s rusage).
+    public static func runMeasured(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String, maxRSSKiB: Int) {
         var pipeFDs: [Int32] = [0, 0]
-        guard Glibc.pipe(&pipeFDs) == 0 else { return (-1, "pipe failed") }
+        guard Glibc.pipe(&pipeFDs) == 0 else { return (-1, "pipe failed", 0) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
@@ -32,7 +40,7 @@ extension Sys {
         Glibc.close(pipeFDs[1])
         if rc != 0 {
             Glibc.close(pipeFDs[0])
-            return (-1, "spawn \(argv[0]) failed: \(rc)")
+            return (-1, "spawn \(argv[0]) failed: \(rc)", 0)
         }
         var output: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
@@ -42,8 +50,43 @@ extension Sys {
         }
         Glibc.close(pipeFDs[0])
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        var usage = rusage()
+        while wait4(pid, &status, 0, &usage) < 0 && errno == EINTR {}
         let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : -(status & 0x7f)
-        return (code, String(decoding: output, as: UTF8.self))
+        return (code, String(decoding: output, as: UTF8.self), Int(usage.ru_maxrss))
+    }
+}
+
+/// A child process left running (an agent, a watcher) until ``stop(signal:)``.
+public final class ChildProcess: Sendable {
+    public let pid: pid_t
+
+    /// Starts `argv` (PATH lookup) with stdout and stderr appended to `logPath`.
+    public init(_ argv: [String], logPath: String) throws(SystemCallError) {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let cArgs = argv.map { strdup($0) } + [nil]
+        defer { cArgs.forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawnp(&pid, argv[0], &actions, nil, cArgs, environ)
+        if rc != 0 { throw SystemCallError(syscall: "posix_spawn", path: FilePath(argv[0]), errno: Errno(rawValue: rc)) }
+        self.pid = pid
+    }
+
+    /// Sends `signal` and waits for the child; returns its exit status (negative: the signal).
+    @discardableResult
+    public func stop(signal: Int32 = SIGTERM) -> Int32 {
+        kill(pid, signal)
+        return wait()
+    }
+
+    /// Waits for the child to exit.
+    public func wait() -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : -(status & 0x7f)
     }
 }

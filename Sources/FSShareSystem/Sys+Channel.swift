@@ -118,6 +118,14 @@ extension Sys {
         return (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
     }
 
+    /// A pseudo-terminal: (master, slave path). A pty stands in for a serial port.
+    public static func openPty() throws(SystemCallError) -> (FileDescriptor, FilePath) {
+        var name = [CChar](repeating: 0, count: 128)
+        let fd = fsshare_open_pty(&name, name.count)
+        if fd < 0 { throw fail("posix_openpt", nil) }
+        return (FileDescriptor(rawValue: fd), FilePath(String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
+    }
+
     /// `shutdown(fd, SHUT_RDWR)`: wakes a thread blocked reading the socket. Errors ignored.
     public static func shutdown(_ fd: FileDescriptor) {
         _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR))
@@ -166,7 +174,8 @@ extension Sys {
     /// `fchownat(2)`, never following a final symlink (it changes the link itself).
     public static func lchownat(_ dir: DirFD?, _ path: FilePath, uid: UInt32, gid: UInt32) throws(SystemCallError) {
         try FaultInjection.check("fchownat", shown(dir, path))
-        let rc = path.withPlatformString { Glibc.fchownat(dirfd(dir), $0, uid, gid, FSSHARE_AT_SYMLINK_NOFOLLOW) }
+        let flags = FSSHARE_AT_SYMLINK_NOFOLLOW | (path.isEmpty ? FSSHARE_AT_EMPTY_PATH : 0)
+        let rc = path.withPlatformString { Glibc.fchownat(dirfd(dir), $0, uid, gid, flags) }
         if rc != 0 { throw fail("fchownat", shown(dir, path)) }
     }
 

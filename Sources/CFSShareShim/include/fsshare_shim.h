@@ -107,6 +107,8 @@ int fsshare_thread_join(uint64_t handle);
 long fsshare_peak_rss_kib(void);
 /// Routes SIGTERM and SIGINT to a pipe (self-pipe trick); returns its read end or -1 with errno.
 int fsshare_signal_pipe(void);
+/// Opens a pseudo-terminal master and writes its slave's path. Master fd or -1 with errno.
+int fsshare_open_pty(char *slave_name, size_t capacity);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t fsshare_monotonic_ns(void);
 
