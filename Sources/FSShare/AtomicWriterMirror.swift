@@ -85,6 +85,7 @@ struct AtomicWriterMirror {
             } catch {
                 let raced = error.code == .conflict || error.systemCall?.errno == .noSuchFileOrDirectory
                 if raced && attempts < 5 { continue }
+                if raced { throw FSShareError(.conflict, "\(volume.path) kept changing during the copy (superseded)") }
                 throw error
             }
         }

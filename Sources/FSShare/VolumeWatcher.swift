@@ -46,7 +46,8 @@ public final class VolumeWatcher: Sendable {
         let hostPath: FilePath
         let guestPath: String
         let agent: AgentClient
-        let fd: FileDescriptor
+        /// Identifies this registration (a volume unwatched and watched again gets a new one).
+        let generation: UInt64
         let wd: Int32
         var state: AtomicWriterMirror.GuestState?
         var dirty = false
@@ -87,6 +88,7 @@ public final class VolumeWatcher: Sendable {
         var workers: [String: Worker] = [:]
         var followed: [Int32: Followed] = [:]
         var stats = Statistics()
+        var generation: UInt64 = 0
     }
 
     static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
@@ -161,7 +163,6 @@ public final class VolumeWatcher: Sendable {
             Sys.close(w.wakeWrite)
         }
         core.withLock { c in
-            for v in c.volumes.values { Sys.close(v.fd) }
             for f in c.followed.values { Sys.close(f.dir.fd) }
             c.volumes = [:]
             c.byWD = [:]
@@ -196,16 +197,12 @@ public final class VolumeWatcher: Sendable {
                 throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
             }
             if c.volumes[key] != nil { return }
-            let fd = try sys("cannot open the watched volume \(volume)") { () throws(SystemCallError) in
-                try Sys.openat(nil, volume, flags: Sys.oPath | Sys.oDirectory)
-            }
+            // No descriptor is held on the volume between syncs: a held reference would defer
+            // IN_DELETE_SELF until it is closed, hiding a deleted volume.
             let wd: Int32
             do throws(SystemCallError) {
-                // Watch exactly the directory opened (its /proc/self/fd link), not whatever the
-                // path names by the time the watch is added.
-                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: VolumeWatcher.volumeMask)
+                wd = try Sys.inotifyAddWatch(inotify, volume, mask: VolumeWatcher.volumeMask | UInt32(IN_DONT_FOLLOW))
             } catch {
-                Sys.close(fd)
                 if error.errno == .noSpace {
                     throw FSShareError(
                         .limitExceeded,
@@ -214,10 +211,10 @@ public final class VolumeWatcher: Sendable {
                 }
                 throw FSShareError.system("cannot watch \(volume)", error)
             }
-            var v = Volume(sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, fd: fd, wd: wd, state: state)
+            c.generation += 1
+            var v = Volume(sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, generation: c.generation, wd: wd, state: state)
             // A second volume on the same inode shares the wd: keep one entry per wd.
             if let other = c.byWD[wd], other != key {
-                Sys.close(fd)
                 throw FSShareError(.conflict, "\(volume) is already watched as \(other)")
             }
             v.dirty = state == nil
@@ -239,7 +236,6 @@ public final class VolumeWatcher: Sendable {
             guard let v = c.volumes.removeValue(forKey: key) else { return }
             c.byWD[v.wd] = nil
             if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
-            Sys.close(v.fd)
             c.stats.watchedVolumes = c.volumes.count
         }
     }
@@ -327,7 +323,6 @@ public final class VolumeWatcher: Sendable {
                     c.volumes[key] = nil
                     c.byWD[e.wd] = nil
                     if e.mask & UInt32(IN_IGNORED) == 0, let fd = c.inotify { Sys.inotifyRemoveWatch(fd, e.wd) }
-                    Sys.close(v.fd)
                     c.stats.watchedVolumes = c.volumes.count
                     c.stats.stopped[key] = "the volume directory \(v.hostPath) went away"
                     lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
@@ -384,14 +379,18 @@ public final class VolumeWatcher: Sendable {
 
     private func sync(_ key: String, _ v: Volume) {
         let start = Sys.monotonicNanoseconds()
-        let mirror = AtomicWriterMirror(volume: DirFD(fd: v.fd, path: v.hostPath), guestDir: v.guestPath, limits: limits)
         var state = v.state
         var report = CopyReport()
         do {
+            let fd = try sys("cannot open the watched volume \(v.hostPath)") { () throws(SystemCallError) in
+                try Sys.openat(nil, v.hostPath, flags: Sys.oPath | Sys.oDirectory)
+            }
+            defer { Sys.close(fd) }
+            let mirror = AtomicWriterMirror(volume: DirFD(fd: fd, path: v.hostPath), guestDir: v.guestPath, limits: limits)
             let outcome = try mirror.sync(agent: v.agent, state: &state, force: v.force, report: &report)
             let micros = (Sys.monotonicNanoseconds() - start) / 1000
             core.withLock { c in
-                if var now = c.volumes[key], now.fd == v.fd {
+                if var now = c.volumes[key], now.generation == v.generation {
                     now.state = state
                     now.failing = false
                     c.volumes[key] = now
@@ -406,16 +405,26 @@ public final class VolumeWatcher: Sendable {
                 log("\(v.hostPath) has no ..data link: not an atomic-writer volume, nothing mirrored")
             }
         } catch {
+            if error.code == .conflict {
+                // Superseded: kubelet swapped again while we copied. The guest still has the
+                // previous complete content; the newer swap is synced next.
+                core.withLock { c in
+                    if var now = c.volumes[key], now.generation == v.generation {
+                        now.dirty = true
+                        c.volumes[key] = now
+                    }
+                }
+                return
+            }
             core.withLock { c in
                 c.stats.failedSyncs += 1
                 if error.code == .limitExceeded, let gone = c.volumes.removeValue(forKey: key) {
                     // The fallback: stop mirroring, keep the last complete content in the guest.
                     c.byWD[gone.wd] = nil
                     if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
-                    Sys.close(gone.fd)
                     c.stats.watchedVolumes = c.volumes.count
                     c.stats.stopped[key] = error.message
-                } else if var now = c.volumes[key], now.fd == v.fd {
+                } else if var now = c.volumes[key], now.generation == v.generation {
                     // Retried on the next event (or resync); the guest keeps its last good copy.
                     now.force = true
                     now.failing = true

@@ -1,0 +1,193 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShare
+import FSShareAgentChannel
+import FSShareSystem
+import Synchronization
+import SystemPackage
+import Testing
+
+/// The volume watcher against a real agent, with a kubelet emulator writing real files.
+/// Serialized: the overflow test lowers a global inotify sysctl for an instant.
+@Suite(.serialized) struct WatcherTests {
+    final class Lines: Sendable {
+        let lines = Mutex<[String]>([])
+        func add(_ s: String) { lines.withLock { $0.append(s) } }
+        var all: [String] { lines.withLock { $0 } }
+    }
+
+    func rig(_ name: String, limits: WatchLimits = WatchLimits(), plugin: String = "configmap", lines: Lines = Lines()) throws -> (AgentUnderTest, KubeletEmulator, VolumeWatcher, String) {
+        let base = TestEnvironment.scratch(name)
+        let agent = try AgentUnderTest(base)
+        let kubelet = KubeletEmulator(root: base + "/kubelet", plugin: plugin)
+        let watcher = VolumeWatcher(limits: limits) { lines.add($0) }
+        return (agent, kubelet, watcher, agent.shareDir + "/c1-0123456789abcdef-cfg")
+    }
+
+    @Test func updatesKeysNestedPathsAndDeletion() throws {
+        let lines = Lines()
+        let (agent, kubelet, watcher, guest) = try rig("watch-updates", plugin: "projected", lines: lines)
+        kubelet.write(["a": "1", "b": "2"])
+        try watcher.start()
+        try watcher.start()  // idempotent
+        defer { watcher.stop() }
+        try watcher.watch(sandboxID: "s1", name: "c1-0123456789abcdef-cfg", volume: FilePath(kubelet.volume), guestPath: guest, agent: agent.client())
+        #expect(waitForMirror(host: kubelet.volume, guest: guest) == nil)
+        let steps: [[String: String]] = [
+            ["a": "1b", "b": "2"],                          // content change
+            ["a": "1b", "b": "2", "c": "3"],                // key added
+            ["a": "1b", "c": "3"],                          // key removed
+            ["a": "x", "dir/nested/deep": "n1", "dir/other": "n2"],  // projected items with a/b paths
+            ["dir/nested/deep": "n2"],                      // nested change, keys removed
+            [:],                                            // empty volume
+            ["z": "back"],
+        ]
+        for (i, payload) in steps.enumerated() {
+            kubelet.write(payload)
+            let diff = waitForMirror(host: kubelet.volume, guest: guest)
+            #expect(diff == nil, "step \(i): \(diff ?? "")")
+        }
+        // The guest keeps exactly one timestamped dir: old ones and deleted keys are pruned.
+        #expect(snapshot(guest)?.keys.filter { $0.hasPrefix("..2026") && !$0.contains("/") }.count == 1)
+        #expect(watcher.statistics.inotifyInstances == 1)
+        // The volume is deleted: mirroring stops with a reason, the guest copy stays.
+        _ = Sys.run(["rm", "-rf", kubelet.volume])
+        for _ in 0..<200 where watcher.statistics.watchedVolumes > 0 { usleep(10_000) }
+        #expect(watcher.statistics.watchedVolumes == 0)
+        #expect(watcher.statistics.stopped["s1/c1-0123456789abcdef-cfg"]?.contains("went away") == true)
+        #expect(snapshot(guest)?["z"] == "l:..data/z")
+        watcher.stop()
+        watcher.stop()  // idempotent
+        #expect(watcher.statistics.inotifyInstances == 0)
+        #expect(lines.all.contains { $0.contains("synced") })
+    }
+
+    /// 1,000 rapid kubelet updates while a reader in the guest dir checks, continuously, that
+    /// `..data` never dangles, no key is ever missing, and no file is ever torn.
+    @Test func readerNeverSeesAnInconsistentGuest() throws {
+        let lines = Lines()
+        let (agent, kubelet, watcher, guest) = try rig("watch-rapid", lines: lines)
+        let keys = (0..<5).map { "key\($0)" }
+        func payload(_ v: Int) -> [String: String] {
+            Dictionary(uniqueKeysWithValues: keys.map { ($0, "v\(v)-" + String(repeating: "x", count: 2000 + v % 7) + "-END") })
+        }
+        kubelet.write(payload(0))
+        try watcher.start()
+        defer { watcher.stop() }
+        try watcher.watch(sandboxID: "s1", name: "cfg", volume: FilePath(kubelet.volume), guestPath: guest, agent: agent.client())
+        try #require(waitForMirror(host: kubelet.volume, guest: guest) == nil)
+
+        let stop = Atomic<Bool>(false)
+        let problems = Mutex<[String]>([])
+        let reads = Atomic<Int>(0)
+        let reader = try OSThread {
+            var buffer = [UInt8](repeating: 0, count: 8192)
+            while !stop.load(ordering: .relaxed) {
+                var st = stat()
+                if stat(guest + "/..data", &st) != 0 || st.st_mode & S_IFMT != S_IFDIR {
+                    problems.withLock { $0.append("..data dangles (errno \(errno))") }
+                }
+                for key in keys {
+                    let fd = open(guest + "/" + key, O_RDONLY)
+                    if fd < 0 {
+                        problems.withLock { $0.append("\(key) missing (errno \(errno))") }
+                        continue
+                    }
+                    let n = read(fd, &buffer, buffer.count)
+                    close(fd)
+                    let text = n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
+                    if !(text.hasPrefix("v") && text.hasSuffix("-END")) {
+                        problems.withLock { $0.append("\(key) torn: \(text.prefix(12))…\(text.suffix(6)) (\(n) bytes)") }
+                    }
+                }
+                reads.add(1, ordering: .relaxed)
+            }
+        }
+        for v in 1...1000 { kubelet.write(payload(v)) }
+        let diff = waitForMirror(host: kubelet.volume, guest: guest, seconds: 20)
+        stop.store(true, ordering: .relaxed)
+        reader.join()
+        #expect(diff == nil, "\(diff ?? "")")
+        let seen = problems.withLock { $0 }
+        #expect(seen.isEmpty, "\(seen.count) inconsistent reads, first: \(seen.prefix(5))")
+        #expect(reads.load(ordering: .relaxed) > 100, "the reader must actually have raced the updates")
+        print("watcher: 1000 updates, \(watcher.statistics.syncs) syncs (coalesced), \(watcher.statistics.failedSyncs) failed, \(reads.load(ordering: .relaxed)) guest reads, 0 inconsistent")
+    }
+
+    @Test func queueOverflowTriggersFullResync() throws {
+        let lines = Lines()
+        let (agent, kubelet, watcher, guest) = try rig("watch-overflow", lines: lines)
+        kubelet.write(["a": "1"])
+        // A real IN_Q_OVERFLOW: this watcher's instance gets a 1-event queue (the limit is read
+        // when the instance is created), and the global value is restored at once.
+        let sysctl = "/proc/sys/fs/inotify/max_queued_events"
+        let saved = String(Sys.run(["cat", sysctl]).output.filter { $0 != "\n" })
+        guard Sys.run(["sh", "-c", "echo 1 > \(sysctl)"]).status == 0 else {
+            print("SKIP: queueOverflowTriggersFullResync needs to write \(sysctl) (root)")
+            return
+        }
+        do {
+            defer { _ = Sys.run(["sh", "-c", "echo \(saved) > \(sysctl)"]) }
+            try watcher.start()
+        }
+        #expect(String(Sys.run(["cat", sysctl]).output.filter { $0 != "\n" }) == saved)
+        defer { watcher.stop() }
+        try watcher.watch(sandboxID: "s1", name: "cfg", volume: FilePath(kubelet.volume), guestPath: guest, agent: agent.client())
+        try #require(waitForMirror(host: kubelet.volume, guest: guest) == nil)
+        for round in 0..<50 where watcher.statistics.overflows == 0 {
+            // Flood: many events at once, and a real update hidden among them.
+            for i in 0..<50 {
+                kubelet.writeFile(kubelet.volume + "/..flood\(i)", "x")
+                unlink(kubelet.volume + "/..flood\(i)")
+            }
+            kubelet.write(["a": "round\(round)", "b": "\(round)"])
+            usleep(2_000)
+        }
+        #expect(watcher.statistics.overflows > 0)
+        #expect(waitForMirror(host: kubelet.volume, guest: guest) == nil)
+        #expect(lines.all.contains { $0.contains("overflowed") })
+    }
+
+    @Test func agentRestartedMidSync() throws {
+        let (agent, kubelet, watcher, guest) = try rig("watch-restart")
+        kubelet.write(["a": "1", "b": "1"])
+        try watcher.start()
+        defer { watcher.stop() }
+        try watcher.watch(sandboxID: "s1", name: "cfg", volume: FilePath(kubelet.volume), guestPath: guest, agent: agent.client(timeout: .seconds(2)))
+        try #require(waitForMirror(host: kubelet.volume, guest: guest) == nil)
+        // Updates stream in; the agent dies in the middle of them and comes back.
+        for v in 2..<40 {
+            kubelet.write(["a": "\(v)", "b": "\(v)", "c\(v % 3)": "x"])
+            if v == 10 { agent.kill() }
+            if v == 25 { try agent.start() }
+        }
+        // The last update may have failed while the agent was down: the watcher retries on its own.
+        #expect(waitForMirror(host: kubelet.volume, guest: guest, seconds: 15) == nil)
+        #expect(watcher.statistics.failedSyncs > 0, "the outage must have been seen")
+    }
+
+    @Test func volumeOverTheLimitStopsWithAReason() throws {
+        let (agent, kubelet, watcher, guest) = try rig("watch-limit", limits: WatchLimits(maxEntries: 5, maxBytes: 1 << 20))
+        kubelet.write(["a": "1"])
+        try watcher.start()
+        defer { watcher.stop() }
+        try watcher.watch(sandboxID: "s1", name: "cfg", volume: FilePath(kubelet.volume), guestPath: guest, agent: agent.client())
+        try #require(waitForMirror(host: kubelet.volume, guest: guest) == nil)
+        let before = snapshot(guest)
+        kubelet.write(Dictionary(uniqueKeysWithValues: (0..<10).map { ("k\($0)", "v") }))
+        for _ in 0..<300 where watcher.statistics.stopped.isEmpty { usleep(10_000) }
+        let reason = watcher.statistics.stopped["s1/cfg"] ?? ""
+        #expect(reason.contains("over the watch limits"), "\(reason)")
+        // The fallback keeps the last complete content in the guest.
+        #expect(snapshot(guest) == before)
+    }
+
+    @Test func kubeletVolumePathsAreRecognised() {
+        #expect(KubeletVolume.match("/var/lib/kubelet/pods/u/volumes/kubernetes.io~configmap/cfg")?.name == "cfg")
+        #expect(KubeletVolume.match("/k0s/kubelet/pods/u/volumes/kubernetes.io~downward-api/info")?.plugin == "kubernetes.io~downward-api")
+        #expect(KubeletVolume.match("/x/volumes/kubernetes.io~projected/kube-api-access-1/")?.name == "kube-api-access-1")
+        #expect(KubeletVolume.match("/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/scratch") == nil)
+        #expect(KubeletVolume.match("/srv/data") == nil)
+    }
+}
