@@ -107,10 +107,14 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         return sandboxStorages
     }
 
+    /// Copy mode: nothing is exported, so the sandbox needs its directory and manifest but no mounts.
+    var copyMode: Bool { configuration.sharedFilesystem == .none }
+
     /// Synchronous ``prepare()`` (no suspension point; the work is a handful of syscalls).
+    /// In copy mode it makes the directories and the manifest only: there is nothing to export.
     public func prepareSync() throws(FSShareError) {
         try state.withLock { (s: inout State) throws(FSShareError) in
-            if let h = s.handle, h.isAlive, (try? isMountRoot(h.sandbox, "shared")) == true { return }
+            if let h = s.handle, h.isAlive, copyMode || (try? isMountRoot(h.sandbox, "shared")) == true { return }
             s.handle = nil
             s.handle = try makeSandbox()
         }
@@ -190,7 +194,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         // group: then binds under mounts/ propagate to shared/ and to virtiofsd's slave
         // namespace even where / is private (this machine; Kata's Prepare propagates nothing
         // there), and they propagate nowhere else on hosts where /run is shared.
-        if try isMountRoot(root, sid) {
+        if copyMode {
+            // No shared filesystem: no self-bind, no propagation to arrange.
+        } else if try isMountRoot(root, sid) {
             // Left by an earlier prepare (or made by the operator): make sure it propagates.
             try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
                 try Sys.mount(source: nil, target: MountOps.fdPath(root.fd, sid), flags: UInt(MS_SHARED))
@@ -218,7 +224,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 undo.add { try? Sys.unlinkat(sandbox, n, directory: true) }
             }
         }
-        if !(try isMountRoot(sandbox, "shared")) {
+        if !copyMode, !(try isMountRoot(sandbox, "shared")) {
             let mounts = MountOps.fdPath(top, "mounts")
             let shared = MountOps.fdPath(top, "shared")
             let sharedShown = sandbox.display("shared")
@@ -258,9 +264,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let notPrepared = FSShareError(.notPrepared, "sandbox \(sandboxID) is not prepared under \(configuration.root)")
         guard let root = try openRoot(create: false) else { throw notPrepared }
         let sid = FilePath(sandboxID)
-        guard (try? Sys.statx(root, sid)) != nil,
-              let shared = try? Sys.statx(root, sid.appending("shared")), shared.isMountRoot
-        else {
+        let exported = copyMode
+            ? (try? Sys.statx(root, sid.appending(Manifest.fileName.string))) != nil
+            : (try? Sys.statx(root, sid.appending("shared")))?.isMountRoot == true
+        guard (try? Sys.statx(root, sid)) != nil, exported else {
             Sys.close(root.fd)
             throw notPrepared
         }

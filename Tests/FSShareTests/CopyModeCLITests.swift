@@ -1,0 +1,110 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareSystem
+import SystemPackage
+import Testing
+
+/// Copy mode end to end through the `fsshare` CLI and a real agent: `share --agent`, `unshare`,
+/// and the long-running `fsshare watch` (restart, manifest follow, clean SIGTERM).
+@Suite struct CopyModeCLITests {
+    let fsshare = TestEnvironment.product("fsshare")
+
+    /// Runs fsshare commands in a private mount namespace (prepare makes mounts).
+    func inNamespace(_ script: String) -> (status: Int32, output: String, maxRSSKiB: Int) {
+        Sys.runMeasured(["unshare", "-m", "--propagation", "private", "--", "sh", "-ec", script])
+    }
+
+    @Test func shareCopiesStreamingAndUnshareRemoves() throws {
+        guard TestEnvironment.canMount else { return }
+        let base = TestEnvironment.scratch("cli-copy")
+        let agent = try AgentUnderTest(base)
+        let root = base + "/root"
+        let big = base + "/big.bin"
+        // 100 MiB of non-zero data.
+        #expect(Sys.run(["sh", "-c", "head -c 104857600 /dev/urandom > \(big)"]).status == 0)
+        let common = "--root \(root) --sandbox s1 --agent unix:\(agent.socket) --guest-shared-dir \(agent.shareDir)"
+        let r = inNamespace("""
+            \(fsshare) prepare --root \(root) --sandbox s1 --shared-fs none >/dev/null
+            \(fsshare) share \(common) --container c1 --source \(big) --destination /data/big.bin
+            """)
+        try #require(r.status == 0, "\(r.output)")
+        let guestPath = String(r.output.split(separator: "\n")[0])
+        #expect(guestPath.hasPrefix(agent.shareDir + "/c1-"))
+        #expect(Sys.run(["cmp", big, guestPath]).status == 0, "the guest copy must equal the source")
+        // Peak memory of the whole pipeline stays far below the file size (chunks of 1 MiB).
+        print("copy mode: 100 MiB file copied with a peak RSS of \(r.maxRSSKiB / 1024) MiB")
+        #expect(r.maxRSSKiB < 48 * 1024, "peak RSS \(r.maxRSSKiB) KiB")
+
+        // Sharing again copies nothing; a directory with a socket and an absolute link skips both with reasons.
+        let tree = base + "/tree"
+        _ = Sys.run(["sh", "-c", "mkdir -p \(tree)/sub && echo hi > \(tree)/sub/f && ln -s /etc/passwd \(tree)/abs && ln -s sub/f \(tree)/rel && python3 -c \"import socket;s=socket.socket(socket.AF_UNIX);s.bind('\(tree)/sock')\""])
+        let again = inNamespace("""
+            \(fsshare) share \(common) --container c1 --source \(big) --destination /data/big.bin
+            \(fsshare) share \(common) --container c1 --source \(tree) --destination /tree
+            """)
+        try #require(again.status == 0, "\(again.output)")
+        let lines = again.output.split(separator: "\n").map(String.init)
+        #expect(lines[0] == guestPath && !lines[1].hasPrefix("copied"), "a second share must not copy again: \(again.output)")
+        #expect(again.output.contains("copied 1 files, 2 directories, 1 symlinks"), "\(again.output)")
+        #expect(again.output.contains("skipped \(tree)/abs: symlink to the absolute path /etc/passwd"))
+        #expect(again.output.contains("skipped \(tree)/sock: a socket cannot be copied"))
+        let treeGuest = lines.first { $0.hasSuffix("-tree") } ?? ""
+        #expect(snapshot(treeGuest) == ["sub": "d", "sub/f": "f:hi\n", "rel": "l:sub/f"])
+
+        // Unshare removes the guest copy; so does cleanup of what is left on the host.
+        let un = inNamespace("""
+            \(fsshare) unshare \(common) --container c1 --destination /data/big.bin
+            \(fsshare) unshare \(common) --container c1 --destination /tree
+            \(fsshare) unshare \(common) --container c1 --destination /tree
+            \(fsshare) cleanup --root \(root) --sandbox s1
+            """)
+        #expect(un.status == 0, "\(un.output)")
+        #expect(access(guestPath, F_OK) != 0 && access(treeGuest, F_OK) != 0)
+        #expect(Sys.run(["find", root, "-mindepth", "1"]).output.isEmpty)
+    }
+
+    @Test func watchCommandFollowsTheManifestAndResyncsAfterRestart() throws {
+        guard TestEnvironment.canMount else { return }
+        let base = TestEnvironment.scratch("cli-watch")
+        let agent = try AgentUnderTest(base)
+        let root = base + "/root"
+        let kubelet = KubeletEmulator(root: base + "/var/lib/kubelet", plugin: "secret", name: "token")
+        kubelet.write(["token": "t1", "ca.crt": "ca1"])
+        let common = "--root \(root) --sandbox s1 --agent unix:\(agent.socket) --guest-shared-dir \(agent.shareDir)"
+        let shared = inNamespace("""
+            \(fsshare) prepare --root \(root) --sandbox s1 --shared-fs none >/dev/null
+            \(fsshare) share \(common) --container c1 --source \(kubelet.volume) --destination /var/run/secrets/token
+            """)
+        try #require(shared.status == 0, "\(shared.output)")
+        let guest = String(shared.output.split(separator: "\n")[0])
+        #expect(waitForMirror(host: kubelet.volume, guest: guest, seconds: 1) == nil, "the share itself copies the volume")
+
+        let log = base + "/watch.log"
+        var watch = try ChildProcess([fsshare, "watch", "--root", root, "--sandbox", "s1", "--agent", "unix:\(agent.socket)"], logPath: log)
+        kubelet.write(["token": "t2", "ca.crt": "ca1"])
+        #expect(waitForMirror(host: kubelet.volume, guest: guest) == nil, Comment(rawValue: Sys.run(["cat", log]).output))
+
+        // A volume shared while the watcher runs is picked up from the manifest.
+        let second = KubeletEmulator(root: base + "/var/lib/kubelet", plugin: "configmap", name: "app")
+        second.write(["app.yaml": "a: 1"])
+        let s2 = inNamespace("\(fsshare) share \(common) --container c1 --source \(second.volume) --destination /etc/app")
+        try #require(s2.status == 0, "\(s2.output)")
+        let guest2 = String(s2.output.split(separator: "\n")[0])
+        for _ in 0..<300 where !Sys.run(["cat", log]).output.contains("watching \(second.volume)") { usleep(10_000) }
+        second.write(["app.yaml": "a: 2", "extra": "e"])
+        #expect(waitForMirror(host: second.volume, guest: guest2) == nil)
+
+        // SIGTERM: a clean stop, with a closing line.
+        #expect(watch.stop(signal: SIGTERM) == 0)
+        #expect(Sys.run(["cat", log]).output.contains("stopping after"))
+        // Updates while nobody watches; a new watcher resyncs from the manifest.
+        kubelet.write(["token": "t3"])
+        kubelet.write(["token": "t4", "new": "n"])
+        #expect(snapshot(guest) != snapshot(kubelet.volume))
+        watch = try ChildProcess([fsshare, "watch", "--root", root, "--sandbox", "s1", "--agent", "unix:\(agent.socket)"], logPath: log)
+        #expect(waitForMirror(host: kubelet.volume, guest: guest) == nil, Comment(rawValue: Sys.run(["cat", log]).output))
+        #expect(watch.stop(signal: SIGINT) == 0)
+        _ = inNamespace("\(fsshare) cleanup --root \(root) --sandbox s1")
+    }
+}
