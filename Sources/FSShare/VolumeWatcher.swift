@@ -192,11 +192,11 @@ public final class VolumeWatcher: Sendable {
 
     func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?) throws(FSShareError) {
         let key = VolumeWatcher.key(sandboxID, name)
-        try core.withLock { (c: inout Core) throws(FSShareError) in
+        let added = try core.withLock { (c: inout Core) throws(FSShareError) -> Bool in
             guard let inotify = c.inotify, !c.stopping else {
                 throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
             }
-            if c.volumes[key] != nil { return }
+            if c.volumes[key] != nil { return false }
             // No descriptor is held on the volume between syncs: a held reference would defer
             // IN_DELETE_SELF until it is closed, hiding a deleted volume.
             let wd: Int32
@@ -225,8 +225,9 @@ public final class VolumeWatcher: Sendable {
             c.stats.stopped[key] = nil
             let worker = try self.worker(for: sandboxID, &c)
             if v.dirty { worker.wake() }
+            return true
         }
-        log("watching \(volume) -> \(guestPath)")
+        if added { log("watching \(volume) -> \(guestPath)") }
     }
 
     /// Stops mirroring a volume (its guest copy is left alone). Unknown volumes are ignored.
@@ -454,7 +455,7 @@ public final class VolumeWatcher: Sendable {
             }
             let wd: Int32
             do throws(SystemCallError) {
-                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_MODIFY | IN_MOVED_TO | IN_CLOSE_WRITE | IN_ONLYDIR))
+                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_MODIFY | IN_MOVED_TO | IN_ONLYDIR))
             } catch {
                 Sys.close(fd)
                 throw FSShareError.system("cannot watch \(path)", error)

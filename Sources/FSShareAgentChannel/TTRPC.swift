@@ -56,6 +56,7 @@ public final class FrameStream: @unchecked Sendable {
     private let isSocket: Bool
     private var buffer: [UInt8] = []
     private var start = 0
+    private let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
 
     /// Takes ownership of `fd` (closed by ``close()`` or deinit).
     public init(fd: FileDescriptor, name: String) {
@@ -71,7 +72,10 @@ public final class FrameStream: @unchecked Sendable {
         Sys.close(fd)
     }
 
-    deinit { close() }
+    deinit {
+        close()
+        scratch.deallocate()
+    }
 
     private var shown: FilePath { FilePath(name) }
 
@@ -127,12 +131,9 @@ public final class FrameStream: @unchecked Sendable {
                 buffer.removeAll(keepingCapacity: true)
                 start = 0
             }
-            let before = buffer.count
-            buffer.append(contentsOf: repeatElement(0, count: 65536))
-            let n = try buffer.withUnsafeMutableBytes { (all) throws(SystemCallError) -> Int in
-                try Sys.read(fd, into: UnsafeMutableRawBufferPointer(rebasing: all[before...]), path: shown)
-            }
-            buffer.removeLast(65536 - n)
+            // Read into a fixed scratch buffer and append only what arrived (no per-read zeroing).
+            let n = try Sys.read(fd, into: scratch, path: shown)
+            buffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
             return n > 0
         } catch let e as SystemCallError {
             throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(e)")
