@@ -154,21 +154,25 @@ public final class AgentClient: Sendable {
     }
 
     private func exchange(_ stream: FrameStream, _ s: inout State, _ service: String, _ method: String, _ payload: [UInt8]) throws(AgentError) -> [UInt8] {
-        var request = Ttrpc_Request()
-        request.service = service
-        request.method = method
-        request.payload = Data(payload)
-        request.timeoutNano = callTimeoutNanos
-        let bytes: [UInt8]
-        do {
-            bytes = try request.serializedBytes()
-        } catch {
-            throw AgentError(.protocolError, "cannot encode a ttrpc request: \(error)")
-        }
+        let bytes = try envelope(service, method, Data(payload))
         let id = s.nextStreamID
         s.nextStreamID &+= 2
         try stream.write(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: bytes), deadline: deadline())
         return try readReply(stream, id: id, what: "\(service)/\(method)")
+    }
+
+    /// The `ttrpc.Request` bytes for one call.
+    func envelope(_ service: String, _ method: String, _ payload: Data) throws(AgentError) -> [UInt8] {
+        var request = Ttrpc_Request()
+        request.service = service
+        request.method = method
+        request.payload = payload
+        request.timeoutNano = callTimeoutNanos
+        do {
+            return try request.serializedBytes()
+        } catch {
+            throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
+        }
     }
 
     var callTimeoutNanos: Int64 {
@@ -295,17 +299,13 @@ extension AgentClient {
             _ service: String, _ method: String, _ message: some SwiftProtobuf.Message,
             onError: ((AgentError) -> AgentError?)? = nil
         ) throws(AgentError) {
-            let payload: [UInt8]
+            let body: Data
             do {
-                var request = Ttrpc_Request()
-                request.service = service
-                request.method = method
-                request.payload = try message.serializedBytes()
-                request.timeoutNano = client.callTimeoutNanos
-                payload = try request.serializedBytes()
+                body = try message.serializedBytes()
             } catch {
                 throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
             }
+            let payload = try client.envelope(service, method, body)
             while pending.count >= maxInFlight || (pendingBytes + payload.count > maxBytes && !pending.isEmpty) {
                 try receiveOne()
             }
