@@ -97,7 +97,7 @@ let package = Package(
         .executableTarget(
             name: "fsshare-bench",
             dependencies: [
-                "FSShare", "FSShareSystem", "CFSShareBenchFloor",
+                "FSShare", "FSShareSystem", "FSShareAgentChannel", "CFSShareBenchFloor",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict

@@ -206,6 +206,10 @@ long fsshare_send(int fd, const void *buf, size_t len, int is_socket) {
     return is_socket ? send(fd, buf, len, MSG_NOSIGNAL) : write(fd, buf, len);
 }
 
+long fsshare_send_nowait(int fd, const void *buf, size_t len) {
+    return send(fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 int fsshare_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned flags) {
     return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
 }

@@ -130,6 +130,15 @@ struct AtomicWriterMirror {
         let guestDir = self.guestDir
         let volumeStatus = try sys("cannot stat \(volume.path)") { () throws(SystemCallError) in try Sys.fstatx(volume.fd, path: volume.path) }
         let previous = state
+        // With an agent that honours batches, the whole sync is one batch and one round trip:
+        // a failed step makes the agent refuse every later one, so nothing is published on top
+        // of a failure. Otherwise each step waits for the previous one's replies.
+        let batched: Bool
+        do {
+            batched = try agent.features().contains("Batches")
+        } catch {
+            throw FSShareError.agent("cannot mirror \(volume.path) into the guest at \(guestDir)", error)
+        }
         // Errors of our own (host reads) are carried past the agent-typed pipeline closure.
         var hostError: FSShareError?
         func host<T>(_ body: () throws(FSShareError) -> T) throws(AgentError) -> T {
@@ -142,6 +151,7 @@ struct AtomicWriterMirror {
         }
         do {
             try agent.withPipeline { (p: inout AgentClient.Pipeline) throws(AgentError) in
+                if batched { p.beginBatch() }
                 // 0. The volume directory itself (first sync only).
                 if previous == nil {
                     try host { () throws(FSShareError) in
@@ -152,9 +162,9 @@ struct AtomicWriterMirror {
                 try host { () throws(FSShareError) in
                     try copier.copyDirectory(ts, status: st, to: guestDir + "/" + target, pipeline: &p, report: &report)
                 }
-                try p.flush()
+                if !batched { try p.flush() }
                 // kubelet deletes a timestamped directory only after ..data has moved off it:
-                // if ..data still names it now, everything copied above was intact.
+                // if ..data still names it now, everything read above was intact.
                 let now = try host { () throws(FSShareError) in
                     try sys("cannot read \(volume.display("..data"))") { () throws(SystemCallError) in try Sys.readlinkat(volume, "..data") }
                 }
@@ -171,7 +181,7 @@ struct AtomicWriterMirror {
                 rename.from = guestDir + "/..data_tmp"
                 rename.to = guestDir + "/..data"
                 try p.send(TTRPC.guestFilesService, "RenamePath", rename)
-                try p.flush()
+                if !batched { try p.flush() }
                 // 3. New key links (kubelet's links; their targets are under ..data).
                 for (key, linkTarget) in keys.sorted(by: { $0.key < $1.key }) where previous?.keys[key] != linkTarget {
                     var k = copier.request(guestDir + "/" + key, volumeStatus, mode: UInt32(S_IFLNK))
@@ -180,7 +190,7 @@ struct AtomicWriterMirror {
                     try p.send(TTRPC.agentService, TTRPC.copyFileMethod, k)
                     report.symlinks += 1
                 }
-                try p.flush()
+                if !batched { try p.flush() }
                 // 4. Deleted keys and every other timestamped directory.
                 let removedKey = previous.map { !Set($0.keys.keys).subtracting(keys.keys).isEmpty } ?? true
                 if removedKey || previous?.timestampDir != target {

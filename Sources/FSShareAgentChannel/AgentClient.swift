@@ -34,6 +34,8 @@ public final class AgentClient: Sendable {
         var stream: FrameStream?
         var nextStreamID: UInt32 = 1
         var reconnects = 0
+        /// The agent's GetInfo features, learnt once per connection (nil: not asked yet).
+        var features: Set<String>?
     }
     private let state: Mutex<State>
 
@@ -84,6 +86,21 @@ public final class AgentClient: Sendable {
         } catch {
             throw AgentError(.protocolError, "the agent at \(address) sent an undecodable GetInfo reply: \(error)")
         }
+    }
+
+    /// The operations the agent serves (GetInfo's `features`, asked once per connection): a Kata
+    /// agent, which lacks `fsshare.GuestFiles`, serves only `CopyFile`.
+    public func features() throws(AgentError) -> Set<String> {
+        if let known = state.withLock({ $0.features }) { return known }
+        var found: Set<String>
+        do {
+            found = Set(try info().features)
+        } catch {
+            guard error.isUnimplemented else { throw error }
+            found = [TTRPC.copyFileMethod]
+        }
+        state.withLock { $0.features = found }
+        return found
     }
 
     /// `fsshare.GuestFiles/RemovePath`.
@@ -150,6 +167,7 @@ public final class AgentClient: Sendable {
         let stream = try AgentClient.open(address, timeout: connectTimeout)
         s.stream = stream
         s.nextStreamID = 1
+        s.features = nil
         return stream
     }
 
@@ -162,12 +180,18 @@ public final class AgentClient: Sendable {
     }
 
     /// The `ttrpc.Request` bytes for one call.
-    func envelope(_ service: String, _ method: String, _ payload: Data) throws(AgentError) -> [UInt8] {
+    func envelope(_ service: String, _ method: String, _ payload: Data, batch: String? = nil) throws(AgentError) -> [UInt8] {
         var request = Ttrpc_Request()
         request.service = service
         request.method = method
         request.payload = payload
         request.timeoutNano = callTimeoutNanos
+        if let batch {
+            var kv = Ttrpc_KeyValue()
+            kv.key = TTRPC.batchMetadataKey
+            kv.value = batch
+            request.metadata = [kv]
+        }
         do {
             return try request.serializedBytes()
         } catch {
@@ -284,6 +308,11 @@ extension AgentClient {
         private var pendingBytes = 0
         public var maxInFlight = 128
         public var maxBytes = 4 << 20
+        /// Requests are queued and written in bursts of up to this many bytes (and before the
+        /// window waits for a reply): one write and one wakeup of the agent per burst.
+        static let burstBytes = 64 << 10
+        /// The batch every request sent from now on belongs to (see ``beginBatch()``).
+        public private(set) var batch: String?
         /// Remote refusals that a request's handler chose to tolerate.
         public private(set) var tolerated: [AgentError] = []
 
@@ -291,6 +320,15 @@ extension AgentClient {
             self.client = client
             self.stream = stream
             self.nextStreamID = nextStreamID
+        }
+
+        /// Makes the requests sent from now on one batch: if one of them fails, the agent
+        /// refuses the rest (they fail with ABORTED) instead of applying them, so a later step
+        /// never runs on a failed earlier one and no round trip is needed between them. Needs
+        /// an agent that honours ``TTRPC/batchMetadataKey`` (fsshare-agent); check with
+        /// ``AgentClient/info()`` first.
+        public mutating func beginBatch() {
+            batch = String(nextStreamID)
         }
 
         /// Sends one request. `onError` sees a remote refusal of this request and returns nil
@@ -305,19 +343,21 @@ extension AgentClient {
             } catch {
                 throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
             }
-            let payload = try client.envelope(service, method, body)
+            let payload = try client.envelope(service, method, body, batch: batch)
             while pending.count >= maxInFlight || (pendingBytes + payload.count > maxBytes && !pending.isEmpty) {
                 try receiveOne()
             }
             let id = nextStreamID
             nextStreamID &+= 2
-            try stream.write(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: payload), deadline: client.deadline())
+            try stream.queue(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: payload))
+            if stream.queuedBytes >= Pipeline.burstBytes { try stream.flushOutput(deadline: client.deadline()) }
             pending.append((id, payload.count, onError))
             pendingBytes += payload.count
         }
 
         /// Waits for every outstanding reply; throws the first refusal not tolerated.
         public mutating func flush() throws(AgentError) {
+            try stream.flushOutput(deadline: client.deadline())
             var first: AgentError?
             while !pending.isEmpty {
                 do throws(AgentError) {
@@ -332,6 +372,7 @@ extension AgentClient {
         }
 
         private mutating func receiveOne() throws(AgentError) {
+            try stream.flushOutput(deadline: client.deadline())
             let (id, bytes, onError) = pending.removeFirst()
             pendingBytes -= bytes
             do throws(AgentError) {

@@ -41,6 +41,7 @@ public enum GRPCStatus {
     public static let permissionDenied: Int32 = 7
     public static let resourceExhausted: Int32 = 8
     public static let failedPrecondition: Int32 = 9
+    public static let aborted: Int32 = 10
     public static let unimplemented: Int32 = 12
     public static let `internal`: Int32 = 13
 }

@@ -17,6 +17,12 @@ public enum TTRPC {
     public static let copyFileMethod = "CopyFile"
     /// fsshare's own guest service (Proto/fsshare_agent.proto).
     public static let guestFilesService = "fsshare.GuestFiles"
+    /// Request metadata naming a batch: once one request of a batch fails, the server refuses
+    /// the rest of that batch on the connection (ABORTED) instead of applying them. A pipelined
+    /// sequence whose later steps depend on the earlier ones (copy a directory, then publish it)
+    /// then needs one round trip, not one per step. A server that ignores metadata (Kata's
+    /// agent) applies every request, as before.
+    public static let batchMetadataKey = "fsshare-batch"
 }
 
 /// One ttrpc frame.
@@ -36,13 +42,18 @@ public struct TTRPCFrame: Sendable, Equatable {
     /// Header and payload as one buffer (one write per frame).
     public var encoded: [UInt8] {
         var out = [UInt8]()
-        out.reserveCapacity(TTRPC.headerLength + payload.count)
+        append(to: &out)
+        return out
+    }
+
+    /// Appends header and payload to `out`.
+    public func append(to out: inout [UInt8]) {
+        out.reserveCapacity(out.count + TTRPC.headerLength + payload.count)
         let n = UInt32(payload.count)
         out += [UInt8(n >> 24), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
         out += [UInt8(streamID >> 24), UInt8(streamID >> 16 & 0xff), UInt8(streamID >> 8 & 0xff), UInt8(streamID & 0xff)]
         out += [type, flags]
         out += payload
-        return out
     }
 }
 
@@ -87,15 +98,28 @@ public final class FrameStream: @unchecked Sendable {
         return Int32(min((deadline - now + 999_999) / 1_000_000, UInt64(Int32.max)))
     }
 
+    /// Frames queued by ``queue(_:)`` and not yet written.
+    private var output: [UInt8] = []
+    /// Bytes queued but not written.
+    public var queuedBytes: Int { output.count }
+
     /// Writes all of `bytes` before `deadline`.
     public func write(_ bytes: [UInt8], deadline: UInt64?) throws(AgentError) {
         var done = 0
         while done < bytes.count {
             do {
-                if deadline != nil {
+                // Sockets: try first, wait only when the buffer is full (one syscall, not two).
+                if isSocket, let n = try bytes.withUnsafeBytes({ (all) throws(SystemCallError) -> Int? in
+                    try Sys.sendNoWait(fd, UnsafeRawBufferPointer(rebasing: all[done...]), path: shown)
+                }) {
+                    done += n
+                    continue
+                }
+                if deadline != nil || isSocket {
                     guard try Sys.pollOut(fd, timeoutMilliseconds: remaining(deadline), path: shown) else {
                         throw AgentError(.timeout, "timed out writing to the agent at \(name)")
                     }
+                    if isSocket { continue }
                 }
                 let n = try bytes.withUnsafeBytes { (all) throws(SystemCallError) -> Int in
                     try Sys.send(fd, UnsafeRawBufferPointer(rebasing: all[done...]), isSocket: isSocket, path: shown)
@@ -111,25 +135,47 @@ public final class FrameStream: @unchecked Sendable {
         }
     }
 
-    /// Writes one frame.
+    /// Writes one frame (after any queued ones).
     public func write(_ frame: TTRPCFrame, deadline: UInt64?) throws(AgentError) {
+        try queue(frame)
+        try flushOutput(deadline: deadline)
+    }
+
+    /// Queues one frame to be written by the next ``flushOutput(deadline:)``: a burst of small
+    /// requests (or replies) then costs one write and one wakeup of the peer, not one each.
+    public func queue(_ frame: TTRPCFrame) throws(AgentError) {
         guard frame.payload.count <= TTRPC.maxMessageLength else {
             throw AgentError(.protocolError, "a \(frame.payload.count)-byte message exceeds ttrpc's \(TTRPC.maxMessageLength)-byte limit")
         }
-        try write(frame.encoded, deadline: deadline)
+        frame.append(to: &output)
+    }
+
+    /// Writes every queued frame.
+    public func flushOutput(deadline: UInt64?) throws(AgentError) {
+        guard !output.isEmpty else { return }
+        defer { output.removeAll(keepingCapacity: output.capacity <= 1 << 20) }
+        try write(output, deadline: deadline)
+    }
+
+    /// Whether a whole frame is already buffered (reading it will not block).
+    public var hasBufferedFrame: Bool {
+        let available = buffer.count - start
+        guard available >= TTRPC.headerLength else { return false }
+        let b = buffer[start..<start + 4].map(Int.init)
+        return available - TTRPC.headerLength >= b[0] << 24 | b[1] << 16 | b[2] << 8 | b[3]
     }
 
     /// Reads more bytes into the buffer. False at end of stream.
     private func fill(deadline: UInt64?, wake: FileDescriptor?) throws(AgentError) -> Bool {
         do {
+            if start > 0 && start == buffer.count {
+                buffer.removeAll(keepingCapacity: true)
+                start = 0
+            }
             if deadline != nil || wake != nil {
                 let ready = try Sys.pollIn(fd, wake: wake, timeoutMilliseconds: remaining(deadline), path: shown)
                 if ready & 2 != 0 { throw AgentError(.disconnected, "stopped") }
                 if ready == 0 { throw AgentError(.timeout, "timed out waiting for the agent at \(name)") }
-            }
-            if start > 0 && start == buffer.count {
-                buffer.removeAll(keepingCapacity: true)
-                start = 0
             }
             // Read into a fixed scratch buffer and append only what arrived (no per-read zeroing).
             let n = try Sys.read(fd, into: scratch, path: shown)

@@ -7,7 +7,9 @@ import SwiftProtobuf
 import SystemPackage
 
 /// The server half of a ttrpc connection: reads requests, hands each to `handler`, writes the
-/// reply on the request's stream. Requests are served in order, one at a time.
+/// reply on the request's stream. Requests are served in order, one at a time. Replies to a
+/// burst of requests that arrived together are written together, when no whole request is left
+/// in the input buffer. Requests of a failed batch (``TTRPC/batchMetadataKey``) are refused.
 public enum TTRPCServer {
     /// What a handler returns: the reply payload, or a gRPC status code and message.
     public enum Reply: Sendable {
@@ -21,6 +23,8 @@ public enum TTRPCServer {
         _ stream: FrameStream, wake: FileDescriptor? = nil,
         handler: (_ service: String, _ method: String, _ payload: [UInt8]) -> Reply
     ) -> AgentError? {
+        // The batch whose requests are refused from now on (one of its requests failed).
+        var abortedBatch: String?
         while true {
             let frame: TTRPCFrame
             do {
@@ -36,7 +40,13 @@ public enum TTRPCServer {
             let reply: Reply
             do {
                 let request = try Ttrpc_Request(serializedBytes: frame.payload)
-                reply = handler(request.service, request.method, Array(request.payload))
+                let batch = request.metadata.first { $0.key == TTRPC.batchMetadataKey }?.value
+                if let batch, batch == abortedBatch {
+                    reply = .failure(GRPCStatus.aborted, "not applied: an earlier request of batch \(batch) failed")
+                } else {
+                    reply = handler(request.service, request.method, Array(request.payload))
+                    if case .failure = reply, let batch { abortedBatch = batch }
+                }
             } catch {
                 reply = .failure(GRPCStatus.invalidArgument, "undecodable ttrpc request: \(error)")
             }
@@ -50,7 +60,8 @@ public enum TTRPCServer {
             }
             do {
                 let bytes: [UInt8] = try response.serializedBytes()
-                try stream.write(TTRPCFrame(streamID: frame.streamID, type: TTRPC.typeResponse, payload: bytes), deadline: nil)
+                try stream.queue(TTRPCFrame(streamID: frame.streamID, type: TTRPC.typeResponse, payload: bytes))
+                if !stream.hasBufferedFrame || stream.queuedBytes >= 64 << 10 { try stream.flushOutput(deadline: nil) }
             } catch let e as AgentError {
                 return e
             } catch {

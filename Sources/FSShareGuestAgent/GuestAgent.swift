@@ -16,7 +16,9 @@ import SystemPackage
 /// bounded chunks).
 public final class GuestAgent: Sendable {
     public static let version = "fsshare-agent 0.2"
-    public static let features = ["CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory"]
+    /// "Batches": requests carrying ``TTRPC/batchMetadataKey`` are refused once one of their
+    /// batch failed (TTRPCServer does this for every connection).
+    public static let features = ["CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches"]
     /// At most this many connections are served at once; more wait in the listen backlog.
     public static let maxConnections = 32
 

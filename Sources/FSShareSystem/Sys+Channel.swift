@@ -98,6 +98,18 @@ extension Sys {
         }
     }
 
+    /// A socket `send(2)` that does not block: nil when the socket buffer is full.
+    public static func sendNoWait(_ fd: FileDescriptor, _ buffer: UnsafeRawBufferPointer, path: FilePath) throws(SystemCallError) -> Int? {
+        try FaultInjection.check("send", path)
+        while true {
+            let n = fsshare_send_nowait(fd.rawValue, buffer.baseAddress, buffer.count)
+            if n >= 0 { return n }
+            if Glibc.errno == EINTR { continue }
+            if Glibc.errno == EAGAIN || Glibc.errno == EWOULDBLOCK { return nil }
+            throw fail("send", path)
+        }
+    }
+
     /// Puts a terminal (a serial port or pty) into raw mode; a non-terminal is left alone.
     public static func makeRaw(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) {
         if fsshare_make_raw(fd.rawValue) != 0 && Glibc.errno != ENOTTY && Glibc.errno != EINVAL {

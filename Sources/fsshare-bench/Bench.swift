@@ -8,7 +8,8 @@ import SystemPackage
 
 /// fsshare against the C floor (the same syscall sequences, raw), interleaved iteration by
 /// iteration in one process so both see the same machine noise. Run by hack/bench inside a
-/// private mount namespace: `fsshare-bench WORKDIR [ITERATIONS]`.
+/// private mount namespace: `fsshare-bench mounts WORKDIR [ITERATIONS]`; the watcher's
+/// benchmarks are in WatchBench.swift.
 @main
 struct Bench {
     static func now() -> UInt64 {
@@ -35,10 +36,23 @@ struct Bench {
     }
 
     static func main() {
+        let usage = "usage: fsshare-bench mounts|watch|scale WORKDIR [N]"
         let args = CommandLine.arguments
-        guard args.count >= 2 else { fail("usage: fsshare-bench WORKDIR [ITERATIONS]") }
-        let work = args[1]
-        let iterations = args.count > 2 ? Int(args[2]) ?? 2000 : 2000
+        guard args.count >= 3 else { fail(usage) }
+        let work = args[2]
+        let n = args.count > 3 ? Int(args[3]) : nil
+        switch args[1] {
+        case "mounts": mounts(work: work, iterations: n ?? 2000)
+        case "watch":
+            // FSSHARE_BENCH_VOLUMES=1,100 picks the cells (for profiling).
+            let counts = getenv("FSSHARE_BENCH_VOLUMES").map { String(cString: $0).split(separator: ",").compactMap { Int($0) } }
+            WatchBench.run(work: work, trials: n ?? 1000, counts: counts ?? [1, 100, 1000])
+        case "scale": WatchBench.scale(work: work, volumes: n ?? 10_000)
+        default: fail(usage)
+        }
+    }
+
+    static func mounts(work: String, iterations: Int) {
         let t = work + "/t"
         _ = Sys.run(["mkdir", "-p", t, work + "/src"])
         // Targets on tmpfs, as under /run on a real host; sources on their own tmpfs.

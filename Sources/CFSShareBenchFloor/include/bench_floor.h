@@ -4,6 +4,7 @@
 #ifndef FSSHARE_BENCH_FLOOR_H
 #define FSSHARE_BENCH_FLOOR_H
 #include <stdint.h>
+#include "watch_floor.h"
 
 typedef struct {
     int root;      // O_PATH root directory

@@ -93,6 +93,8 @@ int fsshare_poll_in(int fd1, int fd2, int timeout_ms);
 int fsshare_poll_out(int fd, int timeout_ms);
 /// send(2) with MSG_NOSIGNAL (a closed peer gives EPIPE, not SIGPIPE); write(2) for non-sockets.
 long fsshare_send(int fd, const void *buf, size_t len, int is_socket);
+/// send(MSG_NOSIGNAL|MSG_DONTWAIT): -1/EAGAIN when it would block.
+long fsshare_send_nowait(int fd, const void *buf, size_t len);
 /// renameat2(2). -1 with errno.
 int fsshare_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned flags);
 /// Puts a terminal into raw mode (cfmakeraw). 0, or -1 with errno (ENOTTY for a non-tty: fine).
