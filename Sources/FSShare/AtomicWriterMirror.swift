@@ -119,14 +119,9 @@ struct AtomicWriterMirror {
         }
         defer { Sys.close(tsFD) }
         let ts = DirFD(fd: tsFD, path: volume.display(FilePath(target)))
-        let (entries, bytes) = try measure(ts)
-        guard entries <= limits.maxEntries, bytes <= limits.maxBytes else {
-            throw FSShareError(
-                .limitExceeded,
-                "\(volume.path) has \(entries) entries and \(bytes) bytes, over the watch limits (\(limits.maxEntries) entries, \(limits.maxBytes) bytes)")
-        }
         let st = try sys("cannot stat \(ts.path)") { () throws(SystemCallError) in try Sys.fstatx(tsFD, path: ts.path) }
-        let copier = self.copier
+        var copier = self.copier
+        copier.limits = limits
         let guestDir = self.guestDir
         let volumeStatus = try sys("cannot stat \(volume.path)") { () throws(SystemCallError) in try Sys.fstatx(volume.fd, path: volume.path) }
         let previous = state
@@ -201,33 +196,18 @@ struct AtomicWriterMirror {
                 }
             }
         } catch {
+            if let hostError, hostError.code == .limitExceeded {
+                // Over a limit mid-copy: nothing was published; take back the partial directory
+                // (never the one ..data names in the guest).
+                if let previous, previous.timestampDir != target { try? agent.removePath(guestDir + "/" + target, recursive: true) }
+                throw FSShareError(
+                    .limitExceeded,
+                    "\(volume.path) has \(hostError.message), over the watch limits (\(limits.maxEntries) entries, \(limits.maxBytes) bytes)")
+            }
             if let hostError { throw hostError }
             throw FSShareError.agent("cannot mirror \(volume.path) into the guest at \(guestDir)", error)
         }
         state = GuestState(timestampDir: target, keys: keys)
-        return .synced(timestampDir: target, entries: entries, bytes: bytes)
-    }
-
-    /// Counts entries and bytes below `dir` (stops early once over the limits).
-    private func measure(_ dir: DirFD) throws(FSShareError) -> (Int, Int64) {
-        var entries = 0
-        var bytes: Int64 = 0
-        var stack: [(DirFD, Bool)] = [(dir, false)]
-        defer { for (d, owned) in stack where owned { Sys.close(d.fd) } }
-        while let (d, owned) = stack.popLast() {
-            defer { if owned { Sys.close(d.fd) } }
-            let list = try sys("cannot list \(d.path)") { () throws(SystemCallError) in try Sys.listDirectory(d, ".") }
-            for e in list {
-                entries += 1
-                let n = FilePath(e.name)
-                guard let st = try? Sys.statx(d, n) else { continue }
-                if st.kind == .regular { bytes += Int64(st.size) }
-                if st.kind == .directory, let fd = try? Sys.openat(d, n, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow) {
-                    stack.append((DirFD(fd: fd, path: d.display(n)), true))
-                }
-                if entries > limits.maxEntries || bytes > limits.maxBytes { return (entries, bytes) }
-            }
-        }
-        return (entries, bytes)
+        return .synced(timestampDir: target, entries: report.entriesSeen, bytes: report.bytes)
     }
 }

@@ -34,6 +34,8 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
     public var message: String
     /// The failing system call, its path and errno, when there is one.
     public var systemCall: SystemCallError?
+    /// The agent channel's error, for ``Code/agent``.
+    public var agentError: AgentError?
 
     public init(_ code: Code, _ message: String, systemCall: SystemCallError? = nil) {
         self.code = code
@@ -50,7 +52,9 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
 
     /// Wraps an agent failure with a sentence about the operation it broke.
     public static func agent(_ what: String, _ error: AgentError) -> FSShareError {
-        FSShareError(.agent, "\(what): \(error.message)")
+        var e = FSShareError(.agent, "\(what): \(error.message)")
+        e.agentError = error
+        return e
     }
 }
 

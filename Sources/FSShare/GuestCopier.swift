@@ -17,6 +17,8 @@ public struct CopyReport: Sendable, Equatable {
     public var bytes: Int64 = 0
     /// Entries not copied, each with the reason (sockets, devices, refused symlinks, ...).
     public var skipped: [Skipped] = []
+    /// Entries looked at below the top directory (copied or skipped), for the limits.
+    var entriesSeen = 0
 
     public struct Skipped: Sendable, Equatable {
         public var path: String
@@ -37,6 +39,9 @@ struct GuestCopier {
     var chunkSize = GuestCopier.defaultChunkSize
     /// Mode for directories the agent creates implicitly (Kata sends 0750).
     var dirMode: UInt32 = 0o750
+    /// Entries and bytes allowed below the top directory (the watcher's per-volume limits),
+    /// checked as the tree is read: copying stops at the limit, no separate walk is needed.
+    var limits: WatchLimits?
 
     /// Copies the object open at `fd` (a file or directory; `O_PATH` is fine) to `guestPath`.
     func copy(_ fd: FileDescriptor, shownAs path: FilePath, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
@@ -65,6 +70,10 @@ struct GuestCopier {
     func copyEntry(_ dir: DirFD, _ name: String, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
         let n = FilePath(name)
         let shown = dir.display(n)
+        report.entriesSeen += 1
+        if let limits, report.entriesSeen > limits.maxEntries {
+            throw FSShareError(.limitExceeded, "more than \(limits.maxEntries) entries")
+        }
         let st: FileStatus
         do {
             st = try Sys.statx(dir, n)
@@ -106,6 +115,9 @@ struct GuestCopier {
     /// the file into place. Restarts once if the file changes size under it.
     func copyFile(_ fd: FileDescriptor, status: FileStatus, shownAs path: FilePath, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
         var st = status
+        if let limits, report.bytes + Int64(st.size) > limits.maxBytes {
+            throw FSShareError(.limitExceeded, "more than \(limits.maxBytes) bytes")
+        }
         var buffer = [UInt8](repeating: 0, count: max(1, min(chunkSize, Int(st.size))))
         for attempt in 0..<2 {
             let size = Int64(st.size)

@@ -52,8 +52,6 @@ public final class VolumeWatcher: Sendable {
         var state: AtomicWriterMirror.GuestState?
         var dirty = false
         var force = false
-        /// The last sync failed (agent away, I/O error): retried every second until it works.
-        var failing = false
     }
 
     final class Worker: Sendable {
@@ -78,6 +76,25 @@ public final class VolumeWatcher: Sendable {
         let wd: Int32
     }
 
+    /// A sandbox's volumes waiting for a sync, in the order they became dirty. A volume is in
+    /// it at most once (its `dirty` flag), so a worker finds its next job in O(1) however many
+    /// volumes the process watches.
+    struct DirtyQueue {
+        private var items: [String] = []
+        private var head = 0
+        mutating func push(_ key: String) { items.append(key) }
+        mutating func pop() -> String? {
+            guard head < items.count else { return nil }
+            let key = items[head]
+            head += 1
+            if head > 64 && head * 2 > items.count {
+                items.removeFirst(head)
+                head = 0
+            }
+            return key
+        }
+    }
+
     struct Core: ~Copyable {
         var inotify: FileDescriptor?
         var wake: (FileDescriptor, FileDescriptor)?
@@ -87,7 +104,22 @@ public final class VolumeWatcher: Sendable {
         var byWD: [Int32: String] = [:]
         var workers: [String: Worker] = [:]
         var followed: [Int32: Followed] = [:]
+        /// Per sandbox: the dirty volumes, and those whose last sync failed (agent away, I/O
+        /// error), which the sandbox's worker retries every second until they work.
+        var queues: [String: DirtyQueue] = [:]
+        var failing: [String: Set<String>] = [:]
         var stats = Statistics()
+
+        /// Queues `key` for a sync (once, however many events arrive before it runs).
+        mutating func markDirty(_ key: String, force: Bool = false) {
+            guard var v = volumes[key] else { return }
+            if force { v.force = true }
+            if !v.dirty {
+                v.dirty = true
+                queues[v.sandboxID, default: DirtyQueue()].push(key)
+            }
+            volumes[key] = v
+        }
         var generation: UInt64 = 0
     }
 
@@ -165,6 +197,8 @@ public final class VolumeWatcher: Sendable {
         core.withLock { c in
             for f in c.followed.values { Sys.close(f.dir.fd) }
             c.volumes = [:]
+            c.queues = [:]
+            c.failing = [:]
             c.byWD = [:]
             c.followed = [:]
             c.workers = [:]
@@ -212,19 +246,18 @@ public final class VolumeWatcher: Sendable {
                 throw FSShareError.system("cannot watch \(volume)", error)
             }
             c.generation += 1
-            var v = Volume(sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, generation: c.generation, wd: wd, state: state)
+            let v = Volume(sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, generation: c.generation, wd: wd, state: state)
             // A second volume on the same inode shares the wd: keep one entry per wd.
             if let other = c.byWD[wd], other != key {
                 throw FSShareError(.conflict, "\(volume) is already watched as \(other)")
             }
-            v.dirty = state == nil
-            v.force = state == nil
             c.volumes[key] = v
             c.byWD[wd] = key
+            if state == nil { c.markDirty(key, force: true) }
             c.stats.watchedVolumes = c.volumes.count
             c.stats.stopped[key] = nil
             let worker = try self.worker(for: sandboxID, &c)
-            if v.dirty { worker.wake() }
+            if state == nil { worker.wake() }
             return true
         }
         if added { log("watching \(volume) -> \(guestPath)") }
@@ -236,6 +269,7 @@ public final class VolumeWatcher: Sendable {
         core.withLock { c in
             guard let v = c.volumes.removeValue(forKey: key) else { return }
             c.byWD[v.wd] = nil
+            c.failing[v.sandboxID]?.remove(key)
             if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
             c.stats.watchedVolumes = c.volumes.count
         }
@@ -305,10 +339,8 @@ public final class VolumeWatcher: Sendable {
                 if e.mask & UInt32(IN_Q_OVERFLOW) != 0 {
                     // Events were lost: resync everything, and re-read followed manifests.
                     c.stats.overflows += 1
-                    for (k, var v) in c.volumes {
-                        v.dirty = true
-                        v.force = true
-                        c.volumes[k] = v
+                    for (k, v) in c.volumes {
+                        c.markDirty(k, force: true)
                         wakeSandboxes.insert(v.sandboxID)
                     }
                     reloads += c.followed.values
@@ -319,10 +351,11 @@ public final class VolumeWatcher: Sendable {
                     if e.name == "manifest" { reloads.append(f) }
                     continue
                 }
-                guard let key = c.byWD[e.wd], var v = c.volumes[key] else { continue }
+                guard let key = c.byWD[e.wd], let v = c.volumes[key] else { continue }
                 if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT) != 0 {
                     c.volumes[key] = nil
                     c.byWD[e.wd] = nil
+                    c.failing[v.sandboxID]?.remove(key)
                     if e.mask & UInt32(IN_IGNORED) == 0, let fd = c.inotify { Sys.inotifyRemoveWatch(fd, e.wd) }
                     c.stats.watchedVolumes = c.volumes.count
                     c.stats.stopped[key] = "the volume directory \(v.hostPath) went away"
@@ -332,8 +365,7 @@ public final class VolumeWatcher: Sendable {
                 // The swap itself, or a key link added or removed after it.
                 let relevant = e.name == "..data" ? e.mask & UInt32(IN_MOVED_TO) != 0 : !e.name.hasPrefix("..")
                 guard relevant, !v.dirty else { continue }
-                v.dirty = true
-                c.volumes[key] = v
+                c.markDirty(key)
                 wakeSandboxes.insert(v.sandboxID)
             }
             for s in wakeSandboxes { c.workers[s]?.wake() }
@@ -346,39 +378,55 @@ public final class VolumeWatcher: Sendable {
 
     private func workLoop(_ sandboxID: String, _ worker: Worker) {
         var scratch: UInt8 = 0
+        // Set when the agent could not be reached: until then events only queue volumes, so an
+        // absent agent costs one attempt per second, not one per event.
+        var pausedUntil: UInt64 = 0
         while true {
-            let retrying = core.withLock { c in c.volumes.values.contains { $0.sandboxID == sandboxID && $0.failing } }
-            guard let ready = try? Sys.pollIn(worker.wakeRead, timeoutMilliseconds: retrying ? 1000 : -1, path: "wake") else { return }
+            let retrying = core.withLock { c in !(c.failing[sandboxID]?.isEmpty ?? true) }
+            var timeout: Int32 = retrying ? 1000 : -1
+            let now = Sys.monotonicNanoseconds()
+            if pausedUntil > now { timeout = Int32((pausedUntil - now) / 1_000_000) + 1 }
+            guard let ready = try? Sys.pollIn(worker.wakeRead, timeoutMilliseconds: timeout, path: "wake") else { return }
             while Glibc.read(worker.wakeRead.rawValue, &scratch, 1) > 0 {}
             if core.withLock({ $0.stopping }) { return }
+            if Sys.monotonicNanoseconds() < pausedUntil { continue }
             if ready == 0 {
                 // Retry failed syncs: without this an update whose sync failed (agent restarting)
                 // would wait for the next kubelet update.
                 core.withLock { c in
-                    for (k, var v) in c.volumes where v.sandboxID == sandboxID && v.failing {
-                        v.dirty = true
-                        c.volumes[k] = v
-                    }
+                    for k in c.failing[sandboxID] ?? [] { c.markDirty(k) }
                 }
             }
             // Take every dirty volume of this sandbox; new events mark them dirty again.
             while true {
                 let job: (String, Volume)? = core.withLock { c in
-                    guard let (k, v) = c.volumes.first(where: { $0.value.sandboxID == sandboxID && $0.value.dirty }) else { return nil }
-                    var taken = v
-                    taken.dirty = false
-                    taken.force = false
-                    c.volumes[k] = taken
-                    return (k, v)
+                    // Entries of volumes unwatched (or already synced) since they were queued
+                    // are skipped.
+                    while let k = c.queues[sandboxID]?.pop() {
+                        guard let v = c.volumes[k], v.dirty else { continue }
+                        var taken = v
+                        taken.dirty = false
+                        taken.force = false
+                        c.volumes[k] = taken
+                        return (k, v)
+                    }
+                    return nil
                 }
                 guard let (key, v) = job else { break }
                 if core.withLock({ $0.stopping }) { return }
-                sync(key, v)
+                // With the agent away, the rest of the queue waits for the next retry round
+                // (one attempt per second, not one per volume).
+                if !sync(key, v) {
+                    pausedUntil = Sys.monotonicNanoseconds() + 1_000_000_000
+                    break
+                }
             }
         }
     }
 
-    private func sync(_ key: String, _ v: Volume) {
+    /// Syncs one volume. False when the agent could not be reached.
+    @discardableResult
+    private func sync(_ key: String, _ v: Volume) -> Bool {
         let start = Sys.monotonicNanoseconds()
         var state = v.state
         var report = CopyReport()
@@ -393,8 +441,8 @@ public final class VolumeWatcher: Sendable {
             core.withLock { c in
                 if var now = c.volumes[key], now.generation == v.generation {
                     now.state = state
-                    now.failing = false
                     c.volumes[key] = now
+                    c.failing[v.sandboxID]?.remove(key)
                 }
                 c.stats.syncs += 1
             }
@@ -410,30 +458,30 @@ public final class VolumeWatcher: Sendable {
                 // Superseded: kubelet swapped again while we copied. The guest still has the
                 // previous complete content; the newer swap is synced next.
                 core.withLock { c in
-                    if var now = c.volumes[key], now.generation == v.generation {
-                        now.dirty = true
-                        c.volumes[key] = now
-                    }
+                    if let now = c.volumes[key], now.generation == v.generation { c.markDirty(key) }
                 }
-                return
+                return true
             }
             core.withLock { c in
                 c.stats.failedSyncs += 1
                 if error.code == .limitExceeded, let gone = c.volumes.removeValue(forKey: key) {
                     // The fallback: stop mirroring, keep the last complete content in the guest.
                     c.byWD[gone.wd] = nil
+                    c.failing[gone.sandboxID]?.remove(key)
                     if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
                     c.stats.watchedVolumes = c.volumes.count
                     c.stats.stopped[key] = error.message
                 } else if var now = c.volumes[key], now.generation == v.generation {
                     // Retried on the next event (or resync); the guest keeps its last good copy.
                     now.force = true
-                    now.failing = true
                     c.volumes[key] = now
+                    c.failing[v.sandboxID, default: []].insert(key)
                 }
             }
             log("sync of \(v.hostPath) failed: \(error.message)\(error.code == .limitExceeded ? "; no longer mirrored (the guest keeps the last complete copy)" : "")")
+            if let transport = error.agentError?.code, [.unreachable, .disconnected, .timeout].contains(transport) { return false }
         }
+        return true
     }
 
     // MARK: - Following a sandbox manifest

@@ -20,6 +20,8 @@ final class GuestFiles {
     let shareDir: String
     let root: DirFD
     private let isRoot = geteuid() == 0
+    private let euid = geteuid()
+    private let egid = getegid()
     static let resolve = Sys.resolveBeneath | Sys.resolveNoSymlinks | Sys.resolveNoMagicLinks
 
     init(shareDir: String) throws(SystemCallError) {
@@ -122,11 +124,16 @@ final class GuestFiles {
                 try GuestPath.checkSymlinkTarget(target, at: p)
                 // Create under a temp name and rename over the old link: never a moment without it.
                 let tmp = FilePath(".\(p.leaf).fsshare-tmp")
-                try? Sys.unlinkat(parent, tmp, directory: false)
-                try Sys.symlinkat(target, parent, tmp)
-                try chown(parent, tmp, uid, gid)
-                if let st = try? Sys.statx(parent, leaf), st.kind == .directory { try removeTree(parent, leaf) }
-                try Sys.renameat(parent, tmp, leaf)
+                do {
+                    try Sys.symlinkat(target, parent, tmp)
+                } catch {
+                    guard error.errno == .fileExists else { throw error }
+                    try removeTree(parent, tmp)
+                    try Sys.symlinkat(target, parent, tmp)
+                }
+                // A new link is ours: chown only when the request names another owner.
+                if uid != euid || gid != egid { try chown(parent, tmp, uid, gid) }
+                try replace(parent, tmp, leaf)
             case UInt32(S_IFREG):
                 try writeChunk(r, parent: parent, leaf: leaf, perm: perm, uid: uid, gid: gid)
             default:
@@ -156,8 +163,21 @@ final class GuestFiles {
         }
         let tmp = FilePath(".\(leaf.string).fsshare-tmp")
         do {
-            let flags = O_WRONLY | Sys.oNoFollow | (r.offset == 0 ? O_CREAT | O_TRUNC : 0)
-            let fd = try Sys.openat2(parent, tmp, flags: flags, mode: 0o600, resolve: GuestFiles.resolve)
+            let fd: FileDescriptor
+            if r.offset == 0 {
+                // Always a fresh inode of our own: a stale or planted temp file is replaced, never
+                // reused (someone else could hold it open and write after the rename).
+                let flags = O_WRONLY | Sys.oNoFollow | O_CREAT | O_EXCL
+                do {
+                    fd = try Sys.openat2(parent, tmp, flags: flags, mode: 0o600, resolve: GuestFiles.resolve)
+                } catch {
+                    guard error.errno == .fileExists else { throw error }
+                    try removeTree(parent, tmp)
+                    fd = try Sys.openat2(parent, tmp, flags: flags, mode: 0o600, resolve: GuestFiles.resolve)
+                }
+            } else {
+                fd = try Sys.openat2(parent, tmp, flags: O_WRONLY | Sys.oNoFollow, resolve: GuestFiles.resolve)
+            }
             defer { Sys.close(fd) }
             if !r.data.isEmpty {
                 // Data.withUnsafeBytes only rethrows untyped errors; carry the typed one out.
@@ -167,12 +187,15 @@ final class GuestFiles {
                 }
                 if let failure { throw failure }
             }
-            let st = try Sys.fstatx(fd, path: parent.display(tmp))
-            guard Int64(st.size) >= r.fileSize else { return }
+            // A file sent in one chunk is complete now; otherwise the size says so.
+            if r.offset != 0 || Int64(r.data.count) != r.fileSize {
+                let st = try Sys.fstatx(fd, path: parent.display(tmp))
+                guard Int64(st.size) >= r.fileSize else { return }
+            }
             try Sys.fchmod(fd, mode: perm, path: parent.display(tmp))
-            try fchown(fd, uid, gid, parent.display(tmp))
-            if let old = try? Sys.statx(parent, leaf), old.kind == .directory { try removeTree(parent, leaf) }
-            try Sys.renameat(parent, tmp, leaf)
+            // The temp file was created by us (O_EXCL): chown only to another owner.
+            if uid != euid || gid != egid { try fchown(fd, uid, gid, parent.display(tmp)) }
+            try replace(parent, tmp, leaf)
         } catch let e as GuestAgentError {
             throw e
         } catch let e as SystemCallError {
@@ -182,6 +205,19 @@ final class GuestFiles {
             throw GuestAgentError(.failed, "\(e)")
         } catch {
             throw GuestAgentError(.failed, "\(error)")
+        }
+    }
+
+    /// Renames `tmp` over `leaf`; a directory in the way (a type change) is removed first.
+    /// The common case is one rename: the directory check happens only when it fails.
+    private func replace(_ parent: DirFD, _ tmp: FilePath, _ leaf: FilePath) throws(SystemCallError) {
+        do {
+            try Sys.renameat(parent, tmp, leaf)
+        } catch {
+            guard error.errno == .isDirectory || error.errno == .directoryNotEmpty || error.errno == .notDirectory,
+                  let st = try? Sys.statx(parent, leaf), st.kind == .directory else { throw error }
+            try removeTree(parent, leaf, kind: .directory)
+            try Sys.renameat(parent, tmp, leaf)
         }
     }
 
@@ -238,25 +274,37 @@ final class GuestFiles {
             defer { Sys.close(fd) }
             let dir = DirFD(fd: fd, path: parent.display(FilePath(p.leaf)))
             for entry in try Sys.listDirectory(dir, ".") where !keepSet.contains(entry.name) {
-                try removeTree(dir, FilePath(entry.name))
+                try removeTree(dir, FilePath(entry.name), kind: entry.kind)
             }
         } catch {
             throw refusal(error, p)
         }
     }
 
-    /// Removes `dir/name` and everything below it, never following a symlink.
-    func removeTree(_ dir: DirFD, _ name: FilePath) throws(SystemCallError) {
-        guard let st = try? Sys.statx(dir, name) else { return }
-        if st.kind != .directory {
-            try Sys.unlinkat(dir, name, directory: false)
+    /// Removes `dir/name` and everything below it, never following a symlink. `kind` is the
+    /// listing's d_type when known (saves a statx per entry); a stale one is corrected.
+    func removeTree(_ dir: DirFD, _ name: FilePath, kind: FileKind? = nil) throws(SystemCallError) {
+        var kind = kind
+        if kind == nil {
+            guard let st = try? Sys.statx(dir, name) else { return }
+            kind = st.kind
+        }
+        if kind != .directory {
+            do {
+                try Sys.unlinkat(dir, name, directory: false)
+            } catch {
+                if error.errno == .noSuchFileOrDirectory { return }
+                // Replaced by a directory since the listing: look again.
+                guard error.errno == .isDirectory else { throw error }
+                try removeTree(dir, name, kind: .directory)
+            }
             return
         }
         let fd = try Sys.openat2(dir, name, flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
         defer { Sys.close(fd) }
         let sub = DirFD(fd: fd, path: dir.display(name))
         for entry in try Sys.listDirectory(sub, ".") {
-            try removeTree(sub, FilePath(entry.name))
+            try removeTree(sub, FilePath(entry.name), kind: entry.kind)
         }
         do {
             try Sys.unlinkat(dir, name, directory: true)

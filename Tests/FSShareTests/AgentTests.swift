@@ -64,6 +64,70 @@ import Testing
         }
     }
 
+    @Test func failedBatchStopsTheRestButNothingElse() throws {
+        let base = TestEnvironment.scratch("agent-batch")
+        let agent = try AgentUnderTest(base)
+        let client = agent.client()
+        let g = agent.shareDir
+        #expect(try client.features().contains("Batches"))
+        // One pipelined window: a batch whose second request fails (a symlinked parent), then
+        // a request of the same batch that would succeed, then one outside any batch.
+        #expect(symlink("/", g + "/escape") == 0)
+        var aborted: [Int32] = []
+        let outcome: AgentError? = {
+            do throws(AgentError) {
+                try client.withPipeline { (p: inout AgentClient.Pipeline) throws(AgentError) in
+                    p.beginBatch()
+                    try p.send(TTRPC.agentService, TTRPC.copyFileMethod, request(g + "/vol/a", mode: UInt32(S_IFREG) | 0o644, data: "a"))
+                    try p.send(TTRPC.agentService, TTRPC.copyFileMethod, request(g + "/escape/fsshare-batch-escape", mode: UInt32(S_IFREG) | 0o644, data: "b"))
+                    try p.send(TTRPC.agentService, TTRPC.copyFileMethod, request(g + "/vol/c", mode: UInt32(S_IFREG) | 0o644, data: "c")) { error in
+                        aborted.append(error.status ?? -1)
+                        return nil
+                    }
+                }
+                return nil
+            } catch {
+                return error
+            }
+        }()
+        // The real failure is reported, the dependent request was refused, not applied.
+        #expect(outcome?.status == GRPCStatus.permissionDenied, "\(String(describing: outcome))")
+        #expect(aborted == [GRPCStatus.aborted])
+        #expect(snapshot(g + "/vol") == ["a": "f:a"])
+        #expect(access("/fsshare-batch-escape", F_OK) != 0)
+        // Requests outside the failed batch (and a new batch) are applied as usual.
+        try client.copyFile(request(g + "/vol/d", mode: UInt32(S_IFREG) | 0o644, data: "d"))
+        try client.withPipeline { (p: inout AgentClient.Pipeline) throws(AgentError) in
+            p.beginBatch()
+            try p.send(TTRPC.agentService, TTRPC.copyFileMethod, request(g + "/vol/e", mode: UInt32(S_IFREG) | 0o644, data: "e"))
+        }
+        #expect(snapshot(g + "/vol") == ["a": "f:a", "d": "f:d", "e": "f:e"])
+        #expect(snapshot(g)?["vol/c"] == nil)
+    }
+
+    @Test func plantedTempFilesAreReplacedNotReused() throws {
+        let base = TestEnvironment.scratch("agent-planted")
+        let agent = try AgentUnderTest(base)
+        let client = agent.client()
+        let g = agent.shareDir
+        try client.copyFile(request(g + "/vol/old", mode: UInt32(S_IFREG) | 0o644, data: "old"))
+        // A guest process plants the agent's temp names: a file it keeps open, and a directory.
+        let planted = open(g + "/vol/.key.fsshare-tmp", O_RDWR | O_CREAT, 0o666)
+        #expect(planted >= 0)
+        defer { close(planted) }
+        #expect(mkdir(g + "/vol/.link.fsshare-tmp", 0o755) == 0)
+        try client.copyFile(request(g + "/vol/key", mode: UInt32(S_IFREG) | 0o600, data: "secret"))
+        try client.copyFile(request(g + "/vol/link", mode: UInt32(S_IFLNK) | 0o777, data: "key"))
+        #expect(snapshot(g + "/vol") == ["old": "f:old", "key": "f:secret", "link": "l:key"])
+        // The planted file was not the one published: writing through it changes nothing.
+        #expect(write(planted, "evil", 4) == 4)
+        #expect(snapshot(g + "/vol")?["key"] == "f:secret")
+        // A file where a directory is (a type change) replaces it.
+        try client.copyFile(request(g + "/vol/dir/x", mode: UInt32(S_IFREG) | 0o644, data: "x"))
+        try client.copyFile(request(g + "/vol/dir", mode: UInt32(S_IFREG) | 0o644, data: "now a file"))
+        #expect(snapshot(g + "/vol")?["dir"] == "f:now a file")
+    }
+
     @Test func pathEscapesAreRefused() throws {
         let base = TestEnvironment.scratch("agent-escape")
         let agent = try AgentUnderTest(base)
