@@ -66,6 +66,8 @@ struct AtomicWriterMirror {
         case synced(timestampDir: String, entries: Int, bytes: Int64)
         /// The volume has no `..data` link: not (or no longer) an atomic-writer volume.
         case notAtomicWriter
+        /// `..data` names a directory that is gone (the volume is being deleted): nothing done.
+        case dangling
     }
 
     let volume: DirFD
@@ -111,6 +113,19 @@ struct AtomicWriterMirror {
                 try Sys.readlinkat(volume, FilePath(entry.name))
             }
             keys[entry.name] = link
+        }
+        // A key is gone only when kubelet's current data no longer has it. A link missing while
+        // its entry is still in the timestamped directory is a volume being torn down (or a
+        // kubelet mid-write), not a removed key: the guest keeps it.
+        if let previous = state {
+            let missing = previous.keys.filter { keys[$0.key] == nil }
+            if !missing.isEmpty {
+                // No timestamped directory behind ..data: the volume is being removed. Mirror
+                // nothing; kubelet's next swap (or the deletion) is seen as an event.
+                guard let current = try? Sys.listDirectory(volume, FilePath(target)) else { return .dangling }
+                let names = Set(current.map(\.name))
+                for (key, link) in missing where names.contains(key) { keys[key] = link }
+            }
         }
         if !force, let state, state.timestampDir == target, state.keys == keys { return .unchanged }
 

@@ -452,6 +452,8 @@ public final class VolumeWatcher: Sendable {
                 log("synced \(v.hostPath) -> \(v.guestPath) (\(ts), \(entries) entries, \(bytes) bytes) in \(micros) µs")
             case .notAtomicWriter:
                 log("\(v.hostPath) has no ..data link: not an atomic-writer volume, nothing mirrored")
+            case .dangling:
+                log("\(v.hostPath): ..data names a directory that is gone (the volume is being removed); nothing mirrored")
             }
         } catch {
             if error.code == .conflict {

@@ -51,6 +51,13 @@ import Testing
         // The guest keeps exactly one timestamped dir: old ones and deleted keys are pruned.
         #expect(snapshot(guest)?.keys.filter { $0.hasPrefix("..2026") && !$0.contains("/") }.count == 1)
         #expect(watcher.statistics.inotifyInstances == 1)
+        // A key link gone while its data is still behind ..data (rm -rf of the volume is under
+        // way): not a removed key, the guest keeps it.
+        let syncsBefore = watcher.statistics.syncs
+        #expect(unlink(kubelet.volume + "/z") == 0)
+        for _ in 0..<400 where watcher.statistics.syncs == syncsBefore { usleep(5_000) }
+        #expect(watcher.statistics.syncs > syncsBefore)
+        #expect(snapshot(guest)?["z"] == "l:..data/z")
         // The volume is deleted: mirroring stops with a reason, the guest copy stays.
         _ = Sys.run(["rm", "-rf", kubelet.volume])
         for _ in 0..<200 where watcher.statistics.watchedVolumes > 0 { usleep(10_000) }
