@@ -161,8 +161,7 @@ public final class FrameStream: @unchecked Sendable {
     public var hasBufferedFrame: Bool {
         let available = buffer.count - start
         guard available >= TTRPC.headerLength else { return false }
-        let b = buffer[start..<start + 4].map(Int.init)
-        return available - TTRPC.headerLength >= b[0] << 24 | b[1] << 16 | b[2] << 8 | b[3]
+        return available - TTRPC.headerLength >= FrameStream.length(buffer[start..<start + 4])
     }
 
     /// Reads more bytes into the buffer. False at end of stream.
@@ -203,11 +202,16 @@ public final class FrameStream: @unchecked Sendable {
         return slice
     }
 
+    /// The big-endian payload length at the start of a ttrpc header.
+    static func length(_ header: ArraySlice<UInt8>) -> Int {
+        header.reduce(0) { $0 << 8 | Int($1) }
+    }
+
     /// Reads one frame; nil when the peer closed the stream between frames.
     public func readFrame(deadline: UInt64?, wake: FileDescriptor? = nil) throws(AgentError) -> TTRPCFrame? {
         guard let h = try take(TTRPC.headerLength, deadline: deadline, wake: wake, atBoundary: true) else { return nil }
         let b = Array(h)
-        let length = Int(b[0]) << 24 | Int(b[1]) << 16 | Int(b[2]) << 8 | Int(b[3])
+        let length = FrameStream.length(b[0..<4])
         let stream = UInt32(b[4]) << 24 | UInt32(b[5]) << 16 | UInt32(b[6]) << 8 | UInt32(b[7])
         guard length <= TTRPC.maxMessageLength else {
             throw AgentError(.protocolError, "\(name) sent a \(length)-byte ttrpc message (limit \(TTRPC.maxMessageLength))")

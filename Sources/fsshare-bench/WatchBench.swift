@@ -134,21 +134,7 @@ enum WatchBench {
             for k in 0..<sides.count {
                 let side = sides[(t + k) % sides.count]
                 let i = Int(rng.next() % UInt64(count))
-                let v = nextVersion()
-                let old = side.ts[i]
-                guard watch_kubelet_prepare(side.hostFD[i], tsName(v), shape, v) == 0 else { Bench.fail("kubelet prepare") }
-                let wd = inotify_add_watch(observer, side.guest + "/vol\(i)", UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_CREATE))
-                let start = Bench.now()
-                guard watch_kubelet_swap(side.hostFD[i]) == 0 else { Bench.fail("kubelet swap") }
-                let r = watch_wait_content(observer, side.guestFD[i], shape, v, 20, 10_000)
-                let elapsed = Bench.now() - start
-                inotify_rm_watch(observer, wd)
-                if r != 0 { side.timeouts += 1 } else if t >= warmup { side.stats.add(elapsed) }
-                guard watch_kubelet_finish(side.hostFD[i], old, shape) == 0 else { Bench.fail("kubelet finish") }
-                side.ts[i] = tsName(v)
-                // Let the contender finish its tail (fsshare prunes the old dir after the swap)
-                // before the next one is measured.
-                usleep(2000)
+                trial(side, i, guestFD: side.guestFD[i], observer: observer, record: t >= warmup)
             }
         }
         Glibc.close(observer)
@@ -171,11 +157,36 @@ enum WatchBench {
         if !wrong.isEmpty { Bench.fail("N=\(count): " + wrong.joined(separator: "; ")) }
     }
 
-    static func agentBinary() -> String {
+    /// One kubelet update of volume `i` of `side`, timed from the `..data` rename until the
+    /// observer (inotify on the guest directory) sees the complete new content.
+    static func trial(_ side: Side, _ i: Int, guestFD: Int32, observer: Int32, record: Bool) {
+        let v = nextVersion()
+        let old = side.ts[i]
+        guard watch_kubelet_prepare(side.hostFD[i], tsName(v), shape, v) == 0 else { Bench.fail("kubelet prepare") }
+        let wd = inotify_add_watch(observer, side.guest + "/vol\(i)", UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_CREATE))
+        let start = Bench.now()
+        guard watch_kubelet_swap(side.hostFD[i]) == 0 else { Bench.fail("kubelet swap") }
+        let r = watch_wait_content(observer, guestFD, shape, v, 20, 10_000)
+        let elapsed = Bench.now() - start
+        inotify_rm_watch(observer, wd)
+        if r != 0 { side.timeouts += 1 } else if record { side.stats.add(elapsed) }
+        guard watch_kubelet_finish(side.hostFD[i], old, shape) == 0 else { Bench.fail("kubelet finish") }
+        side.ts[i] = tsName(v)
+        // Let the contender finish its tail (fsshare prunes the old dir after the swap) before
+        // the next one is measured.
+        usleep(2000)
+    }
+
+    /// The target of a symbolic link (a /proc entry), or nil.
+    static func readlinkString(_ path: String) -> String? {
         var buf = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-        guard n > 0 else { Bench.fail("cannot find my own binary") }
-        let me = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let n = readlink(path, &buf, buf.count - 1)
+        guard n > 0 else { return nil }
+        return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    static func agentBinary() -> String {
+        guard let me = readlinkString("/proc/self/exe") else { Bench.fail("cannot find my own binary") }
         return String(me[..<(me.lastIndex(of: "/") ?? me.endIndex)]) + "/fsshare-agent"
     }
 
@@ -271,9 +282,7 @@ extension WatchBench {
         while let e = readdir(dir) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
             guard Int(name) != nil else { continue }
-            var buf = [CChar](repeating: 0, count: 256)
-            let n = readlink("/proc/self/fd/" + name, &buf, buf.count - 1)
-            guard n > 0, String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) == "anon_inode:inotify" else { continue }
+            guard readlinkString("/proc/self/fd/" + name) == "anon_inode:inotify" else { continue }
             instances += 1
             guard let f = fopen("/proc/self/fdinfo/" + name, "r") else { continue }
             var line = [CChar](repeating: 0, count: 512)
@@ -354,21 +363,9 @@ extension WatchBench {
         let trials = 300
         for t in 0..<(trials + 30) {
             let i = Int(rng.next() % UInt64(volumes))
-            let v = nextVersion()
-            let old = side.ts[i]
-            guard watch_kubelet_prepare(side.hostFD[i], tsName(v), shape, v) == 0 else { Bench.fail("kubelet prepare") }
-            let wd = inotify_add_watch(observer, side.guest + "/vol\(i)", UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_CREATE))
             let guestFD = open(side.guest + "/vol\(i)", Sys.oPath | O_DIRECTORY | O_CLOEXEC)
             defer { Glibc.close(guestFD) }
-            let a = Bench.now()
-            guard watch_kubelet_swap(side.hostFD[i]) == 0 else { Bench.fail("kubelet swap") }
-            let r = watch_wait_content(observer, guestFD, shape, v, 20, 10_000)
-            let elapsed = Bench.now() - a
-            inotify_rm_watch(observer, wd)
-            if r != 0 { side.timeouts += 1 } else if t >= 30 { side.stats.add(elapsed) }
-            guard watch_kubelet_finish(side.hostFD[i], old, shape) == 0 else { Bench.fail("kubelet finish") }
-            side.ts[i] = tsName(v)
-            usleep(2000)
+            trial(side, i, guestFD: guestFD, observer: observer, record: t >= 30)
         }
         Glibc.close(observer)
         print("  update latency at \(volumes) volumes: \(Bench.f(side.stats.median)) / \(Bench.f(side.stats.p99)) µs median / p99 (\(trials) trials, \(side.timeouts) timed out)")
