@@ -82,6 +82,33 @@ let package = Package(
             swiftSettings: strict
         ),
         .executableTarget(name: "fsshare", dependencies: ["FSShareCommands"], swiftSettings: strict),
+        // Booting a test guest: QEMU (TCG or KVM) with virtiofsd or 9p and the agent's
+        // virtio-serial ports, and the host side of the in-guest checks.
+        .target(
+            name: "FSShareVM",
+            dependencies: [
+                "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: strict
+        ),
+        // Helpers shared by the tests, the benchmark and the guest checks (a kubelet atomic
+        // writer, tree snapshots).
+        .target(
+            name: "FSShareTestSupport",
+            dependencies: ["FSShareSystem", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: strict
+        ),
+        // The guest checks and the guest demo: a real VM, checked from inside.
+        .executableTarget(
+            name: "fsshare-guest",
+            dependencies: [
+                "FSShare", "FSShareVM", "FSShareTestSupport", "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
         // Real-mount scenarios run by the tests under `unshare -m --propagation private`.
         .executableTarget(
             name: "fsshare-scenarios",
@@ -108,7 +135,8 @@ let package = Package(
             name: "FSShareTests",
             dependencies: [
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
-                "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel",
+                "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest",
+                "FSShareTestSupport", "FSShareGuestAgent",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

@@ -7,6 +7,141 @@
 #endif
 
 #include "agent.pb-c.h"
+void   grpc__kernel_module__init
+                     (Grpc__KernelModule         *message)
+{
+  static const Grpc__KernelModule init_value = GRPC__KERNEL_MODULE__INIT;
+  *message = init_value;
+}
+size_t grpc__kernel_module__get_packed_size
+                     (const Grpc__KernelModule *message)
+{
+  assert(message->base.descriptor == &grpc__kernel_module__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t grpc__kernel_module__pack
+                     (const Grpc__KernelModule *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &grpc__kernel_module__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t grpc__kernel_module__pack_to_buffer
+                     (const Grpc__KernelModule *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &grpc__kernel_module__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Grpc__KernelModule *
+       grpc__kernel_module__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Grpc__KernelModule *)
+     protobuf_c_message_unpack (&grpc__kernel_module__descriptor,
+                                allocator, len, data);
+}
+void   grpc__kernel_module__free_unpacked
+                     (Grpc__KernelModule *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &grpc__kernel_module__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   grpc__create_sandbox_request__init
+                     (Grpc__CreateSandboxRequest         *message)
+{
+  static const Grpc__CreateSandboxRequest init_value = GRPC__CREATE_SANDBOX_REQUEST__INIT;
+  *message = init_value;
+}
+size_t grpc__create_sandbox_request__get_packed_size
+                     (const Grpc__CreateSandboxRequest *message)
+{
+  assert(message->base.descriptor == &grpc__create_sandbox_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t grpc__create_sandbox_request__pack
+                     (const Grpc__CreateSandboxRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &grpc__create_sandbox_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t grpc__create_sandbox_request__pack_to_buffer
+                     (const Grpc__CreateSandboxRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &grpc__create_sandbox_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Grpc__CreateSandboxRequest *
+       grpc__create_sandbox_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Grpc__CreateSandboxRequest *)
+     protobuf_c_message_unpack (&grpc__create_sandbox_request__descriptor,
+                                allocator, len, data);
+}
+void   grpc__create_sandbox_request__free_unpacked
+                     (Grpc__CreateSandboxRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &grpc__create_sandbox_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   grpc__destroy_sandbox_request__init
+                     (Grpc__DestroySandboxRequest         *message)
+{
+  static const Grpc__DestroySandboxRequest init_value = GRPC__DESTROY_SANDBOX_REQUEST__INIT;
+  *message = init_value;
+}
+size_t grpc__destroy_sandbox_request__get_packed_size
+                     (const Grpc__DestroySandboxRequest *message)
+{
+  assert(message->base.descriptor == &grpc__destroy_sandbox_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t grpc__destroy_sandbox_request__pack
+                     (const Grpc__DestroySandboxRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &grpc__destroy_sandbox_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t grpc__destroy_sandbox_request__pack_to_buffer
+                     (const Grpc__DestroySandboxRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &grpc__destroy_sandbox_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Grpc__DestroySandboxRequest *
+       grpc__destroy_sandbox_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Grpc__DestroySandboxRequest *)
+     protobuf_c_message_unpack (&grpc__destroy_sandbox_request__descriptor,
+                                allocator, len, data);
+}
+void   grpc__destroy_sandbox_request__free_unpacked
+                     (Grpc__DestroySandboxRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &grpc__destroy_sandbox_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   grpc__storage__init
                      (Grpc__Storage         *message)
 {
@@ -142,6 +277,204 @@ void   grpc__copy_file_request__free_unpacked
   assert(message->base.descriptor == &grpc__copy_file_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+static const ProtobufCFieldDescriptor grpc__kernel_module__field_descriptors[2] =
+{
+  {
+    "name",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__KernelModule, name),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "parameters",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Grpc__KernelModule, n_parameters),
+    offsetof(Grpc__KernelModule, parameters),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned grpc__kernel_module__field_indices_by_name[] = {
+  0,   /* field[0] = name */
+  1,   /* field[1] = parameters */
+};
+static const ProtobufCIntRange grpc__kernel_module__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor grpc__kernel_module__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "grpc.KernelModule",
+  "KernelModule",
+  "Grpc__KernelModule",
+  "grpc",
+  sizeof(Grpc__KernelModule),
+  2,
+  grpc__kernel_module__field_descriptors,
+  grpc__kernel_module__field_indices_by_name,
+  1,  grpc__kernel_module__number_ranges,
+  (ProtobufCMessageInit) grpc__kernel_module__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor grpc__create_sandbox_request__field_descriptors[8] =
+{
+  {
+    "hostname",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateSandboxRequest, hostname),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dns",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Grpc__CreateSandboxRequest, n_dns),
+    offsetof(Grpc__CreateSandboxRequest, dns),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "storages",
+    3,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Grpc__CreateSandboxRequest, n_storages),
+    offsetof(Grpc__CreateSandboxRequest, storages),
+    &grpc__storage__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sandbox_pidns",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateSandboxRequest, sandbox_pidns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sandbox_id",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateSandboxRequest, sandbox_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "guest_hook_path",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateSandboxRequest, guest_hook_path),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "kernel_modules",
+    7,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Grpc__CreateSandboxRequest, n_kernel_modules),
+    offsetof(Grpc__CreateSandboxRequest, kernel_modules),
+    &grpc__kernel_module__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "guest_userns",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateSandboxRequest, guest_userns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned grpc__create_sandbox_request__field_indices_by_name[] = {
+  1,   /* field[1] = dns */
+  5,   /* field[5] = guest_hook_path */
+  7,   /* field[7] = guest_userns */
+  0,   /* field[0] = hostname */
+  6,   /* field[6] = kernel_modules */
+  4,   /* field[4] = sandbox_id */
+  3,   /* field[3] = sandbox_pidns */
+  2,   /* field[2] = storages */
+};
+static const ProtobufCIntRange grpc__create_sandbox_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 8 }
+};
+const ProtobufCMessageDescriptor grpc__create_sandbox_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "grpc.CreateSandboxRequest",
+  "CreateSandboxRequest",
+  "Grpc__CreateSandboxRequest",
+  "grpc",
+  sizeof(Grpc__CreateSandboxRequest),
+  8,
+  grpc__create_sandbox_request__field_descriptors,
+  grpc__create_sandbox_request__field_indices_by_name,
+  1,  grpc__create_sandbox_request__number_ranges,
+  (ProtobufCMessageInit) grpc__create_sandbox_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+#define grpc__destroy_sandbox_request__field_descriptors NULL
+#define grpc__destroy_sandbox_request__field_indices_by_name NULL
+#define grpc__destroy_sandbox_request__number_ranges NULL
+const ProtobufCMessageDescriptor grpc__destroy_sandbox_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "grpc.DestroySandboxRequest",
+  "DestroySandboxRequest",
+  "Grpc__DestroySandboxRequest",
+  "grpc",
+  sizeof(Grpc__DestroySandboxRequest),
+  0,
+  grpc__destroy_sandbox_request__field_descriptors,
+  grpc__destroy_sandbox_request__field_indices_by_name,
+  0,  grpc__destroy_sandbox_request__number_ranges,
+  (ProtobufCMessageInit) grpc__destroy_sandbox_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCFieldDescriptor grpc__storage__field_descriptors[8] =
 {
   {

@@ -16,6 +16,9 @@ PROTOBUF_C__BEGIN_DECLS
 
 #include "types.pb-c.h"
 
+typedef struct Grpc__KernelModule Grpc__KernelModule;
+typedef struct Grpc__CreateSandboxRequest Grpc__CreateSandboxRequest;
+typedef struct Grpc__DestroySandboxRequest Grpc__DestroySandboxRequest;
 typedef struct Grpc__Storage Grpc__Storage;
 typedef struct Grpc__FSGroup Grpc__FSGroup;
 typedef struct Grpc__CopyFileRequest Grpc__CopyFileRequest;
@@ -25,6 +28,57 @@ typedef struct Grpc__CopyFileRequest Grpc__CopyFileRequest;
 
 
 /* --- messages --- */
+
+/*
+ * A kernel module the guest should load (CreateSandbox).
+ */
+struct  Grpc__KernelModule
+{
+  ProtobufCMessage base;
+  char *name;
+  size_t n_parameters;
+  char **parameters;
+};
+#define GRPC__KERNEL_MODULE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&grpc__kernel_module__descriptor) \
+    , (char *)protobuf_c_empty_string, 0,NULL }
+
+
+/*
+ * grpc.AgentService/CreateSandbox: the sandbox-level storages (the shared filesystem, shm) are
+ * mounted by the agent before any container is created. Returns google.protobuf.Empty.
+ */
+struct  Grpc__CreateSandboxRequest
+{
+  ProtobufCMessage base;
+  char *hostname;
+  size_t n_dns;
+  char **dns;
+  size_t n_storages;
+  Grpc__Storage **storages;
+  protobuf_c_boolean sandbox_pidns;
+  char *sandbox_id;
+  char *guest_hook_path;
+  size_t n_kernel_modules;
+  Grpc__KernelModule **kernel_modules;
+  protobuf_c_boolean guest_userns;
+};
+#define GRPC__CREATE_SANDBOX_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&grpc__create_sandbox_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0 }
+
+
+/*
+ * grpc.AgentService/DestroySandbox: unmounts what CreateSandbox mounted.
+ */
+struct  Grpc__DestroySandboxRequest
+{
+  ProtobufCMessage base;
+};
+#define GRPC__DESTROY_SANDBOX_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&grpc__destroy_sandbox_request__descriptor) \
+     }
+
 
 /*
  * Tells the guest agent what to mount and where.
@@ -82,6 +136,63 @@ struct  Grpc__CopyFileRequest
     , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, {0,NULL} }
 
 
+/* Grpc__KernelModule methods */
+void   grpc__kernel_module__init
+                     (Grpc__KernelModule         *message);
+size_t grpc__kernel_module__get_packed_size
+                     (const Grpc__KernelModule   *message);
+size_t grpc__kernel_module__pack
+                     (const Grpc__KernelModule   *message,
+                      uint8_t             *out);
+size_t grpc__kernel_module__pack_to_buffer
+                     (const Grpc__KernelModule   *message,
+                      ProtobufCBuffer     *buffer);
+Grpc__KernelModule *
+       grpc__kernel_module__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   grpc__kernel_module__free_unpacked
+                     (Grpc__KernelModule *message,
+                      ProtobufCAllocator *allocator);
+/* Grpc__CreateSandboxRequest methods */
+void   grpc__create_sandbox_request__init
+                     (Grpc__CreateSandboxRequest         *message);
+size_t grpc__create_sandbox_request__get_packed_size
+                     (const Grpc__CreateSandboxRequest   *message);
+size_t grpc__create_sandbox_request__pack
+                     (const Grpc__CreateSandboxRequest   *message,
+                      uint8_t             *out);
+size_t grpc__create_sandbox_request__pack_to_buffer
+                     (const Grpc__CreateSandboxRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Grpc__CreateSandboxRequest *
+       grpc__create_sandbox_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   grpc__create_sandbox_request__free_unpacked
+                     (Grpc__CreateSandboxRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Grpc__DestroySandboxRequest methods */
+void   grpc__destroy_sandbox_request__init
+                     (Grpc__DestroySandboxRequest         *message);
+size_t grpc__destroy_sandbox_request__get_packed_size
+                     (const Grpc__DestroySandboxRequest   *message);
+size_t grpc__destroy_sandbox_request__pack
+                     (const Grpc__DestroySandboxRequest   *message,
+                      uint8_t             *out);
+size_t grpc__destroy_sandbox_request__pack_to_buffer
+                     (const Grpc__DestroySandboxRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Grpc__DestroySandboxRequest *
+       grpc__destroy_sandbox_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   grpc__destroy_sandbox_request__free_unpacked
+                     (Grpc__DestroySandboxRequest *message,
+                      ProtobufCAllocator *allocator);
 /* Grpc__Storage methods */
 void   grpc__storage__init
                      (Grpc__Storage         *message);
@@ -141,6 +252,15 @@ void   grpc__copy_file_request__free_unpacked
                       ProtobufCAllocator *allocator);
 /* --- per-message closures --- */
 
+typedef void (*Grpc__KernelModule_Closure)
+                 (const Grpc__KernelModule *message,
+                  void *closure_data);
+typedef void (*Grpc__CreateSandboxRequest_Closure)
+                 (const Grpc__CreateSandboxRequest *message,
+                  void *closure_data);
+typedef void (*Grpc__DestroySandboxRequest_Closure)
+                 (const Grpc__DestroySandboxRequest *message,
+                  void *closure_data);
 typedef void (*Grpc__Storage_Closure)
                  (const Grpc__Storage *message,
                   void *closure_data);
@@ -156,6 +276,9 @@ typedef void (*Grpc__CopyFileRequest_Closure)
 
 /* --- descriptors --- */
 
+extern const ProtobufCMessageDescriptor grpc__kernel_module__descriptor;
+extern const ProtobufCMessageDescriptor grpc__create_sandbox_request__descriptor;
+extern const ProtobufCMessageDescriptor grpc__destroy_sandbox_request__descriptor;
 extern const ProtobufCMessageDescriptor grpc__storage__descriptor;
 extern const ProtobufCMessageDescriptor grpc__fsgroup__descriptor;
 extern const ProtobufCMessageDescriptor grpc__copy_file_request__descriptor;

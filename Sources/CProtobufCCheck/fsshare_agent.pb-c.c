@@ -277,6 +277,192 @@ void   fsshare__prune_directory_request__free_unpacked
   assert(message->base.descriptor == &fsshare__prune_directory_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   fsshare__probe_request__init
+                     (Fsshare__ProbeRequest         *message)
+{
+  static const Fsshare__ProbeRequest init_value = FSSHARE__PROBE_REQUEST__INIT;
+  *message = init_value;
+}
+size_t fsshare__probe_request__get_packed_size
+                     (const Fsshare__ProbeRequest *message)
+{
+  assert(message->base.descriptor == &fsshare__probe_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__probe_request__pack
+                     (const Fsshare__ProbeRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__probe_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__probe_request__pack_to_buffer
+                     (const Fsshare__ProbeRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__probe_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__ProbeRequest *
+       fsshare__probe_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__ProbeRequest *)
+     protobuf_c_message_unpack (&fsshare__probe_request__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__probe_request__free_unpacked
+                     (Fsshare__ProbeRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__probe_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   fsshare__probe_response__init
+                     (Fsshare__ProbeResponse         *message)
+{
+  static const Fsshare__ProbeResponse init_value = FSSHARE__PROBE_RESPONSE__INIT;
+  *message = init_value;
+}
+size_t fsshare__probe_response__get_packed_size
+                     (const Fsshare__ProbeResponse *message)
+{
+  assert(message->base.descriptor == &fsshare__probe_response__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__probe_response__pack
+                     (const Fsshare__ProbeResponse *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__probe_response__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__probe_response__pack_to_buffer
+                     (const Fsshare__ProbeResponse *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__probe_response__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__ProbeResponse *
+       fsshare__probe_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__ProbeResponse *)
+     protobuf_c_message_unpack (&fsshare__probe_response__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__probe_response__free_unpacked
+                     (Fsshare__ProbeResponse *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__probe_response__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   fsshare__watch_content_request__expect_entry__init
+                     (Fsshare__WatchContentRequest__ExpectEntry         *message)
+{
+  static const Fsshare__WatchContentRequest__ExpectEntry init_value = FSSHARE__WATCH_CONTENT_REQUEST__EXPECT_ENTRY__INIT;
+  *message = init_value;
+}
+void   fsshare__watch_content_request__init
+                     (Fsshare__WatchContentRequest         *message)
+{
+  static const Fsshare__WatchContentRequest init_value = FSSHARE__WATCH_CONTENT_REQUEST__INIT;
+  *message = init_value;
+}
+size_t fsshare__watch_content_request__get_packed_size
+                     (const Fsshare__WatchContentRequest *message)
+{
+  assert(message->base.descriptor == &fsshare__watch_content_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__watch_content_request__pack
+                     (const Fsshare__WatchContentRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__watch_content_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__watch_content_request__pack_to_buffer
+                     (const Fsshare__WatchContentRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__watch_content_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__WatchContentRequest *
+       fsshare__watch_content_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__WatchContentRequest *)
+     protobuf_c_message_unpack (&fsshare__watch_content_request__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__watch_content_request__free_unpacked
+                     (Fsshare__WatchContentRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__watch_content_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   fsshare__watch_content_response__init
+                     (Fsshare__WatchContentResponse         *message)
+{
+  static const Fsshare__WatchContentResponse init_value = FSSHARE__WATCH_CONTENT_RESPONSE__INIT;
+  *message = init_value;
+}
+size_t fsshare__watch_content_response__get_packed_size
+                     (const Fsshare__WatchContentResponse *message)
+{
+  assert(message->base.descriptor == &fsshare__watch_content_response__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__watch_content_response__pack
+                     (const Fsshare__WatchContentResponse *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__watch_content_response__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__watch_content_response__pack_to_buffer
+                     (const Fsshare__WatchContentResponse *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__watch_content_response__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__WatchContentResponse *
+       fsshare__watch_content_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__WatchContentResponse *)
+     protobuf_c_message_unpack (&fsshare__watch_content_response__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__watch_content_response__free_unpacked
+                     (Fsshare__WatchContentResponse *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__watch_content_response__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 #define fsshare__empty__field_descriptors NULL
 #define fsshare__empty__field_indices_by_name NULL
 #define fsshare__empty__number_ranges NULL
@@ -530,6 +716,422 @@ const ProtobufCMessageDescriptor fsshare__prune_directory_request__descriptor =
   (ProtobufCMessageInit) fsshare__prune_directory_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
+static const ProtobufCEnumValue fsshare__probe_request__op__enum_values_by_number[10] =
+{
+  { "STAT", "FSSHARE__PROBE_REQUEST__OP__STAT", 0 },
+  { "READ", "FSSHARE__PROBE_REQUEST__OP__READ", 1 },
+  { "LIST", "FSSHARE__PROBE_REQUEST__OP__LIST", 2 },
+  { "CREATE", "FSSHARE__PROBE_REQUEST__OP__CREATE", 3 },
+  { "WRITE", "FSSHARE__PROBE_REQUEST__OP__WRITE", 4 },
+  { "UNLINK", "FSSHARE__PROBE_REQUEST__OP__UNLINK", 5 },
+  { "MKDIR", "FSSHARE__PROBE_REQUEST__OP__MKDIR", 6 },
+  { "RMDIR", "FSSHARE__PROBE_REQUEST__OP__RMDIR", 7 },
+  { "MOUNTS", "FSSHARE__PROBE_REQUEST__OP__MOUNTS", 8 },
+  { "FSTYPE", "FSSHARE__PROBE_REQUEST__OP__FSTYPE", 9 },
+};
+static const ProtobufCIntRange fsshare__probe_request__op__value_ranges[] = {
+{0, 0},{0, 10}
+};
+static const ProtobufCEnumValueIndex fsshare__probe_request__op__enum_values_by_name[10] =
+{
+  { "CREATE", 3 },
+  { "FSTYPE", 9 },
+  { "LIST", 2 },
+  { "MKDIR", 6 },
+  { "MOUNTS", 8 },
+  { "READ", 1 },
+  { "RMDIR", 7 },
+  { "STAT", 0 },
+  { "UNLINK", 5 },
+  { "WRITE", 4 },
+};
+const ProtobufCEnumDescriptor fsshare__probe_request__op__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "fsshare.ProbeRequest.Op",
+  "Op",
+  "Fsshare__ProbeRequest__Op",
+  "fsshare",
+  10,
+  fsshare__probe_request__op__enum_values_by_number,
+  10,
+  fsshare__probe_request__op__enum_values_by_name,
+  1,
+  fsshare__probe_request__op__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCFieldDescriptor fsshare__probe_request__field_descriptors[3] =
+{
+  {
+    "op",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeRequest, op),
+    &fsshare__probe_request__op__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "path",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeRequest, path),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "data",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeRequest, data),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__probe_request__field_indices_by_name[] = {
+  2,   /* field[2] = data */
+  0,   /* field[0] = op */
+  1,   /* field[1] = path */
+};
+static const ProtobufCIntRange fsshare__probe_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor fsshare__probe_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.ProbeRequest",
+  "ProbeRequest",
+  "Fsshare__ProbeRequest",
+  "fsshare",
+  sizeof(Fsshare__ProbeRequest),
+  3,
+  fsshare__probe_request__field_descriptors,
+  fsshare__probe_request__field_indices_by_name,
+  1,  fsshare__probe_request__number_ranges,
+  (ProtobufCMessageInit) fsshare__probe_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__probe_response__field_descriptors[5] =
+{
+  {
+    "errno",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeResponse, errno),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "data",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeResponse, data),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "names",
+    3,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Fsshare__ProbeResponse, n_names),
+    offsetof(Fsshare__ProbeResponse, names),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "mode",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeResponse, mode),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "size",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__ProbeResponse, size),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__probe_response__field_indices_by_name[] = {
+  1,   /* field[1] = data */
+  0,   /* field[0] = errno */
+  3,   /* field[3] = mode */
+  2,   /* field[2] = names */
+  4,   /* field[4] = size */
+};
+static const ProtobufCIntRange fsshare__probe_response__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor fsshare__probe_response__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.ProbeResponse",
+  "ProbeResponse",
+  "Fsshare__ProbeResponse",
+  "fsshare",
+  sizeof(Fsshare__ProbeResponse),
+  5,
+  fsshare__probe_response__field_descriptors,
+  fsshare__probe_response__field_indices_by_name,
+  1,  fsshare__probe_response__number_ranges,
+  (ProtobufCMessageInit) fsshare__probe_response__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__watch_content_request__expect_entry__field_descriptors[2] =
+{
+  {
+    "key",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentRequest__ExpectEntry, key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "value",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentRequest__ExpectEntry, value),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__watch_content_request__expect_entry__field_indices_by_name[] = {
+  0,   /* field[0] = key */
+  1,   /* field[1] = value */
+};
+static const ProtobufCIntRange fsshare__watch_content_request__expect_entry__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor fsshare__watch_content_request__expect_entry__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.WatchContentRequest.ExpectEntry",
+  "ExpectEntry",
+  "Fsshare__WatchContentRequest__ExpectEntry",
+  "fsshare",
+  sizeof(Fsshare__WatchContentRequest__ExpectEntry),
+  2,
+  fsshare__watch_content_request__expect_entry__field_descriptors,
+  fsshare__watch_content_request__expect_entry__field_indices_by_name,
+  1,  fsshare__watch_content_request__expect_entry__number_ranges,
+  (ProtobufCMessageInit) fsshare__watch_content_request__expect_entry__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__watch_content_request__field_descriptors[3] =
+{
+  {
+    "dir",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentRequest, dir),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "expect",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Fsshare__WatchContentRequest, n_expect),
+    offsetof(Fsshare__WatchContentRequest, expect),
+    &fsshare__watch_content_request__expect_entry__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "timeout_ms",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentRequest, timeout_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__watch_content_request__field_indices_by_name[] = {
+  0,   /* field[0] = dir */
+  1,   /* field[1] = expect */
+  2,   /* field[2] = timeout_ms */
+};
+static const ProtobufCIntRange fsshare__watch_content_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor fsshare__watch_content_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.WatchContentRequest",
+  "WatchContentRequest",
+  "Fsshare__WatchContentRequest",
+  "fsshare",
+  sizeof(Fsshare__WatchContentRequest),
+  3,
+  fsshare__watch_content_request__field_descriptors,
+  fsshare__watch_content_request__field_indices_by_name,
+  1,  fsshare__watch_content_request__number_ranges,
+  (ProtobufCMessageInit) fsshare__watch_content_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_descriptors[6] =
+{
+  {
+    "matched",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, matched),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "passes",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, passes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dangling",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, dangling),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "torn",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, torn),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "elapsed_ns",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, elapsed_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "detail",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, detail),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__watch_content_response__field_indices_by_name[] = {
+  2,   /* field[2] = dangling */
+  5,   /* field[5] = detail */
+  4,   /* field[4] = elapsed_ns */
+  0,   /* field[0] = matched */
+  1,   /* field[1] = passes */
+  3,   /* field[3] = torn */
+};
+static const ProtobufCIntRange fsshare__watch_content_response__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 6 }
+};
+const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.WatchContentResponse",
+  "WatchContentResponse",
+  "Fsshare__WatchContentResponse",
+  "fsshare",
+  sizeof(Fsshare__WatchContentResponse),
+  6,
+  fsshare__watch_content_response__field_descriptors,
+  fsshare__watch_content_response__field_indices_by_name,
+  1,  fsshare__watch_content_response__number_ranges,
+  (ProtobufCMessageInit) fsshare__watch_content_response__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCMethodDescriptor fsshare__guest_files__method_descriptors[4] =
 {
   { "GetInfo", &fsshare__info_request__descriptor, &fsshare__info_response__descriptor },
@@ -591,5 +1193,48 @@ void fsshare__guest_files__init (Fsshare__GuestFiles_Service *service,
 {
   protobuf_c_service_generated_init (&service->base,
                                      &fsshare__guest_files__descriptor,
+                                     (ProtobufCServiceDestroy) destroy);
+}
+static const ProtobufCMethodDescriptor fsshare__guest_check__method_descriptors[2] =
+{
+  { "Probe", &fsshare__probe_request__descriptor, &fsshare__probe_response__descriptor },
+  { "WatchContent", &fsshare__watch_content_request__descriptor, &fsshare__watch_content_response__descriptor },
+};
+const unsigned fsshare__guest_check__method_indices_by_name[] = {
+  0,        /* Probe */
+  1         /* WatchContent */
+};
+const ProtobufCServiceDescriptor fsshare__guest_check__descriptor =
+{
+  PROTOBUF_C__SERVICE_DESCRIPTOR_MAGIC,
+  "fsshare.GuestCheck",
+  "GuestCheck",
+  "Fsshare__GuestCheck",
+  "fsshare",
+  2,
+  fsshare__guest_check__method_descriptors,
+  fsshare__guest_check__method_indices_by_name
+};
+void fsshare__guest_check__probe(ProtobufCService *service,
+                                 const Fsshare__ProbeRequest *input,
+                                 Fsshare__ProbeResponse_Closure closure,
+                                 void *closure_data)
+{
+  assert(service->descriptor == &fsshare__guest_check__descriptor);
+  service->invoke(service, 0, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void fsshare__guest_check__watch_content(ProtobufCService *service,
+                                         const Fsshare__WatchContentRequest *input,
+                                         Fsshare__WatchContentResponse_Closure closure,
+                                         void *closure_data)
+{
+  assert(service->descriptor == &fsshare__guest_check__descriptor);
+  service->invoke(service, 1, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void fsshare__guest_check__init (Fsshare__GuestCheck_Service *service,
+                                 Fsshare__GuestCheck_ServiceDestroy destroy)
+{
+  protobuf_c_service_generated_init (&service->base,
+                                     &fsshare__guest_check__descriptor,
                                      (ProtobufCServiceDestroy) destroy);
 }

@@ -21,10 +21,58 @@ typedef struct Fsshare__InfoResponse Fsshare__InfoResponse;
 typedef struct Fsshare__RemovePathRequest Fsshare__RemovePathRequest;
 typedef struct Fsshare__RenamePathRequest Fsshare__RenamePathRequest;
 typedef struct Fsshare__PruneDirectoryRequest Fsshare__PruneDirectoryRequest;
+typedef struct Fsshare__ProbeRequest Fsshare__ProbeRequest;
+typedef struct Fsshare__ProbeResponse Fsshare__ProbeResponse;
+typedef struct Fsshare__WatchContentRequest Fsshare__WatchContentRequest;
+typedef struct Fsshare__WatchContentRequest__ExpectEntry Fsshare__WatchContentRequest__ExpectEntry;
+typedef struct Fsshare__WatchContentResponse Fsshare__WatchContentResponse;
 
 
 /* --- enums --- */
 
+typedef enum _Fsshare__ProbeRequest__Op {
+  /*
+   * lstat: mode, size
+   */
+  FSSHARE__PROBE_REQUEST__OP__STAT = 0,
+  /*
+   * the file's bytes (follows symlinks, as a container would)
+   */
+  FSSHARE__PROBE_REQUEST__OP__READ = 1,
+  /*
+   * directory entry names, sorted
+   */
+  FSSHARE__PROBE_REQUEST__OP__LIST = 2,
+  /*
+   * create a new file (O_CREAT|O_EXCL) with `data`
+   */
+  FSSHARE__PROBE_REQUEST__OP__CREATE = 3,
+  /*
+   * open an existing file O_WRONLY|O_TRUNC and write `data`
+   */
+  FSSHARE__PROBE_REQUEST__OP__WRITE = 4,
+  /*
+   * unlink a file
+   */
+  FSSHARE__PROBE_REQUEST__OP__UNLINK = 5,
+  /*
+   * mkdir
+   */
+  FSSHARE__PROBE_REQUEST__OP__MKDIR = 6,
+  /*
+   * rmdir
+   */
+  FSSHARE__PROBE_REQUEST__OP__RMDIR = 7,
+  /*
+   * /proc/self/mountinfo lines whose mount point is at or below `path`
+   */
+  FSSHARE__PROBE_REQUEST__OP__MOUNTS = 8,
+  /*
+   * the type of the mount `path` is on ("virtiofs", "9p", ...), in `data`
+   */
+  FSSHARE__PROBE_REQUEST__OP__FSTYPE = 9
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(FSSHARE__PROBE_REQUEST__OP)
+} Fsshare__ProbeRequest__Op;
 
 /* --- messages --- */
 
@@ -97,6 +145,96 @@ struct  Fsshare__PruneDirectoryRequest
 #define FSSHARE__PRUNE_DIRECTORY_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&fsshare__prune_directory_request__descriptor) \
     , (char *)protobuf_c_empty_string, 0,NULL }
+
+
+struct  Fsshare__ProbeRequest
+{
+  ProtobufCMessage base;
+  Fsshare__ProbeRequest__Op op;
+  char *path;
+  ProtobufCBinaryData data;
+};
+#define FSSHARE__PROBE_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__probe_request__descriptor) \
+    , FSSHARE__PROBE_REQUEST__OP__STAT, (char *)protobuf_c_empty_string, {0,NULL} }
+
+
+struct  Fsshare__ProbeResponse
+{
+  ProtobufCMessage base;
+  /*
+   * 0, or the errno the guest kernel returned.
+   */
+  int32_t errno;
+  ProtobufCBinaryData data;
+  size_t n_names;
+  char **names;
+  uint32_t mode;
+  int64_t size;
+};
+#define FSSHARE__PROBE_RESPONSE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__probe_response__descriptor) \
+    , 0, {0,NULL}, 0,NULL, 0, 0 }
+
+
+struct  Fsshare__WatchContentRequest__ExpectEntry
+{
+  ProtobufCMessage base;
+  char *key;
+  ProtobufCBinaryData value;
+};
+#define FSSHARE__WATCH_CONTENT_REQUEST__EXPECT_ENTRY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__watch_content_request__expect_entry__descriptor) \
+    , (char *)protobuf_c_empty_string, {0,NULL} }
+
+
+struct  Fsshare__WatchContentRequest
+{
+  ProtobufCMessage base;
+  /*
+   * The volume's directory in the guest (holding `..data` and the key links).
+   */
+  char *dir;
+  /*
+   * key -> content every key must reach.
+   */
+  size_t n_expect;
+  Fsshare__WatchContentRequest__ExpectEntry **expect;
+  uint32_t timeout_ms;
+};
+#define FSSHARE__WATCH_CONTENT_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__watch_content_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0,NULL, 0 }
+
+
+struct  Fsshare__WatchContentResponse
+{
+  ProtobufCMessage base;
+  protobuf_c_boolean matched;
+  /*
+   * Full passes over the keys.
+   */
+  uint64_t passes;
+  /*
+   * Passes that found `..data` missing, or a key unreadable while `..data` did not change.
+   */
+  uint64_t dangling;
+  /*
+   * Passes whose keys, read through one unchanged `..data`, mixed new and other content.
+   */
+  uint64_t torn;
+  /*
+   * From the request's arrival to the first pass with every key matched.
+   */
+  uint64_t elapsed_ns;
+  /*
+   * What the last pass saw, when not matched.
+   */
+  char *detail;
+};
+#define FSSHARE__WATCH_CONTENT_RESPONSE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__watch_content_response__descriptor) \
+    , 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
 
 
 /* Fsshare__Empty methods */
@@ -213,6 +351,85 @@ Fsshare__PruneDirectoryRequest *
 void   fsshare__prune_directory_request__free_unpacked
                      (Fsshare__PruneDirectoryRequest *message,
                       ProtobufCAllocator *allocator);
+/* Fsshare__ProbeRequest methods */
+void   fsshare__probe_request__init
+                     (Fsshare__ProbeRequest         *message);
+size_t fsshare__probe_request__get_packed_size
+                     (const Fsshare__ProbeRequest   *message);
+size_t fsshare__probe_request__pack
+                     (const Fsshare__ProbeRequest   *message,
+                      uint8_t             *out);
+size_t fsshare__probe_request__pack_to_buffer
+                     (const Fsshare__ProbeRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__ProbeRequest *
+       fsshare__probe_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__probe_request__free_unpacked
+                     (Fsshare__ProbeRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Fsshare__ProbeResponse methods */
+void   fsshare__probe_response__init
+                     (Fsshare__ProbeResponse         *message);
+size_t fsshare__probe_response__get_packed_size
+                     (const Fsshare__ProbeResponse   *message);
+size_t fsshare__probe_response__pack
+                     (const Fsshare__ProbeResponse   *message,
+                      uint8_t             *out);
+size_t fsshare__probe_response__pack_to_buffer
+                     (const Fsshare__ProbeResponse   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__ProbeResponse *
+       fsshare__probe_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__probe_response__free_unpacked
+                     (Fsshare__ProbeResponse *message,
+                      ProtobufCAllocator *allocator);
+/* Fsshare__WatchContentRequest__ExpectEntry methods */
+void   fsshare__watch_content_request__expect_entry__init
+                     (Fsshare__WatchContentRequest__ExpectEntry         *message);
+/* Fsshare__WatchContentRequest methods */
+void   fsshare__watch_content_request__init
+                     (Fsshare__WatchContentRequest         *message);
+size_t fsshare__watch_content_request__get_packed_size
+                     (const Fsshare__WatchContentRequest   *message);
+size_t fsshare__watch_content_request__pack
+                     (const Fsshare__WatchContentRequest   *message,
+                      uint8_t             *out);
+size_t fsshare__watch_content_request__pack_to_buffer
+                     (const Fsshare__WatchContentRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__WatchContentRequest *
+       fsshare__watch_content_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__watch_content_request__free_unpacked
+                     (Fsshare__WatchContentRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Fsshare__WatchContentResponse methods */
+void   fsshare__watch_content_response__init
+                     (Fsshare__WatchContentResponse         *message);
+size_t fsshare__watch_content_response__get_packed_size
+                     (const Fsshare__WatchContentResponse   *message);
+size_t fsshare__watch_content_response__pack
+                     (const Fsshare__WatchContentResponse   *message,
+                      uint8_t             *out);
+size_t fsshare__watch_content_response__pack_to_buffer
+                     (const Fsshare__WatchContentResponse   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__WatchContentResponse *
+       fsshare__watch_content_response__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__watch_content_response__free_unpacked
+                     (Fsshare__WatchContentResponse *message,
+                      ProtobufCAllocator *allocator);
 /* --- per-message closures --- */
 
 typedef void (*Fsshare__Empty_Closure)
@@ -232,6 +449,21 @@ typedef void (*Fsshare__RenamePathRequest_Closure)
                   void *closure_data);
 typedef void (*Fsshare__PruneDirectoryRequest_Closure)
                  (const Fsshare__PruneDirectoryRequest *message,
+                  void *closure_data);
+typedef void (*Fsshare__ProbeRequest_Closure)
+                 (const Fsshare__ProbeRequest *message,
+                  void *closure_data);
+typedef void (*Fsshare__ProbeResponse_Closure)
+                 (const Fsshare__ProbeResponse *message,
+                  void *closure_data);
+typedef void (*Fsshare__WatchContentRequest__ExpectEntry_Closure)
+                 (const Fsshare__WatchContentRequest__ExpectEntry *message,
+                  void *closure_data);
+typedef void (*Fsshare__WatchContentRequest_Closure)
+                 (const Fsshare__WatchContentRequest *message,
+                  void *closure_data);
+typedef void (*Fsshare__WatchContentResponse_Closure)
+                 (const Fsshare__WatchContentResponse *message,
                   void *closure_data);
 
 /* --- services --- */
@@ -284,6 +516,36 @@ void fsshare__guest_files__prune_directory(ProtobufCService *service,
                                            const Fsshare__PruneDirectoryRequest *input,
                                            Fsshare__Empty_Closure closure,
                                            void *closure_data);
+typedef struct Fsshare__GuestCheck_Service Fsshare__GuestCheck_Service;
+struct Fsshare__GuestCheck_Service
+{
+  ProtobufCService base;
+  void (*probe)(Fsshare__GuestCheck_Service *service,
+                const Fsshare__ProbeRequest *input,
+                Fsshare__ProbeResponse_Closure closure,
+                void *closure_data);
+  void (*watch_content)(Fsshare__GuestCheck_Service *service,
+                        const Fsshare__WatchContentRequest *input,
+                        Fsshare__WatchContentResponse_Closure closure,
+                        void *closure_data);
+};
+typedef void (*Fsshare__GuestCheck_ServiceDestroy)(Fsshare__GuestCheck_Service *);
+void fsshare__guest_check__init (Fsshare__GuestCheck_Service *service,
+                                 Fsshare__GuestCheck_ServiceDestroy destroy);
+#define FSSHARE__GUEST_CHECK__BASE_INIT \
+    { &fsshare__guest_check__descriptor, protobuf_c_service_invoke_internal, NULL }
+#define FSSHARE__GUEST_CHECK__INIT(function_prefix__) \
+    { FSSHARE__GUEST_CHECK__BASE_INIT,\
+      function_prefix__ ## probe,\
+      function_prefix__ ## watch_content  }
+void fsshare__guest_check__probe(ProtobufCService *service,
+                                 const Fsshare__ProbeRequest *input,
+                                 Fsshare__ProbeResponse_Closure closure,
+                                 void *closure_data);
+void fsshare__guest_check__watch_content(ProtobufCService *service,
+                                         const Fsshare__WatchContentRequest *input,
+                                         Fsshare__WatchContentResponse_Closure closure,
+                                         void *closure_data);
 
 /* --- descriptors --- */
 
@@ -293,7 +555,14 @@ extern const ProtobufCMessageDescriptor fsshare__info_response__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__remove_path_request__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__rename_path_request__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__prune_directory_request__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__probe_request__descriptor;
+extern const ProtobufCEnumDescriptor    fsshare__probe_request__op__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__probe_response__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__watch_content_request__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__watch_content_request__expect_entry__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor;
 extern const ProtobufCServiceDescriptor fsshare__guest_files__descriptor;
+extern const ProtobufCServiceDescriptor fsshare__guest_check__descriptor;
 
 PROTOBUF_C__END_DECLS
 

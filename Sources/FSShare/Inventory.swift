@@ -77,40 +77,9 @@ public struct Inventory: Sendable {
 
     /// Mount points strictly below `root`, from `/proc/self/mountinfo` (octal escapes decoded).
     public static func mountPoints(under root: FilePath) throws(FSShareError) -> [FilePath] {
-        let path: FilePath = "/proc/self/mountinfo"
-        let bytes = try sys("cannot read \(path)") { () throws(SystemCallError) in
-            let fd = try Sys.openat(nil, path, flags: O_RDONLY)
-            defer { Sys.close(fd) }
-            return try Sys.readAll(fd, path: path)
-        }
-        var result: [FilePath] = []
+        let table = try sys("cannot read /proc/self/mountinfo") { () throws(SystemCallError) in try Sys.mountTable() }
         let prefix = root.string.hasSuffix("/") ? root.string : root.string + "/"
-        for line in bytes.split(separator: 0x0A) {
-            let fields = line.split(separator: 0x20)
-            guard fields.count > 4 else { continue }
-            let point = unescapeMountinfo(Array(fields[4]))
-            if point.hasPrefix(prefix) { result.append(FilePath(point)) }
-        }
-        return result
-    }
-
-    static func unescapeMountinfo(_ raw: [UInt8]) -> String {
-        var out: [UInt8] = []
-        var i = 0
-        while i < raw.count {
-            if raw[i] == 0x5C, i + 3 < raw.count {
-                let digits = raw[(i + 1)...(i + 3)]
-                if digits.count == 3, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x37 }) {
-                    let v = digits.reduce(0) { $0 * 8 + Int($1 - 0x30) }
-                    out.append(UInt8(truncatingIfNeeded: v))
-                    i += 4
-                    continue
-                }
-            }
-            out.append(raw[i])
-            i += 1
-        }
-        return String(decoding: out, as: UTF8.self)
+        return table.filter { $0.mountPoint.hasPrefix(prefix) }.map { FilePath($0.mountPoint) }
     }
 
     /// Cleans every sandbox under `root`, then unmounts leaked mounts (deepest first).

@@ -127,6 +127,20 @@ public final class AgentClient: Sendable {
         _ = try call(TTRPC.guestFilesService, "PruneDirectory", r)
     }
 
+    /// Kata's `CreateSandbox` with the sandbox-level storages (the shared filesystem, shm): the
+    /// agent mounts them before any container is created.
+    public func createSandbox(id: String, storages: [Grpc_Storage]) throws(AgentError) {
+        var r = Grpc_CreateSandboxRequest()
+        r.sandboxID = id
+        r.storages = storages
+        _ = try call(TTRPC.agentService, TTRPC.createSandboxMethod, r)
+    }
+
+    /// Kata's `DestroySandbox`: the agent unmounts what `CreateSandbox` mounted.
+    public func destroySandbox() throws(AgentError) {
+        _ = try call(TTRPC.agentService, TTRPC.destroySandboxMethod, Grpc_DestroySandboxRequest())
+    }
+
     /// One unary call: sends `message` to `service/method`, returns the reply payload.
     public func call(_ service: String, _ method: String, _ message: some SwiftProtobuf.Message) throws(AgentError) -> [UInt8] {
         let payload: [UInt8]

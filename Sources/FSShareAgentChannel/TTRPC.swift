@@ -15,6 +15,10 @@ public enum TTRPC {
     /// Kata's agent service and the one method of it fsshare calls.
     public static let agentService = "grpc.AgentService"
     public static let copyFileMethod = "CopyFile"
+    public static let createSandboxMethod = "CreateSandbox"
+    public static let destroySandboxMethod = "DestroySandbox"
+    /// fsshare's in-guest checks (`fsshare-agent --checks`).
+    public static let guestCheckService = "fsshare.GuestCheck"
     /// fsshare's own guest service (Proto/fsshare_agent.proto).
     public static let guestFilesService = "fsshare.GuestFiles"
     /// Request metadata naming a batch: once one request of a batch fails, the server refuses

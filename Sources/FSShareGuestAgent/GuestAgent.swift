@@ -1,3 +1,6 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#endif
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -8,27 +11,39 @@ import SwiftProtobuf
 import Synchronization
 import SystemPackage
 
-/// `fsshare-agent`: the guest side of copy mode. Serves Kata's `grpc.AgentService/CopyFile` and
-/// fsshare's `fsshare.GuestFiles` over ttrpc, confined below one share directory.
+/// `fsshare-agent`: the guest side of fsshare. Serves, over ttrpc, Kata's
+/// `grpc.AgentService/CreateSandbox` and `DestroySandbox` (it mounts the sandbox storages:
+/// virtio-fs, 9p, shm), `grpc.AgentService/CopyFile` and fsshare's `fsshare.GuestFiles` (copy
+/// mode, confined below one share directory), and with `checks` fsshare's `fsshare.GuestCheck`.
 ///
 /// It is small on purpose: the host is its only client, and every request is checked as if
 /// it were hostile anyway (canonical paths below the share directory, no symlink traversal,
 /// bounded chunks).
 public final class GuestAgent: Sendable {
-    public static let version = "fsshare-agent 0.2"
+    public static let version = "fsshare-agent 0.3"
     /// "Batches": requests carrying ``TTRPC/batchMetadataKey`` are refused once one of their
     /// batch failed (TTRPCServer does this for every connection).
-    public static let features = ["CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches"]
+    public static let features = ["CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches", "CreateSandbox", "DestroySandbox"]
     /// At most this many connections are served at once; more wait in the listen backlog.
     public static let maxConnections = 32
 
     let files: GuestFilesBox
+    let mounter: Mutex<MounterHolder>
+    let checks: Bool
     let log: @Sendable (String) -> Void
     private let active = Atomic<Int>(0)
 
-    /// An agent confined to `shareDir` (created if missing).
-    public init(shareDir: String, log: @escaping @Sendable (String) -> Void) throws(SystemCallError) {
+    struct MounterHolder: @unchecked Sendable {
+        // Only touched with the mutex held.
+        let mounter: StorageMounter
+    }
+
+    /// An agent confined to `shareDir` (created if missing). With `checks` it also serves
+    /// `fsshare.GuestCheck` (for tests and demos: those probes follow symlinks anywhere).
+    public init(shareDir: String, checks: Bool = false, log: @escaping @Sendable (String) -> Void) throws(SystemCallError) {
         self.files = GuestFilesBox(try GuestFiles(shareDir: shareDir))
+        self.mounter = Mutex(MounterHolder(mounter: StorageMounter(log: log)))
+        self.checks = checks
         self.log = log
     }
 
@@ -40,11 +55,23 @@ public final class GuestAgent: Sendable {
                 let r = try Grpc_CopyFileRequest(serializedBytes: payload)
                 try files.locked { (f) throws(GuestAgentError) in try f.copyFile(r) }
                 return .ok([])
+            case (TTRPC.agentService, TTRPC.createSandboxMethod):
+                let r = try Grpc_CreateSandboxRequest(serializedBytes: payload)
+                try mounter.withLock { (h) throws(GuestAgentError) in try h.mounter.createSandbox(r) }
+                return .ok([])
+            case (TTRPC.agentService, TTRPC.destroySandboxMethod):
+                _ = try Grpc_DestroySandboxRequest(serializedBytes: payload)
+                try mounter.withLock { (h) throws(GuestAgentError) in try h.mounter.destroySandbox() }
+                return .ok([])
+            case (TTRPC.guestCheckService, "Probe") where checks:
+                return .ok(try GuestChecks.probe(Fsshare_ProbeRequest(serializedBytes: payload)).serializedBytes())
+            case (TTRPC.guestCheckService, "WatchContent") where checks:
+                return .ok(try GuestChecks.watchContent(Fsshare_WatchContentRequest(serializedBytes: payload)).serializedBytes())
             case (TTRPC.guestFilesService, "GetInfo"):
                 var info = Fsshare_InfoResponse()
                 info.version = GuestAgent.version
                 info.shareDir = files.shareDir
-                info.features = GuestAgent.features
+                info.features = GuestAgent.features + (checks ? ["GuestCheck"] : [])
                 return .ok(try info.serializedBytes())
             case (TTRPC.guestFilesService, "RemovePath"):
                 let r = try Fsshare_RemovePathRequest(serializedBytes: payload)
@@ -87,10 +114,10 @@ public final class GuestAgent: Sendable {
         switch address {
         case .serial(let path):
             // A character device has no connections: serve it, and reopen when the host side
-            // goes away (EOF on a virtio-serial port whose host end closed).
+            // goes away (EOF on a virtio-serial port whose host end closed, or none yet).
+            log("serving \(path)")
             while true {
                 let stream = try AgentClient.open(address, timeout: .seconds(5))
-                log("serving \(path)")
                 serve(stream)
                 var pause = timespec(tv_sec: 0, tv_nsec: 100_000_000)
                 nanosleep(&pause, nil)
@@ -108,6 +135,28 @@ public final class GuestAgent: Sendable {
             do { listener = try Sys.listenVsock(port: port) } catch { throw AgentError(.unreachable, "cannot listen on \(address): \(error)") }
             log("listening on \(address)")
             try acceptLoop(listener, name: address.description, muxPort: nil)
+        }
+    }
+
+    /// The device of the virtio-serial port QEMU named `name` (`-device virtserialport,name=`),
+    /// from `/sys/class/virtio-ports/*/name`; waits up to `timeout` for it to appear (the
+    /// module may still be probing).
+    public static func virtioPort(named name: String, timeout: Duration) -> FilePath? {
+        let classDir: FilePath = "/sys/class/virtio-ports"
+        let deadline = Sys.monotonicNanoseconds() + UInt64(timeout.components.seconds) * 1_000_000_000
+        while true {
+            for entry in (try? Sys.listDirectory(nil, classDir)) ?? [] {
+                let file = classDir.appending(entry.name).appending("name")
+                guard let fd = try? Sys.openat(nil, file, flags: O_RDONLY | O_CLOEXEC) else { continue }
+                let bytes = (try? Sys.readAll(fd, path: file)) ?? []
+                Sys.close(fd)
+                if String(decoding: bytes, as: UTF8.self).trimmingSuffix("\n") == name {
+                    return FilePath("/dev").appending(entry.name)
+                }
+            }
+            if Sys.monotonicNanoseconds() >= deadline { return nil }
+            var pause = timespec(tv_sec: 0, tv_nsec: 50_000_000)
+            nanosleep(&pause, nil)
         }
     }
 
@@ -164,5 +213,11 @@ final class GuestFilesBox: Sendable {
 
     func locked(_ body: (GuestFiles) throws(GuestAgentError) -> Void) throws(GuestAgentError) {
         try files.withLock { (h) throws(GuestAgentError) in try body(h.files) }
+    }
+}
+
+extension String {
+    func trimmingSuffix(_ suffix: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
     }
 }

@@ -29,11 +29,7 @@ final class GuestFiles {
         while dir.count > 1 && dir.hasSuffix("/") { dir.removeLast() }
         self.shareDir = dir
         let path = FilePath(dir)
-        var partial = FilePath("/")
-        for c in path.components {
-            partial.append(c)
-            _ = try Sys.mkdirat(nil, partial, mode: 0o755)
-        }
+        try Sys.makeDirectories(path, mode: 0o755)
         root = DirFD(fd: try Sys.openat(nil, path, flags: Sys.oPath | Sys.oDirectory), path: path)
     }
 

@@ -29,6 +29,60 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// A kernel module the guest should load (CreateSandbox).
+public nonisolated struct Grpc_KernelModule: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var parameters: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// grpc.AgentService/CreateSandbox: the sandbox-level storages (the shared filesystem, shm) are
+/// mounted by the agent before any container is created. Returns google.protobuf.Empty.
+public nonisolated struct Grpc_CreateSandboxRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var hostname: String = String()
+
+  public var dns: [String] = []
+
+  public var storages: [Grpc_Storage] = []
+
+  public var sandboxPidns: Bool = false
+
+  public var sandboxID: String = String()
+
+  public var guestHookPath: String = String()
+
+  public var kernelModules: [Grpc_KernelModule] = []
+
+  public var guestUserns: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// grpc.AgentService/DestroySandbox: unmounts what CreateSandbox mounted.
+public nonisolated struct Grpc_DestroySandboxRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 /// Tells the guest agent what to mount and where.
 public nonisolated struct Grpc_Storage: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -110,6 +164,125 @@ public nonisolated struct Grpc_CopyFileRequest: Sendable {
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "grpc"
+
+nonisolated extension Grpc_KernelModule: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".KernelModule"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}parameters\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeRepeatedStringField(value: &self.parameters) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.parameters.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.parameters, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Grpc_KernelModule, rhs: Grpc_KernelModule) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.parameters != rhs.parameters {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Grpc_CreateSandboxRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CreateSandboxRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{1}dns\0\u{1}storages\0\u{3}sandbox_pidns\0\u{3}sandbox_id\0\u{3}guest_hook_path\0\u{3}kernel_modules\0\u{3}guest_userns\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.hostname) }()
+      case 2: try { try decoder.decodeRepeatedStringField(value: &self.dns) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.storages) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.sandboxPidns) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.sandboxID) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.guestHookPath) }()
+      case 7: try { try decoder.decodeRepeatedMessageField(value: &self.kernelModules) }()
+      case 8: try { try decoder.decodeSingularBoolField(value: &self.guestUserns) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.hostname.isEmpty {
+      try visitor.visitSingularStringField(value: self.hostname, fieldNumber: 1)
+    }
+    if !self.dns.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.dns, fieldNumber: 2)
+    }
+    if !self.storages.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.storages, fieldNumber: 3)
+    }
+    if self.sandboxPidns != false {
+      try visitor.visitSingularBoolField(value: self.sandboxPidns, fieldNumber: 4)
+    }
+    if !self.sandboxID.isEmpty {
+      try visitor.visitSingularStringField(value: self.sandboxID, fieldNumber: 5)
+    }
+    if !self.guestHookPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.guestHookPath, fieldNumber: 6)
+    }
+    if !self.kernelModules.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.kernelModules, fieldNumber: 7)
+    }
+    if self.guestUserns != false {
+      try visitor.visitSingularBoolField(value: self.guestUserns, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Grpc_CreateSandboxRequest, rhs: Grpc_CreateSandboxRequest) -> Bool {
+    if lhs.hostname != rhs.hostname {return false}
+    if lhs.dns != rhs.dns {return false}
+    if lhs.storages != rhs.storages {return false}
+    if lhs.sandboxPidns != rhs.sandboxPidns {return false}
+    if lhs.sandboxID != rhs.sandboxID {return false}
+    if lhs.guestHookPath != rhs.guestHookPath {return false}
+    if lhs.kernelModules != rhs.kernelModules {return false}
+    if lhs.guestUserns != rhs.guestUserns {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Grpc_DestroySandboxRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DestroySandboxRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Grpc_DestroySandboxRequest, rhs: Grpc_DestroySandboxRequest) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
 
 nonisolated extension Grpc_Storage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Storage"

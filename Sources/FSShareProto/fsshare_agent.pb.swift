@@ -15,6 +15,11 @@
 /// Every path is absolute, canonical (no "." or ".." components, no "//") and below the agent's
 /// share directory. The agent never follows a symlink while resolving one.
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file
@@ -101,6 +106,174 @@ public nonisolated struct Fsshare_PruneDirectoryRequest: Sendable {
   public var path: String = String()
 
   public var keep: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Fsshare_ProbeRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var op: Fsshare_ProbeRequest.Op = .stat
+
+  public var path: String = String()
+
+  public var data: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum Op: SwiftProtobuf.Enum, Swift.CaseIterable {
+    public typealias RawValue = Int
+
+    /// lstat: mode, size
+    case stat // = 0
+
+    /// the file's bytes (follows symlinks, as a container would)
+    case read // = 1
+
+    /// directory entry names, sorted
+    case list // = 2
+
+    /// create a new file (O_CREAT|O_EXCL) with `data`
+    case create // = 3
+
+    /// open an existing file O_WRONLY|O_TRUNC and write `data`
+    case write // = 4
+
+    /// unlink a file
+    case unlink // = 5
+
+    /// mkdir
+    case mkdir // = 6
+
+    /// rmdir
+    case rmdir // = 7
+
+    /// /proc/self/mountinfo lines whose mount point is at or below `path`
+    case mounts // = 8
+
+    /// the type of the mount `path` is on ("virtiofs", "9p", ...), in `data`
+    case fstype // = 9
+    case UNRECOGNIZED(Int)
+
+    public init() {
+      self = .stat
+    }
+
+    public init?(rawValue: Int) {
+      switch rawValue {
+      case 0: self = .stat
+      case 1: self = .read
+      case 2: self = .list
+      case 3: self = .create
+      case 4: self = .write
+      case 5: self = .unlink
+      case 6: self = .mkdir
+      case 7: self = .rmdir
+      case 8: self = .mounts
+      case 9: self = .fstype
+      default: self = .UNRECOGNIZED(rawValue)
+      }
+    }
+
+    public var rawValue: Int {
+      switch self {
+      case .stat: return 0
+      case .read: return 1
+      case .list: return 2
+      case .create: return 3
+      case .write: return 4
+      case .unlink: return 5
+      case .mkdir: return 6
+      case .rmdir: return 7
+      case .mounts: return 8
+      case .fstype: return 9
+      case .UNRECOGNIZED(let i): return i
+      }
+    }
+
+    // The compiler won't synthesize support with the UNRECOGNIZED case.
+    public static let allCases: [Fsshare_ProbeRequest.Op] = [
+      .stat,
+      .read,
+      .list,
+      .create,
+      .write,
+      .unlink,
+      .mkdir,
+      .rmdir,
+      .mounts,
+      .fstype,
+    ]
+
+  }
+
+  public init() {}
+}
+
+public nonisolated struct Fsshare_ProbeResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 0, or the errno the guest kernel returned.
+  public var errno: Int32 = 0
+
+  public var data: Data = Data()
+
+  public var names: [String] = []
+
+  public var mode: UInt32 = 0
+
+  public var size: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Fsshare_WatchContentRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The volume's directory in the guest (holding `..data` and the key links).
+  public var dir: String = String()
+
+  /// key -> content every key must reach.
+  public var expect: Dictionary<String,Data> = [:]
+
+  public var timeoutMs: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Fsshare_WatchContentResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var matched: Bool = false
+
+  /// Full passes over the keys.
+  public var passes: UInt64 = 0
+
+  /// Passes that found `..data` missing, or a key unreadable while `..data` did not change.
+  public var dangling: UInt64 = 0
+
+  /// Passes whose keys, read through one unchanged `..data`, mixed new and other content.
+  public var torn: UInt64 = 0
+
+  /// From the request's arrival to the first pass with every key matched.
+  public var elapsedNs: UInt64 = 0
+
+  /// What the last pass saw, when not matched.
+  public var detail: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -289,6 +462,195 @@ nonisolated extension Fsshare_PruneDirectoryRequest: SwiftProtobuf.Message, Swif
   public static func ==(lhs: Fsshare_PruneDirectoryRequest, rhs: Fsshare_PruneDirectoryRequest) -> Bool {
     if lhs.path != rhs.path {return false}
     if lhs.keep != rhs.keep {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fsshare_ProbeRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ProbeRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}op\0\u{1}path\0\u{1}data\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.op) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.op != .stat {
+      try visitor.visitSingularEnumField(value: self.op, fieldNumber: 1)
+    }
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 2)
+    }
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fsshare_ProbeRequest, rhs: Fsshare_ProbeRequest) -> Bool {
+    if lhs.op != rhs.op {return false}
+    if lhs.path != rhs.path {return false}
+    if lhs.data != rhs.data {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fsshare_ProbeRequest.Op: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0STAT\0\u{1}READ\0\u{1}LIST\0\u{1}CREATE\0\u{1}WRITE\0\u{1}UNLINK\0\u{1}MKDIR\0\u{1}RMDIR\0\u{1}MOUNTS\0\u{1}FSTYPE\0")
+}
+
+nonisolated extension Fsshare_ProbeResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ProbeResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}errno\0\u{1}data\0\u{1}names\0\u{1}mode\0\u{1}size\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularInt32Field(value: &self.errno) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 3: try { try decoder.decodeRepeatedStringField(value: &self.names) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.mode) }()
+      case 5: try { try decoder.decodeSingularInt64Field(value: &self.size) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.errno != 0 {
+      try visitor.visitSingularInt32Field(value: self.errno, fieldNumber: 1)
+    }
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 2)
+    }
+    if !self.names.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.names, fieldNumber: 3)
+    }
+    if self.mode != 0 {
+      try visitor.visitSingularUInt32Field(value: self.mode, fieldNumber: 4)
+    }
+    if self.size != 0 {
+      try visitor.visitSingularInt64Field(value: self.size, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fsshare_ProbeResponse, rhs: Fsshare_ProbeResponse) -> Bool {
+    if lhs.errno != rhs.errno {return false}
+    if lhs.data != rhs.data {return false}
+    if lhs.names != rhs.names {return false}
+    if lhs.mode != rhs.mode {return false}
+    if lhs.size != rhs.size {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".WatchContentRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}dir\0\u{1}expect\0\u{3}timeout_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.dir) }()
+      case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &self.expect) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.dir.isEmpty {
+      try visitor.visitSingularStringField(value: self.dir, fieldNumber: 1)
+    }
+    if !self.expect.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: self.expect, fieldNumber: 2)
+    }
+    if self.timeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fsshare_WatchContentRequest, rhs: Fsshare_WatchContentRequest) -> Bool {
+    if lhs.dir != rhs.dir {return false}
+    if lhs.expect != rhs.expect {return false}
+    if lhs.timeoutMs != rhs.timeoutMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".WatchContentResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}matched\0\u{1}passes\0\u{1}dangling\0\u{1}torn\0\u{3}elapsed_ns\0\u{1}detail\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBoolField(value: &self.matched) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.passes) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.dangling) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.torn) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.elapsedNs) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.detail) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.matched != false {
+      try visitor.visitSingularBoolField(value: self.matched, fieldNumber: 1)
+    }
+    if self.passes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.passes, fieldNumber: 2)
+    }
+    if self.dangling != 0 {
+      try visitor.visitSingularUInt64Field(value: self.dangling, fieldNumber: 3)
+    }
+    if self.torn != 0 {
+      try visitor.visitSingularUInt64Field(value: self.torn, fieldNumber: 4)
+    }
+    if self.elapsedNs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.elapsedNs, fieldNumber: 5)
+    }
+    if !self.detail.isEmpty {
+      try visitor.visitSingularStringField(value: self.detail, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fsshare_WatchContentResponse, rhs: Fsshare_WatchContentResponse) -> Bool {
+    if lhs.matched != rhs.matched {return false}
+    if lhs.passes != rhs.passes {return false}
+    if lhs.dangling != rhs.dangling {return false}
+    if lhs.torn != rhs.torn {return false}
+    if lhs.elapsedNs != rhs.elapsedNs {return false}
+    if lhs.detail != rhs.detail {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 import SystemPackage
 
 extension Sys {
@@ -60,6 +61,7 @@ extension Sys {
 /// A child process left running (an agent, a watcher) until ``stop(signal:)``.
 public final class ChildProcess: Sendable {
     public let pid: pid_t
+    private let reaped = Mutex<Int32?>(nil)
 
     /// Starts `argv` (PATH lookup) with stdout and stderr appended to `logPath`.
     public init(_ argv: [String], logPath: String) throws(SystemCallError) {
@@ -79,14 +81,47 @@ public final class ChildProcess: Sendable {
     /// Sends `signal` and waits for the child; returns its exit status (negative: the signal).
     @discardableResult
     public func stop(signal: Int32 = SIGTERM) -> Int32 {
+        if let done = reaped.withLock({ $0 }) { return done }
         kill(pid, signal)
         return wait()
     }
 
+    /// Sends `signal`, waits up to `grace` for the child to exit, then kills it.
+    @discardableResult
+    public func stop(signal: Int32, grace: Duration) -> Int32 {
+        if let done = exitStatus() { return done }
+        kill(pid, signal)
+        let deadline = Sys.monotonicNanoseconds() + UInt64(grace.components.seconds) * 1_000_000_000
+            + UInt64(grace.components.attoseconds / 1_000_000_000)
+        while Sys.monotonicNanoseconds() < deadline {
+            if let done = exitStatus() { return done }
+            usleep(10_000)
+        }
+        return stop(signal: SIGKILL)
+    }
+
     /// Waits for the child to exit.
     public func wait() -> Int32 {
+        if let done = reaped.withLock({ $0 }) { return done }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : -(status & 0x7f)
+        let code = ChildProcess.decode(status)
+        reaped.withLock { $0 = code }
+        return code
+    }
+
+    /// The exit status if the child has exited (reaping it), nil while it runs.
+    public func exitStatus() -> Int32? {
+        reaped.withLock { (done: inout Int32?) -> Int32? in
+            if let done { return done }
+            var status: Int32 = 0
+            guard waitpid(pid, &status, WNOHANG) == pid else { return nil }
+            done = ChildProcess.decode(status)
+            return done
+        }
+    }
+
+    static func decode(_ status: Int32) -> Int32 {
+        (status & 0x7f) == 0 ? (status >> 8) & 0xff : -(status & 0x7f)
     }
 }

@@ -259,7 +259,7 @@ struct Scenarios {
         addr.sun_family = sa_family_t(AF_UNIX)
         let sockPath = work + "/sock"
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            _ = sockPath.utf8CString.withUnsafeBytes { raw.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(raw.count))) }
+            sockPath.utf8CString.withUnsafeBytes { raw.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(raw.count))) }
         }
         _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(sock, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
         symlink("/proc/self", work + "/to-proc")

@@ -7,6 +7,7 @@ import Glibc
 import FSShareAgentChannel
 import FSShareProto
 import FSShareSystem
+import FSShareTestSupport
 import SwiftProtobuf
 import SystemPackage
 import Testing

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import FSShareSystem
+import FSShareTestSupport
 import SystemPackage
 import Testing
 

@@ -42,8 +42,8 @@ struct NamingTests {
 
     @Test("mountinfo octal escapes are decoded")
     func mountinfo() {
-        #expect(Inventory.unescapeMountinfo(Array(#"/a\040b\011c\134d"#.utf8)) == "/a b\tc\\d")
-        #expect(Inventory.unescapeMountinfo(Array(#"/end\04"#.utf8)) == #"/end\04"#)
+        #expect(Sys.unescapeMountinfo(Array(#"/a\040b\011c\134d"#.utf8)) == "/a b\tc\\d")
+        #expect(Sys.unescapeMountinfo(Array(#"/end\04"#.utf8)) == #"/end\04"#)
     }
 
     @Test("fault specs parse, and bad ones are rejected")

@@ -4,6 +4,7 @@ import Glibc
 import FSShare
 import FSShareAgentChannel
 import FSShareSystem
+import FSShareTestSupport
 import Synchronization
 import SystemPackage
 import Testing
