@@ -113,7 +113,7 @@ let package = Package(
         .executableTarget(
             name: "fsshare-scenarios",
             dependencies: [
-                "FSShare", "FSShareSystem", "FSShareProto",
+                "FSShare", "FSShareSystem", "FSShareProto", "FSShareTestSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict

@@ -299,3 +299,5 @@ int fsshare_open_pty(char *slave_name, size_t capacity) {
     }
     return m;
 }
+
+void fsshare_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }

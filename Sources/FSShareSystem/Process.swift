@@ -1,10 +1,14 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CFSShareShim
 import Synchronization
 import SystemPackage
 
 extension Sys {
+    /// Makes stdout line-buffered, so progress shows as it happens even through a pipe.
+    public static func lineBufferStdout() { fsshare_line_buffer_stdout() }
+
     /// Runs a program (PATH lookup), waits, and returns its exit status (negative: killed by
     /// that signal) and its combined stdout and stderr.
     public static func run(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String) {

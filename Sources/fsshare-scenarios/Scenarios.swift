@@ -4,6 +4,7 @@ import Glibc
 import FSShare
 import FSShareProto
 import FSShareSystem
+import FSShareTestSupport
 import SystemPackage
 
 /// Real-mount scenarios. Each runs in a private mount namespace made by its caller
@@ -35,7 +36,7 @@ struct ScenarioMain {
             print("unknown scenario \(args[1])")
             exit(2)
         }
-        print("\(checks.passed) checks passed, \(checks.failures) failed")
+        checks.summary()
         exit(checks.failures == 0 ? 0 : 1)
     }
 }

@@ -2,51 +2,8 @@
 import Glibc
 #endif
 import FSShareSystem
+import FSShareTestSupport
 import SystemPackage
-
-/// Collects check results; a scenario fails if any check failed.
-final class Checks {
-    private(set) var failures = 0
-    private(set) var passed = 0
-
-    func check(_ condition: Bool, _ what: @autoclosure () -> String) {
-        if condition {
-            passed += 1
-            print("ok: \(what())")
-        } else {
-            failures += 1
-            print("FAIL: \(what())")
-        }
-    }
-
-    func must<T>(_ what: String, _ body: () throws -> T) -> T? {
-        do {
-            let value = try body()
-            passed += 1
-            print("ok: \(what)")
-            return value
-        } catch {
-            failures += 1
-            print("FAIL: \(what): \(error)")
-            return nil
-        }
-    }
-
-    /// Expects `body` to throw; returns the error.
-    @discardableResult
-    func mustFail(_ what: String, _ body: () throws -> Void) -> (any Error)? {
-        do {
-            try body()
-            failures += 1
-            print("FAIL: \(what): did not fail")
-            return nil
-        } catch {
-            passed += 1
-            print("ok: \(what) (\(error))")
-            return error
-        }
-    }
-}
 
 func run(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String) {
     Sys.run(argv, environment: environment)

@@ -17,6 +17,17 @@ enum TestEnvironment {
 
     static func product(_ name: String) -> String { productsDirectory + "/" + name }
 
+    /// The package root: the nearest parent of the products directory holding Package.swift.
+    static let packageRoot: String = {
+        var parts = productsDirectory.split(separator: "/", omittingEmptySubsequences: false)
+        while parts.count > 1 {
+            parts.removeLast()
+            let candidate = parts.joined(separator: "/")
+            if access(candidate + "/Package.swift", F_OK) == 0 { return candidate }
+        }
+        return "."
+    }()
+
     /// Nil if real mounts can be made here (`unshare -m` works and a bind inside it works),
     /// else the reason they cannot.
     static let mountSkipReason: String? = {

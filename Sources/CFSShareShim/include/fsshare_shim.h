@@ -118,6 +118,9 @@ extern const unsigned FSSHARE_RENAME_NOREPLACE;
 extern const unsigned FSSHARE_RENAME_EXCHANGE;
 extern const unsigned FSSHARE_VMADDR_CID_HOST;
 
+/// Makes stdout line-buffered (progress output through a pipe shows as it happens).
+void fsshare_line_buffer_stdout(void);
+
 #ifdef __cplusplus
 }
 #endif
