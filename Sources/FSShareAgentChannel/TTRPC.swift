@@ -92,6 +92,15 @@ public final class FrameStream: @unchecked Sendable {
         scratch.deallocate()
     }
 
+    /// Forgets buffered input and unsent output: the peer behind a character device went away
+    /// and a new one starts with a fresh ttrpc stream (a half frame of the old one must not
+    /// prefix it).
+    public func discardBuffers() {
+        buffer.removeAll(keepingCapacity: true)
+        start = 0
+        output.removeAll(keepingCapacity: true)
+    }
+
     private var shown: FilePath { FilePath(name) }
 
     /// Milliseconds left until `deadline` (nanoseconds on the monotonic clock; nil: forever).

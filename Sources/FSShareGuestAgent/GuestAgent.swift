@@ -113,13 +113,17 @@ public final class GuestAgent: Sendable {
     public func run(listening address: AgentAddress) throws(AgentError) {
         switch address {
         case .serial(let path):
-            // A character device has no connections: serve it, and reopen when the host side
-            // goes away (EOF on a virtio-serial port whose host end closed, or none yet).
+            // A character device has no connections. A virtio-serial port reads EOF while no
+            // host end is connected; keep it open and read on: closing and reopening it would
+            // make the guest kernel discard what a host that connects meanwhile already sent.
+            let stream = try AgentClient.open(address, timeout: .seconds(5))
             log("serving \(path)")
             while true {
-                let stream = try AgentClient.open(address, timeout: .seconds(5))
-                serve(stream)
-                var pause = timespec(tv_sec: 0, tv_nsec: 100_000_000)
+                if let error = TTRPCServer.serve(stream, handler: handle) {
+                    log("\(path): \(error)")
+                }
+                stream.discardBuffers()
+                var pause = timespec(tv_sec: 0, tv_nsec: 20_000_000)
                 nanosleep(&pause, nil)
             }
         case .unix(let path), .hybridVsock(let path, _):

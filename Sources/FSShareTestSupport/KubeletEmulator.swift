@@ -48,12 +48,6 @@ public final class KubeletEmulator {
         current = payload
         return published
     }
-
-    public func writeFile(_ path: String, _ content: String) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        _ = content.withCString { Glibc.write(fd, $0, strlen($0)) }
-        close(fd)
-    }
 }
 
 /// A directory tree as comparable values: relative path -> "d", "l:<target>" or "f:<content>".

@@ -74,19 +74,3 @@ func ms(_ ns: UInt64) -> String {
 func ms(_ d: Duration) -> String {
     ms(UInt64(d.components.seconds) * 1_000_000_000 + UInt64(d.components.attoseconds / 1_000_000_000))
 }
-
-func writeFile(_ path: String, _ content: String) {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    _ = content.withCString { Glibc.write(fd, $0, strlen($0)) }
-    close(fd)
-}
-
-func readFile(_ path: String) -> String? {
-    guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY) else { return nil }
-    defer { Sys.close(fd) }
-    return (try? Sys.readAll(fd, path: FilePath(path))).map { String(decoding: $0, as: UTF8.self) }
-}
-
-func mkdirs(_ path: String) {
-    try? Sys.makeDirectories(FilePath(path), mode: 0o755)
-}

@@ -76,26 +76,4 @@ func listTree(_ dir: String) -> [String] {
     return out
 }
 
-func writeFile(_ path: String, _ text: String) {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    guard fd >= 0 else { return }
-    _ = text.withCString { write(fd, $0, strlen($0)) }
-    close(fd)
-}
-
-func readFile(_ path: String) -> String? {
-    guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY) else { return nil }
-    defer { Sys.close(fd) }
-    guard let bytes = try? Sys.readAll(fd, path: FilePath(path)) else { return nil }
-    return String(decoding: bytes, as: UTF8.self)
-}
-
-func mkdirs(_ path: String) {
-    var p = ""
-    for c in path.split(separator: "/") {
-        p += "/" + c
-        mkdir(p, 0o755)
-    }
-}
-
 func exists(_ path: String) -> Bool { (try? Sys.statx(nil, FilePath(path))) != nil }

@@ -12,10 +12,17 @@ final class AgentUnderTest {
     let log: String
     private(set) var process: ChildProcess?
 
-    init(_ base: String, listen: String? = nil) throws {
+    /// `wrapper` runs the agent through another program (`unshare -m ...`); `extra` adds
+    /// agent arguments (`--checks`).
+    let wrapper: [String]
+    let extra: [String]
+
+    init(_ base: String, listen: String? = nil, wrapper: [String] = [], extra: [String] = []) throws {
         shareDir = base + "/guest"
         socket = base + "/agent.sock"
         log = base + "/agent.log"
+        self.wrapper = wrapper
+        self.extra = extra
         _ = Sys.run(["mkdir", "-p", base])
         try start(listen: listen)
     }
@@ -26,7 +33,7 @@ final class AgentUnderTest {
 
     func start(listen: String? = nil) throws {
         process = try ChildProcess(
-            [TestEnvironment.product("fsshare-agent"), "--share-dir", shareDir, "--listen", listen ?? "unix:\(socket)"], logPath: log)
+            wrapper + [TestEnvironment.product("fsshare-agent"), "--share-dir", shareDir, "--listen", listen ?? "unix:\(socket)"] + extra, logPath: log)
         // Ready when the socket accepts.
         for _ in 0..<500 {
             if let fd = try? Sys.connectUnix(FilePath(socket)) {

@@ -146,7 +146,7 @@ import Testing
         for round in 0..<50 where watcher.statistics.overflows == 0 {
             // Flood: many events at once, and a real update hidden among them.
             for i in 0..<50 {
-                kubelet.writeFile(kubelet.volume + "/..flood\(i)", "x")
+                writeFile(kubelet.volume + "/..flood\(i)", "x")
                 unlink(kubelet.volume + "/..flood\(i)")
             }
             kubelet.write(["a": "round\(round)", "b": "\(round)"])

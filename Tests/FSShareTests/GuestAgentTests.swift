@@ -1,0 +1,133 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShareAgentChannel
+@testable import FSShareGuestAgent
+import FSShareProto
+import FSShareSystem
+import FSShareTestSupport
+import FSShareVM
+import Synchronization
+import SystemPackage
+import Testing
+
+/// fsshare-agent's sandbox storages (CreateSandbox / DestroySandbox) and its in-guest checks,
+/// against a real agent process on the host (in a private mount namespace where it mounts).
+@Suite("Guest agent: storages and checks")
+struct GuestAgentTests {
+    static func storage(_ driver: String, _ source: String, _ fstype: String, _ point: String, _ options: [String] = []) -> Grpc_Storage {
+        var s = Grpc_Storage()
+        s.driver = driver
+        s.source = source
+        s.fstype = fstype
+        s.mountPoint = point
+        s.options = options
+        return s
+    }
+
+    @Test(.enabled(if: TestEnvironment.canMount, "needs root with CAP_SYS_ADMIN to make mount namespaces"))
+    func createSandboxMountsAllOrNothing() throws {
+        let dir = TestEnvironment.scratch("storages")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        let agent = try AgentUnderTest(dir, wrapper: ["unshare", "-m", "--propagation", "private", "--"], extra: ["--checks"])
+        let client = agent.client()
+        let probe = GuestCheckClient(address: agent.address)
+        let shm = dir + "/run/sandbox/shm", second = dir + "/run/second"
+        func fstype(_ p: String) throws -> String { try probe.probe(.fstype, p).text }
+        let hostType = try fstype(dir)
+
+        // Refused before anything is mounted: unknown driver, relative or ".." mount points,
+        // fstype not matching the driver.
+        for bad in [
+            Self.storage("blk", "/dev/vda", "ext4", shm),
+            Self.storage("ephemeral", "shm", "tmpfs", "run/shm"),
+            Self.storage("ephemeral", "shm", "tmpfs", dir + "/run/../etc"),
+            Self.storage("virtio-fs", "kataShared", "ext4", shm),
+        ] {
+            #expect(throws: AgentError.self) { try client.createSandbox(id: "s", storages: [Self.storage("ephemeral", "shm", "tmpfs", shm), bad]) }
+            #expect(try fstype(shm) == hostType, "nothing mounted after refusing \(bad.driver) at \(bad.mountPoint)")
+        }
+        // A mount that fails in the kernel (no such 9p tag here) unmounts the ones before it.
+        #expect(throws: AgentError.self) {
+            try client.createSandbox(id: "s", storages: [
+                Self.storage("ephemeral", "shm", "tmpfs", shm, ["nosuid", "size=1048576"]),
+                Self.storage("9p", "noSuchTag", "9p", second, ["trans=virtio,version=9p2000.L", "nodev"]),
+            ])
+        }
+        #expect(try fstype(shm) == hostType, "the first storage was rolled back")
+
+        // Kata's options: flags become mount flags, the rest data.
+        try client.createSandbox(id: "s", storages: [
+            Self.storage("ephemeral", "shm", "tmpfs", shm, ["noexec", "nosuid", "nodev", "mode=1777", "size=1048576"]),
+        ])
+        #expect(try fstype(shm) == "tmpfs")
+        let line = try probe.probe(.mounts, shm).names.first ?? ""
+        #expect(line.contains("nosuid") && line.contains("nodev") && line.contains("noexec"), "flags applied: \(line)")
+        #expect(throws: AgentError.self, "a second CreateSandbox is refused") { try client.createSandbox(id: "t", storages: []) }
+        try client.destroySandbox()
+        #expect(try fstype(shm) == hostType, "DestroySandbox unmounted it")
+        try client.createSandbox(id: "t", storages: [])
+        try client.destroySandbox()
+    }
+
+    @Test func mountOptionsSplitIntoFlagsAndData() {
+        let r = StorageMounter.parseOptions(["trans=virtio,version=9p2000.L,cache=mmap", "nodev", "msize=8192", "ro", "rw"])
+        #expect(r.data == "trans=virtio,version=9p2000.L,cache=mmap,msize=8192")
+        #expect(r.flags == UInt(MS_NODEV), "ro then rw leaves rw; nodev stays")
+    }
+
+    /// The reader loop must see what a pod would see: it counts a dangling `..data` when an update
+    /// is not atomic, and a torn read when keys change in place one by one.
+    @Test func readerLoopCatchesNonAtomicUpdates() throws {
+        let dir = TestEnvironment.scratch("reader")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        let agent = try AgentUnderTest(dir, extra: ["--checks"])
+        let probe = GuestCheckClient(address: agent.address)
+        let vol = dir + "/vol"
+        _ = Sys.run(["mkdir", "-p", vol + "/..v1"])
+        for key in ["a", "b"] {
+            writeFile(vol + "/..v1/" + key, "old")
+            symlink("..data/" + key, vol + "/" + key)
+        }
+        symlink("..v1", vol + "/..data")
+
+        // Atomic (kubelet's order): never dangling, never torn.
+        let atomic = try watching(probe, vol, ["a": "new", "b": "new"]) {
+            _ = Sys.run(["mkdir", "-p", vol + "/..v2"])
+            for key in ["a", "b"] { writeFile(vol + "/..v2/" + key, "new") }
+            symlink("..v2", vol + "/..data_tmp")
+            rename(vol + "/..data_tmp", vol + "/..data")
+        }
+        #expect(atomic.matched && atomic.dangling == 0 && atomic.torn == 0, "\(atomic)")
+
+        // Not atomic: ..data removed, then made again a while later.
+        let gap = try watching(probe, vol, ["a": "v3", "b": "v3"]) {
+            _ = Sys.run(["mkdir", "-p", vol + "/..v3"])
+            for key in ["a", "b"] { writeFile(vol + "/..v3/" + key, "v3") }
+            unlink(vol + "/..data")
+            usleep(50_000)
+            symlink("..v3", vol + "/..data")
+        }
+        #expect(gap.matched && gap.dangling > 0, "a missing ..data is seen: \(gap)")
+
+        // In place, key by key, under one ..data: torn.
+        let inPlace = try watching(probe, vol, ["a": "v4", "b": "v4"]) {
+            writeFile(vol + "/..v3/a", "v4")
+            usleep(50_000)
+            writeFile(vol + "/..v3/b", "v4")
+        }
+        #expect(inPlace.matched && inPlace.torn > 0, "a half-applied update is seen: \(inPlace)")
+    }
+
+    func watching(_ probe: GuestCheckClient, _ vol: String, _ expect: [String: String], update: () -> Void) throws -> Fsshare_WatchContentResponse {
+        let result = Mutex<Fsshare_WatchContentResponse?>(nil)
+        let t = try OSThread {
+            let r = try? probe.watchContent(dir: vol, expect: expect, timeout: .seconds(10))
+            result.withLock { $0 = r }
+        }
+        usleep(50_000)
+        update()
+        t.join()
+        return try #require(result.withLock { $0 })
+    }
+}
