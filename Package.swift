@@ -12,6 +12,8 @@ let package = Package(
     products: [
         .library(name: "FSShare", targets: ["FSShare"]),
         .library(name: "FSShareProto", targets: ["FSShareProto"]),
+        // Optional: the libvirt integration (needs libvirt-dev to build; FSShare does not).
+        .library(name: "FSShareLibvirt", targets: ["FSShareLibvirt"]),
         .executable(name: "fsshare", targets: ["fsshare"]),
         .executable(name: "fsshare-agent", targets: ["fsshare-agent"]),
     ],
@@ -93,6 +95,18 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // libvirt's C API (libvirt-dev), only for FSShareLibvirt.
+        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
+        // The hypervisor integration through libvirt: capabilities -> shared-fs mode, the
+        // <filesystem> device of a sandbox, live attach and detach.
+        .target(
+            name: "FSShareLibvirt",
+            dependencies: [
+                "CLibvirt", "FSShare", "FSShareSystem",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
         // Helpers shared by the tests, the benchmark and the guest checks (a kubelet atomic
         // writer, tree snapshots).
         .target(
@@ -105,6 +119,7 @@ let package = Package(
             name: "fsshare-guest",
             dependencies: [
                 "FSShare", "FSShareVM", "FSShareTestSupport", "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                "FSShareLibvirt",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
@@ -136,7 +151,7 @@ let package = Package(
             dependencies: [
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
                 "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest",
-                "FSShareTestSupport", "FSShareGuestAgent",
+                "FSShareTestSupport", "FSShareGuestAgent", "FSShareLibvirt",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

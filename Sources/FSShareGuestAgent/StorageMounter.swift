@@ -95,7 +95,7 @@ final class StorageMounter {
                 // The agent owns these paths (they are not below any share): plain mkdir -p.
                 try Sys.makeDirectories(FilePath(point), mode: 0o755)
                 let (flags, data) = StorageMounter.parseOptions(s.options)
-                try Sys.mount(source: FilePath(s.source), target: FilePath(point), fstype: s.fstype, flags: flags, data: data.isEmpty ? nil : data)
+                try StorageMounter.mount(s, at: point, flags: flags, data: data.isEmpty ? nil : data)
                 made.append(point)
                 log("mounted \(s.driver) \(s.source) at \(point)")
             } catch {
@@ -105,6 +105,27 @@ final class StorageMounter {
         }
         sandboxID = request.sandboxID
         mounted = made
+    }
+
+    /// How long a shared filesystem's tag may take to appear: a share hot-plugged just before
+    /// CreateSandbox (libvirt's live attach) is still being probed by the guest kernel.
+    static let tagWait: UInt64 = 10_000_000_000
+
+    /// mount(2); for virtio-fs and 9p, retried while the kernel does not know the tag yet
+    /// (virtio-fs says EINVAL, 9p ENOENT) until ``tagWait`` passes.
+    static func mount(_ s: Grpc_Storage, at point: String, flags: UInt, data: String?) throws(SystemCallError) {
+        let deadline = Sys.monotonicNanoseconds() + tagWait
+        while true {
+            do throws(SystemCallError) {
+                try Sys.mount(source: FilePath(s.source), target: FilePath(point), fstype: s.fstype, flags: flags, data: data)
+                return
+            } catch {
+                let waiting = (s.driver == "virtio-fs" && error.errno == .invalidArgument) || (s.driver == "9p" && error.errno == .noSuchFileOrDirectory)
+                guard waiting, Sys.monotonicNanoseconds() < deadline else { throw error }
+                var pause = timespec(tv_sec: 0, tv_nsec: 50_000_000)
+                nanosleep(&pause, nil)
+            }
+        }
     }
 
     /// Unmounts what ``createSandbox(_:)`` mounted, newest first.

@@ -16,8 +16,12 @@ public struct GuestImage: Sendable, Equatable {
     }
 
     /// The image in `directory` (`vmlinuz`, `initramfs.img`), or nil if either is missing.
+    /// Paths are made absolute (libvirt starts QEMU in another directory).
     public static func at(_ directory: FilePath) -> GuestImage? {
-        let image = GuestImage(kernel: directory.appending("vmlinuz"), initrd: directory.appending("initramfs.img"))
+        guard let resolved = realpath(directory.string, nil) else { return nil }
+        let absolute = FilePath(String(cString: resolved))
+        free(resolved)
+        let image = GuestImage(kernel: absolute.appending("vmlinuz"), initrd: absolute.appending("initramfs.img"))
         guard (try? Sys.statx(nil, image.kernel, followSymlinks: true)) != nil,
               (try? Sys.statx(nil, image.initrd, followSymlinks: true)) != nil
         else { return nil }
@@ -163,15 +167,25 @@ public final class QEMUGuest: Sendable {
     /// Waits until the guest agent answers on the agent channel; returns the time from QEMU's
     /// start (the boot time as the host sees it).
     public func waitForAgent(timeout: Duration) throws(GuestError) -> Duration {
-        let deadline = startedAt + UInt64(timeout.components.seconds) * 1_000_000_000
+        try QEMUGuest.waitForAgent(agentAddress, since: startedAt, timeout: timeout, consoleLog: consoleLog) { [qemu, workDir] in
+            qemu.exitStatus().map { "QEMU exited (\($0)): \(QEMUGuest.tail(workDir.appending("qemu.log")))" }
+        }
+    }
+
+    /// Polls the agent at `address` (GetInfo) until it answers, `exited` reports the VM gone, or
+    /// `timeout` after `since` (CLOCK_MONOTONIC ns) passes. Returns the time since `since`.
+    public static func waitForAgent(
+        _ address: AgentAddress, since: UInt64, timeout: Duration, consoleLog: FilePath, exited: () -> String?
+    ) throws(GuestError) -> Duration {
+        let deadline = since + UInt64(timeout.components.seconds) * 1_000_000_000
         while Sys.monotonicNanoseconds() < deadline {
-            if let status = qemu.exitStatus() {
-                throw GuestError("QEMU exited (\(status)) before the agent answered: \(QEMUGuest.tail(workDir.appending("qemu.log"))) console: \(QEMUGuest.tail(consoleLog))")
+            if let why = exited() {
+                throw GuestError("\(why) before the agent answered; console: \(QEMUGuest.tail(consoleLog))")
             }
-            let probe = AgentClient(address: agentAddress, callTimeout: .seconds(2), connectTimeout: .seconds(1))
+            let probe = AgentClient(address: address, callTimeout: .seconds(2), connectTimeout: .seconds(1))
             defer { probe.disconnect() }
             if (try? probe.info()) != nil {
-                return .nanoseconds(Int64(Sys.monotonicNanoseconds() - startedAt))
+                return .nanoseconds(Int64(Sys.monotonicNanoseconds() - since))
             }
             usleep(100_000)
         }

@@ -1,0 +1,130 @@
+import FSShare
+import SystemPackage
+
+/// What a hypervisor offers for sharing host files, read from libvirt's domain capabilities:
+/// the `<filesystem>` driver types (`path`, `handle`, `virtiofs`) and whether guest memory can
+/// be shared (virtio-fs needs a memfd or file memory backend).
+public struct SharedFilesystemSupport: Sendable, Equatable {
+    public var filesystemDriverTypes: Set<String>
+    public var memoryBackingSources: Set<String>
+
+    public init(filesystemDriverTypes: Set<String>, memoryBackingSources: Set<String>) {
+        self.filesystemDriverTypes = filesystemDriverTypes
+        self.memoryBackingSources = memoryBackingSources
+    }
+
+    /// Reads `<filesystem supported='yes'>` and `<memoryBacking supported='yes'>` of a
+    /// `virConnectGetDomainCapabilities` document.
+    public init(domainCapabilities xml: String) {
+        filesystemDriverTypes = Self.enumValues(xml, element: "filesystem", enumName: "driverType")
+        memoryBackingSources = Self.enumValues(xml, element: "memoryBacking", enumName: "sourceType")
+    }
+
+    /// The mode to use: virtio-fs when QEMU has it and guest memory can be shared, else 9p
+    /// (libvirt's `path`/`handle` drivers), else copy mode.
+    public var preferred: SharedFilesystem {
+        if filesystemDriverTypes.contains("virtiofs") && !memoryBackingSources.isDisjoint(with: ["memfd", "file"]) {
+            return .virtioFS()
+        }
+        if !filesystemDriverTypes.isDisjoint(with: ["path", "handle"]) { return .virtio9p() }
+        return .none
+    }
+
+    /// The `<value>`s of `<enum name='NAME'>` inside the first `<ELEMENT supported='yes'>`.
+    /// libvirt writes this document itself, in a fixed shape; this reads only that shape.
+    static func enumValues(_ xml: String, element: String, enumName: String) -> Set<String> {
+        guard let open = xml.firstRange(of: "<\(element) supported='yes'>"),
+              let close = xml[open.upperBound...].firstRange(of: "</\(element)>")
+        else { return [] }
+        let body = xml[open.upperBound..<close.lowerBound]
+        guard let e = body.firstRange(of: "<enum name='\(enumName)'>"),
+              let end = body[e.upperBound...].firstRange(of: "</enum>")
+        else { return [] }
+        var values: Set<String> = []
+        var rest = body[e.upperBound..<end.lowerBound]
+        while let v = rest.firstRange(of: "<value>"), let ve = rest[v.upperBound...].firstRange(of: "</value>") {
+            values.insert(String(rest[v.upperBound..<ve.lowerBound]))
+            rest = rest[ve.upperBound...]
+        }
+        return values
+    }
+}
+
+/// libvirt XML fragments for a sandbox.
+public enum LibvirtXML {
+    /// XML-escapes an attribute or text value.
+    public static func escape(_ s: String) -> String {
+        var out = ""
+        for c in s {
+            switch c {
+            case "&": out += "&amp;"
+            case "<": out += "&lt;"
+            case ">": out += "&gt;"
+            case "'": out += "&apos;"
+            case "\"": out += "&quot;"
+            default: out.append(c)
+            }
+        }
+        return out
+    }
+
+    /// The `<filesystem>` device exporting a sandbox's `shared/` under `tag` (Kata's
+    /// `kataShared`): virtio-fs through virtiofsd, or 9p through QEMU. Copy mode has none (nil).
+    /// `alias` (libvirt's user alias, `ua-` prefixed) names the device for detaching.
+    ///
+    /// No `<readonly/>`: `shared/` is already a read-only bind on the host, and the rw volume
+    /// binds below it must stay writable. No `<cache>`: libvirt 9 rejects `auto` for virtiofs,
+    /// and its default lets later host mounts and unmounts reach the guest.
+    public static func filesystem(sharedDirectory: FilePath, tag: String, mode: SharedFilesystem, alias: String, virtiofsd: FilePath? = nil) -> String? {
+        let driver: String
+        var binary = ""
+        switch mode {
+        case .virtioFS:
+            driver = "<driver type='virtiofs'/>"
+            if let virtiofsd { binary = "<binary path='\(escape(virtiofsd.string))'/>" }
+        case .virtio9p:
+            driver = "<driver type='path'/>"
+        case .none:
+            return nil
+        }
+        return """
+            <filesystem type='mount' accessmode='passthrough'>\
+            \(driver)\(binary)\
+            <source dir='\(escape(sharedDirectory.string))'/>\
+            <target dir='\(escape(tag))'/>\
+            <alias name='ua-\(escape(alias))'/>\
+            </filesystem>
+            """
+    }
+
+    /// A direct-kernel-boot domain for a sandbox VM: shared guest memory (memfd, which
+    /// virtio-fs needs), ACPI (without it libvirt passes -no-acpi and PCI hot-plug of the
+    /// share fails), the agent's virtio-serial channels as unix sockets libvirt binds, the
+    /// console to a file, no disks, no network, no balloon.
+    public static func sandboxDomain(
+        name: String, kernel: FilePath, initrd: FilePath, memoryMiB: Int, kvm: Bool,
+        channels: [(name: String, socket: FilePath)], consoleLog: FilePath,
+        emulator: FilePath = "/usr/bin/qemu-system-x86_64"
+    ) -> String {
+        let channelXML = channels.map { c in
+            "<channel type='unix'><source mode='bind' path='\(escape(c.socket.string))'/><target type='virtio' name='\(escape(c.name))'/></channel>"
+        }.joined()
+        return """
+            <domain type='\(kvm ? "kvm" : "qemu")'>\
+            <name>\(escape(name))</name>\
+            <memory unit='MiB'>\(memoryMiB)</memory>\
+            <vcpu>1</vcpu>\
+            <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\
+            <os><type arch='x86_64'>hvm</type><kernel>\(escape(kernel.string))</kernel><initrd>\(escape(initrd.string))</initrd>\
+            <cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>\
+            <features><acpi/><apic/></features>\
+            <cpu mode='\(kvm ? "host-passthrough" : "maximum")'/>\
+            <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>\
+            <devices><emulator>\(escape(emulator.string))</emulator>\
+            <serial type='file'><source path='\(escape(consoleLog.string))'/><target port='0'/></serial>\
+            \(channelXML)\
+            <memballoon model='none'/></devices>\
+            </domain>
+            """
+    }
+}
