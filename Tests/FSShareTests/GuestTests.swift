@@ -8,7 +8,8 @@ import Testing
 
 /// A real guest: `fsshare-guest check TRANSPORT DIR` boots QEMU (TCG unless KVM really works) on
 /// a prepared sandbox and checks every sharing claim from inside the guest, in a private mount
-/// namespace. The image comes from `hack/guest/build` (hack/test runs it first).
+/// namespace. The image comes from `hack/guest/build` (hack/test runs it first). `libvirt` boots
+/// the same guest through libvirt's C API (`qemu:///embed`) and attaches the share live.
 @Suite("A real guest (QEMU)", .serialized)
 struct GuestTests {
     /// The guest image directory, or nil with the reason printed.
@@ -32,7 +33,7 @@ struct GuestTests {
     @Test(
         "guest check",
         .enabled(if: GuestTests.image != nil, "needs root, QEMU and a guest image (see the SKIP line)"),
-        arguments: ["virtio-fs", "9p", "copy"])
+        arguments: ["virtio-fs", "9p", "copy", "libvirt"])
     func guest(_ transport: String) {
         guard let image = GuestTests.image else { return }
         let dir = TestEnvironment.scratch("guest-\(transport)")
