@@ -19,7 +19,12 @@ struct LibvirtRun {
     let checks: Checks
 
     func run() {
-        let embedRoot = dir + "/libvirt"
+        // A short root: libvirt puts the virtiofsd socket at
+        // ROOT/lib/qemu/domain-N-NAME/ALIAS-fs.sock, and a unix socket path has 107 bytes.
+        var template = Array("/tmp/fslv.XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { checks.check(false, "libvirt: make a root for qemu:///embed"); return }
+        let embedRoot = String(cString: made)
+        defer { _ = Sys.run(["rm", "-rf", embedRoot]) }
         mkdirs(embedRoot + "/etc")
         // stdio_handler=file: embedded libvirt has no virtlogd. QEMU runs as root without a
         // security driver, as the rest of these tests do (9p and virtiofsd write as root).
@@ -74,7 +79,7 @@ struct LibvirtRun {
         figure("libvirt.boot", ms(boot))
 
         // Live attach of the sandbox's <filesystem>.
-        guard let fsXML = LibvirtXML.filesystem(sharedDirectory: sharer.layout.sharedDirectory, tag: config.mountTag, mode: mode, alias: "fsshare-\(sandbox)", virtiofsd: QEMUGuest.virtiofsdPath()) else {
+        guard let fsXML = LibvirtXML.filesystem(sharedDirectory: sharer.layout.sharedDirectory, tag: config.mountTag, mode: mode, alias: "share", virtiofsd: QEMUGuest.virtiofsdPath()) else {
             checks.check(false, "libvirt: a <filesystem> for \(mode.name)")
             return
         }
