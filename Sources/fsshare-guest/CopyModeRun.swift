@@ -128,10 +128,12 @@ struct CopyModeRun {
     }
 }
 
+/// Nearest-rank percentile (p in 1...100).
 func percentile(_ values: [UInt64], _ p: Int) -> UInt64 {
     guard !values.isEmpty else { return 0 }
     let sorted = values.sorted()
-    return sorted[min(sorted.count - 1, (sorted.count * p + 99) / 100 - (p == 50 ? 0 : 1))]
+    let rank = max(1, (sorted.count * p + 99) / 100)
+    return sorted[min(sorted.count, rank) - 1]
 }
 
 extension String {
