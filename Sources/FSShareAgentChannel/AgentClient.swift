@@ -214,7 +214,7 @@ public final class AgentClient: Sendable {
     }
 
     var callTimeoutNanos: Int64 {
-        Int64(callTimeout.components.seconds) * 1_000_000_000 + callTimeout.components.attoseconds / 1_000_000_000
+        Int64(callTimeout.nanoseconds)
     }
 
     /// The monotonic deadline of a call starting now.
@@ -270,8 +270,7 @@ public final class AgentClient: Sendable {
                 return FrameStream(fd: fd, name: name)
             case .hybridVsock(let path, let port):
                 let stream = FrameStream(fd: try Sys.connectUnix(path), name: name)
-                let nanos = UInt64(timeout.components.seconds) * 1_000_000_000 + UInt64(timeout.components.attoseconds / 1_000_000_000)
-                let deadline = Sys.monotonicNanoseconds() + nanos
+                let deadline = Sys.deadline(after: timeout)
                 try stream.write(Array("CONNECT \(port)\n".utf8), deadline: deadline)
                 let line = try stream.readLine(deadline: deadline)
                 guard line.hasPrefix("OK") else {

@@ -147,7 +147,7 @@ public final class GuestAgent: Sendable {
     /// module may still be probing).
     public static func virtioPort(named name: String, timeout: Duration) -> FilePath? {
         let classDir: FilePath = "/sys/class/virtio-ports"
-        let deadline = Sys.monotonicNanoseconds() + UInt64(timeout.components.seconds) * 1_000_000_000
+        let deadline = Sys.deadline(after: timeout)
         while true {
             for entry in (try? Sys.listDirectory(nil, classDir)) ?? [] {
                 let file = classDir.appending(entry.name).appending("name")

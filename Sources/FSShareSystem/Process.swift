@@ -95,8 +95,7 @@ public final class ChildProcess: Sendable {
     public func stop(signal: Int32, grace: Duration) -> Int32 {
         if let done = exitStatus() { return done }
         kill(pid, signal)
-        let deadline = Sys.monotonicNanoseconds() + UInt64(grace.components.seconds) * 1_000_000_000
-            + UInt64(grace.components.attoseconds / 1_000_000_000)
+        let deadline = Sys.deadline(after: grace)
         while Sys.monotonicNanoseconds() < deadline {
             if let done = exitStatus() { return done }
             usleep(10_000)

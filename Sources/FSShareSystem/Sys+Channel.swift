@@ -258,6 +258,9 @@ extension Sys {
 
     /// `CLOCK_MONOTONIC` in nanoseconds.
     public static func monotonicNanoseconds() -> UInt64 { fsshare_monotonic_ns() }
+
+    /// The CLOCK_MONOTONIC deadline `timeout` from now.
+    public static func deadline(after timeout: Duration) -> UInt64 { monotonicNanoseconds() + timeout.nanoseconds }
 }
 
 /// A joinable OS thread running a closure: the watcher's reader and the agent's connection
@@ -300,5 +303,14 @@ public final class OSThread: Sendable {
             box.release()
             throw SystemCallError(syscall: "pthread_create", path: nil, errno: Errno(rawValue: rc))
         }
+    }
+}
+
+extension Duration {
+    /// Whole nanoseconds (negative durations count as zero): deadlines are CLOCK_MONOTONIC ns.
+    public var nanoseconds: UInt64 {
+        let c = components
+        guard c.seconds >= 0, c.attoseconds >= 0 else { return 0 }
+        return UInt64(c.seconds) * 1_000_000_000 + UInt64(c.attoseconds / 1_000_000_000)
     }
 }

@@ -52,7 +52,7 @@ public final class GuestCheckClient: Sendable {
     /// and how long it took.
     public func await(_ op: Fsshare_ProbeRequest.Op, _ path: String, timeout: Duration, until accept: (Result) -> Bool) throws(AgentError) -> (Result, Duration) {
         let start = Sys.monotonicNanoseconds()
-        let deadline = start + UInt64(timeout.components.seconds) * 1_000_000_000
+        let deadline = start + timeout.nanoseconds
         while true {
             let r = try probe(op, path)
             let now = Sys.monotonicNanoseconds()
@@ -66,7 +66,7 @@ public final class GuestCheckClient: Sendable {
         var r = Fsshare_WatchContentRequest()
         r.dir = dir
         r.expect = expect.mapValues { Data($0.utf8) }
-        r.timeoutMs = UInt32(timeout.components.seconds * 1000)
+        r.timeoutMs = UInt32(clamping: timeout.nanoseconds / 1_000_000)
         let bytes = try client.call(TTRPC.guestCheckService, "WatchContent", r)
         do { return try Fsshare_WatchContentResponse(serializedBytes: bytes) } catch { throw AgentError(.protocolError, "undecodable WatchContent reply: \(error)") }
     }

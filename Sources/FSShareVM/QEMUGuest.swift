@@ -177,7 +177,7 @@ public final class QEMUGuest: Sendable {
     public static func waitForAgent(
         _ address: AgentAddress, since: UInt64, timeout: Duration, consoleLog: FilePath, exited: () -> String?
     ) throws(GuestError) -> Duration {
-        let deadline = since + UInt64(timeout.components.seconds) * 1_000_000_000
+        let deadline = since + timeout.nanoseconds
         while Sys.monotonicNanoseconds() < deadline {
             if let why = exited() {
                 throw GuestError("\(why) before the agent answered; console: \(QEMUGuest.tail(consoleLog))")

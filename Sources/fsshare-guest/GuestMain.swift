@@ -73,5 +73,5 @@ func ms(_ ns: UInt64) -> String {
 }
 
 func ms(_ d: Duration) -> String {
-    ms(UInt64(d.components.seconds) * 1_000_000_000 + UInt64(d.components.attoseconds / 1_000_000_000))
+    ms(d.nanoseconds)
 }

@@ -70,7 +70,8 @@ struct SharedFilesystemRun {
 
         let agent = AgentClient(address: guest.agentAddress, callTimeout: .seconds(30))
         let probe = GuestCheckClient(address: guest.checkAddress)
-        let shared = String(config.guestSharedDir.dropLast(config.guestSharedDir.hasSuffix("/") ? 1 : 0))
+        // Kata spells it with a trailing slash; mountinfo does not.
+        let shared = FilePath(config.guestSharedDir).string
 
         // The agent mounts what the descriptors say.
         n.step("CreateSandbox: the agent mounts the sandbox storages")
