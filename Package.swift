@@ -39,7 +39,9 @@ let package = Package(
                 "CFSShareShim",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
-            swiftSettings: strict
+            // Fault injection (FSSHARE_FAULTS, which can kill -9 the process) exists only in
+            // debug builds, the ones the tests run; release binaries cannot be steered by it.
+            swiftSettings: strict + [.define("FSSHARE_FAULT_INJECTION", .when(configuration: .debug))]
         ),
         // The agent channel: ttrpc framing and transports (unix, hybrid vsock, vsock, serial).
         .target(

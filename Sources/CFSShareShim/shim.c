@@ -39,6 +39,7 @@ int fsshare_statx(int dirfd, const char *path, int flags, fsshare_statx_t *out) 
     out->mode = stx.stx_mode;
     out->mount_id = (stx.stx_mask & STATX_MNT_ID) ? stx.stx_mnt_id : 0;
     out->mount_root_known = (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) != 0;
+    out->mount_id_known = (stx.stx_mask & STATX_MNT_ID) != 0;
     out->is_mount_root = (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
     out->size = stx.stx_size;
     out->ino = stx.stx_ino;
@@ -112,6 +113,7 @@ const int FSSHARE_O_PATH = O_PATH;
 const int FSSHARE_O_NOFOLLOW = O_NOFOLLOW;
 const int FSSHARE_O_DIRECTORY = O_DIRECTORY;
 const int FSSHARE_O_CLOEXEC = O_CLOEXEC;
+const int FSSHARE_O_TMPFILE = O_TMPFILE;
 const int FSSHARE_AT_EMPTY_PATH = AT_EMPTY_PATH;
 const int FSSHARE_AT_RECURSIVE = AT_RECURSIVE;
 const int FSSHARE_AT_SYMLINK_NOFOLLOW = AT_SYMLINK_NOFOLLOW;

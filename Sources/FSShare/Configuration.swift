@@ -52,7 +52,7 @@ public enum MountMethod: String, Sendable, Equatable {
 }
 
 /// What to do with symbolic links in a share's source path.
-public enum SourceSymlinkPolicy: String, Sendable, Equatable {
+public enum SourceSymlinkPolicy: String, Sendable, Equatable, CaseIterable {
     /// Resolve them as Kata does (`EvalSymlinks`), but never through /proc magic links;
     /// the resolved object is then checked and bound by descriptor.
     case follow

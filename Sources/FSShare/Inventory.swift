@@ -4,7 +4,8 @@ import Glibc
 import FSShareSystem
 import SystemPackage
 
-/// What is under a sandbox root: the sandboxes, their recorded shares, and leaked mounts.
+/// What is under a sandbox root: the sandboxes, their recorded shares, leaked mounts, and
+/// everything else (foreign entries), which fsshare reports and never touches.
 public struct Inventory: Sendable {
     public struct Share: Sendable, Equatable {
         public var record: ShareRecord
@@ -16,17 +17,32 @@ public struct Inventory: Sendable {
         /// `shared/` is mounted (the sandbox is prepared).
         public var prepared: Bool
         public var shares: [Share]
-        /// A manifest problem, if the manifest could not be read.
+        /// A problem met while reading the sandbox (its lock, its manifest).
         public var problem: String?
+    }
+    /// An entry under the root that is not an fsshare sandbox (no manifest proves it is).
+    public struct Foreign: Sendable, Equatable {
+        public var name: String
+        /// Why it is not a sandbox.
+        public var reason: String
+        /// It is what a prepare killed before writing its manifest leaves (an empty directory
+        /// with a sandbox id as its name): `cleanup` removes it.
+        public var interruptedPrepare: Bool
     }
     public var root: FilePath
     public var sandboxes: [Sandbox]
-    /// Mount points under the root that no manifest accounts for.
+    /// Entries under the root that are not fsshare sandboxes; left alone by `cleanup --all`.
+    public var foreign: [Foreign]
+    /// Mount points inside sandboxes that their manifests do not account for (cleaning the
+    /// sandbox removes them).
     public var leakedMounts: [FilePath]
+    /// Mount points under the root outside any sandbox: someone else's, left alone.
+    public var foreignMounts: [FilePath]
 
-    /// Reads the inventory of `root`. Reads `/proc/self/mountinfo` once (for leaks only).
+    /// Reads the inventory of `root`. Reads `/proc/self/mountinfo` once.
     public static func read(root: FilePath) throws(FSShareError) -> Inventory {
-        var result = Inventory(root: root, sandboxes: [], leakedMounts: [])
+        try SandboxOwnership.requireMountPointTest()
+        var result = Inventory(root: root, sandboxes: [], foreign: [], leakedMounts: [], foreignMounts: [])
         let rootFD: FileDescriptor
         do {
             rootFD = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
@@ -37,32 +53,51 @@ public struct Inventory: Sendable {
         defer { Sys.close(rootFD) }
         let rootDir = DirFD(fd: rootFD, path: root)
         let entries = try sys("cannot list \(root)") { () throws(SystemCallError) in try Sys.listDirectory(rootDir, ".") }
+        // Paths whose mounts a sandbox accounts for: exact mount points, and trees whose
+        // submounts belong to a share (a recursive share carries the source's submounts).
         var known: Set<String> = []
+        var knownTrees: [String] = []
+        var sandboxDirs: [String] = []
         for entry in entries.sorted(by: { $0.name < $1.name }) {
-            guard Identifier.problem(entry.name) == nil,
-                  let st = try? Sys.statx(rootDir, FilePath(entry.name)), st.kind == .directory else { continue }
             let sid = FilePath(entry.name)
             let base = root.appending(entry.name)
+            func foreign(_ why: String, interrupted: Bool = false) {
+                result.foreign.append(Foreign(name: entry.name, reason: why, interruptedPrepare: interrupted))
+            }
+            guard Identifier.problem(entry.name) == nil else { foreign("its name is not a sandbox id"); continue }
+            let fd: FileDescriptor
+            do {
+                fd = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            } catch {
+                foreign(error.errno == .tooManySymbolicLinkLevels || error.errno == .notDirectory
+                    ? "it is not a directory (a symbolic link or a file)" : "it cannot be opened: \(error)")
+                continue
+            }
+            defer { Sys.close(fd) }
             var sandbox = Sandbox(id: entry.name, prepared: false, shares: [], problem: nil)
-            sandbox.prepared = (try? Sys.statx(rootDir, sid.appending("shared")).isMountRoot) ?? false
             do throws(FSShareError) {
-                let fd = try sys("cannot open \(base)") { () throws(SystemCallError) in
-                    try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
-                }
-                defer { Sys.close(fd) }
                 try sys("cannot lock \(base)") { () throws(SystemCallError) in try Sys.flock(fd, operation: LOCK_SH, path: base) }
-                if let manifest = try Manifest.open(in: DirFD(fd: fd, path: base), sandboxID: entry.name, create: false) {
+                switch try SandboxOwnership.inspect(DirFD(fd: fd, path: base), sandboxID: entry.name) {
+                case .foreign(let why):
+                    foreign(why)
+                    continue
+                case .interruptedPrepare:
+                    foreign("an empty directory: a prepare was interrupted before its manifest was written", interrupted: true)
+                    continue
+                case .sandbox(let manifest):
+                    sandboxDirs.append(base.string)
                     known.insert(base.string)
                     known.insert(base.appending("shared").string)
+                    sandbox.prepared = (try? MountOps.statBeneath(rootDir, sid.appending("shared")).isMountRoot) ?? false
                     for r in manifest.orderedShares {
                         let rel = FilePath("mounts").appending(r.name)
-                        let mounted = (try? Sys.statx(rootDir, sid.pushing(rel)).isMountRoot) ?? false
+                        let mounted = (try? MountOps.statBeneath(rootDir, sid.pushing(rel)).isMountRoot) ?? false
                         sandbox.shares.append(Share(record: r, mounted: mounted))
-                        known.insert(base.pushing(rel).string)
-                        known.insert(base.appending("shared").appending(r.name).string)
+                        for path in [base.pushing(rel), base.appending("shared").appending(r.name)] {
+                            known.insert(path.string)
+                            if r.recursive { knownTrees.append(path.string + "/") }
+                        }
                     }
-                } else {
-                    sandbox.problem = "no manifest"
                 }
             } catch {
                 sandbox.problem = error.message
@@ -70,7 +105,13 @@ public struct Inventory: Sendable {
             result.sandboxes.append(sandbox)
         }
         for mountPoint in try mountPoints(under: root) where !known.contains(mountPoint.string) {
-            result.leakedMounts.append(mountPoint)
+            let path = mountPoint.string
+            if knownTrees.contains(where: { path.hasPrefix($0) }) { continue }
+            if sandboxDirs.contains(where: { path.hasPrefix($0 + "/") }) {
+                result.leakedMounts.append(mountPoint)
+            } else {
+                result.foreignMounts.append(mountPoint)
+            }
         }
         return result
     }
@@ -82,32 +123,52 @@ public struct Inventory: Sendable {
         return table.filter { $0.mountPoint.hasPrefix(prefix) }.map { FilePath($0.mountPoint) }
     }
 
-    /// Cleans every sandbox under `root`, then unmounts leaked mounts (deepest first).
-    /// Returns the ids of the sandboxes it cleaned.
+    /// What ``cleanupAll(root:)`` did.
+    public struct CleanupReport: Sendable, Equatable {
+        /// The sandboxes it cleaned (their mounts and directories are gone).
+        public var cleaned: [String]
+        /// Empty directories left by interrupted prepares, removed.
+        public var removedInterruptedPrepares: [String]
+        /// Entries that are not fsshare sandboxes, left exactly as they were.
+        public var leftAlone: [Foreign]
+        /// Mounts under the root outside any sandbox, left mounted.
+        public var foreignMounts: [FilePath]
+    }
+
+    /// Cleans every sandbox under `root` (each one a manifest proves is fsshare's, mounts its
+    /// manifest does not know included) and removes the empty directories of interrupted
+    /// prepares. Anything else under the root, and any mount outside a sandbox, is reported
+    /// and left alone: it may be an operator's data or another runtime's sandbox.
     @discardableResult
-    public static func cleanupAll(root: FilePath) throws(FSShareError) -> [String] {
+    public static func cleanupAll(root: FilePath) throws(FSShareError) -> CleanupReport {
         let before = try read(root: root)
         var problems: [String] = []
-        var cleaned: [String] = []
+        var report = CleanupReport(cleaned: [], removedInterruptedPrepares: [], leftAlone: [], foreignMounts: before.foreignMounts)
         for sandbox in before.sandboxes {
             do throws(FSShareError) {
-                try SandboxCleaner(root: root, sandboxID: sandbox.id).run()
-                cleaned.append(sandbox.id)
+                if try SandboxCleaner(root: root, sandboxID: sandbox.id).run() == .cleaned { report.cleaned.append(sandbox.id) }
             } catch {
                 problems.append(error.message)
             }
         }
-        let leaks = try mountPoints(under: root).sorted { $0.components.count > $1.components.count }
-        for leak in leaks {
-            do {
-                try Sys.umount2(leak, flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
+        for entry in before.foreign {
+            guard entry.interruptedPrepare else {
+                report.leftAlone.append(entry)
+                continue
+            }
+            do throws(FSShareError) {
+                // The cleaner re-inspects under the lock: if the directory gained content since
+                // the listing, it is refused and stays.
+                if try SandboxCleaner(root: root, sandboxID: entry.name).run() == .removedInterruptedPrepare {
+                    report.removedInterruptedPrepares.append(entry.name)
+                }
             } catch {
-                if error.errno != .invalidArgument && error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
+                if error.code == .refused { report.leftAlone.append(entry) } else { problems.append(error.message) }
             }
         }
         if !problems.isEmpty {
             throw FSShareError(.incompleteCleanup, "cleanup of \(root) is incomplete: " + problems.joined(separator: "; "))
         }
-        return cleaned
+        return report
     }
 }

@@ -18,8 +18,10 @@ final class SandboxHandle {
     let staging: DirFD
     let manifest: Manifest
     let mountsMountID: UInt64
+    /// What share sources must stay clear of (the root, its ancestors, its inside).
+    let rootGuard: SourceCheck.RootGuard
 
-    init(root: DirFD, lock: FileDescriptor, sandbox: DirFD, mounts: DirFD, staging: DirFD, manifest: Manifest, mountsMountID: UInt64) {
+    init(root: DirFD, lock: FileDescriptor, sandbox: DirFD, mounts: DirFD, staging: DirFD, manifest: Manifest, mountsMountID: UInt64, rootGuard: SourceCheck.RootGuard) {
         self.root = root
         self.lock = lock
         self.sandbox = sandbox
@@ -27,6 +29,7 @@ final class SandboxHandle {
         self.staging = staging
         self.manifest = manifest
         self.mountsMountID = mountsMountID
+        self.rootGuard = rootGuard
     }
 
     deinit {
@@ -124,11 +127,13 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         try cleanupSync()
     }
 
-    /// Synchronous ``cleanup()``.
-    public func cleanupSync() throws(FSShareError) {
-        try state.withLock { (s: inout State) throws(FSShareError) in
+    /// Synchronous ``cleanup()``; says what it found. A directory of this name that no fsshare
+    /// manifest proves to be a sandbox is refused (``FSShareError/Code/refused``) and left alone.
+    @discardableResult
+    public func cleanupSync() throws(FSShareError) -> CleanupOutcome {
+        try state.withLock { (s: inout State) throws(FSShareError) -> CleanupOutcome in
             s.handle = nil
-            try SandboxCleaner(root: configuration.root, sandboxID: sandboxID).run()
+            return try SandboxCleaner(root: configuration.root, sandboxID: sandboxID).run()
         }
     }
 
@@ -167,49 +172,66 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     private func makeSandbox(_ undo: inout Undo) throws(FSShareError) -> SandboxHandle {
+        try SandboxOwnership.requireMountPointTest()
         guard let root = try openRoot(create: true) else {
             throw FSShareError(.systemCall, "cannot open the sandbox root \(configuration.root)")
         }
         undo.add { Sys.close(root.fd) }
         let sid = FilePath(sandboxID)
         let sandboxPath = root.display(sid)
-        if try sys("cannot create the sandbox directory \(sandboxPath)", { () throws(SystemCallError) in try Sys.mkdirat(root, sid, mode: 0o700) }) {
-            undo.add { try? Sys.unlinkat(root, sid, directory: true) }
-        }
-        let lock = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
-            try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+        let created = try sys("cannot create the sandbox directory \(sandboxPath)", { () throws(SystemCallError) in try Sys.mkdirat(root, sid, mode: 0o700) })
+        if created { undo.add { try? Sys.unlinkat(root, sid, directory: true) } }
+        let lock: FileDescriptor
+        do {
+            lock = try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+        } catch {
+            if error.errno == .tooManySymbolicLinkLevels || error.errno == .notDirectory {
+                throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it is not a directory (a symbolic link or a file); it was left alone")
+            }
+            throw FSShareError.system("cannot open \(sandboxPath)", error)
         }
         undo.add { Sys.close(lock) }
         try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
         defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath) }
 
+        // Adopt the directory only if a manifest proves it is ours, or it is what an
+        // interrupted prepare leaves; an operator's folder of the same name is never touched.
         let plain = DirFD(fd: lock, path: sandboxPath)
-        let manifestExisted = (try? Sys.statx(plain, Manifest.fileName)) != nil
-        if !manifestExisted { undo.add { try? Sys.unlinkat(plain, Manifest.fileName, directory: false) } }
-        guard let manifest = try Manifest.open(in: plain, sandboxID: sandboxID, create: true) else {
-            throw FSShareError(.manifest, "cannot create the manifest of \(sandboxPath)")
+        let manifest: Manifest
+        switch try SandboxOwnership.inspect(plain, sandboxID: sandboxID) {
+        case .sandbox(let existing):
+            manifest = existing
+        case .interruptedPrepare:
+            try SandboxOwnership.removeInterruptedPrepare(plain)
+            manifest = try Manifest.create(in: plain, sandboxID: sandboxID)
+            undo.add { try? Sys.unlinkat(plain, Manifest.fileName, directory: false) }
+        case .foreign(let why):
+            throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it exists and is not an fsshare sandbox (\(why)); it was left alone")
         }
 
         // Make the sandbox directory a mount of its own with shared propagation, in a new peer
         // group: then binds under mounts/ propagate to shared/ and to virtiofsd's slave
         // namespace even where / is private (this machine; Kata's Prepare propagates nothing
         // there), and they propagate nowhere else on hosts where /run is shared.
-        if copyMode {
-            // No shared filesystem: no self-bind, no propagation to arrange.
-        } else if try isMountRoot(root, sid) {
-            // Left by an earlier prepare (or made by the operator): make sure it propagates.
-            try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
-                try Sys.mount(source: nil, target: MountOps.fdPath(root.fd, sid), flags: UInt(MS_SHARED))
-            }
-        } else {
-            let target = MountOps.fdPath(root.fd, sid)
-            try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
-                try Sys.mount(source: MountOps.fdPath(lock), target: MountOps.fdPath(lock), flags: UInt(MS_BIND))
-            }
-            undo.add { _ = try? MountOps.unmountAll(root, sid) }
-            try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
-                try Sys.mount(source: nil, target: target, flags: UInt(MS_PRIVATE))
-                try Sys.mount(source: nil, target: target, flags: UInt(MS_SHARED))
+        if !copyMode {
+            if !(try isMountRoot(root, sid)) {
+                try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
+                    try Sys.mount(source: MountOps.fdPath(lock), target: MountOps.fdPath(lock), flags: UInt(MS_BIND))
+                }
+                undo.add { _ = try? MountOps.unmountAll(root, sid) }
+                let selfBind = try MountOps.mountRoot(root, sid)
+                defer { Sys.close(selfBind) }
+                try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                    try Sys.mount(source: nil, target: MountOps.fdPath(selfBind), flags: UInt(MS_PRIVATE))
+                    try Sys.mount(source: nil, target: MountOps.fdPath(selfBind), flags: UInt(MS_SHARED))
+                }
+            } else {
+                // Left by an earlier prepare (or made by the operator): make sure it propagates.
+                let selfBind = try MountOps.mountRoot(root, sid)
+                defer { Sys.close(selfBind) }
+                try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                    try Sys.mount(source: nil, target: MountOps.fdPath(selfBind), flags: UInt(MS_SHARED))
+                }
             }
         }
         // Re-open through the self-bind: descriptors opened before it point below it.
@@ -218,40 +240,46 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         undo.add { Sys.close(top) }
         let sandbox = DirFD(fd: top, path: sandboxPath)
+        var dirs: [FileDescriptor] = []
         for (name, mode) in [("mounts", mode_t(0o750)), ("shared", 0o700), ("private", 0o750)] {
             let n = FilePath(name)
-            if try sys("cannot create \(sandbox.display(n))", { () throws(SystemCallError) in try Sys.mkdirat(sandbox, n, mode: mode) }) {
-                undo.add { try? Sys.unlinkat(sandbox, n, directory: true) }
+            let entry = try MountOps.ownEntry(sandbox, n, directory: true, mode: mode)
+            dirs.append(entry.fd)
+            undo.add { Sys.close(entry.fd) }
+            if entry.created { undo.add { try? Sys.unlinkat(sandbox, n, directory: true) } }
+        }
+        let mounts = DirFD(fd: dirs[0], path: sandbox.display("mounts"))
+        let staging = DirFD(fd: dirs[2], path: sandbox.display("private"))
+        let sharedShown = sandbox.display("shared")
+        if !copyMode {
+            if !(try isMountRoot(sandbox, "shared")) {
+                try sys("cannot bind mounts/ onto \(sharedShown)") { () throws(SystemCallError) in
+                    try Sys.mount(source: MountOps.fdPath(mounts.fd), target: MountOps.fdPath(dirs[1]), flags: UInt(MS_BIND))
+                }
+                undo.add { _ = try? MountOps.unmountAll(sandbox, "shared") }
+                let shared = try MountOps.mountRoot(sandbox, "shared")
+                defer { Sys.close(shared) }
+                // Slave: receives every bind made under mounts/, sends nothing back. Read-only: the
+                // guest can never create, rename or replace anything at the top of the export.
+                try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
+                    try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_SLAVE))
+                    try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
+                }
+            }
+            // shared/ must export this very mounts/ directory: if mounts/ was swapped for
+            // another directory, new shares would silently never reach the guest.
+            let exported = try sys("cannot stat \(sharedShown)") { () throws(SystemCallError) in try Sys.statx(sandbox, "shared") }
+            let own = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.fstatx(mounts.fd, path: mounts.path) }
+            guard SourceCheck.RootGuard.Identity(exported) == SourceCheck.RootGuard.Identity(own) else {
+                throw FSShareError(.conflict, "\(sharedShown) does not export \(mounts.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
             }
         }
-        if !copyMode, !(try isMountRoot(sandbox, "shared")) {
-            let mounts = MountOps.fdPath(top, "mounts")
-            let shared = MountOps.fdPath(top, "shared")
-            let sharedShown = sandbox.display("shared")
-            try sys("cannot bind mounts/ onto \(sharedShown)") { () throws(SystemCallError) in
-                try Sys.mount(source: mounts, target: shared, flags: UInt(MS_BIND))
-            }
-            undo.add { _ = try? MountOps.unmountAll(sandbox, "shared") }
-            // Slave: receives every bind made under mounts/, sends nothing back. Read-only: the
-            // guest can never create, rename or replace anything at the top of the export.
-            try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
-                try Sys.mount(source: nil, target: shared, flags: UInt(MS_SLAVE))
-                try Sys.mount(source: nil, target: shared, flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
-            }
-        }
-        func openDir(_ name: FilePath) throws(FSShareError) -> DirFD {
-            let fd = try sys("cannot open \(sandbox.display(name))") { () throws(SystemCallError) in
-                try Sys.openat(sandbox, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
-            }
-            return DirFD(fd: fd, path: sandbox.display(name))
-        }
-        let mounts = try openDir("mounts")
-        undo.add { Sys.close(mounts.fd) }
-        let staging = try openDir("private")
-        undo.add { Sys.close(staging.fd) }
         let mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
+        let rootGuard = try SourceCheck.RootGuard(root: root)
+        Sys.close(dirs[1])
         let handle = SandboxHandle(
-            root: root, lock: lock, sandbox: sandbox, mounts: mounts, staging: staging, manifest: manifest, mountsMountID: mountsID)
+            root: root, lock: lock, sandbox: sandbox, mounts: mounts, staging: staging, manifest: manifest,
+            mountsMountID: mountsID, rootGuard: rootGuard)
         undo.commit()
         return handle
     }
@@ -265,9 +293,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         guard let root = try openRoot(create: false) else { throw notPrepared }
         let sid = FilePath(sandboxID)
         let exported = copyMode
-            ? (try? Sys.statx(root, sid.appending(Manifest.fileName.string))) != nil
-            : (try? Sys.statx(root, sid.appending("shared")))?.isMountRoot == true
-        guard (try? Sys.statx(root, sid)) != nil, exported else {
+            ? (try? MountOps.statBeneath(root, sid.appending(Manifest.fileName.string))) != nil
+            : (try? MountOps.statBeneath(root, sid.appending("shared")))?.isMountRoot == true
+        guard exported else {
             Sys.close(root.fd)
             throw notPrepared
         }
@@ -301,8 +329,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             return try h.locked { () throws(FSShareError) -> SharedFile in
                 try h.manifest.refresh()
                 if copyMode { return try copyShare(record, handle: h, policy: policy) }
-                try share(record, in: h.mounts, handle: h, method: method, policy: policy)
-                return SharedFile(guestPath: layout.guestPath(name))
+                let made = try share(record, in: h.mounts, handle: h, method: method, policy: policy)
+                return SharedFile(guestPath: layout.guestPath(name), resolvedSource: made.resolvedSource.map { FilePath($0) })
             }
         }
     }
@@ -344,7 +372,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             return try h.locked { () throws(FSShareError) in
                 try h.manifest.refresh()
                 return h.manifest.orderedShares.map { r in
-                    (r, (try? Sys.statx(h.mounts, FilePath(r.name)).isMountRoot) ?? false)
+                    (r, (try? MountOps.statBeneath(h.mounts, FilePath(r.name)).isMountRoot) ?? false)
                 }
             }
         }
@@ -389,26 +417,21 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 readOnly: false, recursive: false, isFile: false)
             let method = configuration.mountMethod
             let policy = configuration.sourceSymlinks
-            try state.withLock { (s: inout State) throws(FSShareError) in
+            let made = try state.withLock { (s: inout State) throws(FSShareError) -> ShareRecord in
                 let h = try preparedHandle(&s)
-                try h.locked { () throws(FSShareError) in
+                return try h.locked { () throws(FSShareError) -> ShareRecord in
                     try h.manifest.refresh()
-                    let created = try sys("cannot create \(h.mounts.display(FilePath(cid)))") { () throws(SystemCallError) in
-                        try Sys.mkdirat(h.mounts, FilePath(cid), mode: 0o750)
-                    }
-                    let dirFD = try sys("cannot open \(h.mounts.display(FilePath(cid)))") { () throws(SystemCallError) in
-                        try Sys.openat(h.mounts, FilePath(cid), flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
-                    }
+                    let (dirFD, created) = try MountOps.ownEntry(h.mounts, FilePath(cid), directory: true, mode: 0o750)
                     defer { Sys.close(dirFD) }
                     do throws(FSShareError) {
-                        try share(record, in: DirFD(fd: dirFD, path: h.mounts.display(FilePath(cid))), handle: h, method: method, policy: policy)
+                        return try share(record, in: DirFD(fd: dirFD, path: h.mounts.display(FilePath(cid))), handle: h, method: method, policy: policy)
                     } catch {
                         if created { try? Sys.unlinkat(h.mounts, FilePath(cid), directory: true) }
                         throw error
                     }
                 }
             }
-            return SharedFile(guestPath: layout.guestPath("\(cid)/rootfs"))
+            return SharedFile(guestPath: layout.guestPath("\(cid)/rootfs"), resolvedSource: made.resolvedSource.map { FilePath($0) })
         }
     }
 
@@ -428,8 +451,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     // MARK: - Mechanics (called with both locks held)
 
-    /// Shares `record.source` at `dir/<last component of record.name>`; idempotent.
-    private func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) {
+    /// Shares `record.source` at `dir/<last component of record.name>`; idempotent, and a
+    /// share recorded by a process that died before finishing it is finished.
+    private func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
         let leaf = FilePath(record.name).lastComponent.map { FilePath($0.string) } ?? FilePath(record.name)
         var record = record
         if let existing = h.manifest.shares[record.name] {
@@ -438,30 +462,23 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             else {
                 throw FSShareError(.conflict, "\(record.destination) of container \(record.containerID) is already shared from \(existing.source) (\(existing.readOnly ? "ro" : "rw")\(existing.recursive ? ", recursive" : "")); unshare it first")
             }
-            if try isMountRoot(dir, leaf) { return }
+            // A missing mount point is a share recorded by a process that died before making it.
+            if let st = try? Sys.statx(dir, leaf), st.isMountRoot { return existing }
             record = existing  // recorded but not mounted: the process died in between; finish it.
         }
-        let source = try SourceCheck.open(FilePath(record.source), policy: policy)
+        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: h.rootGuard)
         defer { Sys.close(source.fd) }
         record.isFile = source.kind == .regular
-        if h.manifest.shares[record.name] == nil || h.manifest.shares[record.name] != record {
+        record.resolvedSource = source.resolvedThroughSymlinks?.string
+        if h.manifest.shares[record.name] != record {
             try h.manifest.recordShare(record)
         }
         var undo = Undo()
         undo.add { try? h.manifest.recordRemoval(record.name) }
         do throws(FSShareError) {
-            let created = try sys("cannot create the mount point \(dir.display(leaf))") { () throws(SystemCallError) in
-                record.isFile ? try Sys.mkfileat(dir, leaf, mode: 0o755) : try Sys.mkdirat(dir, leaf, mode: 0o755)
-            }
-            if created { undo.add { try? MountOps.removeMountPoint(dir, leaf) } }
-            let target = try sys("cannot open the mount point \(dir.display(leaf))") { () throws(SystemCallError) in
-                try Sys.openat(dir, leaf, flags: Sys.oPath | Sys.oNoFollow)
-            }
+            let (target, created) = try MountOps.ownEntry(dir, leaf, directory: !record.isFile, mode: 0o755)
             defer { Sys.close(target) }
-            let st = try sys("cannot stat the mount point \(dir.display(leaf))") { () throws(SystemCallError) in try Sys.fstatx(target, path: dir.display(leaf)) }
-            guard st.kind == (record.isFile ? .regular : .directory) else {
-                throw FSShareError(.conflict, "\(dir.display(leaf)) exists and is a \(st.kind), not a \(record.isFile ? "file" : "directory") mount point")
-            }
+            if created { undo.add { try? MountOps.removeMountPoint(dir, leaf) } }
             try MountOps.attach(
                 source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: h.staging,
                 isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
@@ -470,14 +487,17 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             undo.run()
             throw error
         }
+        return record
     }
 
     private func makeBlockRootfsDirectories(_ record: ShareRecord, suffix: String, handle h: SandboxHandle) throws(FSShareError) {
         if h.manifest.shares[record.name] != record { try h.manifest.recordShare(record) }
-        let cid = FilePath(record.name)
-        try sys("cannot create \(h.mounts.display(cid))") { () throws(SystemCallError) in
-            try Sys.mkdirat(h.mounts, cid, mode: 0o750)
-            if !suffix.isEmpty { try Sys.mkdirat(h.mounts, cid.appending(suffix), mode: 0o750) }
+        let cid = try MountOps.ownEntry(h.mounts, FilePath(record.name), directory: true, mode: 0o750)
+        defer { Sys.close(cid.fd) }
+        if !suffix.isEmpty {
+            let dir = DirFD(fd: cid.fd, path: h.mounts.display(FilePath(record.name)))
+            let inner = try MountOps.ownEntry(dir, FilePath(suffix), directory: true, mode: 0o750)
+            Sys.close(inner.fd)
         }
     }
 
@@ -504,7 +524,15 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 opened = fd
                 parent = DirFD(fd: fd, path: h.mounts.display(first))
             } catch {
-                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot open \(h.mounts.display(first))", error) }
+                switch error.errno {
+                case .noSuchFileOrDirectory: break
+                case .tooManySymbolicLinkLevels, .notDirectory:
+                    // Not fsshare's directory (a planted symlink or file): nothing of ours is
+                    // reachable through it. Remove a symlink without following it.
+                    try MountOps.removePlantedSymlink(h.mounts, first)
+                default:
+                    throw FSShareError.system("cannot open \(h.mounts.display(first))", error)
+                }
                 try h.manifest.recordRemoval(name)
                 return
             }
@@ -560,9 +588,10 @@ extension LinuxFilesystemSharer {
                 return SharedFile(guestPath: guestPath)
             }
         }
-        let source = try SourceCheck.open(FilePath(record.source), policy: policy)
+        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: h.rootGuard)
         defer { Sys.close(source.fd) }
         record.isFile = source.kind == .regular
+        record.resolvedSource = source.resolvedThroughSymlinks?.string
         record.watched = !record.isFile && (KubeletVolume.match(FilePath(record.source)) != nil || KubeletVolume.match(source.path) != nil)
         try h.manifest.recordShare(record)
         var report = CopyReport()
@@ -588,7 +617,7 @@ extension LinuxFilesystemSharer {
         if record.watched, let watcher {
             try watcher.watch(sandboxID: sandboxID, name: record.name, volume: FilePath(record.source), guestPath: guestPath, agent: agent, state: mirrored)
         }
-        return SharedFile(guestPath: guestPath, copyReport: report)
+        return SharedFile(guestPath: guestPath, copyReport: report, resolvedSource: record.resolvedSource.map { FilePath($0) })
     }
 
     /// Removes a copied volume from the guest and forgets it.

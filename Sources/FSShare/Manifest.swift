@@ -32,6 +32,9 @@ public struct ShareRecord: Sendable, Equatable {
     public var watched: Bool = false
     /// Copy mode: where the copy lives in the guest.
     public var guestPath: String? = nil
+    /// Where `source` led once its symbolic links were followed (nil when it has none): what
+    /// was really bound or copied.
+    public var resolvedSource: String? = nil
 }
 
 /// The sandbox manifest: an append-only journal at `<root>/<sid>/manifest`, outside the exported
@@ -50,39 +53,103 @@ final class Manifest {
     private(set) var fd: FileDescriptor
     let path: FilePath
     let directory: DirFD
+    let sandboxID: String
     private(set) var shares: [String: ShareRecord] = [:]
     /// When each live share was first recorded (for a stable listing order).
     private var sequence: [String: Int] = [:]
     private var nextSequence = 0
     private var parsedBytes = 0
-    private var pending: [UInt8] = []
     private var removals = 0
     private var inode: UInt64 = 0
+    /// The first line named this sandbox: the file proves the directory is fsshare's.
+    private(set) var hasHeader = false
 
-    private init(fd: FileDescriptor, directory: DirFD) {
+    private init(fd: FileDescriptor, directory: DirFD, sandboxID: String) {
         self.fd = fd
         self.directory = directory
+        self.sandboxID = sandboxID
         self.path = directory.display(Manifest.fileName)
     }
 
     deinit { Sys.close(fd) }
 
-    /// Opens (and with `create`, creates) the manifest in a sandbox directory. Returns nil if it
-    /// does not exist and `create` is false.
-    static func open(in directory: DirFD, sandboxID: String, create: Bool) throws(FSShareError) -> Manifest? {
+    /// The first line of `sandboxID`'s manifest.
+    static func headerLine(_ sandboxID: String) -> String { "\(header)\t\(escape(sandboxID))\n" }
+
+    /// The temp name of the `O_TMPFILE` fallback in ``create(in:sandboxID:)``.
+    static let temporaryName: FilePath = "manifest.new"
+
+    /// Opens the manifest of a sandbox directory. Returns nil if there is none, or only the
+    /// torn beginning of one (no complete header line: no proof the directory is fsshare's).
+    /// Throws ``FSShareError/Code/refused`` when the file is not one fsshare could have made
+    /// (a symlink, a hard link, another owner, not a regular file) or names another sandbox.
+    static func open(in directory: DirFD, sandboxID: String) throws(FSShareError) -> Manifest? {
         let fd: FileDescriptor
         do {
-            fd = try Sys.openat(directory, fileName, flags: O_RDWR | O_APPEND | Sys.oNoFollow | (create ? O_CREAT : 0), mode: 0o600)
+            // O_NONBLOCK: a FIFO planted under this name must not hang the open.
+            fd = try Sys.openat(directory, fileName, flags: O_RDWR | O_APPEND | O_NONBLOCK | Sys.oNoFollow)
         } catch {
-            if error.errno == .noSuchFileOrDirectory && !create { return nil }
-            throw FSShareError.system("cannot open the sandbox manifest \(directory.display(fileName))", error)
+            switch error.errno {
+            case .noSuchFileOrDirectory: return nil
+            case .tooManySymbolicLinkLevels:
+                throw FSShareError(.refused, "\(directory.display(fileName)) is a symbolic link, not an fsshare manifest")
+            case .isDirectory, .noSuchAddressOrDevice, .textFileBusy:
+                throw FSShareError(.refused, "\(directory.display(fileName)) is not a regular file, so not an fsshare manifest")
+            default: throw FSShareError.system("cannot open the sandbox manifest \(directory.display(fileName))", error)
+            }
         }
-        let manifest = Manifest(fd: fd, directory: directory)
+        let manifest = Manifest(fd: fd, directory: directory, sandboxID: sandboxID)
+        try manifest.checkIdentity()
         try manifest.refresh()
-        if manifest.parsedBytes == 0 && create {
-            try manifest.append("\(header)\t\(escape(sandboxID))\n")
+        return manifest.hasHeader ? manifest : nil
+    }
+
+    /// Creates the manifest of a new sandbox, header included, so that it appears complete or
+    /// not at all: an unnamed `O_TMPFILE` is written and then linked in (where the filesystem
+    /// lacks `O_TMPFILE`, a `manifest.new` temp file is renamed). A crash can leave only an
+    /// empty directory (or that temp file), which ``SandboxOwnership`` recognises as an
+    /// interrupted prepare.
+    static func create(in directory: DirFD, sandboxID: String) throws(FSShareError) -> Manifest {
+        let header = Array(headerLine(sandboxID).utf8)
+        let shown = directory.display(fileName)
+        try sys("cannot create the sandbox manifest \(shown)") { () throws(SystemCallError) in
+            var unnamed: FileDescriptor?
+            do throws(SystemCallError) {
+                unnamed = try Sys.openUnnamed(directory, mode: 0o600)
+            } catch {
+                let missing: [Errno] = [.notSupported, .isDirectory, .invalidArgument]
+                guard missing.contains(error.errno) else { throw error }
+            }
+            if let unnamed {
+                defer { Sys.close(unnamed) }
+                try Sys.writeAll(unnamed, header, path: shown)
+                try Sys.linkat(unnamed, directory, fileName)
+            } else {
+                try? Sys.unlinkat(directory, temporaryName, directory: false)
+                let tmp = try Sys.openat(directory, temporaryName, flags: O_WRONLY | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600)
+                defer { Sys.close(tmp) }
+                try Sys.writeAll(tmp, header, path: directory.display(temporaryName))
+                try Sys.renameat(directory, temporaryName, fileName)
+            }
+        }
+        guard let manifest = try open(in: directory, sandboxID: sandboxID) else {
+            throw FSShareError(.manifest, "\(shown) was created but has no header")
         }
         return manifest
+    }
+
+    /// Refuses a file fsshare cannot have made: only a regular file with one link, owned by us.
+    private func checkIdentity() throws(FSShareError) {
+        let st = try sys("cannot stat the sandbox manifest") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
+        if st.kind != .regular {
+            throw FSShareError(.refused, "\(path) is a \(st.kind), not an fsshare manifest")
+        }
+        if st.linkCount != 1 {
+            throw FSShareError(.refused, "\(path) has \(st.linkCount) hard links; fsshare never links its manifest twice, so it is not trusted")
+        }
+        if st.uid != geteuid() {
+            throw FSShareError(.refused, "\(path) belongs to uid \(st.uid), not to this process's uid \(geteuid()); it is not trusted")
+        }
     }
 
     /// Reads what other processes appended since the last look (or everything, if the file
@@ -121,28 +188,39 @@ final class Manifest {
         sequence = [:]
         parsedBytes = 0
         removals = 0
+        hasHeader = false
     }
 
     private func apply(line: String) throws(FSShareError) {
         let fields = line.split(separator: "\t", omittingEmptySubsequences: false).map { Manifest.unescape(String($0)) }
         guard let tag = fields.first else { return }
+        if !hasHeader {
+            // The first line must be this sandbox's header; anything else is not our manifest.
+            guard tag.hasPrefix("fsshare-manifest") else { throw corrupt(line) }
+            guard tag == Manifest.header else {
+                throw FSShareError(.manifest, "\(path): unsupported manifest version \"\(tag)\"")
+            }
+            guard fields.count == 2, fields[1] == sandboxID else {
+                throw FSShareError(.refused, "\(path) is the manifest of sandbox \"\(fields.dropFirst().first ?? "")\", not of \"\(sandboxID)\"")
+            }
+            hasHeader = true
+            return
+        }
         switch tag {
-        case "S" where fields.count == 7 || fields.count == 8:
+        case "S" where (7...9).contains(fields.count):
             guard let kind = ShareRecord.Kind(rawValue: fields[2]) else { throw corrupt(line) }
             let flags = fields[3]
             let record = ShareRecord(
                 name: fields[1], kind: kind, containerID: fields[4], source: fields[5], destination: fields[6],
                 readOnly: flags.contains("r"), recursive: flags.contains("R"), isFile: flags.contains("f"),
-                copied: flags.contains("c"), watched: flags.contains("w"), guestPath: fields.count == 8 ? fields[7] : nil)
+                copied: flags.contains("c"), watched: flags.contains("w"),
+                guestPath: fields.count >= 8 && !fields[7].isEmpty ? fields[7] : nil,
+                resolvedSource: fields.count == 9 ? fields[8] : nil)
             insert(record)
         case "U" where fields.count == 2:
             if shares.removeValue(forKey: fields[1]) != nil {
                 sequence[fields[1]] = nil
                 removals += 1
-            }
-        case _ where tag.hasPrefix("fsshare-manifest"):
-            guard tag == Manifest.header else {
-                throw FSShareError(.manifest, "\(path): unsupported manifest version \"\(tag)\"")
             }
         default:
             throw corrupt(line)
@@ -182,7 +260,8 @@ final class Manifest {
         var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "") + (r.copied ? "c" : "") + (r.watched ? "w" : "")
         if flags.isEmpty { flags = "-" }
         var fields = ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination]
-        if let g = r.guestPath { fields.append(g) }
+        if r.guestPath != nil || r.resolvedSource != nil { fields.append(r.guestPath ?? "") }
+        if let resolved = r.resolvedSource { fields.append(resolved) }
         return fields.map(escape).joined(separator: "\t") + "\n"
     }
 
@@ -200,7 +279,7 @@ final class Manifest {
     /// Rewrites the journal with only the live records, atomically (temp file + rename).
     private func compact() throws(FSShareError) {
         let tmpName: FilePath = "manifest.tmp"
-        var text = Manifest.header + "\n"
+        var text = Manifest.headerLine(sandboxID)
         for r in orderedShares { text += Manifest.line(for: r) }
         let bytes = Array(text.utf8)
         let dir = directory

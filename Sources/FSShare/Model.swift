@@ -71,13 +71,30 @@ public struct SharedFile: Sendable, Equatable {
     /// Copy mode: what was copied into the guest (nil when nothing was copied by this call,
     /// including when the share already existed).
     public var copyReport: CopyReport?
+    /// Where the source really is, when reaching it followed symbolic links (under
+    /// ``SourceSymlinkPolicy/follow``); nil when the source path has none.
+    public var resolvedSource: FilePath?
 
-    public init(guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = [], copyReport: CopyReport? = nil) {
+    public init(
+        guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = [], copyReport: CopyReport? = nil,
+        resolvedSource: FilePath? = nil
+    ) {
         self.guestPath = guestPath
         self.containerStorages = containerStorages
         self.volumeStorages = volumeStorages
         self.copyReport = copyReport
+        self.resolvedSource = resolvedSource
     }
+}
+
+/// What ``LinuxFilesystemSharer/cleanupSync()`` found.
+public enum CleanupOutcome: Sendable, Equatable {
+    /// The sandbox's mounts and directories were removed.
+    case cleaned
+    /// There was no directory of that name: nothing to clean.
+    case nothingToClean
+    /// Only the empty directory a prepare killed before writing its manifest leaves; removed.
+    case removedInterruptedPrepare
 }
 
 /// The operations of Kata's `FilesystemSharer`, made idempotent and crash-safe.

@@ -76,43 +76,128 @@ enum MountOps {
         if readOnly && recursive {
             throw FSShareError(.unsupported, "a recursive read-only share needs mount_setattr (Linux 5.12); the legacy method cannot make submounts read-only before they are attached")
         }
+        // Every mount(2) below names its target through /proc/self/fd/N of a descriptor opened
+        // with O_NOFOLLOW and checked: no path under the sandbox is looked up again, so a
+        // symlink planted there is never followed.
         let bindFlags = UInt(MS_BIND) | (recursive ? UInt(MS_REC) : 0)
         if !readOnly {
             try sys("cannot bind \(sourcePath) at \(shown)") { () throws(SystemCallError) in
                 try Sys.mount(source: fdPath(source), target: fdPath(target), flags: bindFlags)
             }
-            do {
-                try Sys.mount(source: nil, target: fdPath(dir.fd, name), flags: UInt(MS_PRIVATE))
-            } catch {
-                _ = try? unmountAll(dir, name)
-                throw FSShareError.system("cannot make the share at \(shown) private", error)
-            }
+            try makePrivate(dir, name, shown: shown)
             return
         }
         // Legacy read-only: bind into private/ (not exported), make that read-only, then bind
         // the read-only mount into mounts/. A bind of a read-only mount is read-only, so every
         // copy that propagates from mounts/ is read-only too. Remounting in place would not be.
         let stageShown = staging.display(name)
-        let created = try sys("cannot create the staging point \(stageShown)") { () throws(SystemCallError) in
-            isFile ? try Sys.mkfileat(staging, name, mode: 0o755) : try Sys.mkdirat(staging, name, mode: 0o755)
-        }
+        // A staging mount left by a process killed here is ours: drop it and start again.
+        _ = try? unmountAll(staging, name)
+        let stage = try ownEntry(staging, name, directory: !isFile, mode: 0o755)
         defer {
+            Sys.close(stage.fd)
             _ = try? unmountAll(staging, name)
-            if created { try? Sys.unlinkat(staging, name, directory: !isFile) }
+            try? removeMountPoint(staging, name)
         }
         try sys("cannot bind \(sourcePath) at the staging point \(stageShown)") { () throws(SystemCallError) in
-            try Sys.mount(source: fdPath(source), target: fdPath(staging.fd, name), flags: UInt(MS_BIND))
-            try Sys.mount(source: nil, target: fdPath(staging.fd, name), flags: UInt(MS_PRIVATE))
-            try Sys.mount(source: nil, target: fdPath(staging.fd, name), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
+            try Sys.mount(source: fdPath(source), target: fdPath(stage.fd), flags: UInt(MS_BIND))
+        }
+        let staged = try mountRoot(staging, name)
+        defer { Sys.close(staged) }
+        try sys("cannot make the staging mount \(stageShown) read-only") { () throws(SystemCallError) in
+            try Sys.mount(source: nil, target: fdPath(staged), flags: UInt(MS_PRIVATE))
+            try Sys.mount(source: nil, target: fdPath(staged), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
         }
         try sys("cannot bind the read-only staging mount at \(shown)") { () throws(SystemCallError) in
-            try Sys.mount(source: fdPath(staging.fd, name), target: fdPath(target), flags: UInt(MS_BIND))
+            try Sys.mount(source: fdPath(staged), target: fdPath(target), flags: UInt(MS_BIND))
         }
+        try makePrivate(dir, name, shown: shown)
+    }
+
+    /// Makes the share just attached at `dir/name` private (it must not propagate back), or
+    /// unmounts it again if that fails.
+    private static func makePrivate(_ dir: DirFD, _ name: FilePath, shown: FilePath) throws(FSShareError) {
         do {
-            try Sys.mount(source: nil, target: fdPath(dir.fd, name), flags: UInt(MS_PRIVATE))
+            let top = try mountRoot(dir, name)
+            defer { Sys.close(top) }
+            try sys("cannot make the share at \(shown) private") { () throws(SystemCallError) in
+                try Sys.mount(source: nil, target: fdPath(top), flags: UInt(MS_PRIVATE))
+            }
         } catch {
             _ = try? unmountAll(dir, name)
-            throw FSShareError.system("cannot make the share at \(shown) private", error)
+            throw error
+        }
+    }
+
+    /// An `O_PATH` descriptor of the mount stacked at `dir/name`, opened without following a
+    /// symlink and checked to be a mount root (what was just mounted there, not a substitute).
+    static func mountRoot(_ dir: DirFD, _ name: FilePath) throws(FSShareError) -> FileDescriptor {
+        let shown = dir.display(name)
+        let fd = try sys("cannot open the mount at \(shown)") { () throws(SystemCallError) in
+            try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow)
+        }
+        guard let st = try? Sys.fstatx(fd, path: shown), st.isMountRoot, st.kind != .symlink else {
+            Sys.close(fd)
+            throw FSShareError(.conflict, "\(shown) is not the mount fsshare just made there (it was replaced)")
+        }
+        return fd
+    }
+
+    /// fsshare's own entry `dir/name` (a directory, or an empty file for a single-file share),
+    /// opened `O_PATH|O_NOFOLLOW`: created when missing; a symbolic link found there (planted,
+    /// never made by fsshare) is removed, never followed, and the entry made anew. Anything
+    /// else of the wrong kind is refused. `created` says whether this call made it.
+    static func ownEntry(_ dir: DirFD, _ name: FilePath, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor, created: Bool) {
+        let shown = dir.display(name)
+        for _ in 0..<4 {
+            let created = try sys("cannot create \(shown)") { () throws(SystemCallError) in
+                directory ? try Sys.mkdirat(dir, name, mode: mode) : try Sys.mkfileat(dir, name, mode: mode)
+            }
+            let fd: FileDescriptor
+            do {
+                fd = try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow)
+            } catch {
+                if error.errno == .noSuchFileOrDirectory { continue }  // removed meanwhile: make it again
+                throw FSShareError.system("cannot open \(shown)", error)
+            }
+            let st: FileStatus
+            do {
+                st = try Sys.fstatx(fd, path: shown)
+            } catch {
+                Sys.close(fd)
+                throw FSShareError.system("cannot stat \(shown)", error)
+            }
+            if st.kind == (directory ? .directory : .regular) { return (fd, created) }
+            Sys.close(fd)
+            guard st.kind == .symlink else {
+                throw FSShareError(.conflict, "\(shown) exists and is a \(st.kind), not the \(directory ? "directory" : "file") fsshare expects there; it was left alone")
+            }
+            do {
+                try Sys.unlinkat(dir, name, directory: false)
+            } catch {
+                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove the symbolic link planted at \(shown)", error) }
+            }
+        }
+        throw FSShareError(.conflict, "\(shown) kept being replaced while fsshare made it; refusing")
+    }
+
+    /// statx of `path` below `dir` without following any symlink on the way (the parent is
+    /// resolved with `RESOLVE_NO_SYMLINKS|RESOLVE_BENEATH`, the leaf is not followed).
+    static func statBeneath(_ dir: DirFD, _ path: FilePath) throws(SystemCallError) -> FileStatus {
+        guard path.components.count > 1 else { return try Sys.statx(dir, path) }
+        let parentPath = path.removingLastComponent()
+        let parent = try Sys.openat2(dir, parentPath, flags: Sys.oPath | Sys.oDirectory, resolve: Sys.resolveNoSymlinks | Sys.resolveBeneath)
+        defer { Sys.close(parent) }
+        return try Sys.statx(DirFD(fd: parent, path: dir.display(parentPath)), FilePath(path.lastComponent?.string ?? ""))
+    }
+
+    /// Removes `dir/name` if it is a symbolic link (never following it); anything else stays.
+    static func removePlantedSymlink(_ dir: DirFD, _ name: FilePath) throws(FSShareError) {
+        guard let st = try? Sys.statx(dir, name), st.kind == .symlink else { return }
+        do {
+            try Sys.unlinkat(dir, name, directory: false)
+        } catch {
+            if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove the symbolic link planted at \(dir.display(name))", error) }
         }
     }
 

@@ -6,6 +6,10 @@ import SystemPackage
 
 /// Removes one sandbox's mounts and directories, from whatever state a crash left them in.
 ///
+/// Only a directory that a manifest proves to be an fsshare sandbox is touched
+/// (``SandboxOwnership``); any other is refused and left exactly as it is, except the empty
+/// directory an interrupted prepare leaves.
+///
 /// Order: unmount the shares the manifest lists (deepest first), then any other mount found
 /// below `mounts/` and `private/` (statx per entry, no mountinfo), then `shared/`, then the
 /// sandbox self-bind; verify nothing is mounted; then delete entry by entry, never crossing a
@@ -14,13 +18,14 @@ struct SandboxCleaner {
     var root: FilePath
     var sandboxID: String
 
-    func run() throws(FSShareError) {
+    func run() throws(FSShareError) -> CleanupOutcome {
         try Identifier.validate(sandboxID, what: "sandbox")
+        try SandboxOwnership.requireMountPointTest()
         let rootFD: FileDescriptor
         do {
             rootFD = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
         } catch {
-            if error.errno == .noSuchFileOrDirectory { return }
+            if error.errno == .noSuchFileOrDirectory { return .nothingToClean }
             throw FSShareError.system("cannot open the sandbox root \(root)", error)
         }
         defer { Sys.close(rootFD) }
@@ -31,11 +36,31 @@ struct SandboxCleaner {
         do {
             lock = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
         } catch {
-            if error.errno == .noSuchFileOrDirectory { return }
-            throw FSShareError.system("cannot open the sandbox directory \(sandboxPath)", error)
+            switch error.errno {
+            case .noSuchFileOrDirectory: return .nothingToClean
+            case .tooManySymbolicLinkLevels, .notDirectory:
+                throw FSShareError(.refused, "\(sandboxPath) is not a directory (a symbolic link or a file), so not an fsshare sandbox; it was left alone")
+            default: throw FSShareError.system("cannot open the sandbox directory \(sandboxPath)", error)
+            }
         }
         defer { Sys.close(lock) }
         try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
+        let manifest: Manifest
+        switch try SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
+        case .sandbox(let m):
+            manifest = m
+        case .interruptedPrepare:
+            // No mount can exist yet (prepare mounts only after its manifest is complete).
+            try SandboxOwnership.removeInterruptedPrepare(DirFD(fd: lock, path: sandboxPath))
+            do {
+                try Sys.unlinkat(rootDir, sid, directory: true)
+            } catch {
+                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove \(sandboxPath)", error) }
+            }
+            return .removedInterruptedPrepare
+        case .foreign(let why):
+            throw FSShareError(.refused, "\(sandboxPath) is not an fsshare sandbox (\(why)); nothing in it was unmounted or deleted")
+        }
         var problems: [String] = []
 
         // 1. Shares the manifest knows, deepest first.
@@ -44,8 +69,7 @@ struct SandboxCleaner {
         }
         defer { Sys.close(topFD) }
         let top = DirFD(fd: topFD, path: sandboxPath)
-        let manifest = try? Manifest.open(in: DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID, create: false)
-        let recorded = (manifest?.orderedShares ?? []).filter { $0.kind != .rootfsDirectory }
+        let recorded = manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .copy }
         for record in recorded.sorted(by: { $0.name.split(separator: "/").count > $1.name.split(separator: "/").count }) {
             let path = FilePath("mounts").appending(record.name)
             guard path.components.allSatisfy({ (c: FilePath.Component) in c.kind == .regular }) else { continue }
@@ -57,7 +81,9 @@ struct SandboxCleaner {
                 let leaf = FilePath(path.lastComponent?.string ?? "")
                 try MountOps.unmountAll(DirFD(fd: parent, path: top.display(parentPath)), leaf)
             } catch {
-                if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
+                // ENOENT: already gone. ELOOP/ENOTDIR: a symlink or file planted on the path;
+                // none of our mounts is reachable through it (step 4 removes it unfollowed).
+                if ![.noSuchFileOrDirectory, .tooManySymbolicLinkLevels, .notDirectory].contains(error.errno) { problems.append("\(error)") }
             }
         }
         // 2. The export.
@@ -95,5 +121,6 @@ struct SandboxCleaner {
         if !problems.isEmpty {
             throw FSShareError(.incompleteCleanup, "cleanup of sandbox \(sandboxID) is incomplete: " + problems.joined(separator: "; "))
         }
+        return .cleaned
     }
 }

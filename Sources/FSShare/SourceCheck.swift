@@ -9,9 +9,64 @@ import SystemPackage
 enum SourceCheck {
     struct Opened {
         var fd: FileDescriptor
-        /// The resolved path, for messages.
+        /// The resolved path (where the kernel found the object).
         var path: FilePath
         var kind: FileKind
+        /// `path`, when following symbolic links took the source somewhere else than it says.
+        var resolvedThroughSymlinks: FilePath?
+    }
+
+    /// What a source must stay clear of: the sandbox root, its ancestors and everything below
+    /// it. A share that contains the root would let the guest plant symlinks in `mounts/` and
+    /// `private/` of every sandbox; a share from inside it would export fsshare's own mounts.
+    struct RootGuard {
+        struct Identity: Hashable {
+            var major: UInt32, minor: UInt32, inode: UInt64
+            init(_ st: FileStatus) { (major, minor, inode) = (st.deviceMajor, st.deviceMinor, st.inode) }
+        }
+        /// The root as the kernel names it (symlinks in the configured path resolved).
+        var path: FilePath
+        var root: Identity
+        /// The root's ancestors up to `/`, by identity: a bind-mount alias of one is caught too.
+        var ancestors: Set<Identity>
+
+        /// Walks from the root (an open directory) up to `/`.
+        init(root: DirFD) throws(FSShareError) {
+            path = (try? Sys.pathOf(root.fd)) ?? root.path
+            var current = try sys("cannot open \(root.path)") { () throws(SystemCallError) in
+                try Sys.openat(root, ".", flags: Sys.oPath | Sys.oDirectory)
+            }
+            defer { Sys.close(current) }
+            let rootStat = try sys("cannot stat \(root.path)") { () throws(SystemCallError) in try Sys.fstatx(current, path: root.path) }
+            self.root = Identity(rootStat)
+            var seen: Set<Identity> = []
+            var last = self.root
+            for _ in 0..<256 {
+                let parent = try sys("cannot open the parent of \(root.path)") { () throws(SystemCallError) in
+                    try Sys.openat(DirFD(fd: current, path: root.path), "..", flags: Sys.oPath | Sys.oDirectory)
+                }
+                Sys.close(current)
+                current = parent
+                let st = try sys("cannot stat an ancestor of \(root.path)") { () throws(SystemCallError) in try Sys.fstatx(parent, path: root.path) }
+                let id = Identity(st)
+                if id == last || !seen.insert(id).inserted { break }  // "/" is its own parent
+                last = id
+            }
+            ancestors = seen
+        }
+
+        /// Why a source that resolved to `resolved` with status `st` may not be shared, or nil.
+        func problem(resolved: FilePath, _ st: FileStatus) -> String? {
+            let id = Identity(st)
+            if id == root { return "it is the sandbox root \(path)" }
+            if ancestors.contains(id) || path.starts(with: resolved) {
+                return "it contains the sandbox root \(path); a guest could plant symlinks in fsshare's own directories"
+            }
+            if resolved.starts(with: path) {
+                return "it is inside the sandbox root \(path), where fsshare keeps its own mounts"
+            }
+            return nil
+        }
     }
 
     /// Filesystems that are kernel interfaces, not data: never exported to a guest.
@@ -48,7 +103,7 @@ enum SourceCheck {
         return nil
     }
 
-    static func open(_ path: FilePath, policy: SourceSymlinkPolicy) throws(FSShareError) -> Opened {
+    static func open(_ path: FilePath, policy: SourceSymlinkPolicy, rootGuard: RootGuard? = nil) throws(FSShareError) -> Opened {
         let raw = path.string
         guard !raw.isEmpty, !raw.utf8.contains(0), path.isAbsolute else {
             throw FSShareError(.invalidArgument, "share source \"\(raw)\" must be a non-empty absolute path")
@@ -80,7 +135,9 @@ enum SourceCheck {
             if let name = pseudoFilesystems[magic] {
                 throw refused(path, "it is on \(name), a kernel pseudo-filesystem")
             }
-            return Opened(fd: fd, path: resolved, kind: st.kind)
+            if let problem = rootGuard?.problem(resolved: resolved, st) { throw refused(path, problem) }
+            let viaSymlinks = resolved == path.lexicallyNormalized() ? nil : resolved
+            return Opened(fd: fd, path: resolved, kind: st.kind, resolvedThroughSymlinks: viaSymlinks)
         } catch let error as FSShareError {
             Sys.close(fd)
             throw error

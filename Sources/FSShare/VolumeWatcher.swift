@@ -526,7 +526,7 @@ public final class VolumeWatcher: Sendable {
     }
 
     private func reloadOrThrow(_ f: Followed) throws(FSShareError) {
-        guard let manifest = try Manifest.open(in: f.dir, sandboxID: f.sandboxID, create: false) else {
+        guard let manifest = try Manifest.open(in: f.dir, sandboxID: f.sandboxID) else {
             throw FSShareError(.notPrepared, "sandbox \(f.sandboxID) has no manifest under \(f.root)")
         }
         let guestDir = SandboxLayout(root: f.root, sandboxID: f.sandboxID, guestSharedDir: SharerConfiguration.defaultGuestSharedDir)

@@ -100,6 +100,28 @@ struct AgentOptions: ParsableArguments {
 }
 
 extension DescriptorFormat: ExpressibleByArgument {}
+extension SourceSymlinkPolicy: ExpressibleByArgument {}
+
+/// How a share source's symbolic links are treated.
+struct SourceOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp(
+        "Symbolic links in the source path: follow (as Kata does; the resolved path is printed, recorded and shown by status) or refuse.",
+        valueName: "follow|refuse"))
+    var sourceSymlinks: SourceSymlinkPolicy = .follow
+
+    func apply(_ base: SharerConfiguration) -> SharerConfiguration {
+        var c = base
+        c.sourceSymlinks = sourceSymlinks
+        return c
+    }
+}
+
+/// The text and JSON lines that say where a symlinked source really led.
+func resolvedLines(_ shared: SharedFile, source: String) -> (fields: [(String, JSON)], text: [String]) {
+    guard let resolved = shared.resolvedSource else { return ([], []) }
+    return ([("resolved_source", .string(resolved.string))],
+            ["note: \(source) resolves through symbolic links to \(resolved); that is what was shared"])
+}
 
 /// Prints a result: JSON, length-delimited protobuf, or text.
 func emit(_ common: CommonOptions, format: DescriptorFormat?, fields: [(String, JSON)], storages: [Storage], text: [String]) throws {
@@ -147,8 +169,10 @@ struct Cleanup: AsyncParsableCommand {
         abstract: "Remove a sandbox's mounts and directories (or every sandbox's, with --all).",
         discussion: """
             Works after a crash at any point: unmounts what the manifest lists and anything else mounted \
-            in the tree, deepest first, verifies, then deletes without ever crossing a mount point. \
-            --all also unmounts leaked mounts under the root that no manifest knows.
+            in the sandbox's tree, deepest first, verifies, then deletes without ever crossing a mount point. \
+            Only a directory whose fsshare manifest proves it is a sandbox is touched: anything else under \
+            the root (an operator's folder, another runtime's sandbox, mounts outside sandboxes) is named \
+            and left alone. --all cleans every sandbox under the root.
 
             Examples:
               fsshare cleanup --root /run/fsshare --sandbox pod1
@@ -164,19 +188,40 @@ struct Cleanup: AsyncParsableCommand {
 
     func run() async throws {
         let root = FilePath(common.root)
-        let cleaned: [String]
-        if all {
-            cleaned = try Inventory.cleanupAll(root: root)
-        } else {
-            let sharer = try LinuxFilesystemSharer(sandboxID: sandbox ?? "", configuration: SharerConfiguration(root: root))
-            try await sharer.cleanup()
-            cleaned = [sandbox ?? ""]
+        guard all else {
+            let id = sandbox ?? ""
+            let sharer = try LinuxFilesystemSharer(sandboxID: id, configuration: SharerConfiguration(root: root))
+            let outcome = try sharer.cleanupSync()
+            let text: String
+            switch outcome {
+            case .cleaned: text = "cleaned: \(id)"
+            case .nothingToClean: text = "nothing to clean: there is no sandbox \(id) under \(root)"
+            case .removedInterruptedPrepare: text = "cleaned: \(id) (only the empty directory of an interrupted prepare was there)"
+            }
+            if common.json {
+                print(JSON.object([
+                    ("cleaned", .array(outcome == .nothingToClean ? [] : [.string(id)])),
+                    ("nothing_to_clean", .bool(outcome == .nothingToClean)),
+                ]).render())
+            } else {
+                print(text)
+            }
+            return
         }
+        let report = try Inventory.cleanupAll(root: root)
         if common.json {
-            print(JSON.object([("cleaned", .array(cleaned.map(JSON.string)))]).render())
-        } else {
-            print(cleaned.isEmpty ? "nothing to clean under \(root)" : "cleaned: \(cleaned.joined(separator: " "))")
+            print(JSON.object([
+                ("cleaned", .array(report.cleaned.map(JSON.string))),
+                ("removed_interrupted_prepares", .array(report.removedInterruptedPrepares.map(JSON.string))),
+                ("left_alone", .array(report.leftAlone.map { .object([("name", .string($0.name)), ("reason", .string($0.reason))]) })),
+                ("foreign_mounts", .array(report.foreignMounts.map { .string($0.string) })),
+            ]).render())
+            return
         }
+        let done = report.cleaned + report.removedInterruptedPrepares
+        print(done.isEmpty ? "nothing to clean under \(root)" : "cleaned: \(done.joined(separator: " "))")
+        for entry in report.leftAlone { print("left alone: \(root.appending(entry.name)): not an fsshare sandbox (\(entry.reason))") }
+        for mount in report.foreignMounts { print("left alone: mount \(mount) (outside any fsshare sandbox)") }
     }
 }
 
@@ -201,21 +246,24 @@ struct Share: AsyncParsableCommand {
     @Flag(name: .long, help: "Read-only (in the guest too).") var ro = false
     @Flag(name: .long, help: "Recursive: carry submounts of the source.") var recursive = false
     @Option(name: .long, help: "Descriptor output: json, binary or text.") var format: DescriptorFormat?
+    @OptionGroup var sourceOptions: SourceOptions
     @OptionGroup var agent: AgentOptions
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(
-            sandboxID: sandbox, configuration: agent.apply(hypervisor.configuration(root: common.root)), agent: try agent.client())
+            sandboxID: sandbox, configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root))),
+            agent: try agent.client())
         var options: [String] = []
         if ro { options.append("ro") }
         if recursive { options.append("rbind") }
         let mount = Mount(source: FilePath(source), destination: FilePath(destination), options: options)
         let c = Container(id: container, rootfs: .hostMounted("/"))
         guard let shared = try await sharer.shareFile(container: c, mount: mount) else {
-            throw ValidationError("this mount is not shared")
+            throw FSShareError(.invalidArgument, "\(destination) is not shared: the sandbox's /dev/shm comes from its own shm storage (prepare --shm-size), not from the host")
         }
-        var fields: [(String, JSON)] = [("guest_path", .string(shared.guestPath))]
-        var text = [shared.guestPath]
+        let resolved = resolvedLines(shared, source: source)
+        var fields: [(String, JSON)] = [("guest_path", .string(shared.guestPath))] + resolved.fields
+        var text = [shared.guestPath] + resolved.text
         if let r = shared.copyReport {
             fields.append(("copied", .object([
                 ("files", .number(r.files)), ("directories", .number(r.directories)),
@@ -335,12 +383,14 @@ struct ShareRootfs: AsyncParsableCommand {
     @Option(name: .long, help: "Sandbox id.") var sandbox: String
     @Option(name: .long, help: "Container id.") var container: String
     @Option(name: .long, help: "Descriptor output: json, binary or text.") var format: DescriptorFormat?
+    @OptionGroup var sourceOptions: SourceOptions
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root)))
         let shared = try await sharer.shareRootFilesystem(container: Container(id: container, rootfs: rootfsOptions.rootfs))
-        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))],
-                 storages: shared.containerStorages, text: [shared.guestPath])
+        let resolved = resolvedLines(shared, source: rootfsOptions.dir ?? "")
+        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))] + resolved.fields,
+                 storages: shared.containerStorages, text: [shared.guestPath] + resolved.text)
     }
 }
 
@@ -369,8 +419,9 @@ struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "List sandboxes, their shares, and leaked mounts under the root.",
         discussion: """
-            A leaked mount is a mount point under the root that no sandbox manifest accounts for \
-            (`cleanup --all` removes them).
+            A leaked mount is a mount point inside a sandbox that its manifest does not account for \
+            (cleaning the sandbox removes it). Entries under the root that no fsshare manifest proves to \
+            be sandboxes, and mounts outside sandboxes, are listed as foreign: cleanup leaves them alone.
 
             Example:
               fsshare status --root /run/fsshare --json
@@ -391,6 +442,7 @@ struct Status: AsyncParsableCommand {
                         return .object([
                             ("name", .string(r.name)), ("kind", .string(r.kind.rawValue)), ("container", .string(r.containerID)),
                             ("source", .string(r.source)), ("destination", .string(r.destination)),
+                            ("resolved_source", r.resolvedSource.map(JSON.string) ?? .null),
                             ("read_only", .bool(r.readOnly)), ("recursive", .bool(r.recursive)), ("file", .bool(r.isFile)),
                             ("mounted", .bool(share.mounted)),
                         ])
@@ -400,6 +452,10 @@ struct Status: AsyncParsableCommand {
             print(JSON.object([
                 ("root", .string(inventory.root.string)), ("sandboxes", .array(sandboxes)),
                 ("leaked_mounts", .array(inventory.leakedMounts.map { .string($0.string) })),
+                ("foreign", .array(inventory.foreign.map {
+                    .object([("name", .string($0.name)), ("reason", .string($0.reason)), ("interrupted_prepare", .bool($0.interruptedPrepare))])
+                })),
+                ("foreign_mounts", .array(inventory.foreignMounts.map { .string($0.string) })),
             ]).render())
             return
         }
@@ -409,10 +465,15 @@ struct Status: AsyncParsableCommand {
             for share in s.shares {
                 let r = share.record
                 let flags = [r.readOnly ? "ro" : "rw", r.recursive ? "recursive" : nil, r.isFile ? "file" : nil].compactMap { $0 }
-                print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(r.source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory ? "" : "NOT MOUNTED")")
+                let source = r.resolvedSource.map { "\(r.source) (resolves to \($0))" } ?? r.source
+                print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory || r.kind == .copy ? "" : "NOT MOUNTED")")
             }
         }
         for leak in inventory.leakedMounts { print("leaked mount: \(leak)") }
+        for entry in inventory.foreign where sandbox == nil || entry.name == sandbox {
+            print("foreign: \(inventory.root.appending(entry.name)): \(entry.reason)")
+        }
+        for mount in inventory.foreignMounts where sandbox == nil { print("foreign mount: \(mount)") }
     }
 }
 

@@ -35,8 +35,10 @@ final class GuestFiles {
 
     // MARK: - Resolution
 
-    /// Opens the parent directory of `p` (O_PATH), creating missing directories with `dirMode`
-    /// when asked; the directory that directly holds the leaf is chowned as Kata does.
+    /// Opens the parent directory of `p` (O_PATH), creating missing directories when asked.
+    /// Every directory it creates gets exactly `dirMode` (set with fchmod, so the agent's umask
+    /// does not narrow it) and the request's owner, as Kata's agent applies `dir_mode`: a
+    /// non-root container user must be able to traverse what the copy created.
     private func openParent(_ p: GuestPath, create dirMode: mode_t?, uid: UInt32 = 0, gid: UInt32 = 0) throws(GuestAgentError) -> DirFD {
         let parent = p.parent
         if parent.isEmpty { return DirFD(fd: try dup(root.fd), path: root.path) }
@@ -50,12 +52,17 @@ final class GuestFiles {
         let mode = dirMode ?? 0o750
         // Create the missing directories one at a time, each resolved the same way.
         var current = DirFD(fd: try dup(root.fd), path: root.path)
-        for (i, name) in parent.enumerated() {
+        for name in parent {
             let n = FilePath(name)
             do throws(SystemCallError) {
                 let made = try Sys.mkdirat(current, n, mode: mode & 0o777)
+                if made {
+                    let created = try Sys.openat2(current, n, flags: O_RDONLY | Sys.oDirectory, resolve: GuestFiles.resolve)
+                    defer { Sys.close(created) }
+                    try Sys.fchmod(created, mode: mode & 0o7777, path: current.display(n))
+                    try fchown(created, uid, gid, current.display(n))
+                }
                 let next = try Sys.openat2(current, n, flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
-                if made && i == parent.count - 1 { try chown(DirFD(fd: next, path: current.display(n)), "", uid, gid) }
                 Sys.close(current.fd)
                 current = DirFD(fd: next, path: current.display(n))
             } catch {

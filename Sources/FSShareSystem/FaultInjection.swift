@@ -9,9 +9,22 @@ import SystemPackage
 ///
 /// Rules come from the `FSSHARE_FAULTS` environment variable, read once, or from ``install(_:)``.
 /// Syntax: comma-separated `syscall[#n]=ERRNO|kill`, e.g. `move_mount#2=kill,mkdirat=EACCES`.
-/// `#n` (1-based) picks the nth call; without it every call matches. The check costs one
-/// relaxed atomic load when no rule is installed.
+/// `#n` (1-based) picks the nth call; without it every call matches. A malformed spec is an
+/// error: the process says why and exits with status 2. `FSSHARE_FAULT_TRACE=FILE` appends the
+/// name of every checked call to FILE, one per line (how a test enumerates every kill point).
+///
+/// Compiled only into debug (test) builds, where `FSSHARE_FAULT_INJECTION` is defined: a
+/// release binary has no way to be killed or failed from its environment, and its check is empty.
 public enum FaultInjection {
+    /// Whether this build can inject faults at all (false in release builds).
+    public static var isCompiledIn: Bool {
+        #if FSSHARE_FAULT_INJECTION
+        true
+        #else
+        false
+        #endif
+    }
+
     /// What an injected fault does.
     public enum Action: Sendable, Equatable {
         case fail(Errno)
@@ -34,6 +47,7 @@ public enum FaultInjection {
         var rules: [Rule] = []
         var counts: [String: Int] = [:]
         var loadedEnvironment = false
+        var trace: Int32 = -1
     }
 
     private static let enabled = Atomic<Int>(-1)  // -1 = not yet read from the environment
@@ -88,9 +102,11 @@ public enum FaultInjection {
     /// process, or returns to let the real call run.
     @inline(__always)
     static func check(_ syscall: StaticString, _ path: @autoclosure () -> FilePath?) throws(SystemCallError) {
+        #if FSSHARE_FAULT_INJECTION
         let flag = enabled.load(ordering: .relaxed)
         if flag == 0 { return }
         try slowCheck(syscall, path(), flag)
+        #endif
     }
 
     @inline(never)
@@ -98,6 +114,10 @@ public enum FaultInjection {
         if flag < 0 { loadEnvironment() }
         let name = syscall.description
         let action: Action? = state.withLock { s in
+            if s.trace >= 0 {
+                let line = Array((name + "\n").utf8)
+                _ = line.withUnsafeBytes { Glibc.write(s.trace, $0.baseAddress, $0.count) }
+            }
             guard !s.rules.isEmpty else { return nil }
             let n = (s.counts[name] ?? 0) + 1
             s.counts[name] = n
@@ -114,14 +134,24 @@ public enum FaultInjection {
     }
 
     private static func loadEnvironment() {
-        let rules: [Rule] = state.withLock { s in
-            if s.loadedEnvironment { return s.rules }
+        let active: Bool = state.withLock { s in
+            if s.loadedEnvironment { return !s.rules.isEmpty || s.trace >= 0 }
             s.loadedEnvironment = true
-            if let raw = getenv("FSSHARE_FAULTS"), let parsed = parse(String(cString: raw)) {
+            if let raw = getenv("FSSHARE_FAULTS") {
+                let spec = String(cString: raw)
+                guard let parsed = parse(spec) else {
+                    // A test that asked for a fault and silently got none would pass by accident.
+                    let message = Array("fsshare: FSSHARE_FAULTS=\"\(spec)\" is malformed (expected syscall[#n]=ERRNO|kill, comma-separated)\n".utf8)
+                    _ = message.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
+                    Glibc._exit(2)
+                }
                 s.rules = parsed
             }
-            return s.rules
+            if let raw = getenv("FSSHARE_FAULT_TRACE") {
+                s.trace = Glibc.open(raw, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+            }
+            return !s.rules.isEmpty || s.trace >= 0
         }
-        enabled.store(rules.isEmpty ? 0 : 1, ordering: .releasing)
+        enabled.store(active ? 1 : 0, ordering: .releasing)
     }
 }

@@ -63,6 +63,9 @@ public struct FileStatus: Sendable, Equatable {
     public var gid: UInt32
     /// Link count; 0 for a directory that has been removed while open.
     public var linkCount: UInt32
+    /// The kernel answered both `STATX_MNT_ID` and `STATX_ATTR_MOUNT_ROOT` (Linux 5.8+). When it
+    /// did not, ``mountID`` and ``isMountRoot`` mean nothing: callers must fail closed.
+    public var mountAnswersKnown: Bool = true
     public var kind: FileKind { FileKind(mode: mode) }
 }
 
@@ -126,7 +129,7 @@ public enum Sys {
         return FileStatus(
             mode: raw.mode, mountID: raw.mount_id, isMountRoot: raw.is_mount_root != 0, size: raw.size,
             inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor, uid: raw.uid, gid: raw.gid,
-            linkCount: raw.nlink)
+            linkCount: raw.nlink, mountAnswersKnown: raw.mount_root_known != 0 && raw.mount_id_known != 0)
     }
 
     /// `statx(2)` of an open descriptor.
@@ -165,6 +168,41 @@ public enum Sys {
         try FaultInjection.check("unlinkat", shown(dir, path))
         let rc = path.withPlatformString { Glibc.unlinkat(dirfd(dir), $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
         if rc != 0 { throw fail("unlinkat", shown(dir, path)) }
+    }
+
+    /// Opens an unnamed file in `dir` (`O_TMPFILE|O_RDWR`): it has no name until ``linkat(_:_:_:)``
+    /// gives it one, so a crash before that leaves nothing behind. EOPNOTSUPP on filesystems
+    /// without it.
+    public static func openUnnamed(_ dir: DirFD, mode: mode_t) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("open_tmpfile", dir.path)
+        while true {
+            let fd = Glibc.openat(dir.fd.rawValue, ".", FSSHARE_O_TMPFILE | O_RDWR | FSSHARE_O_CLOEXEC, mode)
+            if fd >= 0 { return FileDescriptor(rawValue: fd) }
+            if Glibc.errno == EINTR { continue }
+            throw fail("openat", dir.path)
+        }
+    }
+
+    /// Gives an open file (an unnamed ``openUnnamed(_:mode:)`` file) the name `dir/name`, through
+    /// `/proc/self/fd` (no CAP_DAC_READ_SEARCH needed). EEXIST if the name is taken.
+    public static func linkat(_ fd: FileDescriptor, _ dir: DirFD, _ name: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("linkat", dir.display(name))
+        let rc = FilePath("/proc/self/fd/\(fd.rawValue)").withPlatformString { from in
+            name.withPlatformString { to in Glibc.linkat(AT_FDCWD, from, dir.fd.rawValue, to, AT_SYMLINK_FOLLOW) }
+        }
+        if rc != 0 { throw fail("linkat", dir.display(name)) }
+    }
+
+    /// Why this kernel cannot tell whether a path is a mount point, or nil if it can. fsshare
+    /// refuses to share or clean up without that answer (a "no" it cannot trust would let it
+    /// delete through a mount). Probed on `/`, which is always a mount root.
+    public static func mountPointTestProblem() -> String? {
+        do {
+            try FaultInjection.check("statx_mount_root", "/")
+            let st = try statx(nil, "/")
+            if st.mountAnswersKnown && st.isMountRoot { return nil }
+        } catch {}
+        return "this kernel does not report STATX_MNT_ID and STATX_ATTR_MOUNT_ROOT from statx(2) (Linux 5.8 or later), so fsshare cannot tell a mount point from a directory; it refuses to share or clean up rather than risk deleting through a mount"
     }
 
     /// `renameat(2)`.

@@ -30,6 +30,10 @@ struct ScenarioMain {
         case "rollback": s.rollback()
         case "crash": s.crash()
         case "crash-child": s.crashChild()
+        case "adversary": s.adversary()
+        case "foreign": s.foreign()
+        case "mount-probe": s.mountProbe()
+        case "mount-probe-child": s.mountProbeChild()
         case "no-delete-through-mounts": s.noDeleteThroughMounts()
         case "status-leaks": s.statusLeaks()
         default:
@@ -270,7 +274,14 @@ struct Scenarios {
             ("/dev/null", "device node"), (work + "/fifo", "FIFO"), (sockPath, "socket"),
             (work + "/to-proc", "symlink to /proc"), ("/dev/pts", "directory under /dev"),
             ("relative/path", "relative source"), (work + "/missing", "missing source"),
+            ("/", "/ (contains the root)"), (work, "the root's parent"), (root, "the root itself"),
+            (root + "/rf", "a sandbox directory"), (root + "/rf/mounts", "a sandbox's mounts/"),
+            (root + "/rf/private", "a sandbox's private/"), (work + "/alias", "a bind-mount alias of the root's parent"),
+            (work + "/to-root", "a symlink to the root"),
         ]
+        mkdirs(work + "/alias")
+        _ = checks.must("bind the root's parent at an alias") { try Sys.mount(source: FilePath(work), target: FilePath(work + "/alias"), flags: UInt(MS_BIND)) }
+        symlink(root, work + "/to-root")
         for (source, what) in cases {
             let e = checks.mustFail("refuse \(what) (\(source))") {
                 _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: "/x"))
@@ -291,11 +302,20 @@ struct Scenarios {
         checks.mustFail("refuse destination /") {
             _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/"))
         }
+        let e = checks.mustFail("a rootfs directory inside the root is refused") {
+            _ = try sharer.shareRootFilesystemSync(container: Container(id: "c", rootfs: .hostMounted(FilePath(root + "/rf/private"))))
+        }
+        checks.check((e as? FSShareError)?.code == .refused, "rootfs inside the root: refused")
         checks.check(listTree(root) == before, "refusals changed nothing in the tree")
         checks.check(readFile(root + "/rf/manifest") == manifestBefore, "refusals changed nothing in the manifest")
         // Symlink policy.
         let follow = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(work + "/to-ro"), destination: "/follow"))
         checks.check(follow != nil, "symlinked source followed under the follow policy")
+        checks.check(follow?.resolvedSource?.string == src.ro, "the share reports where the symlink led (\(follow?.resolvedSource?.string ?? "nil"))")
+        let recorded = (try? sharer.shares())?.first { $0.record.destination == "/follow" }?.record
+        checks.check(recorded?.resolvedSource == src.ro && recorded?.source == work + "/to-ro", "the manifest records the given and the resolved source")
+        let plain = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/plain"))
+        checks.check(plain != nil && plain?.resolvedSource == nil, "a source without symlinks reports no resolved path")
         if let strict = try? LinuxFilesystemSharer(sandboxID: "rf", configuration: config(policy: .refuse)) {
             let e = checks.mustFail("symlinked source refused under the refuse policy") {
                 _ = try strict.shareFileSync(container: c, mount: Mount(source: FilePath(work + "/to-ro"), destination: "/strict"))
@@ -304,6 +324,7 @@ struct Scenarios {
         }
         _ = checks.must("cleanup") { try sharer.cleanupSync() }
         close(sock)
+        _ = try? Sys.umount2(FilePath(work + "/alias"), flags: Int32(MNT_DETACH))
         expectNothingLeft("after cleanup")
     }
 
@@ -353,12 +374,14 @@ struct Scenarios {
         expectNothingLeft("after cleanup")
     }
 
-    // MARK: crash (real SIGKILL at chosen syscalls)
+    // MARK: crash (a real SIGKILL at every syscall of prepare and share)
 
-    /// The child side: prepare, then share rw, ro, file, recursive and a rootfs, in one process.
+    /// The child side: prepare, then share rw, ro, a file, recursive ro, a rootfs, a block
+    /// rootfs and a legacy-method ro volume, in one process. Also the re-run after a kill.
     func crashChild() {
         let src = sources()
-        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()) else { exit(3) }
+        guard let sharer = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()),
+              let legacy = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config(.legacy)) else { exit(3) }
         let c = Container(id: "c", rootfs: .hostMounted(FilePath(src.rw)))
         do {
             try sharer.prepareSync()
@@ -367,6 +390,8 @@ struct Scenarios {
             _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.file), destination: "/f", options: ["ro"]))
             _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rec), destination: "/rec", options: ["ro", "rbind"]))
             _ = try sharer.shareRootFilesystemSync(container: c)
+            _ = try sharer.shareRootFilesystemSync(container: Container(id: "b", rootfs: .blockDevice(BlockDevice(address: "/dev/vdb", fstype: "ext4"))))
+            _ = try legacy.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/legacy", options: ["ro"]))
         } catch {
             print("child error: \(error)")
             exit(4)
@@ -374,24 +399,65 @@ struct Scenarios {
         exit(0)
     }
 
-    func crash() {
-        let points = [
-            "mkdirat#2=kill", "write#1=kill", "mount#1=kill", "mount#2=kill", "mount#3=kill", "mount#4=kill",
-            "mount#5=kill", "mount#6=kill", "write#2=kill", "move_mount#1=kill", "mount_setattr#2=kill",
-            "move_mount#2=kill", "openat2#3=kill", "write#4=kill", "move_mount#4=kill", "mkdirat#8=kill", "move_mount#5=kill",
-        ]
-        for point in points {
-            let r = run([selfPath, "crash-child", work], environment: ["FSSHARE_FAULTS": point])
-            checks.check(r.status == -SIGKILL, "child killed by SIGKILL at \(point) (status \(r.status))")
-            let left = mountsUnder(root).count
-            guard let sharer = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()) else { continue }
-            _ = checks.must("cleanup after kill at \(point) (\(left) mounts were left)") { try sharer.cleanupSync() }
-            expectNothingLeft("after kill at \(point)")
+    /// Every kill point of the child: each checked syscall, by name and occurrence, read from a
+    /// traced run (`FSSHARE_FAULT_TRACE`).
+    func crashPoints() -> [String] {
+        let trace = work + "/trace"
+        unlink(trace)
+        // A first run makes the root and the sources; the traced run then starts from the
+        // state every killed run starts from (root present, no sandbox).
+        _ = run([selfPath, "crash-child", work])
+        _ = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync()
+        let r = run([selfPath, "crash-child", work], environment: ["FSSHARE_FAULT_TRACE": trace])
+        checks.check(r.status == 0, "traced child completes (\(r.output))")
+        var seen: [String: Int] = [:]
+        return (readFile(trace) ?? "").split(separator: "\n").map { name in
+            seen[String(name), default: 0] += 1
+            return "\(name)#\(seen[String(name)] ?? 1)=kill"
         }
-        let r = run([selfPath, "crash-child", work])
-        checks.check(r.status == 0, "child without faults completes (\(r.output))")
-        _ = checks.must("cleanup after a complete run") { try LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync() }
-        expectNothingLeft("after a complete run")
+    }
+
+    /// A complete child run's result: every share recorded and, except the block rootfs, mounted.
+    func expectCompleteShares(_ what: String) {
+        guard let s = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()), let shares = try? s.shares() else {
+            checks.check(false, "\(what): shares can be listed")
+            return
+        }
+        let unmounted = shares.filter { !$0.mounted && $0.record.kind != .rootfsDirectory }.map(\.record.name)
+        checks.check(shares.count == 7 && unmounted.isEmpty, "\(what): 7 shares recorded, all mounted (\(shares.count), unmounted: \(unmounted))")
+    }
+
+    func crash() {
+        let points = crashPoints()
+        _ = checks.must("cleanup after the traced run") { try LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync() }
+        checks.check(points.count > 100, "the child makes \(points.count) checked syscalls, each a kill point")
+        var rerunFailures: [String] = [], leftovers: [String] = []
+        for point in points {
+            // Killed, then the same operations again: they finish what the dead process began.
+            let killed = run([selfPath, "crash-child", work], environment: ["FSSHARE_FAULTS": point])
+            if killed.status != -SIGKILL { rerunFailures.append("\(point): child not killed (status \(killed.status))") }
+            let rerun = run([selfPath, "crash-child", work])
+            if rerun.status != 0 {
+                rerunFailures.append("\(point): re-run exited \(rerun.status): \(rerun.output.suffix(300))")
+            } else {
+                let before = checks.failures
+                expectCompleteShares("re-run after a kill at \(point)")
+                if checks.failures != before { rerunFailures.append("\(point): incomplete after the re-run") }
+            }
+            _ = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync()
+            if !mountsUnder(root).isEmpty || !listTree(root).isEmpty { leftovers.append("\(point) + re-run: \(mountsUnder(root)) \(listTree(root).prefix(3))") }
+            // Killed, then cleaned up directly.
+            _ = run([selfPath, "crash-child", work], environment: ["FSSHARE_FAULTS": point])
+            do {
+                try LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync()
+            } catch {
+                leftovers.append("\(point): cleanup failed: \(error)")
+            }
+            if !mountsUnder(root).isEmpty || !listTree(root).isEmpty { leftovers.append("\(point): \(mountsUnder(root)) \(listTree(root).prefix(3))") }
+        }
+        checks.check(rerunFailures.isEmpty, "after a kill at each of \(points.count) points, re-running the same operations completes them (\(rerunFailures.prefix(5)))")
+        checks.check(leftovers.isEmpty, "after a kill at each of \(points.count) points, cleanup (with or without a re-run first) leaves no mount and no entry (\(leftovers.prefix(5)))")
+        print("figure: crash kill points \(points.count)")
     }
 
     // MARK: cleanup never deletes through a mount
@@ -425,33 +491,53 @@ struct Scenarios {
         mkdirs(root + "/nd2/mounts/x")
         _ = try? Sys.mount(source: FilePath(src.rw), target: FilePath(root + "/nd2/mounts/x"), flags: UInt(MS_BIND))
         if let s2 = try? LinuxFilesystemSharer(sandboxID: "nd2", configuration: config()) {
-            _ = checks.must("cleanup of a sandbox with no manifest and a foreign mount") { try s2.cleanupSync() }
+            let e = checks.mustFail("cleanup of a directory with no manifest and a mount in it is refused") { try s2.cleanupSync() }
+            checks.check((e as? FSShareError)?.code == .refused, "refused as not a sandbox")
         }
         checks.check(readFile(src.rw + "/precious") == "data", "source file survives (no manifest case)")
-        expectNothingLeft("after cleanup of nd2")
+        checks.check(mountsUnder(root) == [root + "/nd2/mounts/x"], "the foreign mount was left mounted")
+        _ = try? Sys.umount2(FilePath(root + "/nd2/mounts/x"), flags: Int32(MNT_DETACH))
+        _ = run(["rm", "-r", root + "/nd2"])
+        expectNothingLeft("after the test removed nd2 itself")
     }
 
     // MARK: status and leaks
 
     func statusLeaks() {
         let src = sources()
+        _ = checks.must("tmpfs submount in the recursive source") {
+            try Sys.mount(source: "tmpfs", target: FilePath(src.rec + "/sub"), fstype: "tmpfs", flags: 0)
+        }
         guard let sharer = try? LinuxFilesystemSharer(sandboxID: "st", configuration: config()) else { return }
-        _ = checks.must("prepare + share") {
+        let c = Container(id: "c", rootfs: .hostMounted("/"))
+        _ = checks.must("prepare + share (one of them recursive, carrying a submount)") {
             try sharer.prepareSync()
-            _ = try sharer.shareFileSync(container: Container(id: "c", rootfs: .hostMounted("/")), mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
+            _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rec), destination: "/rec", options: ["ro", "rbind"]))
         }
         mkdirs(root + "/leak")
-        _ = checks.must("leak a mount under the root") {
+        _ = checks.must("someone else's mount under the root, outside any sandbox") {
             try Sys.mount(source: FilePath(src.ro), target: FilePath(root + "/leak"), flags: UInt(MS_BIND))
         }
+        mkdirs(root + "/st/mounts/stray")
+        _ = checks.must("a stray mount inside the sandbox that its manifest does not know") {
+            try Sys.mount(source: FilePath(src.rw), target: FilePath(root + "/st/mounts/stray"), flags: UInt(MS_BIND))
+        }
         let inv = checks.must("read inventory") { try Inventory.read(root: FilePath(root)) }
-        checks.check(inv?.sandboxes.map(\.id) == ["st"] || inv?.sandboxes.map(\.id) == ["leak", "st"], "inventory lists the sandbox")
-        checks.check(inv?.sandboxes.first { $0.id == "st" }?.shares.count == 1, "inventory lists its share")
-        checks.check(inv?.sandboxes.first { $0.id == "st" }?.shares.first?.mounted == true, "share is mounted")
-        checks.check(inv?.leakedMounts.map(\.string) == [root + "/leak"], "the stray mount is reported as leaked (\(inv?.leakedMounts ?? []))")
-        _ = checks.must("cleanup --all") { try Inventory.cleanupAll(root: FilePath(root)) }
-        checks.check(mountsUnder(root).isEmpty, "cleanup --all removed every mount")
+        checks.check(inv?.sandboxes.map(\.id) == ["st"], "inventory lists the sandbox only (\(inv?.sandboxes.map(\.id) ?? []))")
+        checks.check(inv?.foreign.map(\.name) == ["leak"], "the mounted folder without a manifest is foreign")
+        checks.check(inv?.sandboxes.first?.shares.count == 2, "inventory lists its shares")
+        checks.check(inv?.sandboxes.first?.shares.allSatisfy(\.mounted) == true, "shares are mounted")
+        checks.check(inv?.leakedMounts.map(\.string) == [root + "/st/mounts/stray", root + "/st/shared/stray"],
+                     "only the stray mount in the sandbox (and its copy in shared/) is leaked; a recursive share's submounts are part of it (\(inv?.leakedMounts ?? []))")
+        checks.check(inv?.foreignMounts.map(\.string) == [root + "/leak"], "the mount outside sandboxes is foreign (\(inv?.foreignMounts ?? []))")
+        let report = checks.must("cleanup --all") { try Inventory.cleanupAll(root: FilePath(root)) }
+        checks.check(report?.cleaned == ["st"] && report?.leftAlone.map(\.name) == ["leak"], "cleanup --all cleaned st and left leak alone")
+        checks.check(mountsUnder(root) == [root + "/leak"], "cleanup --all removed every sandbox mount, and only those (\(mountsUnder(root)))")
         checks.check(!exists(root + "/st"), "cleanup --all removed the sandbox")
-        checks.check(readFile(src.ro + "/key") == "value", "leaked mount's source intact")
+        checks.check(readFile(root + "/leak/key") == "value", "the foreign mount is still there")
+        checks.check(readFile(src.ro + "/key") == "value" && readFile(src.rw + "/existing") == nil, "sources intact")
+        _ = try? Sys.umount2(FilePath(root + "/leak"), flags: Int32(MNT_DETACH))
+        _ = try? Sys.umount2(FilePath(src.rec + "/sub"), flags: Int32(MNT_DETACH))
     }
 }

@@ -77,3 +77,55 @@ func listTree(_ dir: String) -> [String] {
 }
 
 func exists(_ path: String) -> Bool { (try? Sys.statx(nil, FilePath(path))) != nil }
+
+/// A checksummed snapshot of a tree, for "nothing here changed": relative path -> kind, mode,
+/// owner and, for files, size and FNV-1a 64 of the content; symlink targets verbatim. It never
+/// follows a symlink and never enters a mount point (mounts are compared separately).
+func digest(_ dir: String) -> [String: String] {
+    var out: [String: String] = [:]
+    guard let top = try? Sys.openat(nil, FilePath(dir), flags: Sys.oPath | Sys.oDirectory) else { return ["": "missing"] }
+    defer { Sys.close(top) }
+    func walk(_ d: DirFD, _ prefix: String) {
+        guard let entries = try? Sys.listDirectory(d, ".") else { out[prefix + "/"] = "unreadable"; return }
+        for e in entries {
+            let rel = prefix + "/" + e.name
+            let name = FilePath(e.name)
+            guard let st = try? Sys.statx(d, name) else { out[rel] = "vanished"; continue }
+            let meta = "\(st.kind) \(String(st.mode & 0o7777, radix: 8)) \(st.uid):\(st.gid)"
+            switch st.kind {
+            case .directory:
+                out[rel] = meta + (st.isMountRoot ? " mount" : "")
+                if !st.isMountRoot, let fd = try? Sys.openat(d, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow) {
+                    walk(DirFD(fd: fd, path: d.display(name)), rel)
+                    Sys.close(fd)
+                }
+            case .symlink:
+                out[rel] = meta + " -> " + ((try? Sys.readlinkat(d, name)) ?? "?")
+            case .regular:
+                var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+                if let fd = try? Sys.openat(d, name, flags: O_RDONLY | Sys.oNoFollow) {
+                    for byte in (try? Sys.readAll(fd, path: d.display(name))) ?? [] {
+                        hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3
+                    }
+                    Sys.close(fd)
+                }
+                out[rel] = meta + " \(st.size) \(String(hash, radix: 16))"
+            default:
+                out[rel] = meta
+            }
+        }
+    }
+    walk(DirFD(fd: top, path: FilePath(dir)), "")
+    return out
+}
+
+/// The mount table outside `root` (mount point and id), to show that nothing there changed.
+func mountsOutside(_ root: String) -> [String] {
+    guard let table = try? Sys.mountTable() else { return ["<cannot read mountinfo>"] }
+    return table.filter { $0.mountPoint != root && !$0.mountPoint.hasPrefix(root + "/") }.map { "\($0.mountID) \($0.mountPoint)" }
+}
+
+/// Names of the entries of `dir`, sorted (empty when it does not exist).
+func entries(_ dir: String) -> [String] {
+    ((try? Sys.listDirectory(nil, FilePath(dir))) ?? []).map(\.name).sorted()
+}

@@ -47,6 +47,17 @@ import Testing
         #expect(snap["sub/dir"] == "d")
         var st = stat()
         #expect(stat(g + "/vol/sub/file", &st) == 0 && st.st_mode & 0o7777 == 0o640)
+        // Implicit parents get the request's dir_mode exactly, whatever the agent's umask (077).
+        for dir in ["/vol", "/vol/sub"] {
+            #expect(stat(g + dir, &st) == 0 && st.st_mode & 0o7777 == 0o750, "\(dir) has mode \(String(st.st_mode & 0o7777, radix: 8)), not dir_mode 750")
+        }
+        var wide = request(g + "/wide/a/b/f", mode: UInt32(S_IFREG) | 0o644, data: "x")
+        wide.dirMode = 0o755
+        try client.copyFile(wide)
+        for dir in ["/wide", "/wide/a", "/wide/a/b"] {
+            #expect(stat(g + dir, &st) == 0 && st.st_mode & 0o7777 == 0o755, "\(dir) has mode \(String(st.st_mode & 0o7777, radix: 8)), not dir_mode 755")
+        }
+        try client.removePath(g + "/wide", recursive: true)
         // Rename replaces atomically; prune keeps what it is told; remove is idempotent.
         try client.copyFile(request(g + "/vol/link2", mode: UInt32(S_IFLNK) | 0o777, data: "sub/dir"))
         try client.renamePath(from: g + "/vol/link2", to: g + "/vol/link")

@@ -66,8 +66,22 @@ struct NamingTests {
             #expect(error.syscall == "statx" && error.path == "/nonexistent/fsshare" && error.errno == .noSuchFileOrDirectory)
             #expect(error.description.contains("statx(/nonexistent/fsshare)"))
         }
-        FaultInjection.install([.init(syscall: "statx", action: .fail(.ioError))])
-        defer { FaultInjection.install([]) }
-        #expect(throws: SystemCallError(syscall: "statx", path: "/", errno: .ioError)) { try Sys.statx(nil, "/") }
+    }
+
+    /// An injected fault is process-wide, so it is tried in a child process (the CLI), never in
+    /// this one, where other suites run in parallel and would fail by coincidence.
+    @Test("an injected fault reaches the CLI's message with call, path and errno; a bad spec is an error")
+    func injectedFaultInChild() {
+        let root = TestEnvironment.scratch("fault-child")
+        _ = Sys.run(["mkdir", "-p", root])
+        defer { _ = Sys.run(["rm", "-rf", root]) }
+        let bin = TestEnvironment.product("fsshare")
+        let failed = Sys.run([bin, "status", "--root", root], environment: ["FSSHARE_FAULTS": "getdents64=EIO,openat=EIO"])
+        #expect(failed.status == 1, "\(failed.output)")
+        #expect(failed.output.contains("openat(\(root)") && failed.output.contains("Input/output error"), "\(failed.output)")
+        let malformed = Sys.run([bin, "status", "--root", root], environment: ["FSSHARE_FAULTS": "statx#0=EIO"])
+        #expect(malformed.status == 2 && malformed.output.contains("malformed"), "\(malformed.output)")
+        let clean = Sys.run([bin, "status", "--root", root])
+        #expect(clean.status == 0, "\(clean.output)")
     }
 }

@@ -17,6 +17,7 @@ typedef struct {
     uint64_t mount_id;      // STATX_MNT_ID: which mount the object lives on
     int is_mount_root;      // STATX_ATTR_MOUNT_ROOT: the object is the root of a mount
     int mount_root_known;   // the kernel reported STATX_ATTR_MOUNT_ROOT in attributes_mask
+    int mount_id_known;     // the kernel filled STATX_MNT_ID
     uint64_t size;
     uint64_t ino;
     uint32_t dev_major, dev_minor;
@@ -60,6 +61,7 @@ extern const int FSSHARE_O_PATH;
 extern const int FSSHARE_O_NOFOLLOW;
 extern const int FSSHARE_O_DIRECTORY;
 extern const int FSSHARE_O_CLOEXEC;
+extern const int FSSHARE_O_TMPFILE;
 extern const int FSSHARE_AT_EMPTY_PATH;
 extern const int FSSHARE_AT_RECURSIVE;
 extern const int FSSHARE_AT_SYMLINK_NOFOLLOW;
