@@ -25,8 +25,8 @@ public struct Inventory: Sendable {
         public var name: String
         /// Why it is not a sandbox.
         public var reason: String
-        /// It is what a prepare killed before writing its manifest leaves (an empty directory
-        /// with a sandbox id as its name): `cleanup` removes it.
+        /// It is what a prepare killed before its sandbox directory was complete leaves
+        /// (`.<sid>.fsshare-prepare`, empty or holding only the manifest): `cleanup` removes it.
         public var interruptedPrepare: Bool
     }
     public var root: FilePath
@@ -64,6 +64,12 @@ public struct Inventory: Sendable {
             func foreign(_ why: String, interrupted: Bool = false) {
                 result.foreign.append(Foreign(name: entry.name, reason: why, interruptedPrepare: interrupted))
             }
+            if let id = SandboxOwnership.sandboxID(ofPreparingName: entry.name) {
+                let interrupted = SandboxOwnership.isInterruptedPrepare(rootDir, sandboxID: id)
+                foreign(interrupted ? "what a prepare of sandbox \(id) left when it was interrupted" : "not what an interrupted prepare leaves",
+                        interrupted: interrupted)
+                continue
+            }
             guard Identifier.problem(entry.name) == nil else { foreign("its name is not a sandbox id"); continue }
             let fd: FileDescriptor
             do {
@@ -77,12 +83,9 @@ public struct Inventory: Sendable {
             var sandbox = Sandbox(id: entry.name, prepared: false, shares: [], problem: nil)
             do throws(FSShareError) {
                 try sys("cannot lock \(base)") { () throws(SystemCallError) in try Sys.flock(fd, operation: LOCK_SH, path: base) }
-                switch try SandboxOwnership.inspect(DirFD(fd: fd, path: base), sandboxID: entry.name) {
+                switch SandboxOwnership.inspect(DirFD(fd: fd, path: base), sandboxID: entry.name) {
                 case .foreign(let why):
                     foreign(why)
-                    continue
-                case .interruptedPrepare:
-                    foreign("an empty directory: a prepare was interrupted before its manifest was written", interrupted: true)
                     continue
                 case .sandbox(let manifest):
                     sandboxDirs.append(base.string)
@@ -127,7 +130,7 @@ public struct Inventory: Sendable {
     public struct CleanupReport: Sendable, Equatable {
         /// The sandboxes it cleaned (their mounts and directories are gone).
         public var cleaned: [String]
-        /// Empty directories left by interrupted prepares, removed.
+        /// What interrupted prepares left (`.<sid>.fsshare-prepare`), removed.
         public var removedInterruptedPrepares: [String]
         /// Entries that are not fsshare sandboxes, left exactly as they were.
         public var leftAlone: [Foreign]
@@ -157,9 +160,11 @@ public struct Inventory: Sendable {
                 continue
             }
             do throws(FSShareError) {
-                // The cleaner re-inspects under the lock: if the directory gained content since
-                // the listing, it is refused and stays.
-                if try SandboxCleaner(root: root, sandboxID: entry.name).run() == .removedInterruptedPrepare {
+                // Re-checked under the root's lock: if it changed since the listing, it stays.
+                guard let id = SandboxOwnership.sandboxID(ofPreparingName: entry.name),
+                      let rootFD = try? Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory) else { continue }
+                defer { Sys.close(rootFD) }
+                if try SandboxOwnership.removeInterruptedPrepare(DirFD(fd: rootFD, path: root), sandboxID: id) {
                     report.removedInterruptedPrepares.append(entry.name)
                 }
             } catch {

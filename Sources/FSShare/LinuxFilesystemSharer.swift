@@ -179,8 +179,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         undo.add { Sys.close(root.fd) }
         let sid = FilePath(sandboxID)
         let sandboxPath = root.display(sid)
-        let created = try sys("cannot create the sandbox directory \(sandboxPath)", { () throws(SystemCallError) in try Sys.mkdirat(root, sid, mode: 0o700) })
-        if created { undo.add { try? Sys.unlinkat(root, sid, directory: true) } }
+        // A new sandbox directory appears with its manifest already inside (built aside and
+        // renamed into place), so a directory without one is never fsshare's.
+        let created = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID)
         let lock: FileDescriptor
         do {
             lock = try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
@@ -194,19 +195,25 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
         defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath) }
 
-        // Adopt the directory only if a manifest proves it is ours, or it is what an
-        // interrupted prepare leaves; an operator's folder of the same name is never touched.
+        // Adopt the directory only if a manifest proves it is ours: an operator's folder of the
+        // same name, even an empty one, is never touched.
         let plain = DirFD(fd: lock, path: sandboxPath)
         let manifest: Manifest
-        switch try SandboxOwnership.inspect(plain, sandboxID: sandboxID) {
+        switch SandboxOwnership.inspect(plain, sandboxID: sandboxID) {
         case .sandbox(let existing):
             manifest = existing
-        case .interruptedPrepare:
-            try SandboxOwnership.removeInterruptedPrepare(plain)
-            manifest = try Manifest.create(in: plain, sandboxID: sandboxID)
-            undo.add { try? Sys.unlinkat(plain, Manifest.fileName, directory: false) }
         case .foreign(let why):
             throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it exists and is not an fsshare sandbox (\(why)); it was left alone")
+        }
+        if created {
+            // Rolled back after the subdirectories (undo runs newest first).
+            // Back to its preparing name first: a sandbox directory never exists without its
+            // manifest, even if this rollback is cut short.
+            let sandboxID = sandboxID
+            undo.add {
+                try? Sys.renameat(root, sid, root, SandboxOwnership.preparingName(sandboxID), noReplace: true)
+                try? SandboxOwnership.removeInterruptedPrepare(root, sandboxID: sandboxID)
+            }
         }
 
         // Make the sandbox directory a mount of its own with shared propagation, in a new peer

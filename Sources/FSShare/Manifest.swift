@@ -106,9 +106,8 @@ final class Manifest {
 
     /// Creates the manifest of a new sandbox, header included, so that it appears complete or
     /// not at all: an unnamed `O_TMPFILE` is written and then linked in (where the filesystem
-    /// lacks `O_TMPFILE`, a `manifest.new` temp file is renamed). A crash can leave only an
-    /// empty directory (or that temp file), which ``SandboxOwnership`` recognises as an
-    /// interrupted prepare.
+    /// lacks `O_TMPFILE`, a `manifest.new` temp file is renamed). It is made in the directory
+    /// ``SandboxOwnership/createSandboxDirectory(_:sandboxID:)`` builds aside.
     static func create(in directory: DirFD, sandboxID: String) throws(FSShareError) -> Manifest {
         let header = Array(headerLine(sandboxID).utf8)
         let shown = directory.display(fileName)

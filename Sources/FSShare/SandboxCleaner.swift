@@ -32,12 +32,14 @@ struct SandboxCleaner {
         let rootDir = DirFD(fd: rootFD, path: root)
         let sid = FilePath(sandboxID)
         let sandboxPath = rootDir.display(sid)
+        // What a prepare killed before its rename leaves (a hidden, fsshare-named directory).
+        let removedPreparing = try SandboxOwnership.removeInterruptedPrepare(rootDir, sandboxID: sandboxID)
         let lock: FileDescriptor
         do {
             lock = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
         } catch {
             switch error.errno {
-            case .noSuchFileOrDirectory: return .nothingToClean
+            case .noSuchFileOrDirectory: return removedPreparing ? .removedInterruptedPrepare : .nothingToClean
             case .tooManySymbolicLinkLevels, .notDirectory:
                 throw FSShareError(.refused, "\(sandboxPath) is not a directory (a symbolic link or a file), so not an fsshare sandbox; it was left alone")
             default: throw FSShareError.system("cannot open the sandbox directory \(sandboxPath)", error)
@@ -46,18 +48,9 @@ struct SandboxCleaner {
         defer { Sys.close(lock) }
         try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
         let manifest: Manifest
-        switch try SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
+        switch SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
         case .sandbox(let m):
             manifest = m
-        case .interruptedPrepare:
-            // No mount can exist yet (prepare mounts only after its manifest is complete).
-            try SandboxOwnership.removeInterruptedPrepare(DirFD(fd: lock, path: sandboxPath))
-            do {
-                try Sys.unlinkat(rootDir, sid, directory: true)
-            } catch {
-                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove \(sandboxPath)", error) }
-            }
-            return .removedInterruptedPrepare
         case .foreign(let why):
             throw FSShareError(.refused, "\(sandboxPath) is not an fsshare sandbox (\(why)); nothing in it was unmounted or deleted")
         }

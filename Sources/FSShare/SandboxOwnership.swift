@@ -7,58 +7,143 @@ import SystemPackage
 /// Decides whether a directory under the sandbox root is fsshare's, before anything in it is
 /// unmounted, deleted or adopted. Only a manifest proves it: a regular file named `manifest`,
 /// with one link, owned by this uid, whose first line is this sandbox's header. Without one the
-/// directory belongs to someone else (an operator, another runtime, a guest), with one
-/// exception: what an interrupted prepare can leave before its manifest exists.
+/// directory belongs to someone else (an operator, another runtime, a guest) and is never
+/// touched, even when it is empty.
+///
+/// That rule holds from the first instant because a sandbox directory never exists without its
+/// manifest: prepare builds it as `.<sid>.fsshare-prepare`, writes the manifest inside, and
+/// only then renames it to `<sid>`. A crash can leave only that hidden, fsshare-named directory
+/// (empty, or holding the manifest), which is the one thing cleanup removes without a proof.
 enum SandboxOwnership {
     enum Verdict {
         /// fsshare made it; the manifest says what is in it.
         case sandbox(Manifest)
-        /// An empty directory (or one holding only the manifest being written) of the same name:
-        /// the most a prepare killed before its manifest existed can leave. Safe to remove.
-        case interruptedPrepare
         /// Not fsshare's; the sentence says why. Never unmounted in, deleted or adopted.
         case foreign(String)
     }
 
     /// Inspects `dir` (an `O_RDONLY` descriptor of `<root>/<sandboxID>`).
-    static func inspect(_ dir: DirFD, sandboxID: String) throws(FSShareError) -> Verdict {
+    static func inspect(_ dir: DirFD, sandboxID: String) -> Verdict {
         do {
             if let manifest = try Manifest.open(in: dir, sandboxID: sandboxID) { return .sandbox(manifest) }
+            return .foreign("it has no fsshare manifest")
         } catch {
-            if error.code == .refused || error.code == .manifest { return .foreign(error.message) }
+            // Whatever keeps the manifest from being read and trusted (a refusal, a corrupt or
+            // future-version file, a read-only filesystem) means: no proof, hands off.
+            return .foreign(error.message)
+        }
+    }
+
+    // MARK: - The directory a prepare builds
+
+    private static let preparingSuffix = ".fsshare-prepare"
+
+    /// Where prepare builds `sandboxID`'s directory before renaming it into place.
+    static func preparingName(_ sandboxID: String) -> FilePath { FilePath(".\(sandboxID)\(preparingSuffix)") }
+
+    /// The sandbox id of a preparing directory's name, or nil for any other name.
+    static func sandboxID(ofPreparingName name: String) -> String? {
+        guard name.hasPrefix("."), name.hasSuffix(preparingSuffix) else { return nil }
+        let id = String(name.dropFirst().dropLast(preparingSuffix.count))
+        return Identifier.problem(id) == nil ? id : nil
+    }
+
+    /// Whether `root/<preparing name of sandboxID>` is what a killed prepare leaves: a directory
+    /// (not a mount) holding nothing, or only files of ours named like the manifest.
+    static func isInterruptedPrepare(_ root: DirFD, sandboxID: String) -> Bool {
+        let name = preparingName(sandboxID)
+        guard let st = try? Sys.statx(root, name), st.kind == .directory, !st.isMountRoot, st.uid == geteuid(),
+              let entries = try? Sys.listDirectory(root, name) else { return false }
+        guard let fd = try? Sys.openat(root, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow) else { return false }
+        defer { Sys.close(fd) }
+        let dir = DirFD(fd: fd, path: root.display(name))
+        for entry in entries {
+            let file = FilePath(entry.name)
+            guard file == Manifest.fileName || file == Manifest.temporaryName,
+                  let fst = try? Sys.statx(dir, file), fst.kind == .regular, fst.linkCount == 1, fst.uid == geteuid()
+            else { return false }
+        }
+        return true
+    }
+
+    /// Removes what a killed prepare of `sandboxID` left (see ``isInterruptedPrepare(_:sandboxID:)``).
+    /// Returns whether there was something to remove; throws ``FSShareError/Code/refused`` if the
+    /// name is taken by something else.
+    /// Takes the root's lock unless the caller holds it, so a prepare building it right now is
+    /// not undercut.
+    @discardableResult
+    static func removeInterruptedPrepare(_ root: DirFD, sandboxID: String, holdingRootLock: Bool = false) throws(FSShareError) -> Bool {
+        let name = preparingName(sandboxID)
+        guard (try? Sys.statx(root, name)) != nil else { return false }
+        if !holdingRootLock {
+            let rootLock = try lockRoot(root)
+            defer { Sys.close(rootLock) }
+            return try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
+        }
+        guard isInterruptedPrepare(root, sandboxID: sandboxID) else {
+            throw FSShareError(.refused, "\(root.display(name)) is not what an interrupted prepare leaves; it was left alone")
+        }
+        let fd = try sys("cannot open \(root.display(name))") { () throws(SystemCallError) in
+            try Sys.openat(root, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+        }
+        defer { Sys.close(fd) }
+        let dir = DirFD(fd: fd, path: root.display(name))
+        try sys("cannot remove \(root.display(name))") { () throws(SystemCallError) in
+            for file in [Manifest.fileName, Manifest.temporaryName] {
+                do throws(SystemCallError) {
+                    try Sys.unlinkat(dir, file, directory: false)
+                } catch {
+                    if error.errno != .noSuchFileOrDirectory { throw error }
+                }
+            }
+            try Sys.unlinkat(root, name, directory: true)
+        }
+        return true
+    }
+
+    /// Creates `root/sandboxID` with its manifest already inside, or finds that it exists.
+    /// Returns true when this call made it. Serialised with other prepares by `flock` on the root.
+    static func createSandboxDirectory(_ root: DirFD, sandboxID: String) throws(FSShareError) -> Bool {
+        let sid = FilePath(sandboxID)
+        let rootLock = try lockRoot(root)
+        defer { Sys.close(rootLock) }
+        if (try? Sys.statx(root, sid)) != nil { return false }
+        try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
+        let name = preparingName(sandboxID)
+        let shown = root.display(name)
+        try sys("cannot create \(shown)") { () throws(SystemCallError) in _ = try Sys.mkdirat(root, name, mode: 0o700) }
+        do throws(FSShareError) {
+            let fd = try sys("cannot open \(shown)") { () throws(SystemCallError) in
+                try Sys.openat(root, name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            }
+            defer { Sys.close(fd) }
+            _ = try Manifest.create(in: DirFD(fd: fd, path: shown), sandboxID: sandboxID)
+            try sys("cannot move \(shown) into place") { () throws(SystemCallError) in
+                try Sys.renameat(root, name, root, sid, noReplace: true)
+            }
+        } catch {
+            _ = try? removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
             throw error
         }
-        let entries = try sys("cannot list \(dir.path)") { () throws(SystemCallError) in try Sys.listDirectory(dir, ".") }
-        for entry in entries {
-            let name = FilePath(entry.name)
-            guard name == Manifest.fileName || name == Manifest.temporaryName, isTornHeader(dir, name, sandboxID: sandboxID) else {
-                return .foreign("it has no fsshare manifest and is not empty (it holds \"\(entry.name)\")")
-            }
-        }
-        return .interruptedPrepare
+        return true
     }
 
-    /// `dir/name` is a regular file of ours holding at most the beginning of the header line.
-    private static func isTornHeader(_ dir: DirFD, _ name: FilePath, sandboxID: String) -> Bool {
-        guard let fd = try? Sys.openat(dir, name, flags: O_RDONLY | O_NONBLOCK | Sys.oNoFollow) else { return false }
-        defer { Sys.close(fd) }
-        let header = Array(Manifest.headerLine(sandboxID).utf8)
-        guard let st = try? Sys.fstatx(fd, path: dir.display(name)), st.kind == .regular, st.linkCount == 1,
-              st.uid == geteuid(), st.size < header.count,
-              let bytes = try? Sys.readAll(fd, path: dir.display(name)) else { return false }
-        return header.starts(with: bytes)
+    /// An exclusive `flock` on the sandbox root (released when the descriptor is closed): held
+    /// only while a sandbox directory is created or a preparing one removed.
+    private static func lockRoot(_ root: DirFD) throws(FSShareError) -> FileDescriptor {
+        let fd = try sys("cannot open the sandbox root \(root.path)") { () throws(SystemCallError) in
+            try Sys.openat(root, ".", flags: O_RDONLY | Sys.oDirectory)
+        }
+        do {
+            try Sys.flock(fd, operation: LOCK_EX, path: root.path)
+        } catch {
+            Sys.close(fd)
+            throw FSShareError.system("cannot lock the sandbox root \(root.path)", error)
+        }
+        return fd
     }
 
-    /// Removes what an interrupted prepare left inside `dir` (its torn manifest files).
-    static func removeInterruptedPrepare(_ dir: DirFD) throws(FSShareError) {
-        for name in [Manifest.fileName, Manifest.temporaryName] {
-            do {
-                try Sys.unlinkat(dir, name, directory: false)
-            } catch {
-                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove \(dir.display(name))", error) }
-            }
-        }
-    }
+    // MARK: - The kernel's mount-point answer
 
     /// The one-time check that statx answers "is this a mount point?" (nil when it does).
     static let mountPointTestProblem: String? = Sys.mountPointTestProblem()

@@ -197,11 +197,13 @@ extension Sys {
         if Glibc.fchown(fd.rawValue, uid, gid) != 0 { throw fail("fchown", path) }
     }
 
-    /// `renameat(2)` between two directories.
-    public static func renameat(_ fromDir: DirFD, _ from: FilePath, _ toDir: DirFD, _ to: FilePath) throws(SystemCallError) {
+    /// `renameat(2)` between two directories; `noReplace` fails with EEXIST instead of
+    /// replacing an existing `to` (`RENAME_NOREPLACE`).
+    public static func renameat(_ fromDir: DirFD, _ from: FilePath, _ toDir: DirFD, _ to: FilePath, noReplace: Bool = false) throws(SystemCallError) {
         try FaultInjection.check("renameat", toDir.display(to))
+        let flags = noReplace ? FSSHARE_RENAME_NOREPLACE : 0
         let rc = from.withPlatformString { f in
-            to.withPlatformString { t in fsshare_renameat2(fromDir.fd.rawValue, f, toDir.fd.rawValue, t, 0) }
+            to.withPlatformString { t in fsshare_renameat2(fromDir.fd.rawValue, f, toDir.fd.rawValue, t, flags) }
         }
         if rc != 0 { throw fail("renameat", toDir.display(to)) }
     }

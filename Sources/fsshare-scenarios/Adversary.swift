@@ -273,13 +273,38 @@ extension Scenarios {
         checks.check(mountsUnder(root) == [root + "/mounted"], "the foreign mount is still mounted (\(mountsUnder(root)))")
         checks.check(digest(work + "/elsewhere") == outsideBefore && readFile(work + "/elsewhere/victim") == Manifest_header("linkedmanifest"),
                      "the file hard-linked as a manifest was not appended to")
-        // What an interrupted prepare leaves (an empty directory) is removed by cleanup.
-        mkdirs(root + "/interrupted")
+        // An empty folder with a sandbox-id name is an operator's too: fsshare never makes a
+        // sandbox directory without its manifest, so it is left alone and never adopted.
+        mkdirs(root + "/emptyfolder")
+        let e = checks.mustFail("prepare --sandbox emptyfolder is refused (an empty folder is not a sandbox)") {
+            try LinuxFilesystemSharer(sandboxID: "emptyfolder", configuration: config()).prepareSync()
+        }
+        checks.check((e as? FSShareError)?.code == .refused, "refused")
+        // What a prepare killed before its rename leaves, and a look-alike holding data.
+        mkdirs(root + "/.late.fsshare-prepare")
+        writeFile(root + "/.late.fsshare-prepare/manifest", Manifest_header("late"))
+        mkdirs(root + "/.fake.fsshare-prepare")
+        writeFile(root + "/.fake.fsshare-prepare/data", "someone's")
+        let before2 = digest(root).filter { !$0.key.hasPrefix("/.late.") }
         let i2 = checks.must("status names the interrupted prepare") { try Inventory.read(root: FilePath(root)) }
-        checks.check(i2?.foreign.first { $0.name == "interrupted" }?.interruptedPrepare == true, "an empty id-named directory is an interrupted prepare")
+        checks.check(i2?.foreign.first { $0.name == ".late.fsshare-prepare" }?.interruptedPrepare == true, "a preparing directory holding only its manifest is an interrupted prepare")
+        checks.check(i2?.foreign.first { $0.name == ".fake.fsshare-prepare" }?.interruptedPrepare == false, "one holding anything else is not")
+        checks.check(i2?.foreign.first { $0.name == "emptyfolder" }?.interruptedPrepare == false, "an empty id-named folder is not")
         let r2 = checks.must("cleanup --all again") { try Inventory.cleanupAll(root: FilePath(root)) }
-        checks.check(r2?.removedInterruptedPrepares == ["interrupted"] && !exists(root + "/interrupted"), "cleanup --all removed the interrupted prepare")
-        checks.check(digest(root) == before, "and nothing else")
+        checks.check(r2?.removedInterruptedPrepares == [".late.fsshare-prepare"] && !exists(root + "/.late.fsshare-prepare"), "cleanup --all removed the interrupted prepare")
+        checks.check(digest(root) == before2, "and nothing else: the empty folder and the look-alike stay")
+        mkdirs(root + "/.again.fsshare-prepare")
+        let r3 = checks.must("cleanup --sandbox removes its own interrupted prepare") {
+            try LinuxFilesystemSharer(sandboxID: "again", configuration: config()).cleanupSync()
+        }
+        checks.check(r3 == .removedInterruptedPrepare && !exists(root + "/.again.fsshare-prepare"), "and says so")
+        mkdirs(root + "/.redo.fsshare-prepare")
+        _ = checks.must("prepare over its own interrupted prepare") {
+            let s = try LinuxFilesystemSharer(sandboxID: "redo", configuration: config())
+            try s.prepareSync()
+            try s.cleanupSync()
+        }
+        checks.check(digest(root) == before2, "prepare finished and cleanup removed it; the rest is unchanged")
         // Nothing to clean.
         let nothing = checks.must("cleanup of a sandbox that does not exist") {
             try LinuxFilesystemSharer(sandboxID: "nope", configuration: config()).cleanupSync()

@@ -151,12 +151,15 @@ struct Scenarios {
         checks.check(readFile(src.ro + "/key") == "value", "ro source content intact")
         checks.mustFail("share after cleanup says not prepared") { _ = try sharer.shareFileSync(container: c, mount: rwMount) }
         _ = checks.must("unshare after cleanup is not an error") { try sharer.unshareFileSync(container: c, mount: rwMount) }
-        // Prepare where the sandbox directory is already a mount, but a private one.
-        mkdirs(root + "/sb2")
-        _ = try? Sys.mount(source: "tmpfs", target: FilePath(root + "/sb2"), fstype: "tmpfs", flags: 0)
+        // Prepare again where the sandbox's self-bind lost its shared propagation (made private
+        // by someone) and shared/ was unmounted: prepare restores both.
+        if let first = try? LinuxFilesystemSharer(sandboxID: "sb2", configuration: config()) {
+            _ = checks.must("prepare sb2") { try first.prepareSync() }
+        }
+        _ = try? Sys.umount2(FilePath(root + "/sb2/shared"), flags: Int32(MNT_DETACH))
         _ = try? Sys.mount(source: nil, target: FilePath(root + "/sb2"), flags: UInt(MS_PRIVATE))
         if let s2 = try? LinuxFilesystemSharer(sandboxID: "sb2", configuration: config()) {
-            _ = checks.must("prepare over a private mount") { try s2.prepareSync() }
+            _ = checks.must("prepare over a private self-bind") { try s2.prepareSync() }
             let r = try? s2.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/p"))
             let name = r?.guestPath.split(separator: "/").last.map(String.init) ?? "?"
             checks.check(readFile(root + "/sb2/shared/\(name)/key") == "value", "a share propagates to shared/ over a private pre-existing mount")
