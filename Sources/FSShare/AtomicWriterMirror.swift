@@ -52,11 +52,28 @@ public struct WatchLimits: Sendable, Equatable {
 /// A reader in the guest therefore sees the old complete content or the new complete content,
 /// never a dangling `..data`, a missing key (before its deletion) or a torn file. Nested items
 /// (`a/b`) keep their layout. The host side is read with `*at` calls, never following links.
+///
+/// With nothing but Kata's `AgentService` (no `fsshare.GuestFiles`), step 2 is a `CopyFile` of
+/// the `..data` symlink, which Kata's agent applies as unlink + symlink: between those two
+/// calls, inside the agent, `..data` is missing. Files are still never torn (Kata writes them
+/// beside and renames), new keys still appear only once their data is there, and step 4 is
+/// skipped (Kata has no removal): old data directories and removed keys stay in the guest.
+///
+/// A directory is never rewritten once `..data` may name it: a sync whose host directory the
+/// guest may already hold (after a restart, a failed step or a lost reply) copies into a fresh
+/// guest name and switches to that.
 struct AtomicWriterMirror {
-    /// What the guest holds after the last successful sync (nil: unknown, e.g. after a restart).
+    /// What the guest holds after the last successful sync (nil: nothing known, e.g. after a
+    /// restart: the next sync sends everything).
     struct GuestState: Sendable, Equatable {
+        /// The guest directory `..data` names.
         var timestampDir: String
+        /// The host directory it mirrors (kubelet's `..data` target).
+        var hostTarget: String
         var keys: [String: String]
+        /// A later sync failed part-way (or its reply was lost): the guest may hold any part of
+        /// it. The next sync copies into a fresh directory and re-sends what it may have undone.
+        var uncertain = false
     }
 
     enum Outcome: Equatable {
@@ -70,10 +87,16 @@ struct AtomicWriterMirror {
         case dangling
     }
 
+    /// Steps the agent could not take (Kata's agent has no removal RPC), for one log line.
+    var skippedRemoval: ((String) -> Void)?
+
     let volume: DirFD
     let guestDir: String
     let limits: WatchLimits
     var copier = GuestCopier()
+    /// The guest directory does not exist yet (a share's first copy): the host's directory
+    /// name can be used as it is.
+    var firstCopy = false
 
     /// Brings the guest in line with the host volume. `state` is updated on success.
     func sync(agent: AgentClient, state: inout GuestState?, force: Bool, report: inout CopyReport) throws(FSShareError) -> Outcome {
@@ -85,6 +108,9 @@ struct AtomicWriterMirror {
                 report = CopyReport()
                 return try syncOnce(agent: agent, state: &state, force: force, report: &report)
             } catch {
+                // An agent step failed or its reply was lost: the guest may hold any part of
+                // this sync, so stop trusting the picture (a host-side race publishes nothing).
+                if error.code != .conflict { state?.uncertain = true }
                 let raced = error.code == .conflict || error.systemCall?.errno == .noSuchFileOrDirectory
                 if raced && attempts < 5 { continue }
                 if raced { throw FSShareError(.conflict, "\(volume.path) kept changing during the copy (superseded)") }
@@ -127,7 +153,12 @@ struct AtomicWriterMirror {
                 for (key, link) in missing where names.contains(key) { keys[key] = link }
             }
         }
-        if !force, let state, state.timestampDir == target, state.keys == keys { return .unchanged }
+        if !force, let state, !state.uncertain, state.hostTarget == target, state.keys == keys { return .unchanged }
+        // Copy into a name the guest cannot be showing: the host's, unless the guest may
+        // already hold that one (published, or half-written by a failed sync).
+        let fresh = state == nil || state?.uncertain == true || state?.hostTarget == target || state?.timestampDir == target
+        let guestTarget = fresh && (state != nil || !firstCopy)
+            ? target + ".fsshare-" + String(Sys.monotonicNanoseconds(), radix: 36) : target
 
         let tsFD = try sys("cannot open \(volume.display(FilePath(target)))") { () throws(SystemCallError) in
             try Sys.openat(volume, FilePath(target), flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
@@ -143,12 +174,15 @@ struct AtomicWriterMirror {
         // With an agent that honours batches, the whole sync is one batch and one round trip:
         // a failed step makes the agent refuse every later one, so nothing is published on top
         // of a failure. Otherwise each step waits for the previous one's replies.
-        let batched: Bool
+        let features: Set<String>
         do {
-            batched = try agent.features().contains("Batches")
+            features = try agent.features()
         } catch {
             throw FSShareError.agent("cannot mirror \(volume.path) into the guest at \(guestDir)", error)
         }
+        let batched = features.contains("Batches")
+        let canRename = features.contains("RenamePath")
+        let canPrune = features.contains("PruneDirectory")
         // Errors of our own (host reads) are carried past the agent-typed pipeline closure.
         var hostError: FSShareError?
         func host<T>(_ body: () throws(FSShareError) -> T) throws(AgentError) -> T {
@@ -162,15 +196,16 @@ struct AtomicWriterMirror {
         do {
             try agent.withPipeline { (p: inout AgentClient.Pipeline) throws(AgentError) in
                 if batched { p.beginBatch() }
-                // 0. The volume directory itself (first sync only).
-                if previous == nil {
+                // 0. The volume directory itself (first sync, or after a failure).
+                if previous == nil || previous?.uncertain == true {
                     try host { () throws(FSShareError) in
                         try copier.send(&p, copier.request(guestDir, volumeStatus, mode: UInt32(S_IFDIR)), path: volume.path)
                     }
                 }
                 // 1. The new timestamped directory, completely.
+                if previous == nil || previous?.uncertain == true { try p.barrier() }
                 try host { () throws(FSShareError) in
-                    try copier.copyDirectory(ts, status: st, to: guestDir + "/" + target, pipeline: &p, report: &report)
+                    try copier.copyDirectory(ts, status: st, to: guestDir + "/" + guestTarget, pipeline: &p, report: &report)
                 }
                 if !batched { try p.flush() }
                 // kubelet deletes a timestamped directory only after ..data has moved off it:
@@ -182,18 +217,25 @@ struct AtomicWriterMirror {
                     hostError = FSShareError(.conflict, "\(volume.path) was updated again during the copy")
                     throw AgentError(.remote, "raced")
                 }
-                // 2. The atomic switch.
-                var link = copier.request(guestDir + "/..data_tmp", volumeStatus, mode: UInt32(S_IFLNK))
+                // 2. The switch: atomic (a rename) where the agent can rename; else Kata's own
+                //    replace of the link.
+                var link = copier.request(guestDir + (canRename ? "/..data_tmp" : "/..data"), volumeStatus, mode: UInt32(S_IFLNK))
                 link.fileMode = UInt32(S_IFLNK) | 0o777
-                link.data = Data(target.utf8)
+                link.data = Data(guestTarget.utf8)
                 try p.send(TTRPC.agentService, TTRPC.copyFileMethod, link)
-                var rename = Fsshare_RenamePathRequest()
-                rename.from = guestDir + "/..data_tmp"
-                rename.to = guestDir + "/..data"
-                try p.send(TTRPC.guestFilesService, "RenamePath", rename)
+                if canRename {
+                    var rename = Fsshare_RenamePathRequest()
+                    rename.from = guestDir + "/..data_tmp"
+                    rename.to = guestDir + "/..data"
+                    try p.send(TTRPC.guestFilesService, "RenamePath", rename)
+                }
                 if !batched { try p.flush() }
-                // 3. New key links (kubelet's links; their targets are under ..data).
-                for (key, linkTarget) in keys.sorted(by: { $0.key < $1.key }) where previous?.keys[key] != linkTarget {
+                // 3. New key links (kubelet's links; their targets are under ..data). After a
+                //    failure they are re-sent too where the agent replaces a link atomically; Kata's
+                //    agent unlinks first, so a link it already has is left as it is (it removes
+                //    nothing, so one sent before is still there).
+                let resendAll = previous?.uncertain == true && canRename
+                for (key, linkTarget) in keys.sorted(by: { $0.key < $1.key }) where resendAll || previous?.keys[key] != linkTarget {
                     var k = copier.request(guestDir + "/" + key, volumeStatus, mode: UInt32(S_IFLNK))
                     k.fileMode = UInt32(S_IFLNK) | 0o777
                     k.data = Data(linkTarget.utf8)
@@ -202,19 +244,25 @@ struct AtomicWriterMirror {
                 }
                 if !batched { try p.flush() }
                 // 4. Deleted keys and every other timestamped directory.
-                let removedKey = previous.map { !Set($0.keys.keys).subtracting(keys.keys).isEmpty } ?? true
-                if removedKey || previous?.timestampDir != target {
-                    var prune = Fsshare_PruneDirectoryRequest()
-                    prune.path = guestDir
-                    prune.keep = ["..data", target] + keys.keys.sorted()
-                    try p.send(TTRPC.guestFilesService, "PruneDirectory", prune)
+                let removedKey = previous.map { $0.uncertain || !Set($0.keys.keys).subtracting(keys.keys).isEmpty } ?? true
+                if removedKey || previous?.timestampDir != guestTarget {
+                    if canPrune {
+                        var prune = Fsshare_PruneDirectoryRequest()
+                        prune.path = guestDir
+                        prune.keep = ["..data", guestTarget] + keys.keys.sorted()
+                        try p.send(TTRPC.guestFilesService, "PruneDirectory", prune)
+                    } else if let previous {
+                        let gone = Set(previous.keys.keys).subtracting(keys.keys).sorted()
+                        skippedRemoval?("the agent has no removal RPC (Kata's AgentService): \(previous.timestampDir)"
+                            + (gone.isEmpty ? "" : " and the removed keys \(gone.joined(separator: ", "))") + " stay in the guest at \(guestDir)")
+                    }
                 }
             }
         } catch {
             if let hostError, hostError.code == .limitExceeded {
                 // Over a limit mid-copy: nothing was published; take back the partial directory
                 // (never the one ..data names in the guest).
-                if let previous, previous.timestampDir != target { try? agent.removePath(guestDir + "/" + target, recursive: true) }
+                if previous?.timestampDir != guestTarget { try? agent.removePath(guestDir + "/" + guestTarget, recursive: true) }
                 throw FSShareError(
                     .limitExceeded,
                     "\(volume.path) has \(hostError.message), over the watch limits (\(limits.maxEntries) entries, \(limits.maxBytes) bytes)")
@@ -222,7 +270,7 @@ struct AtomicWriterMirror {
             if let hostError { throw hostError }
             throw FSShareError.agent("cannot mirror \(volume.path) into the guest at \(guestDir)", error)
         }
-        state = GuestState(timestampDir: target, keys: keys)
-        return .synced(timestampDir: target, entries: report.entriesSeen, bytes: report.bytes)
+        state = GuestState(timestampDir: guestTarget, hostTarget: target, keys: keys)
+        return .synced(timestampDir: guestTarget, entries: report.entriesSeen, bytes: report.bytes)
     }
 }

@@ -30,7 +30,11 @@ public struct CopyReport: Sendable, Equatable {
 
 /// Streams a host tree into the guest through `CopyFile`, in bounded chunks: a file is read
 /// `chunkSize` bytes at a time and each chunk is sent before the next is read, so memory does
-/// not grow with file size. Requests are pipelined; the agent applies them in order.
+/// not grow with file size. Requests are pipelined. With an agent that applies them in order
+/// (fsshare-agent) nothing waits; with one that serves each request concurrently (Kata's) a
+/// directory is created before anything inside it is sent, a file's chunks go one after the
+/// other, and two requests that touch the same guest path (Kata writes `<stem>.tmp` beside a
+/// file, so `a.conf` and `a.txt` share `a.tmp`) are never in flight together.
 ///
 /// Never follows a symlink inside the tree: links are copied as links.
 struct GuestCopier {
@@ -59,6 +63,7 @@ struct GuestCopier {
     /// Copies the directory `dir` and everything below it to `guestPath` (lexical order).
     func copyDirectory(_ dir: DirFD, status st: FileStatus, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
         try send(&pipeline, request(guestPath, st, mode: UInt32(S_IFDIR)), path: dir.path)
+        try barrier(&pipeline, path: dir.path)
         report.directories += 1
         let entries = try sys("cannot list \(dir.path)") { () throws(SystemCallError) in try Sys.listDirectory(dir, ".") }
         for entry in entries.sorted(by: { $0.name < $1.name }) {
@@ -101,6 +106,7 @@ struct GuestCopier {
             }
             var r = request(guestPath, st, mode: UInt32(S_IFLNK))
             r.data = Data(target.utf8)
+            try claim(&pipeline, [guestPath], path: shown)
             try send(&pipeline, r, path: shown) { error in
                 // The agent refuses links that escape the share: tolerate (skip) those only.
                 error.status == GRPCStatus.permissionDenied ? nil : error
@@ -119,6 +125,7 @@ struct GuestCopier {
             throw FSShareError(.limitExceeded, "more than \(limits.maxBytes) bytes")
         }
         var buffer = [UInt8](repeating: 0, count: max(1, min(chunkSize, Int(st.size))))
+        try claim(&pipeline, [guestPath, GuestCopier.kataTemporaryPath(guestPath)], path: path)
         for attempt in 0..<2 {
             let size = Int64(st.size)
             var offset: Int64 = 0
@@ -148,12 +155,16 @@ struct GuestCopier {
                 r.data = Data(buffer[0..<got])
                 try send(&pipeline, r, path: path)
                 offset += Int64(got)
+                // A chunk must land before the next: the agent renames the file into place
+                // once it has its full size.
+                if offset < size { try barrier(&pipeline, path: path) }
             } while offset < size
             if !shrank {
                 report.files += 1
                 report.bytes += size
                 return
             }
+            try barrier(&pipeline, path: path)
             st = try sys("cannot stat \(path)") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
             if attempt == 0 { buffer = [UInt8](repeating: 0, count: max(1, min(chunkSize, Int(st.size)))) }
         }
@@ -168,6 +179,34 @@ struct GuestCopier {
         r.uid = Int32(bitPattern: st.uid)
         r.gid = Int32(bitPattern: st.gid)
         return r
+    }
+
+    /// The temp file Kata's agent writes a file through: the target with its extension
+    /// replaced by `tmp` (Rust's `Path::set_extension`: `a.conf` and `a` → `a.tmp`; a name
+    /// whose only dot leads it, `.env`, → `.env.tmp`).
+    static func kataTemporaryPath(_ guestPath: String) -> String {
+        let slash = guestPath.lastIndex(of: "/").map { guestPath.index(after: $0) } ?? guestPath.startIndex
+        let name = guestPath[slash...]
+        if let dot = name.lastIndex(of: "."), dot != name.startIndex {
+            return String(guestPath[..<dot]) + ".tmp"
+        }
+        return guestPath + ".tmp"
+    }
+
+    func barrier(_ pipeline: inout AgentClient.Pipeline, path: FilePath) throws(FSShareError) {
+        do {
+            try pipeline.barrier()
+        } catch {
+            throw FSShareError.agent("cannot copy \(path) into the guest", error)
+        }
+    }
+
+    func claim(_ pipeline: inout AgentClient.Pipeline, _ paths: [String], path: FilePath) throws(FSShareError) {
+        do {
+            try pipeline.claim(paths)
+        } catch {
+            throw FSShareError.agent("cannot copy \(path) into the guest", error)
+        }
     }
 
     func send(_ pipeline: inout AgentClient.Pipeline, _ r: Grpc_CopyFileRequest, path: FilePath, onError: ((AgentError) -> AgentError?)? = nil) throws(FSShareError) {

@@ -346,28 +346,32 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         try unshareFileSync(container: container, mount: mount)
     }
 
-    /// Synchronous ``unshareFile(container:mount:)``.
-    public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) {
-        guard mount.type == "bind" else { return }
+    /// Synchronous ``unshareFile(container:mount:)``; says what became of the share.
+    @discardableResult
+    public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) -> UnshareOutcome {
+        guard mount.type == "bind" else { return .removed }
         try Identifier.validate(container.id, what: "container")
         let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination)
-        try unshare(name: name)
+        return try unshare(name: name)
     }
 
     /// Removes the share recorded under `name` (a volume name or `<cid>/rootfs`). Not an error
     /// if it does not exist or the sandbox is already gone.
-    public func unshare(name: String) throws(FSShareError) {
-        try state.withLock { (s: inout State) throws(FSShareError) in
+    @discardableResult
+    public func unshare(name: String) throws(FSShareError) -> UnshareOutcome {
+        try state.withLock { (s: inout State) throws(FSShareError) -> UnshareOutcome in
             let h: SandboxHandle
             do throws(FSShareError) {
                 h = try preparedHandle(&s)
             } catch {
-                if error.code == .notPrepared { return }
+                if error.code == .notPrepared { return .removed }
                 throw error
             }
-            try h.locked { () throws(FSShareError) in
+            return try h.locked { () throws(FSShareError) -> UnshareOutcome in
                 try h.manifest.refresh()
+                if let record = h.manifest.shares[name], record.kind == .copy { return try removeCopy(record, handle: h) }
                 try removeShare(name, handle: h)
+                return .removed
             }
         }
     }
@@ -511,10 +515,6 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Unmounts and removes a share and forgets it. Missing pieces are fine (idempotent).
     private func removeShare(_ name: String, handle h: SandboxHandle) throws(FSShareError) {
         let record = h.manifest.shares[name]
-        if let record, record.kind == .copy {
-            try removeCopy(record, handle: h)
-            return
-        }
         let path = FilePath(name)
         let components = Array(path.components)
         // Volumes are one component below mounts/; rootfs is <cid>/rootfs; block rootfs <cid>[/suffix].
@@ -586,11 +586,12 @@ extension LinuxFilesystemSharer {
         record.kind = .copy
         let guestPath = layout.guestPath(record.name)
         record.guestPath = guestPath
+        let proposedIsNew = h.manifest.shares[record.name] == nil
         if let existing = h.manifest.shares[record.name] {
             guard existing.source == record.source, existing.readOnly == record.readOnly, existing.kind == .copy else {
                 throw FSShareError(.conflict, "\(record.destination) of container \(record.containerID) is already shared from \(existing.source); unshare it first")
             }
-            if existing.copied {
+            if existing.copied && !existing.leftInGuest {
                 if existing.watched { try? watcher?.watch(sandboxID: sandboxID, name: existing.name, volume: FilePath(existing.source), guestPath: guestPath, agent: agent) }
                 return SharedFile(guestPath: guestPath)
             }
@@ -606,7 +607,8 @@ extension LinuxFilesystemSharer {
         do throws(FSShareError) {
             var plain = true
             if record.watched {
-                let mirror = AtomicWriterMirror(volume: DirFD(fd: source.fd, path: source.path), guestDir: guestPath, limits: watcher?.limits ?? WatchLimits(maxEntries: .max, maxBytes: .max))
+                var mirror = AtomicWriterMirror(volume: DirFD(fd: source.fd, path: source.path), guestDir: guestPath, limits: watcher?.limits ?? WatchLimits(maxEntries: .max, maxBytes: .max))
+                mirror.firstCopy = proposedIsNew
                 if case .synced = try mirror.sync(agent: agent, state: &mirrored, force: true, report: &report) { plain = false }
             }
             if plain {
@@ -628,20 +630,27 @@ extension LinuxFilesystemSharer {
     }
 
     /// Removes a copied volume from the guest and forgets it.
-    fileprivate func removeCopy(_ record: ShareRecord, handle h: SandboxHandle) throws(FSShareError) {
+    fileprivate func removeCopy(_ record: ShareRecord, handle h: SandboxHandle) throws(FSShareError) -> UnshareOutcome {
         watcher?.unwatch(sandboxID: sandboxID, name: record.name)
         let guestPath = layout.guestPath(record.name)
-        if let agent {
-            do {
-                try agent.removePath(guestPath, recursive: true)
-            } catch {
-                // A Kata agent has no removal: the copy stays until the VM goes (as in Kata).
-                if !error.isUnimplemented { throw FSShareError.agent("cannot remove \(guestPath) from the guest", error) }
-            }
-        } else {
+        guard let agent else {
             throw FSShareError(.unsupported, "removing the copied volume \(record.name) needs an agent channel")
         }
+        if record.leftInGuest { return .leftInGuest(guestPath: guestPath) }
+        do {
+            try agent.removePath(guestPath, recursive: true)
+        } catch {
+            guard error.isUnimplemented else { throw FSShareError.agent("cannot remove \(guestPath) from the guest", error) }
+            // Kata's agent has no removal RPC: the copy stays until the VM goes (as in Kata).
+            // The manifest keeps the record, marked, so status can say so.
+            var left = record
+            left.leftInGuest = true
+            left.watched = false
+            try h.manifest.recordShare(left)
+            return .leftInGuest(guestPath: guestPath)
+        }
         try h.manifest.recordRemoval(record.name)
+        return .removed
     }
 }
 

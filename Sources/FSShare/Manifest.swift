@@ -35,6 +35,9 @@ public struct ShareRecord: Sendable, Equatable {
     /// Where `source` led once its symbolic links were followed (nil when it has none): what
     /// was really bound or copied.
     public var resolvedSource: String? = nil
+    /// Copy mode: unshared, but the agent could not remove the copy (Kata's agent has no
+    /// removal RPC), so it stays in the guest until the VM goes.
+    public var leftInGuest: Bool = false
 }
 
 /// The sandbox manifest: an append-only journal at `<root>/<sid>/manifest`, outside the exported
@@ -214,7 +217,7 @@ final class Manifest {
                 readOnly: flags.contains("r"), recursive: flags.contains("R"), isFile: flags.contains("f"),
                 copied: flags.contains("c"), watched: flags.contains("w"),
                 guestPath: fields.count >= 8 && !fields[7].isEmpty ? fields[7] : nil,
-                resolvedSource: fields.count == 9 ? fields[8] : nil)
+                resolvedSource: fields.count == 9 ? fields[8] : nil, leftInGuest: flags.contains("o"))
             insert(record)
         case "U" where fields.count == 2:
             if shares.removeValue(forKey: fields[1]) != nil {
@@ -257,6 +260,7 @@ final class Manifest {
     /// The journal line that records `r`.
     static func line(for r: ShareRecord) -> String {
         var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "") + (r.copied ? "c" : "") + (r.watched ? "w" : "")
+            + (r.leftInGuest ? "o" : "")
         if flags.isEmpty { flags = "-" }
         var fields = ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination]
         if r.guestPath != nil || r.resolvedSource != nil { fields.append(r.guestPath ?? "") }

@@ -87,6 +87,15 @@ public struct SharedFile: Sendable, Equatable {
     }
 }
 
+/// What became of an unshared share.
+public enum UnshareOutcome: Sendable, Equatable {
+    /// Unmounted and removed (or there was nothing to remove).
+    case removed
+    /// Copy mode with an agent that cannot remove (Kata's `AgentService` has no removal RPC):
+    /// the copy stays in the guest at `guestPath` until the VM goes; `status` shows it.
+    case leftInGuest(guestPath: String)
+}
+
 /// What ``LinuxFilesystemSharer/cleanupSync()`` found.
 public enum CleanupOutcome: Sendable, Equatable {
     /// The sandbox's mounts and directories were removed.

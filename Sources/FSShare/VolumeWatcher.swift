@@ -52,6 +52,8 @@ public final class VolumeWatcher: Sendable {
         var state: AtomicWriterMirror.GuestState?
         var dirty = false
         var force = false
+        /// The log already said that this volume's agent cannot remove old data.
+        var removalNoted = false
     }
 
     final class Worker: Sendable {
@@ -435,17 +437,28 @@ public final class VolumeWatcher: Sendable {
                 try Sys.openat(nil, v.hostPath, flags: Sys.oPath | Sys.oDirectory)
             }
             defer { Sys.close(fd) }
-            let mirror = AtomicWriterMirror(volume: DirFD(fd: fd, path: v.hostPath), guestDir: v.guestPath, limits: limits)
+            var mirror = AtomicWriterMirror(volume: DirFD(fd: fd, path: v.hostPath), guestDir: v.guestPath, limits: limits)
+            let skipped = Mutex<String?>(nil)
+            mirror.skippedRemoval = { message in skipped.withLock { $0 = message } }
             let outcome = try mirror.sync(agent: v.agent, state: &state, force: v.force, report: &report)
             let micros = (Sys.monotonicNanoseconds() - start) / 1000
-            core.withLock { c in
+            let note = skipped.withLock { $0 }
+            let firstNote = core.withLock { c -> Bool in
+                var first = false
                 if var now = c.volumes[key], now.generation == v.generation {
                     now.state = state
+                    if note != nil && !now.removalNoted {
+                        now.removalNoted = true
+                        first = true
+                    }
                     c.volumes[key] = now
                     c.failing[v.sandboxID]?.remove(key)
                 }
                 c.stats.syncs += 1
+                return first
             }
+            // Once per volume: from then on every update leaves its old directory behind.
+            if firstNote, let note { log("\(v.hostPath): \(note); later updates leave theirs too") }
             switch outcome {
             case .unchanged: break
             case .synced(let ts, let entries, let bytes):
@@ -456,6 +469,14 @@ public final class VolumeWatcher: Sendable {
                 log("\(v.hostPath): ..data names a directory that is gone (the volume is being removed); nothing mirrored")
             }
         } catch {
+            // The mirror marked its picture of the guest uncertain if an agent step failed:
+            // keep that, so the next sync does not trust what may not have happened.
+            core.withLock { c in
+                if var now = c.volumes[key], now.generation == v.generation {
+                    now.state = state
+                    c.volumes[key] = now
+                }
+            }
             if error.code == .conflict {
                 // Superseded: kubelet swapped again while we copied. The guest still has the
                 // previous complete content; the newer swap is synced next.

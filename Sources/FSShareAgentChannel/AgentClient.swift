@@ -220,19 +220,31 @@ public final class AgentClient: Sendable {
     /// The monotonic deadline of a call starting now.
     func deadline() -> UInt64 { Sys.monotonicNanoseconds() + UInt64(max(callTimeoutNanos, 0)) }
 
-    /// Reads the reply to stream `id`; a non-OK status becomes a ``AgentError/Code/remote`` error.
+    /// Reads the reply to stream `id`, the only request in flight (a unary call); a non-OK
+    /// status becomes a ``AgentError/Code/remote`` error.
     func readReply(_ stream: FrameStream, id: UInt32, what: String) throws(AgentError) -> [UInt8] {
-        guard let frame = try stream.readFrame(deadline: deadline()) else {
-            throw AgentError(.disconnected, "the agent at \(address) closed the connection during \(what)")
-        }
-        // Replies come in request order on one connection (the agent serves in order), and a
-        // timed-out call drops the connection, so a stray id is a protocol error.
+        let frame = try readResponseFrame(stream, what: what)
+        // One request is in flight and a timed-out call drops the connection, so a reply to
+        // any other stream is a protocol error.
         guard frame.streamID == id else {
             throw AgentError(.protocolError, "the agent at \(address) answered stream \(frame.streamID), expected \(id)")
+        }
+        return try decodeReply(frame, what: what)
+    }
+
+    /// The next response frame on the connection, whichever stream it answers.
+    func readResponseFrame(_ stream: FrameStream, what: String) throws(AgentError) -> TTRPCFrame {
+        guard let frame = try stream.readFrame(deadline: deadline()) else {
+            throw AgentError(.disconnected, "the agent at \(address) closed the connection during \(what)")
         }
         guard frame.type == TTRPC.typeResponse else {
             throw AgentError(.protocolError, "the agent at \(address) sent frame type \(frame.type) for a unary call")
         }
+        return frame
+    }
+
+    /// The payload of a response frame; a non-OK status becomes a ``AgentError/Code/remote`` error.
+    func decodeReply(_ frame: TTRPCFrame, what: String) throws(AgentError) -> [UInt8] {
         let response: Ttrpc_Response
         do {
             response = try Ttrpc_Response(serializedBytes: frame.payload)
@@ -289,15 +301,24 @@ public final class AgentClient: Sendable {
 extension AgentClient {
     /// A window of requests in flight on the client's connection: requests are written
     /// back to back and their replies read later, so a copy of many small entries pays one
-    /// round trip per ``flush()`` rather than one per entry. The agent applies requests in the
-    /// order they were sent. Bounded: at most `maxInFlight` requests or `maxBytes` of
-    /// request data are outstanding before the window waits for replies.
+    /// round trip per ``flush()`` rather than one per entry. Replies are matched to requests
+    /// by stream id, in whatever order they come (Kata's agent and containerd's ttrpc server
+    /// serve each request concurrently). Bounded: at most `maxInFlight` requests or `maxBytes`
+    /// of request data are outstanding before the window waits for replies.
+    ///
+    /// Whether the agent *applies* requests in the order they were sent is learnt once per
+    /// connection (fsshare-agent says so with the ``TTRPC/orderedFeature`` feature; a Kata agent
+    /// does not): ``Pipeline/isOrdered``. Senders mark dependent steps with
+    /// ``Pipeline/barrier()`` and ``Pipeline/claim(_:)``, which wait for replies only when the
+    /// agent does not keep the order.
     ///
     /// The window holds the client's lock for its whole lifetime (`withPipeline`).
     public func withPipeline<T>(_ body: (inout Pipeline) throws(AgentError) -> T) throws(AgentError) -> T {
-        try state.withLock { (s: inout State) throws(AgentError) -> T in
+        // Asked before the lock is taken (it is a call of its own); cached per connection.
+        let ordered = try features().contains(TTRPC.orderedFeature)
+        return try state.withLock { (s: inout State) throws(AgentError) -> T in
             let stream = try connected(&s)
-            var pipeline = Pipeline(client: self, stream: stream, nextStreamID: s.nextStreamID)
+            var pipeline = Pipeline(client: self, stream: stream, nextStreamID: s.nextStreamID, ordered: ordered)
             do throws(AgentError) {
                 let result = try body(&pipeline)
                 try pipeline.flush()
@@ -317,8 +338,12 @@ extension AgentClient {
         let client: AgentClient
         let stream: FrameStream
         var nextStreamID: UInt32
+        /// The agent applies the requests of one connection in the order they were sent.
+        public let isOrdered: Bool
         private var pending: [(id: UInt32, bytes: Int, onError: ((AgentError) -> AgentError?)?)] = []
         private var pendingBytes = 0
+        /// Guest paths that requests in flight since the last barrier may touch (``claim(_:)``).
+        private var claimed: Set<String> = []
         public var maxInFlight = 128
         public var maxBytes = 4 << 20
         /// Requests are queued and written in bursts of up to this many bytes (and before the
@@ -329,10 +354,28 @@ extension AgentClient {
         /// Remote refusals that a request's handler chose to tolerate.
         public private(set) var tolerated: [AgentError] = []
 
-        init(client: AgentClient, stream: FrameStream, nextStreamID: UInt32) {
+        init(client: AgentClient, stream: FrameStream, nextStreamID: UInt32, ordered: Bool) {
             self.client = client
             self.stream = stream
             self.nextStreamID = nextStreamID
+            self.isOrdered = ordered
+        }
+
+        /// Marks a dependency: what is sent after this must be applied after what was sent
+        /// before it. With an agent that keeps the order this costs nothing; with one that
+        /// does not, it waits for every outstanding reply.
+        public mutating func barrier() throws(AgentError) {
+            if isOrdered { return }
+            try flush()
+        }
+
+        /// Declares the guest paths the next request touches (its target and any temp file the
+        /// agent makes beside it). With an agent that does not keep the order, a request that
+        /// touches a path another request in flight touches first waits for the replies.
+        public mutating func claim(_ paths: [String]) throws(AgentError) {
+            if isOrdered { return }
+            if paths.contains(where: claimed.contains) { try flush() }
+            claimed.formUnion(paths)
         }
 
         /// Makes the requests sent from now on one batch: if one of them fails, the agent
@@ -371,6 +414,7 @@ extension AgentClient {
         /// Waits for every outstanding reply; throws the first refusal not tolerated.
         public mutating func flush() throws(AgentError) {
             try stream.flushOutput(deadline: client.deadline())
+            claimed.removeAll(keepingCapacity: true)
             var first: AgentError?
             while !pending.isEmpty {
                 do throws(AgentError) {
@@ -384,12 +428,17 @@ extension AgentClient {
             if let first { throw first }
         }
 
+        /// Reads one reply, whichever request it answers.
         private mutating func receiveOne() throws(AgentError) {
             try stream.flushOutput(deadline: client.deadline())
-            let (id, bytes, onError) = pending.removeFirst()
+            let frame = try client.readResponseFrame(stream, what: "a pipelined request")
+            guard let index = pending.firstIndex(where: { $0.id == frame.streamID }) else {
+                throw AgentError(.protocolError, "the agent at \(client.address) answered stream \(frame.streamID), which no request in flight has")
+            }
+            let (_, bytes, onError) = pending.remove(at: index)
             pendingBytes -= bytes
             do throws(AgentError) {
-                _ = try client.readReply(stream, id: id, what: "a pipelined request")
+                _ = try client.decodeReply(frame, what: "a pipelined request")
             } catch {
                 guard error.code == .remote, let onError else { throw error }
                 if let failure = onError(error) { throw failure }

@@ -26,8 +26,14 @@ public struct AgentError: Error, Sendable, Equatable, CustomStringConvertible {
         self.status = status
     }
 
-    /// The agent does not serve the method (a Kata agent asked for fsshare's own service).
-    public var isUnimplemented: Bool { code == .remote && status == GRPCStatus.unimplemented }
+    /// The agent does not serve the method: `UNIMPLEMENTED` (containerd's Go ttrpc,
+    /// fsshare-agent) or Kata's agent's answer for a service it lacks, `INVALID_ARGUMENT`
+    /// "… does not exist" (ttrpc-rust's server).
+    public var isUnimplemented: Bool {
+        guard code == .remote else { return false }
+        if status == GRPCStatus.unimplemented { return true }
+        return status == GRPCStatus.invalidArgument && message.hasSuffix("does not exist")
+    }
 
     public var description: String { message }
 }

@@ -27,6 +27,12 @@ public enum TTRPC {
     /// then needs one round trip, not one per step. A server that ignores metadata (Kata's
     /// agent) applies every request, as before.
     public static let batchMetadataKey = "fsshare-batch"
+    /// The GetInfo feature of an agent that applies the requests of one connection in the
+    /// order they were sent (fsshare-agent). Without it the client waits for replies between
+    /// dependent steps.
+    public static let orderedFeature = "Ordered"
+    /// Kata's health service, which Kata's runtime calls first.
+    public static let healthService = "grpc.Health"
 }
 
 /// One ttrpc frame.

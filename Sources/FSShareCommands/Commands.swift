@@ -23,7 +23,7 @@ struct CommonOptions: ParsableArguments {
 
 /// Options that describe the hypervisor side (they shape the descriptors).
 struct HypervisorOptions: ParsableArguments {
-    @Option(name: .long, help: "Shared filesystem: virtio-fs, virtio-9p or none.")
+    @Option(name: .long, help: "Shared filesystem: virtio-fs, virtio-9p or none. Kata's agent no longer mounts 9p storages (removed in 3.29): virtio-9p is for agents that do, such as fsshare-agent.")
     var sharedFS: String = "virtio-fs"
 
     @Flag(name: .long, help: "Add the dax option to the virtio-fs storage.")
@@ -155,6 +155,9 @@ struct Prepare: AsyncParsableCommand {
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        if hypervisor.sharedFS == "virtio-9p" {
+            writeAll(fd: 2, Array("fsshare: warning: Kata's agent removed its 9p storage handler in 3.29 and refuses this storage (\"Failed to find the storage handler\"); use virtio-fs with a Kata agent. 9p storages are for agents that still mount them, such as fsshare-agent.\n".utf8))
+        }
         let storages = try await sharer.prepare()
         try emit(common, format: format, fields: [
             ("sandbox", .string(sandbox)),
@@ -294,8 +297,18 @@ struct Unshare: AsyncParsableCommand {
         let sharer = try LinuxFilesystemSharer(
             sandboxID: sandbox, configuration: agent.apply(SharerConfiguration(root: FilePath(common.root))), agent: try agent.client())
         let c = Container(id: container, rootfs: .hostMounted("/"))
-        try await sharer.unshareFile(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
-        if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
+        let outcome = try sharer.unshareFileSync(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
+        switch outcome {
+        case .removed:
+            if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
+        case .leftInGuest(let guestPath):
+            let why = "the agent has no removal RPC (Kata's AgentService), so the copy stays in the guest at \(guestPath) until the VM goes"
+            if common.json {
+                print(JSON.object([("unshared", .bool(true)), ("left_in_guest", .string(guestPath)), ("note", .string(why))]).render())
+            } else {
+                print("unshared; \(why)")
+            }
+        }
     }
 }
 
@@ -444,7 +457,7 @@ struct Status: AsyncParsableCommand {
                             ("source", .string(r.source)), ("destination", .string(r.destination)),
                             ("resolved_source", r.resolvedSource.map(JSON.string) ?? .null),
                             ("read_only", .bool(r.readOnly)), ("recursive", .bool(r.recursive)), ("file", .bool(r.isFile)),
-                            ("mounted", .bool(share.mounted)),
+                            ("mounted", .bool(share.mounted)), ("left_in_guest", .bool(r.leftInGuest)),
                         ])
                     })),
                 ])
@@ -464,7 +477,8 @@ struct Status: AsyncParsableCommand {
             print("sandbox \(s.id): \(s.prepared ? "prepared" : "NOT prepared")\(s.problem.map { " (\($0))" } ?? "")")
             for share in s.shares {
                 let r = share.record
-                let flags = [r.readOnly ? "ro" : "rw", r.recursive ? "recursive" : nil, r.isFile ? "file" : nil].compactMap { $0 }
+                let flags = [r.readOnly ? "ro" : "rw", r.recursive ? "recursive" : nil, r.isFile ? "file" : nil,
+                             r.leftInGuest ? "unshared, left in the guest (the agent cannot remove)" : nil].compactMap { $0 }
                 let source = r.resolvedSource.map { "\(r.source) (resolves to \($0))" } ?? r.source
                 print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory || r.kind == .copy ? "" : "NOT MOUNTED")")
             }

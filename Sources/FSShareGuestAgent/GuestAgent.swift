@@ -22,8 +22,13 @@ import SystemPackage
 public final class GuestAgent: Sendable {
     public static let version = "fsshare-agent 0.3"
     /// "Batches": requests carrying ``TTRPC/batchMetadataKey`` are refused once one of their
-    /// batch failed (TTRPCServer does this for every connection).
-    public static let features = ["CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches", "CreateSandbox", "DestroySandbox"]
+    /// batch failed (TTRPCServer does this for every connection). "Ordered": the requests of
+    /// one connection are applied in the order they were sent (TTRPCServer serves a
+    /// connection's requests one after the other), so a client may pipeline dependent steps.
+    public static let features = [
+        "CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches", TTRPC.orderedFeature,
+        "CreateSandbox", "DestroySandbox", "Health",
+    ]
     /// At most this many connections are served at once; more wait in the listen backlog.
     public static let maxConnections = 32
 
@@ -67,6 +72,18 @@ public final class GuestAgent: Sendable {
                 return .ok(try GuestChecks.probe(Fsshare_ProbeRequest(serializedBytes: payload)).serializedBytes())
             case (TTRPC.guestCheckService, "WatchContent") where checks:
                 return .ok(try GuestChecks.watchContent(Fsshare_WatchContentRequest(serializedBytes: payload)).serializedBytes())
+            case (TTRPC.healthService, "Check"):
+                // Kata's runtime asks this before anything else.
+                _ = try Grpc_CheckRequest(serializedBytes: payload)
+                var health = Grpc_HealthCheckResponse()
+                health.status = .serving
+                return .ok(try health.serializedBytes())
+            case (TTRPC.healthService, "Version"):
+                _ = try Grpc_CheckRequest(serializedBytes: payload)
+                var version = Grpc_VersionCheckResponse()
+                version.agentVersion = GuestAgent.version
+                version.grpcVersion = "ttrpc"
+                return .ok(try version.serializedBytes())
             case (TTRPC.guestFilesService, "GetInfo"):
                 var info = Fsshare_InfoResponse()
                 info.version = GuestAgent.version

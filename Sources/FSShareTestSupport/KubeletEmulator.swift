@@ -83,13 +83,28 @@ public func snapshot(_ dir: String) -> [String: String]? {
     return out
 }
 
-/// Polls until the guest copy equals the host volume (or the timeout passes); returns the last
-/// difference, nil when equal.
+/// What a reader of an atomic-writer volume sees, independent of the name of the timestamped
+/// directory: every user-visible key link with its target, `..data` as a directory, and the
+/// content under it (`..data/<path>`). Other timestamped directories are not part of it.
+public func readerView(_ dir: String) -> [String: String]? {
+    guard let all = snapshot(dir) else { return nil }
+    guard let data = all["..data"], data.hasPrefix("l:") else { return all }
+    let target = String(data.dropFirst(2))
+    var view: [String: String] = ["..data": "d"]
+    for (path, value) in all {
+        if !path.hasPrefix("..") { view[path] = value }
+        if path.hasPrefix(target + "/") { view["..data/" + path.dropFirst(target.count + 1)] = value }
+    }
+    return view
+}
+
+/// Polls until the guest copy shows a reader the same volume as the host (keys, their links,
+/// and what `..data` holds) or the timeout passes; returns the last difference, nil when equal.
 public func waitForMirror(host: String, guest: String, seconds: Double = 10) -> String? {
     let deadline = Sys.monotonicNanoseconds() + UInt64(seconds * 1e9)
     var last = "never compared"
     while Sys.monotonicNanoseconds() < deadline {
-        let h = snapshot(host), g = snapshot(guest)
+        let h = readerView(host), g = readerView(guest)
         if let h, h == g { return nil }
         let hk = Set(h?.keys.map { $0 } ?? []), gk = Set(g?.keys.map { $0 } ?? [])
         last = "host-only \(hk.subtracting(gk).sorted()), guest-only \(gk.subtracting(hk).sorted()), differing \(hk.intersection(gk).filter { h?[$0] != g?[$0] }.sorted())"

@@ -68,10 +68,7 @@ extension Scenarios {
         writeFile(outside + "/victim/inner/more", "more precious")
         mkdirs(work + "/src/rootfs/etc")
         writeFile(work + "/src/rootfs/etc/os-release", "rootfs")
-        _ = checks.must("tmpfs submount in the recursive source") {
-            try Sys.mount(source: "tmpfs", target: FilePath(src.rec + "/sub"), fstype: "tmpfs", flags: 0)
-        }
-        writeFile(src.rec + "/sub/deep", "deep")
+        mountSubmount(src.rec)
         // Everything outside the root: the sources, the victim tree, and the mount table.
         let before = digest(work).filter { !$0.key.hasPrefix("/root") }
         let mountsBefore = mountsOutside(root)

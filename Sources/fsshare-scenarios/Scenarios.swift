@@ -65,6 +65,14 @@ struct Scenarios {
         return (rw, ro, work + "/src/file.txt", rec)
     }
 
+    /// Mounts a tmpfs at `rec/sub` holding `deep`: the submount a recursive share must carry.
+    func mountSubmount(_ rec: String) {
+        _ = checks.must("tmpfs submount in the recursive source") {
+            try Sys.mount(source: "tmpfs", target: FilePath(rec + "/sub"), fstype: "tmpfs", flags: 0)
+        }
+        writeFile(rec + "/sub/deep", "deep")
+    }
+
     /// Nothing of the sandbox is left: no directory, no mount.
     func expectNothingLeft(_ what: String) {
         checks.check(mountsUnder(root).isEmpty, "\(what): no mounts under the root (\(mountsUnder(root)))")
@@ -180,10 +188,7 @@ struct Scenarios {
     func guestView(method: MountMethod) {
         let src = sources()
         mkdirs(src.rec + "/sub")
-        _ = checks.must("tmpfs submount in the recursive source") {
-            try Sys.mount(source: "tmpfs", target: FilePath(src.rec + "/sub"), fstype: "tmpfs", flags: 0)
-        }
-        writeFile(src.rec + "/sub/deep", "deep")
+        mountSubmount(src.rec)
         writeFile(src.rw + "/existing", "old")
         guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "gv", configuration: config(method)) }) else { return }
         _ = checks.must("prepare") { try sharer.prepareSync() }
@@ -508,9 +513,7 @@ struct Scenarios {
 
     func statusLeaks() {
         let src = sources()
-        _ = checks.must("tmpfs submount in the recursive source") {
-            try Sys.mount(source: "tmpfs", target: FilePath(src.rec + "/sub"), fstype: "tmpfs", flags: 0)
-        }
+        mountSubmount(src.rec)
         guard let sharer = try? LinuxFilesystemSharer(sandboxID: "st", configuration: config()) else { return }
         let c = Container(id: "c", rootfs: .hostMounted("/"))
         _ = checks.must("prepare + share (one of them recursive, carrying a submount)") {
