@@ -11,36 +11,51 @@ import Synchronization
 import SystemPackage
 import Testing
 
-/// fsshare against a ttrpc stack nobody on the team wrote: containerd's Go ttrpc (Debian's
-/// package), with Kata's message and service names, built by `hack/peers/build`. Its server is
-/// concurrent and, with jitter, answers and applies requests out of order, as Kata's agent
-/// (ttrpc-rust's async server) does; it applies CopyFile as Kata's agent does.
-@Suite("Kata protocol peers (containerd Go ttrpc)", .serialized)
+/// fsshare against ttrpc stacks nobody on the team wrote, both from Debian's packages and built
+/// by `hack/peers/build` with Kata's message and service names: containerd's Go ttrpc (a client
+/// and a concurrent server) and ttrpc-rust's async server, the stack Kata's agent runs. The
+/// servers run each request in its own goroutine or task and, with jitter, answer and apply
+/// requests out of order; they apply CopyFile as Kata's agent does.
+@Suite("Kata protocol peers (containerd Go ttrpc, ttrpc-rust)", .serialized)
 struct KataPeerTests {
-    /// The peer binary, or nil with the reason printed.
-    static let goPeer: String? = {
-        let dir = ProcessInfoShim.environment("FSSHARE_PEERS_DIR") ?? (TestEnvironment.packageRoot + "/.build/peers")
-        let path = dir + "/kata-go-peer"
+    static let peersDirectory = ProcessInfoShim.environment("FSSHARE_PEERS_DIR") ?? (TestEnvironment.packageRoot + "/.build/peers")
+
+    /// A peer binary, or nil.
+    static func peer(_ name: String) -> String? {
+        let path = peersDirectory + "/" + name
         return access(path, X_OK) == 0 ? path : nil
-    }()
+    }
+
+    static var goPeer: String? { peer("kata-go-peer") }
 
     static var haveGoPeer: Bool {
         if goPeer == nil { print("SKIP: kata-go-peer is not built (hack/test builds it with hack/peers/build, from Debian's golang-go and golang-github-containerd-ttrpc-dev)") }
         return goPeer != nil
     }
 
-    /// A running `kata-go-peer server`.
-    final class GoServer {
+    /// The servers to test against; each one missing is said.
+    static var servers: [String] {
+        ["go", "rust"].filter { kind in
+            let built = peer("kata-\(kind)-peer") != nil
+            if !built { print("SKIP: kata-\(kind)-peer is not built (hack/peers/build builds it from Debian's packages: hack/deps --peers)") }
+            return built
+        }
+    }
+
+    /// A running peer server: `kata-go-peer server` or `kata-rust-peer`.
+    final class PeerServer {
         let shareDir: String
         let socket: String
         let process: ChildProcess
 
-        init(_ base: String, jitterMs: Int) throws {
+        init(_ kind: String, _ base: String, jitterMs: Int) throws {
             shareDir = base + "/guest"
             socket = base + "/peer.sock"
             _ = Sys.run(["mkdir", "-p", shareDir])
+            let binary = KataPeerTests.peer("kata-\(kind)-peer") ?? ""
+            let mode = kind == "go" ? ["server"] : []
             process = try ChildProcess(
-                [goPeer ?? "", "server", "--socket", socket, "--share-dir", shareDir, "--jitter-ms", "\(jitterMs)"], logPath: base + "/peer.log")
+                [binary] + mode + ["--socket", socket, "--share-dir", shareDir, "--jitter-ms", "\(jitterMs)"], logPath: base + "/peer.log")
             for _ in 0..<500 {
                 if let fd = try? Sys.connectUnix(FilePath(socket)) {
                     Sys.close(fd)
@@ -48,7 +63,7 @@ struct KataPeerTests {
                 }
                 usleep(10_000)
             }
-            throw AgentError(.unreachable, "kata-go-peer did not start")
+            throw AgentError(.unreachable, "kata-\(kind)-peer did not start")
         }
 
         func client() -> AgentClient { AgentClient(address: .unix(FilePath(socket)), callTimeout: .seconds(20)) }
@@ -78,10 +93,10 @@ struct KataPeerTests {
     }
 
     @Test("fsshare copies a tree into a concurrent Kata-semantics server that answers out of order",
-          .enabled(if: KataPeerTests.haveGoPeer))
-    func copyIntoConcurrentServer() throws {
-        let base = TestEnvironment.scratch("peer-go-copy")
-        let server = try GoServer(base, jitterMs: 3)
+          arguments: KataPeerTests.servers)
+    func copyIntoConcurrentServer(_ kind: String) throws {
+        let base = TestEnvironment.scratch("peer-\(kind)-copy")
+        let server = try PeerServer(kind, base, jitterMs: 3)
         // A tree that needs ordering: nested directories, many files, names whose Kata temp
         // files collide (a.conf, a.txt and a all write a.tmp), a file of several chunks, links.
         let src = base + "/src/tree"
@@ -116,7 +131,7 @@ struct KataPeerTests {
         // Sharing it again copies it again (the guest copy may be stale).
         let again = try #require(try sharer.shareFileSync(container: c, mount: mount))
         #expect(again.copyReport?.files == 182)
-        print("figure: kata-go-peer copy: 182 files + 4 dirs + 1 link, \(reordered) of \(total) requests finished out of order")
+        print("figure: kata-\(kind)-peer copy: 182 files + 4 dirs + 1 link, \(reordered) of \(total) requests finished out of order")
         try sharer.cleanupSync()
     }
 
@@ -125,10 +140,10 @@ struct KataPeerTests {
     /// CopyFile replaces the `..data` link by unlink + symlink, so a reader can find `..data`
     /// missing for that instant; the count is printed, not hidden.
     @Test("the watcher keeps a Kata-semantics server in sync under rapid kubelet updates",
-          .enabled(if: KataPeerTests.haveGoPeer))
-    func watcherAgainstConcurrentServer() throws {
-        let base = TestEnvironment.scratch("peer-go-watch")
-        let server = try GoServer(base, jitterMs: 1)
+          arguments: KataPeerTests.servers)
+    func watcherAgainstConcurrentServer(_ kind: String) throws {
+        let base = TestEnvironment.scratch("peer-\(kind)-watch")
+        let server = try PeerServer(kind, base, jitterMs: 1)
         let kubelet = KubeletEmulator(root: base + "/kubelet", plugin: "configmap")
         let keys = (0..<5).map { "key\($0)" }
         func payload(_ v: Int) -> [String: String] {
@@ -183,7 +198,7 @@ struct KataPeerTests {
         #expect(lines.withLock { $0 }.contains { $0.contains("has no removal RPC") }, "the skipped removal is logged")
         let (reordered, total) = try server.reordering()
         if ProcessInfoShim.environment("FSSHARE_TEST_VERBOSE") != nil { print(lines.withLock { $0 }.joined(separator: "\n")) }
-        print("figure: kata-go-peer watch: \(updates) updates, \(watcher.statistics.syncs) syncs, \(reads.load(ordering: .relaxed)) reader passes, 0 torn, \(missingData.load(ordering: .relaxed)) reads found ..data mid-replace (Kata's unlink + symlink), \(reordered) of \(total) requests out of order")
+        print("figure: kata-\(kind)-peer watch: \(updates) updates, \(watcher.statistics.syncs) syncs, \(reads.load(ordering: .relaxed)) reader passes, 0 torn, \(missingData.load(ordering: .relaxed)) reads found ..data mid-replace (Kata's unlink + symlink), \(reordered) of \(total) requests out of order")
     }
 }
 
