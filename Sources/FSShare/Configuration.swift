@@ -51,6 +51,30 @@ public enum MountMethod: String, Sendable, Equatable {
     case legacy
 }
 
+/// Which Kata runtime's on-disk layout and guest paths a sandbox follows.
+public enum SandboxLayoutStyle: String, Sendable, Equatable, CaseIterable {
+    /// Kata's Go runtime: shares under `<sid>/mounts/`, exported through `<sid>/shared/`; guest
+    /// paths `/run/kata-containers/shared/containers/<name>`; volume names
+    /// `<cid>-<16 hex>-<basename(destination)>`.
+    case go
+    /// Kata's runtime-rs (the default since Kata 4.0): shares under `<sid>/rw/passthrough/`,
+    /// exported through the read-only bind `<sid>/ro/` of `<sid>/rw/`; guest paths
+    /// `/run/kata-containers/shared/containers/passthrough/<name>`; volume names
+    /// `sandbox-<16 hex>-<basename(destination)>`.
+    case runtimeRS = "runtime-rs"
+
+    /// Where shares are attached, relative to the sandbox directory.
+    public var mountsPath: FilePath { self == .go ? "mounts" : "rw/passthrough" }
+    /// The directory bound read-only onto ``exportPath`` (what the guest sees the root of).
+    public var exportSourcePath: FilePath { self == .go ? "mounts" : "rw" }
+    /// What the hypervisor exports (virtiofsd `--shared-dir`, 9p `path=`).
+    public var exportPath: FilePath { self == .go ? "shared" : "ro" }
+    /// Where the shares appear in the export (the mounts directory seen through it).
+    public var exportedMountsPath: FilePath { self == .go ? "shared" : "ro/passthrough" }
+    /// The guest path of `mounts/` below the guest shared directory.
+    public var guestPrefix: String { self == .go ? "" : "passthrough/" }
+}
+
 /// What to do with symbolic links in a share's source path.
 public enum SourceSymlinkPolicy: String, Sendable, Equatable, CaseIterable {
     /// Resolve them as Kata does (`EvalSymlinks`), but never through /proc magic links;
@@ -80,6 +104,8 @@ public struct SharerConfiguration: Sendable, Equatable {
     public var shmSize: UInt64
     public var mountMethod: MountMethod
     public var sourceSymlinks: SourceSymlinkPolicy
+    /// The Kata runtime whose layout and guest paths the sandbox follows.
+    public var layoutStyle: SandboxLayoutStyle
 
     public init(
         root: FilePath = SharerConfiguration.defaultRoot,
@@ -89,7 +115,8 @@ public struct SharerConfiguration: Sendable, Equatable {
         mountTag: String = SharerConfiguration.defaultMountTag,
         shmSize: UInt64 = 0,
         mountMethod: MountMethod = .automatic,
-        sourceSymlinks: SourceSymlinkPolicy = .follow
+        sourceSymlinks: SourceSymlinkPolicy = .follow,
+        layoutStyle: SandboxLayoutStyle = .go
     ) {
         self.root = root
         self.sharedFilesystem = sharedFilesystem
@@ -99,5 +126,6 @@ public struct SharerConfiguration: Sendable, Equatable {
         self.shmSize = shmSize
         self.mountMethod = mountMethod
         self.sourceSymlinks = sourceSymlinks
+        self.layoutStyle = layoutStyle
     }
 }

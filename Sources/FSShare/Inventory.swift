@@ -90,13 +90,14 @@ public struct Inventory: Sendable {
                 case .sandbox(let manifest):
                     sandboxDirs.append(base.string)
                     known.insert(base.string)
-                    known.insert(base.appending("shared").string)
-                    sandbox.prepared = (try? MountOps.statBeneath(rootDir, sid.appending("shared")).isMountRoot) ?? false
+                    let style = manifest.style
+                    known.insert(base.pushing(style.exportPath).string)
+                    sandbox.prepared = (try? MountOps.statBeneath(rootDir, sid.pushing(style.exportPath)).isMountRoot) ?? false
                     for r in manifest.orderedShares {
-                        let rel = FilePath("mounts").appending(r.name)
+                        let rel = style.mountsPath.appending(r.name)
                         let mounted = (try? MountOps.statBeneath(rootDir, sid.pushing(rel)).isMountRoot) ?? false
                         sandbox.shares.append(Share(record: r, mounted: mounted))
-                        for path in [base.pushing(rel), base.appending("shared").appending(r.name)] {
+                        for path in [base.pushing(rel), base.pushing(style.exportedMountsPath).appending(r.name)] {
                             known.insert(path.string)
                             if r.recursive { knownTrees.append(path.string + "/") }
                         }

@@ -96,7 +96,23 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         self.sandboxID = sandboxID
         self.configuration = configuration
-        self.layout = SandboxLayout(root: configuration.root, sandboxID: sandboxID, guestSharedDir: configuration.guestSharedDir)
+        self.layout = SandboxLayout(
+            root: configuration.root, sandboxID: sandboxID, guestSharedDir: configuration.guestSharedDir, style: configuration.layoutStyle)
+    }
+
+    /// The layout an existing sandbox was prepared with (from its manifest), or nil when there
+    /// is no fsshare sandbox of that id under `root`. Lets a tool that is not told the layout
+    /// (`unshare`, `status`) find the sandbox's paths.
+    public static func recordedLayout(root: FilePath, sandboxID: String) -> SandboxLayoutStyle? {
+        guard Identifier.problem(sandboxID) == nil,
+              let rootFD = try? Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory) else { return nil }
+        defer { Sys.close(rootFD) }
+        guard let fd = try? Sys.openat(DirFD(fd: rootFD, path: root), FilePath(sandboxID), flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+        else { return nil }
+        defer { Sys.close(fd) }
+        guard case .sandbox(let manifest) = SandboxOwnership.inspect(DirFD(fd: fd, path: root.appending(sandboxID)), sandboxID: sandboxID)
+        else { return nil }
+        return manifest.style
     }
 
     /// The sandbox-level storages (shared filesystem, shm) for `CreateSandbox`.
@@ -117,7 +133,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// In copy mode it makes the directories and the manifest only: there is nothing to export.
     public func prepareSync() throws(FSShareError) {
         try state.withLock { (s: inout State) throws(FSShareError) in
-            if let h = s.handle, h.isAlive, copyMode || (try? isMountRoot(h.sandbox, "shared")) == true { return }
+            if let h = s.handle, h.isAlive, copyMode || (try? isMountRoot(h.sandbox, configuration.layoutStyle.exportPath)) == true { return }
             s.handle = nil
             s.handle = try makeSandbox()
         }
@@ -181,7 +197,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let sandboxPath = root.display(sid)
         // A new sandbox directory appears with its manifest already inside (built aside and
         // renamed into place), so a directory without one is never fsshare's.
-        let created = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID)
+        let created = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID, style: configuration.layoutStyle)
         let lock: FileDescriptor
         do {
             lock = try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
@@ -247,43 +263,56 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         undo.add { Sys.close(top) }
         let sandbox = DirFD(fd: top, path: sandboxPath)
-        var dirs: [FileDescriptor] = []
-        for (name, mode) in [("mounts", mode_t(0o750)), ("shared", 0o700), ("private", 0o750)] {
-            let n = FilePath(name)
-            let entry = try MountOps.ownEntry(sandbox, n, directory: true, mode: mode)
-            dirs.append(entry.fd)
-            undo.add { Sys.close(entry.fd) }
-            if entry.created { undo.add { try? Sys.unlinkat(sandbox, n, directory: true) } }
+        let style = configuration.layoutStyle
+        guard manifest.style == style else {
+            throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with Kata's \(manifest.style.rawValue) layout; this sharer is configured for \(style.rawValue)")
         }
-        let mounts = DirFD(fd: dirs[0], path: sandbox.display("mounts"))
-        let staging = DirFD(fd: dirs[2], path: sandbox.display("private"))
-        let sharedShown = sandbox.display("shared")
+        /// fsshare's own directory `dir/name` (a symlink planted there is replaced), rolled
+        /// back if this prepare made it and fails.
+        func ownDirectory(_ dir: DirFD, _ name: FilePath, mode: mode_t) throws(FSShareError) -> DirFD {
+            let entry = try MountOps.ownEntry(dir, name, directory: true, mode: mode)
+            undo.add { Sys.close(entry.fd) }
+            if entry.created { undo.add { try? Sys.unlinkat(dir, name, directory: true) } }
+            return DirFD(fd: entry.fd, path: dir.display(name))
+        }
+        // Go: mounts/ is exported through shared/. runtime-rs: rw/ is exported through ro/, and
+        // shares go to rw/passthrough/.
+        let exportSource = try ownDirectory(sandbox, style.exportSourcePath, mode: 0o750)
+        let mounts = style == .go ? exportSource : try ownDirectory(exportSource, "passthrough", mode: 0o750)
+        let export = try ownDirectory(sandbox, style.exportPath, mode: 0o700)
+        let staging = try ownDirectory(sandbox, "private", mode: 0o750)
+        let exportName = style.exportPath
+        let sharedShown = export.path
         if !copyMode {
-            if !(try isMountRoot(sandbox, "shared")) {
-                try sys("cannot bind mounts/ onto \(sharedShown)") { () throws(SystemCallError) in
-                    try Sys.mount(source: MountOps.fdPath(mounts.fd), target: MountOps.fdPath(dirs[1]), flags: UInt(MS_BIND))
+            if !(try isMountRoot(sandbox, exportName)) {
+                try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
+                    try Sys.mount(source: MountOps.fdPath(exportSource.fd), target: MountOps.fdPath(export.fd), flags: UInt(MS_BIND))
                 }
-                undo.add { _ = try? MountOps.unmountAll(sandbox, "shared") }
-                let shared = try MountOps.mountRoot(sandbox, "shared")
+                undo.add { _ = try? MountOps.unmountAll(sandbox, exportName) }
+                let shared = try MountOps.mountRoot(sandbox, exportName)
                 defer { Sys.close(shared) }
-                // Slave: receives every bind made under mounts/, sends nothing back. Read-only: the
-                // guest can never create, rename or replace anything at the top of the export.
+                // Slave: receives every bind made under the mounts directory, sends nothing back.
+                // Read-only: the guest can never create, rename or replace anything at the top
+                // of the export.
                 try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
                     try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_SLAVE))
                     try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
                 }
             }
-            // shared/ must export this very mounts/ directory: if mounts/ was swapped for
-            // another directory, new shares would silently never reach the guest.
-            let exported = try sys("cannot stat \(sharedShown)") { () throws(SystemCallError) in try Sys.statx(sandbox, "shared") }
-            let own = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.fstatx(mounts.fd, path: mounts.path) }
+            // The export must show this very directory: if it was swapped for another one,
+            // new shares would silently never reach the guest.
+            let exported = try sys("cannot stat \(sharedShown)") { () throws(SystemCallError) in try Sys.statx(sandbox, exportName) }
+            let own = try sys("cannot stat \(exportSource.path)") { () throws(SystemCallError) in
+                try Sys.fstatx(exportSource.fd, path: exportSource.path)
+            }
             guard SourceCheck.RootGuard.Identity(exported) == SourceCheck.RootGuard.Identity(own) else {
-                throw FSShareError(.conflict, "\(sharedShown) does not export \(mounts.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
+                throw FSShareError(.conflict, "\(sharedShown) does not export \(exportSource.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
             }
         }
         let mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
         let rootGuard = try SourceCheck.RootGuard(root: root)
-        Sys.close(dirs[1])
+        Sys.close(export.fd)
+        if style != .go { Sys.close(exportSource.fd) }
         let handle = SandboxHandle(
             root: root, lock: lock, sandbox: sandbox, mounts: mounts, staging: staging, manifest: manifest,
             mountsMountID: mountsID, rootGuard: rootGuard)
@@ -301,7 +330,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let sid = FilePath(sandboxID)
         let exported = copyMode
             ? (try? MountOps.statBeneath(root, sid.appending(Manifest.fileName.string))) != nil
-            : (try? MountOps.statBeneath(root, sid.appending("shared")))?.isMountRoot == true
+            : (try? MountOps.statBeneath(root, sid.pushing(configuration.layoutStyle.exportPath)))?.isMountRoot == true
         guard exported else {
             Sys.close(root.fd)
             throw notPrepared
@@ -323,7 +352,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         guard mount.type == "bind" else { return nil }
         guard mount.destination.lexicallyNormalized() != "/dev/shm" else { return nil }
         try Identifier.validate(container.id, what: "container")
-        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination)
+        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination, style: configuration.layoutStyle)
         let record = ShareRecord(
             name: name, kind: .volume, containerID: container.id, source: mount.source.string,
             destination: mount.destination.lexicallyNormalized().string, readOnly: mount.isReadOnly,
@@ -351,7 +380,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) -> UnshareOutcome {
         guard mount.type == "bind" else { return .removed }
         try Identifier.validate(container.id, what: "container")
-        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination)
+        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination, style: configuration.layoutStyle)
         return try unshare(name: name)
     }
 

@@ -66,6 +66,8 @@ final class Manifest {
     private var inode: UInt64 = 0
     /// The first line named this sandbox: the file proves the directory is fsshare's.
     private(set) var hasHeader = false
+    /// The layout the sandbox was prepared with (from the header).
+    private(set) var style: SandboxLayoutStyle = .go
 
     private init(fd: FileDescriptor, directory: DirFD, sandboxID: String) {
         self.fd = fd
@@ -76,8 +78,10 @@ final class Manifest {
 
     deinit { Sys.close(fd) }
 
-    /// The first line of `sandboxID`'s manifest.
-    static func headerLine(_ sandboxID: String) -> String { "\(header)\t\(escape(sandboxID))\n" }
+    /// The first line of `sandboxID`'s manifest (the layout is named unless it is Kata's Go one).
+    static func headerLine(_ sandboxID: String, style: SandboxLayoutStyle = .go) -> String {
+        "\(header)\t\(escape(sandboxID))" + (style == .go ? "" : "\tlayout=\(style.rawValue)") + "\n"
+    }
 
     /// The temp name of the `O_TMPFILE` fallback in ``create(in:sandboxID:)``.
     static let temporaryName: FilePath = "manifest.new"
@@ -111,8 +115,8 @@ final class Manifest {
     /// not at all: an unnamed `O_TMPFILE` is written and then linked in (where the filesystem
     /// lacks `O_TMPFILE`, a `manifest.new` temp file is renamed). It is made in the directory
     /// ``SandboxOwnership/createSandboxDirectory(_:sandboxID:)`` builds aside.
-    static func create(in directory: DirFD, sandboxID: String) throws(FSShareError) -> Manifest {
-        let header = Array(headerLine(sandboxID).utf8)
+    static func create(in directory: DirFD, sandboxID: String, style: SandboxLayoutStyle = .go) throws(FSShareError) -> Manifest {
+        let header = Array(headerLine(sandboxID, style: style).utf8)
         let shown = directory.display(fileName)
         try sys("cannot create the sandbox manifest \(shown)") { () throws(SystemCallError) in
             var unnamed: FileDescriptor?
@@ -202,8 +206,14 @@ final class Manifest {
             guard tag == Manifest.header else {
                 throw FSShareError(.manifest, "\(path): unsupported manifest version \"\(tag)\"")
             }
-            guard fields.count == 2, fields[1] == sandboxID else {
+            guard fields.count == 2 || fields.count == 3, fields[1] == sandboxID else {
                 throw FSShareError(.refused, "\(path) is the manifest of sandbox \"\(fields.dropFirst().first ?? "")\", not of \"\(sandboxID)\"")
+            }
+            if fields.count == 3 {
+                guard fields[2].hasPrefix("layout="), let style = SandboxLayoutStyle(rawValue: String(fields[2].dropFirst(7))) else {
+                    throw FSShareError(.manifest, "\(path): unknown sandbox layout \"\(fields[2])\"")
+                }
+                self.style = style
             }
             hasHeader = true
             return
@@ -282,7 +292,7 @@ final class Manifest {
     /// Rewrites the journal with only the live records, atomically (temp file + rename).
     private func compact() throws(FSShareError) {
         let tmpName: FilePath = "manifest.tmp"
-        var text = Manifest.headerLine(sandboxID)
+        var text = Manifest.headerLine(sandboxID, style: style)
         for r in orderedShares { text += Manifest.line(for: r) }
         let bytes = Array(text.utf8)
         let dir = directory

@@ -64,7 +64,7 @@ struct SandboxCleaner {
         let top = DirFD(fd: topFD, path: sandboxPath)
         let recorded = manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .copy }
         for record in recorded.sorted(by: { $0.name.split(separator: "/").count > $1.name.split(separator: "/").count }) {
-            let path = FilePath("mounts").appending(record.name)
+            let path = manifest.style.mountsPath.appending(record.name)
             guard path.components.allSatisfy({ (c: FilePath.Component) in c.kind == .regular }) else { continue }
             do throws(SystemCallError) {
                 // Resolve the parent without following symlinks, then unmount by that anchor.
@@ -80,7 +80,7 @@ struct SandboxCleaner {
             }
         }
         // 2. The export.
-        do { try MountOps.unmountAll(top, "shared") } catch { problems.append("\(error)") }
+        do { try MountOps.unmountAll(top, manifest.style.exportPath) } catch { problems.append("\(error)") }
         // 3. The sandbox self-bind (detaching it also detaches anything left below it).
         do { try MountOps.unmountAll(rootDir, sid) } catch { problems.append("\(error)") }
 

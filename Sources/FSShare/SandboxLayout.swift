@@ -1,6 +1,6 @@
 import SystemPackage
 
-/// The host and guest paths of one sandbox, in Kata's Go layout:
+/// The host and guest paths of one sandbox, in Kata's Go layout (``SandboxLayoutStyle/go``):
 ///
 /// ```
 /// <root>/<sid>/            self-bind, shared propagation (its own peer group)
@@ -9,26 +9,35 @@ import SystemPackage
 /// <root>/<sid>/shared/     read-only slave bind of mounts/: what virtiofsd / 9p exports
 /// <root>/<sid>/private/    staging binds (legacy read-only method), never exported
 /// ```
+///
+/// or runtime-rs's (``SandboxLayoutStyle/runtimeRS``): shares under `rw/passthrough/`, and
+/// `ro/` the read-only slave bind of `rw/` that is exported.
 public struct SandboxLayout: Sendable, Equatable {
     public var root: FilePath
     public var sandboxID: String
     public var guestSharedDir: String
+    public var style: SandboxLayoutStyle
 
-    public init(root: FilePath, sandboxID: String, guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir) {
+    public init(
+        root: FilePath, sandboxID: String, guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir,
+        style: SandboxLayoutStyle = .go
+    ) {
         self.root = root
         self.sandboxID = sandboxID
         self.guestSharedDir = guestSharedDir
+        self.style = style
     }
 
     public var sandboxDirectory: FilePath { root.appending(sandboxID) }
-    public var mountsDirectory: FilePath { sandboxDirectory.appending("mounts") }
+    /// Where shares are attached.
+    public var mountsDirectory: FilePath { sandboxDirectory.pushing(style.mountsPath) }
     /// The directory the hypervisor exports (virtiofsd `--shared-dir`, 9p `path=`).
-    public var sharedDirectory: FilePath { sandboxDirectory.appending("shared") }
+    public var sharedDirectory: FilePath { sandboxDirectory.pushing(style.exportPath) }
     public var privateDirectory: FilePath { sandboxDirectory.appending("private") }
     public var manifest: FilePath { sandboxDirectory.appending("manifest") }
 
-    /// The guest path of a share named `name` (a path below `mounts/`).
-    public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, name) }
+    /// The guest path of a share named `name` (a path below the mounts directory).
+    public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, style.guestPrefix + name) }
     /// The host path of a share named `name`.
     public func hostPath(_ name: String) -> FilePath { mountsDirectory.appending(name) }
 }

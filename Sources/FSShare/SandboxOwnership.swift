@@ -103,7 +103,7 @@ enum SandboxOwnership {
 
     /// Creates `root/sandboxID` with its manifest already inside, or finds that it exists.
     /// Returns true when this call made it. Serialised with other prepares by `flock` on the root.
-    static func createSandboxDirectory(_ root: DirFD, sandboxID: String) throws(FSShareError) -> Bool {
+    static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle) throws(FSShareError) -> Bool {
         let sid = FilePath(sandboxID)
         let rootLock = try lockRoot(root)
         defer { Sys.close(rootLock) }
@@ -117,7 +117,7 @@ enum SandboxOwnership {
                 try Sys.openat(root, name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             }
             defer { Sys.close(fd) }
-            _ = try Manifest.create(in: DirFD(fd: fd, path: shown), sandboxID: sandboxID)
+            _ = try Manifest.create(in: DirFD(fd: fd, path: shown), sandboxID: sandboxID, style: style)
             try sys("cannot move \(shown) into place") { () throws(SystemCallError) in
                 try Sys.renameat(root, name, root, sid, noReplace: true)
             }

@@ -7,12 +7,13 @@ public enum ShareNaming {
     /// The longest name a directory entry may have.
     static let nameMax = 255
 
-    /// The share name of a container mount at `destination`.
-    public static func volumeName(containerID: String, destination: FilePath) throws(FSShareError) -> String {
+    /// The share name of a container mount at `destination`: Kata's Go runtime's shape, or
+    /// runtime-rs's (`sandbox-<16 hex>-<base>`; runtime-rs draws its hex at random).
+    public static func volumeName(containerID: String, destination: FilePath, style: SandboxLayoutStyle = .go) throws(FSShareError) -> String {
         let dest = try normalizedDestination(destination)
         let base = dest.lastComponent?.string ?? ""
         let hash = fnv1a64(Array(containerID.utf8) + [0] + Array(dest.string.utf8))
-        let prefix = "\(containerID)-\(hex16(hash))-"
+        let prefix = "\(style == .go ? containerID : "sandbox")-\(hex16(hash))-"
         // Keep the whole name within NAME_MAX; cut on a character boundary.
         var cut = base
         while prefix.utf8.count + cut.utf8.count > nameMax { cut.removeLast() }

@@ -41,6 +41,11 @@ struct HypervisorOptions: ParsableArguments {
     @Option(name: .long, help: "How shares are attached: automatic, new-api or legacy.")
     var mountMethod: String = MountMethod.automatic.rawValue
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Kata runtime layout and guest paths: go (mounts/ exported as shared/) or runtime-rs (rw/passthrough/ exported as ro/, guest paths under containers/passthrough/). Default: what the sandbox was prepared with, else go.",
+        valueName: "go|runtime-rs"))
+    var layout: SandboxLayoutStyle?
+
     func validate() throws {
         guard ["virtio-fs", "virtio-9p", "none"].contains(sharedFS) else {
             throw ValidationError("--shared-fs must be virtio-fs, virtio-9p or none")
@@ -53,7 +58,7 @@ struct HypervisorOptions: ParsableArguments {
         }
     }
 
-    func configuration(root: String) -> SharerConfiguration {
+    func configuration(root: String, sandbox: String) -> SharerConfiguration {
         let fs: SharedFilesystem
         switch sharedFS {
         case "virtio-9p": fs = .virtio9p(msize: msize)
@@ -63,7 +68,8 @@ struct HypervisorOptions: ParsableArguments {
         return SharerConfiguration(
             root: FilePath(root), sharedFilesystem: fs,
             blockDeviceDriver: BlockDeviceDriver(rawValue: blockDriver) ?? .virtioSCSI,
-            shmSize: shmSize, mountMethod: MountMethod(rawValue: mountMethod) ?? .automatic)
+            shmSize: shmSize, mountMethod: MountMethod(rawValue: mountMethod) ?? .automatic,
+            layoutStyle: layoutStyle(layout, root: root, sandbox: sandbox))
     }
 }
 
@@ -101,6 +107,12 @@ struct AgentOptions: ParsableArguments {
 
 extension DescriptorFormat: ExpressibleByArgument {}
 extension SourceSymlinkPolicy: ExpressibleByArgument {}
+extension SandboxLayoutStyle: ExpressibleByArgument {}
+
+/// The layout to use for `sandbox`: the one given, else the one its manifest records, else Go's.
+func layoutStyle(_ given: SandboxLayoutStyle?, root: String, sandbox: String) -> SandboxLayoutStyle {
+    given ?? LinuxFilesystemSharer.recordedLayout(root: FilePath(root), sandboxID: sandbox) ?? .go
+}
 
 /// How a share source's symbolic links are treated.
 struct SourceOptions: ParsableArguments {
@@ -154,7 +166,7 @@ struct Prepare: AsyncParsableCommand {
     @Option(name: .long, help: "Descriptor output: json, binary (length-delimited protobuf) or text.") var format: DescriptorFormat?
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root))
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root, sandbox: sandbox))
         if hypervisor.sharedFS == "virtio-9p" {
             writeAll(fd: 2, Array("fsshare: warning: Kata's agent removed its 9p storage handler in 3.29 and refuses this storage (\"Failed to find the storage handler\"); use virtio-fs with a Kata agent. 9p storages are for agents that still mount them, such as fsshare-agent.\n".utf8))
         }
@@ -254,7 +266,7 @@ struct Share: AsyncParsableCommand {
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(
-            sandboxID: sandbox, configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root))),
+            sandboxID: sandbox, configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, sandbox: sandbox))),
             agent: try agent.client())
         var options: [String] = []
         if ro { options.append("ro") }
@@ -295,7 +307,9 @@ struct Unshare: AsyncParsableCommand {
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(
-            sandboxID: sandbox, configuration: agent.apply(SharerConfiguration(root: FilePath(common.root))), agent: try agent.client())
+            sandboxID: sandbox,
+            configuration: agent.apply(SharerConfiguration(root: FilePath(common.root), layoutStyle: layoutStyle(nil, root: common.root, sandbox: sandbox))),
+            agent: try agent.client())
         let c = Container(id: container, rootfs: .hostMounted("/"))
         let outcome = try sharer.unshareFileSync(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
         switch outcome {
@@ -399,7 +413,7 @@ struct ShareRootfs: AsyncParsableCommand {
     @OptionGroup var sourceOptions: SourceOptions
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root)))
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root, sandbox: sandbox)))
         let shared = try await sharer.shareRootFilesystem(container: Container(id: container, rootfs: rootfsOptions.rootfs))
         let resolved = resolvedLines(shared, source: rootfsOptions.dir ?? "")
         try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))] + resolved.fields,
@@ -420,7 +434,8 @@ struct UnshareRootfs: AsyncParsableCommand {
     @Option(name: .long, help: "Container id.") var container: String
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root)))
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root), layoutStyle: layoutStyle(nil, root: common.root, sandbox: sandbox)))
         try Identifier.validate(container, what: "container")
         try sharer.unshare(name: "\(container)/rootfs")
         try sharer.unshare(name: container)

@@ -6,7 +6,7 @@ import FSShareTestSupport
 import FSShareVM
 import SystemPackage
 
-/// `fsshare-guest check virtio-fs|9p|copy|libvirt DIR` — boots a real guest and checks every sharing
+/// `fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|libvirt DIR` — boots a real guest and checks every sharing
 /// claim from inside it (prints `ok:` / `FAIL:` lines, `figure:` lines and a summary).
 /// `fsshare-guest demo DIR` — the same, narrated, as `hack/demo` shows it.
 ///
@@ -19,7 +19,7 @@ enum GuestMain {
         Sys.lineBufferStdout()
         let args = CommandLine.arguments
         func usage() -> Never {
-            print("usage: fsshare-guest check virtio-fs|9p|copy|libvirt DIR | demo DIR")
+            print("usage: fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|libvirt DIR | demo DIR")
             exit(2)
         }
         guard args.count >= 3 else { usage() }
@@ -34,6 +34,8 @@ enum GuestMain {
             switch args[2] {
             case "virtio-fs": SharedFilesystemRun(transport: .virtioFS, dir: dir, image: image, checks: checks, narrate: false).run()
             case "9p": SharedFilesystemRun(transport: .virtio9p, dir: dir, image: image, checks: checks, narrate: false).run()
+            case "virtio-fs-runtime-rs":
+                SharedFilesystemRun(transport: .virtioFSRuntimeRS, dir: dir, image: image, checks: checks, narrate: false).run()
             case "copy": CopyModeRun(dir: dir, image: image, checks: checks, narrate: false, updates: 30).run()
             case "libvirt": LibvirtRun(dir: dir, image: image, checks: checks).run()
             default: usage()

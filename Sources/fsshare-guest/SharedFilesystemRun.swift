@@ -12,14 +12,22 @@ import SystemPackage
 /// virtio-fs or 9p: prepare a sandbox, boot a guest on its `shared/`, let the agent mount it from
 /// the `CreateSandbox` storages, share after boot, and check each claim from inside the guest.
 struct SharedFilesystemRun {
-    enum Transport { case virtioFS, virtio9p }
+    /// `virtioFSRuntimeRS`: virtio-fs with Kata runtime-rs's layout (`rw/passthrough/`
+    /// exported through `ro/`, guest paths under `containers/passthrough/`).
+    enum Transport { case virtioFS, virtio9p, virtioFSRuntimeRS }
     let transport: Transport
     let dir: String
     let image: GuestImage
     let checks: Checks
     let narrate: Bool
 
-    var name: String { transport == .virtioFS ? "virtio-fs" : "9p" }
+    var name: String {
+        switch transport {
+        case .virtioFS: "virtio-fs"
+        case .virtio9p: "9p"
+        case .virtioFSRuntimeRS: "virtio-fs-runtime-rs"
+        }
+    }
 
     func run() {
         let n = Narrator(on: narrate)
@@ -43,15 +51,16 @@ struct SharedFilesystemRun {
         writeFile(src + "/tree/sub/deep", "deep\n")
         defer { try? Sys.umount2(FilePath(src + "/tree/sub"), flags: Int32(MNT_DETACH)) }
 
-        let fs: SharedFilesystem = transport == .virtioFS ? .virtioFS() : .virtio9p()
-        let config = SharerConfiguration(root: FilePath(root), sharedFilesystem: fs, shmSize: 64 << 20)
+        let fs: SharedFilesystem = transport == .virtio9p ? .virtio9p() : .virtioFS()
+        let config = SharerConfiguration(
+            root: FilePath(root), sharedFilesystem: fs, shmSize: 64 << 20, layoutStyle: transport == .virtioFSRuntimeRS ? .runtimeRS : .go)
         let sandbox = "pod-\(name)"
         guard let sharer = checks.must("create the sharer", { try LinuxFilesystemSharer(sandboxID: sandbox, configuration: config) }) else { return }
         n.step("\(name): prepare the sandbox, boot a guest on its shared/ (\(Accelerator.detect().rawValue))")
         guard checks.must("prepare", { try sharer.prepareSync() }) != nil else { return }
-        let share: GuestShare = transport == .virtioFS
-            ? .virtioFS(source: sharer.layout.sharedDirectory, tag: config.mountTag)
-            : .virtio9p(source: sharer.layout.sharedDirectory, tag: config.mountTag)
+        let share: GuestShare = transport == .virtio9p
+            ? .virtio9p(source: sharer.layout.sharedDirectory, tag: config.mountTag)
+            : .virtioFS(source: sharer.layout.sharedDirectory, tag: config.mountTag)
         guard let guest = checks.must("start QEMU with \(name)", { try QEMUGuest(image: image, share: share, workDir: FilePath(dir + "/vm")) }) else {
             _ = try? sharer.cleanupSync()
             return
@@ -79,7 +88,7 @@ struct SharedFilesystemRun {
             n.say("  Storage{driver: \(s.driver), source: \(s.source), fstype: \(s.fstype), options: \(s.options), mount_point: \(s.mountPoint)}")
         }
         _ = checks.must("\(name): CreateSandbox with the sandbox storages") { try agent.createSandbox(id: sandbox, storages: sharer.sandboxStorages) }
-        let wantType = transport == .virtioFS ? "virtiofs" : "9p"
+        let wantType = transport == .virtio9p ? "9p" : "virtiofs"
         let fstype = try? probe.probe(.fstype, shared).text
         checks.check(fstype == wantType, "\(name): the guest has \(shared) on \(wantType) (saw \(fstype ?? "nothing"))")
         // The mount itself (the guest's /run is a tmpfs too, so the type alone proves nothing).
@@ -158,6 +167,9 @@ struct SharedFilesystemRun {
             refused(.unlink, p + "/sub/deep", "ro recursive volume's submount: unlink")
         }
         refused(.create, shared + "/planted", "the top of the shared directory: create")
+        if transport == .virtioFSRuntimeRS {
+            refused(.create, shared + "/passthrough/planted", "runtime-rs's passthrough/ directory: create")
+        }
         checks.check(readFile(src + "/config/app.conf") == "log_level=info\n" && readFile(src + "/tree/sub/deep") == "deep\n" && readFile(src + "/hosts") == "127.0.0.1 localhost\n",
                      "\(name): the ro sources are unchanged on the host")
 

@@ -74,8 +74,9 @@ extension Scenarios {
         let mountsBefore = mountsOutside(root)
 
         let cid = "c"
+        var style = SandboxLayoutStyle.go
         func volumeName(_ kind: ShareKind) -> String {
-            (try? ShareNaming.volumeName(containerID: cid, destination: FilePath("/\(kind.rawValue)"))) ?? "?"
+            (try? ShareNaming.volumeName(containerID: cid, destination: FilePath("/\(kind.rawValue)"), style: style)) ?? "?"
         }
         func share(_ kind: ShareKind, _ s: LinuxFilesystemSharer) throws {
             let c = Container(id: cid, rootfs: .hostMounted(FilePath(work + "/src/rootfs")))
@@ -102,25 +103,30 @@ extension Scenarios {
         }
         /// Where the share of `kind` is visible in the export when it worked.
         func exported(_ kind: ShareKind, _ sandboxDir: String) -> String {
+            let shown = sandboxDir + "/" + style.exportedMountsPath.string
             switch kind {
-            case .rootfs: sandboxDir + "/shared/\(cid)/rootfs/etc/os-release"
-            case .block: sandboxDir + "/shared/\(cid)/rootfs"
-            case .rw: sandboxDir + "/shared/\(volumeName(kind))"
-            case .ro: sandboxDir + "/shared/\(volumeName(kind))/key"
-            case .file: sandboxDir + "/shared/\(volumeName(kind))"
-            case .recursiveRO: sandboxDir + "/shared/\(volumeName(kind))/sub/deep"
+            case .rootfs: return shown + "/\(cid)/rootfs/etc/os-release"
+            case .block: return shown + "/\(cid)/rootfs"
+            case .rw: return shown + "/\(volumeName(kind))"
+            case .ro: return shown + "/\(volumeName(kind))/key"
+            case .file: return shown + "/\(volumeName(kind))"
+            case .recursiveRO: return shown + "/\(volumeName(kind))/sub/deep"
             }
         }
+        /// fsshare's own directories (replacing one makes the export stale: refusals allowed).
+        var ownDirectories: [String] { style == .go ? ["mounts"] : ["rw", "rw/passthrough"] }
         func targets(_ kind: ShareKind) -> [String] {
+            let m = style.mountsPath.string
             switch kind {
-            case .rootfs, .block: ["mounts", "private", "mounts/\(cid)", "mounts/\(cid)/rootfs"]
-            default: ["mounts", "private", "mounts/\(volumeName(kind))", "private/\(volumeName(kind))"]
+            case .rootfs, .block: return ownDirectories + ["private", "\(m)/\(cid)", "\(m)/\(cid)/rootfs"]
+            default: return ownDirectories + ["private", "\(m)/\(volumeName(kind))", "private/\(volumeName(kind))"]
             }
         }
 
         var cases = 0, failures = 0, plantedCount = 0, refusedOps = 0
         var n = 0
-        for method in [MountMethod.newAPI, .legacy] {
+        for (method, layout) in [(MountMethod.newAPI, SandboxLayoutStyle.go), (.legacy, .go), (.newAPI, .runtimeRS)] {
+            style = layout
             for kind in ShareKind.allCases where !(kind == .recursiveRO && method == .legacy) {
                 for phase in Phase.allCases {
                     // Every single name, then all of them at once.
@@ -134,9 +140,9 @@ extension Scenarios {
                             cases += 1
                             let sid = "adv\(n)"
                             let sandboxDir = root + "/" + sid
-                            let what = "\(method.rawValue) \(kind.rawValue), \(linkName) link at \(target.joined(separator: "+")) \(phase.rawValue)"
+                            let what = "\(method.rawValue) \(layout.rawValue) \(kind.rawValue), \(linkName) link at \(target.joined(separator: "+")) \(phase.rawValue)"
                             var notes: [String] = []
-                            func fresh() -> LinuxFilesystemSharer? { try? LinuxFilesystemSharer(sandboxID: sid, configuration: config(method)) }
+                            func fresh() -> LinuxFilesystemSharer? { try? LinuxFilesystemSharer(sandboxID: sid, configuration: config(method, style: layout)) }
                             func plantAll() {
                                 for rel in target {
                                     let d = 2 + rel.split(separator: "/").count - 1
@@ -170,7 +176,7 @@ extension Scenarios {
                             // A link planted at fsshare's own leaf names before the share is removed
                             // and replaced: the share must work. Only a replaced mounts/ (which the
                             // export no longer shows) may refuse.
-                            if phase == .beforeShare && !target.contains("mounts") && !shared {
+                            if phase == .beforeShare && !target.contains(where: ownDirectories.contains) && !shared {
                                 notes.append("share failed although only leaf names were planted")
                             }
                             if phase == .beforeUnshare { plantAll() }
@@ -191,7 +197,7 @@ extension Scenarios {
                                 failures += 1
                                 checks.check(false, "\(what): \(notes.joined(separator: "; "))")
                                 // Leave the next case a clean root.
-                                _ = try? LinuxFilesystemSharer(sandboxID: sid, configuration: config(method)).cleanupSync()
+                                _ = try? LinuxFilesystemSharer(sandboxID: sid, configuration: config(method, style: layout)).cleanupSync()
                             }
                         }
                     }

@@ -26,6 +26,7 @@ struct ScenarioMain {
         case "lifecycle": await s.lifecycle()
         case "guest-view-new-api": s.guestView(method: .newAPI)
         case "guest-view-legacy": s.guestView(method: .legacy)
+        case "guest-view-runtime-rs": s.guestView(method: .newAPI, style: .runtimeRS)
         case "refusals": s.refusals()
         case "rollback": s.rollback()
         case "crash": s.crash()
@@ -52,8 +53,8 @@ struct Scenarios {
 
     var root: String { work + "/root" }
 
-    func config(_ method: MountMethod = .automatic, policy: SourceSymlinkPolicy = .follow) -> SharerConfiguration {
-        SharerConfiguration(root: FilePath(root), shmSize: 1 << 20, mountMethod: method, sourceSymlinks: policy)
+    func config(_ method: MountMethod = .automatic, policy: SourceSymlinkPolicy = .follow, style: SandboxLayoutStyle = .go) -> SharerConfiguration {
+        SharerConfiguration(root: FilePath(root), shmSize: 1 << 20, mountMethod: method, sourceSymlinks: policy, layoutStyle: style)
     }
 
     func sources() -> (rw: String, ro: String, file: String, rec: String) {
@@ -185,12 +186,15 @@ struct Scenarios {
 
     // MARK: guest view
 
-    func guestView(method: MountMethod) {
+    func guestView(method: MountMethod, style: SandboxLayoutStyle = .go) {
         let src = sources()
         mkdirs(src.rec + "/sub")
         mountSubmount(src.rec)
         writeFile(src.rw + "/existing", "old")
-        guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "gv", configuration: config(method)) }) else { return }
+        guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "gv", configuration: config(method, style: style)) }) else { return }
+        // What the hypervisor exports, and where the shares appear in it.
+        let export = sharer.layout.sharedDirectory.string
+        let exported = sharer.layout.sandboxDirectory.pushing(style.exportedMountsPath).string
         _ = checks.must("prepare") { try sharer.prepareSync() }
         // The virtiofsd view: a slave namespace created after prepare and before any share.
         guard let view = SlaveView() else { checks.check(false, "start slave namespace"); return }
@@ -198,7 +202,10 @@ struct Scenarios {
         func share(_ source: String, _ dest: String, _ options: [String]) -> String {
             let r = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: FilePath(dest), options: options))
             checks.check(r != nil, "share \(source) -> \(dest) \(options)")
-            return root + "/gv/shared/" + (r?.guestPath.split(separator: "/").last.map(String.init) ?? "?")
+            if style == .runtimeRS {
+                checks.check(r?.guestPath.hasPrefix("/run/kata-containers/shared/containers/passthrough/sandbox-") == true, "runtime-rs guest path (\(r?.guestPath ?? "-"))")
+            }
+            return exported + "/" + (r?.guestPath.split(separator: "/").last.map(String.init) ?? "?")
         }
         let rw = share(src.rw, "/data", [])
         let ro = share(src.ro, "/cfg", ["ro"])
@@ -218,7 +225,7 @@ struct Scenarios {
         checks.check(view.sh("cat \(ro)/key").output == "value", "ro volume visible in the slave view")
         checks.check(view.sh("cat \(file)").output == "single", "single file visible in the slave view")
         checks.check(view.sh("cat \(recRW)/sub/deep").output == "deep", "recursive share carries the submount into the view")
-        checks.check(view.sh("ls \(root)/gv/shared/web/rootfs/existing").status == 0, "rootfs visible in the view")
+        checks.check(view.sh("ls \(exported)/web/rootfs/existing").status == 0, "rootfs visible in the view")
 
         // rw lands in the source.
         checks.check(view.sh("echo guest > \(rw)/fromguest").status == 0, "write into rw volume in the view")
@@ -240,17 +247,19 @@ struct Scenarios {
             refusesWrites(rec, existing: rec + "/top", "ro recursive (top)")
             refusesWrites(rec + "/sub", existing: rec + "/sub/deep", "ro recursive (submount)")
         }
-        let top = view.sh("touch \(root)/gv/shared/planted")
+        let top = view.sh("touch \(export)/planted")
         checks.check(top.status != 0 && top.output.contains("Read-only"), "top of shared/ is read-only in the view")
-        let symlinkPlant = view.sh("ln -s / \(root)/gv/shared/evil")
+        let symlinkPlant = view.sh("ln -s / \(export)/evil")
         checks.check(symlinkPlant.status != 0, "cannot plant a symlink at the top of shared/")
+        let beside = view.sh("touch \(exported)/planted")
+        checks.check(beside.status != 0 && beside.output.contains("Read-only"), "the directory holding the shares is read-only in the view")
         checks.check(readFile(src.ro + "/key") == "value", "ro source unchanged")
 
         // Unshare: gone from the view.
         _ = try? sharer.unshareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/cfg", options: ["ro"]))
         checks.check(view.sh("ls \(ro)/key").status != 0, "unshared volume disappears from the view")
         _ = checks.must("cleanup") { try sharer.cleanupSync() }
-        checks.check(view.sh("ls \(root)/gv/shared/").status != 0 || view.sh("ls -A \(root)/gv/shared/").output.isEmpty,
+        checks.check(view.sh("ls \(export)/").status != 0 || view.sh("ls -A \(export)/").output.isEmpty,
                      "after cleanup the view shows nothing")
         _ = try? Sys.umount2(FilePath(src.rec + "/sub"), flags: Int32(MNT_DETACH))
         expectNothingLeft("after cleanup")
