@@ -28,6 +28,16 @@ public final class VolumeWatcher: Sendable {
     public let limits: WatchLimits
     let log: Logger
     private let core = Mutex(Core())
+    /// Test seam: while set, the reader leaves events queued in the kernel (see
+    /// ``pauseReadingForTesting(_:)``).
+    private let readingPaused = Atomic<Bool>(false)
+
+    /// Stops (or resumes) reading the inotify queue, so that a test can fill the kernel's queue
+    /// past `fs.inotify.max_queued_events` and get a real `IN_Q_OVERFLOW` without changing any
+    /// host setting.
+    @_spi(Testing) public func pauseReadingForTesting(_ paused: Bool) {
+        readingPaused.store(paused, ordering: .releasing)
+    }
 
     /// Counters, for logs, tests and the benchmark.
     public struct Statistics: Sendable, Equatable {
@@ -310,6 +320,11 @@ public final class VolumeWatcher: Sendable {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
         defer { buffer.deallocate() }
         while true {
+            if readingPaused.load(ordering: .acquiring) {
+                // Only the wake pipe (stop) is looked at while paused.
+                if let ready = try? Sys.pollIn(wake, wake: wake, timeoutMilliseconds: 5, path: "inotify"), ready != 0 { return }
+                continue
+            }
             guard let ready = try? Sys.pollIn(fd, wake: wake, timeoutMilliseconds: -1, path: "inotify") else { return }
             if ready & 2 != 0 { return }
             guard let n = try? Sys.readAvailable(fd, into: buffer, path: "inotify"), n > 0 else { continue }
