@@ -160,45 +160,21 @@ struct KataPeerTests {
         for _ in 0..<1000 where !current(0) { usleep(10_000) }
         try #require(current(0), "the first copy did not arrive")
 
-        let stop = Atomic<Bool>(false)
-        let torn = Mutex<[String]>([])
-        let missingData = Atomic<Int>(0)
-        let reads = Atomic<Int>(0)
-        let reader = try OSThread {
-            var buffer = [UInt8](repeating: 0, count: 8192)
-            while !stop.load(ordering: .relaxed) {
-                for key in keys {
-                    let fd = open(guest + "/" + key, O_RDONLY)
-                    if fd < 0 {
-                        missingData.add(1, ordering: .relaxed)
-                        continue
-                    }
-                    let n = read(fd, &buffer, buffer.count)
-                    close(fd)
-                    let text = n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
-                    if !(text.hasPrefix("v") && text.hasSuffix("-END")) {
-                        torn.withLock { $0.append("\(key): \(text.prefix(12))…\(text.suffix(6)) (\(n) bytes)") }
-                    }
-                }
-                reads.add(1, ordering: .relaxed)
-            }
-        }
+        let reader = try VolumeReader(dir: guest, keys: keys) { $0.hasPrefix("v") && $0.hasSuffix("-END") }
         let updates = 200
         for v in 1...updates {
             kubelet.write(payload(v))
             usleep(2_000)
         }
         for _ in 0..<2000 where !current(updates) { usleep(10_000) }
-        stop.store(true, ordering: .relaxed)
-        reader.join()
+        let seen = reader.finish()
         #expect(current(updates), "the last update did not arrive")
-        let seen = torn.withLock { $0 }
-        #expect(seen.isEmpty, "\(seen.count) torn reads, first: \(seen.prefix(3))")
-        #expect(reads.load(ordering: .relaxed) > 100, "the reader must have raced the updates")
+        #expect(seen.torn.isEmpty, "\(seen.torn.count) torn reads, first: \(seen.torn.prefix(3))")
+        #expect(seen.passes > 100, "the reader must have raced the updates")
         #expect(lines.withLock { $0 }.contains { $0.contains("has no removal RPC") }, "the skipped removal is logged")
         let (reordered, total) = try server.reordering()
         if ProcessInfoShim.environment("FSSHARE_TEST_VERBOSE") != nil { print(lines.withLock { $0 }.joined(separator: "\n")) }
-        print("figure: kata-\(kind)-peer watch: \(updates) updates, \(watcher.statistics.syncs) syncs, \(reads.load(ordering: .relaxed)) reader passes, 0 torn, \(missingData.load(ordering: .relaxed)) reads found ..data mid-replace (Kata's unlink + symlink), \(reordered) of \(total) requests out of order")
+        print("figure: kata-\(kind)-peer watch: \(updates) updates, \(watcher.statistics.syncs) syncs, \(seen.passes) reader passes, 0 torn, \(seen.missing.count) reads found ..data mid-replace (Kata's unlink + symlink), \(reordered) of \(total) requests out of order")
     }
 }
 
