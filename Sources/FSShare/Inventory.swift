@@ -14,9 +14,11 @@ public struct Inventory: Sendable {
     }
     public struct Sandbox: Sendable, Equatable {
         public var id: String
-        /// `shared/` is mounted (the sandbox is prepared).
+        /// The sandbox is prepared: its export is mounted, or it is a copy-mode sandbox.
         public var prepared: Bool
         public var shares: [Share]
+        /// What its manifest records (layout, shared filesystem, copy-mode agent).
+        public var recorded: RecordedSandbox?
         /// A problem met while reading the sandbox (its lock, its manifest).
         public var problem: String?
     }
@@ -80,7 +82,7 @@ public struct Inventory: Sendable {
                 continue
             }
             defer { Sys.close(fd) }
-            var sandbox = Sandbox(id: entry.name, prepared: false, shares: [], problem: nil)
+            var sandbox = Sandbox(id: entry.name, prepared: false, shares: [], recorded: nil, problem: nil)
             do throws(FSShareError) {
                 try sys("cannot lock \(base)") { () throws(SystemCallError) in try Sys.flock(fd, operation: LOCK_SH, path: base) }
                 switch SandboxOwnership.inspect(DirFD(fd: fd, path: base), sandboxID: entry.name) {
@@ -92,7 +94,10 @@ public struct Inventory: Sendable {
                     known.insert(base.string)
                     let style = manifest.style
                     known.insert(base.pushing(style.exportPath).string)
-                    sandbox.prepared = (try? MountOps.statBeneath(rootDir, sid.pushing(style.exportPath)).isMountRoot) ?? false
+                    let recorded = RecordedSandbox(manifest)
+                    sandbox.recorded = recorded
+                    sandbox.prepared = recorded.isCopyMode
+                        || ((try? MountOps.statBeneath(rootDir, sid.pushing(style.exportPath)).isMountRoot) ?? false)
                     for r in manifest.orderedShares {
                         let rel = style.mountsPath.appending(r.name)
                         let mounted = (try? MountOps.statBeneath(rootDir, sid.pushing(rel)).isMountRoot) ?? false

@@ -100,10 +100,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             root: configuration.root, sandboxID: sandboxID, guestSharedDir: configuration.guestSharedDir, style: configuration.layoutStyle)
     }
 
-    /// The layout an existing sandbox was prepared with (from its manifest), or nil when there
-    /// is no fsshare sandbox of that id under `root`. Lets a tool that is not told the layout
-    /// (`unshare`, `status`) find the sandbox's paths.
-    public static func recordedLayout(root: FilePath, sandboxID: String) -> SandboxLayoutStyle? {
+    /// What an existing sandbox's manifest records (its layout, shared filesystem and, in copy
+    /// mode, agent address and guest directory), or nil when there is no fsshare sandbox of that
+    /// id under `root`. Lets a tool that is not told them (`unshare`, `status`, `watch`) find them.
+    public static func recorded(root: FilePath, sandboxID: String) -> RecordedSandbox? {
         guard Identifier.problem(sandboxID) == nil,
               let rootFD = try? Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory) else { return nil }
         defer { Sys.close(rootFD) }
@@ -112,7 +112,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         defer { Sys.close(fd) }
         guard case .sandbox(let manifest) = SandboxOwnership.inspect(DirFD(fd: fd, path: root.appending(sandboxID)), sandboxID: sandboxID)
         else { return nil }
-        return manifest.style
+        return RecordedSandbox(manifest)
     }
 
     /// The sandbox-level storages (shared filesystem, shm) for `CreateSandbox`.
@@ -263,6 +263,20 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         undo.add { Sys.close(top) }
         let sandbox = DirFD(fd: top, path: sandboxPath)
+        // What later commands and the node's watcher need to know without being told. Copy mode
+        // and a shared filesystem are different trees: a sharer configured for the other one is
+        // refused rather than allowed to turn one into the other.
+        let fsName = configuration.sharedFilesystem.name
+        if let recordedFS = manifest.settings[RecordedSandbox.sharedFilesystemKey], (recordedFS == "none") != copyMode {
+            throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with shared filesystem \(recordedFS); this sharer is configured for \(fsName)")
+        }
+        if manifest.settings[RecordedSandbox.sharedFilesystemKey] == nil {
+            try manifest.recordSetting(RecordedSandbox.sharedFilesystemKey, fsName)
+        }
+        if copyMode {
+            try manifest.recordSetting(RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir)
+            if let agent { try manifest.recordSetting(RecordedSandbox.agentKey, agent.address.description) }
+        }
         let style = configuration.layoutStyle
         guard manifest.style == style else {
             throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with Kata's \(manifest.style.rawValue) layout; this sharer is configured for \(style.rawValue)")

@@ -68,6 +68,10 @@ final class Manifest {
     private(set) var hasHeader = false
     /// The layout the sandbox was prepared with (from the header).
     private(set) var style: SandboxLayoutStyle = .go
+    /// Settings recorded when they were first given (`A key value` lines): the shared
+    /// filesystem, and in copy mode the agent address and the guest directory, so that later
+    /// commands and the node's watcher need no flags to find them.
+    private(set) var settings: [String: String] = [:]
 
     private init(fd: FileDescriptor, directory: DirFD, sandboxID: String) {
         self.fd = fd
@@ -195,6 +199,7 @@ final class Manifest {
         parsedBytes = 0
         removals = 0
         hasHeader = false
+        settings = [:]
     }
 
     private func apply(line: String) throws(FSShareError) {
@@ -229,6 +234,8 @@ final class Manifest {
                 guestPath: fields.count >= 8 && !fields[7].isEmpty ? fields[7] : nil,
                 resolvedSource: fields.count == 9 ? fields[8] : nil, leftInGuest: flags.contains("o"))
             insert(record)
+        case "A" where fields.count == 3:
+            settings[fields[1]] = fields[2]
         case "U" where fields.count == 2:
             if shares.removeValue(forKey: fields[1]) != nil {
                 sequence[fields[1]] = nil
@@ -241,6 +248,13 @@ final class Manifest {
 
     private func corrupt(_ line: String) -> FSShareError {
         FSShareError(.manifest, "\(path): unreadable manifest line \"\(line.prefix(120))\"")
+    }
+
+    /// Records a setting of the sandbox (appended only when it changes).
+    func recordSetting(_ key: String, _ value: String) throws(FSShareError) {
+        guard settings[key] != value else { return }
+        try append(["A", key, value].map(Manifest.escape).joined(separator: "\t") + "\n")
+        settings[key] = value
     }
 
     /// Records a share before it is mounted.
@@ -293,6 +307,9 @@ final class Manifest {
     private func compact() throws(FSShareError) {
         let tmpName: FilePath = "manifest.tmp"
         var text = Manifest.headerLine(sandboxID, style: style)
+        for (key, value) in settings.sorted(by: { $0.key < $1.key }) {
+            text += ["A", key, value].map(Manifest.escape).joined(separator: "\t") + "\n"
+        }
         for r in orderedShares { text += Manifest.line(for: r) }
         let bytes = Array(text.utf8)
         let dir = directory

@@ -87,6 +87,33 @@ public struct SharedFile: Sendable, Equatable {
     }
 }
 
+/// What a sandbox's manifest records about it, so that commands not told (`unshare`, `status`,
+/// the node's `watch`) can find it.
+public struct RecordedSandbox: Sendable, Equatable {
+    /// The Kata runtime layout it was prepared with.
+    public var layout: SandboxLayoutStyle
+    /// Kata's name of its shared filesystem (`virtio-fs`, `virtio-9p`, `none`).
+    public var sharedFilesystem: String?
+    /// Copy mode: the agent address last given (`unix:PATH`, `hvsock:PATH:PORT`, ...).
+    public var agent: String?
+    /// Copy mode: where the guest keeps the shares.
+    public var guestSharedDir: String?
+
+    /// Copy mode (no shared filesystem).
+    public var isCopyMode: Bool { sharedFilesystem == "none" }
+
+    static let sharedFilesystemKey = "shared-fs"
+    static let agentKey = "agent"
+    static let guestDirectoryKey = "guest-dir"
+
+    init(_ manifest: Manifest) {
+        layout = manifest.style
+        sharedFilesystem = manifest.settings[RecordedSandbox.sharedFilesystemKey]
+        agent = manifest.settings[RecordedSandbox.agentKey]
+        guestSharedDir = manifest.settings[RecordedSandbox.guestDirectoryKey]
+    }
+}
+
 /// What became of an unshared share.
 public enum UnshareOutcome: Sendable, Equatable {
     /// Unmounted and removed (or there was nothing to remove).

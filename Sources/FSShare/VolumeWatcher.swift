@@ -26,6 +26,8 @@ public final class VolumeWatcher: Sendable {
     public typealias Logger = @Sendable (String) -> Void
 
     public let limits: WatchLimits
+    /// Per-call timeout of the agent clients made for recorded agent addresses.
+    public let agentCallTimeout: Duration
     let log: Logger
     private let core = Mutex(Core())
     /// Test seam: while set, the reader leaves events queued in the kernel (see
@@ -83,7 +85,8 @@ public final class VolumeWatcher: Sendable {
     struct Followed {
         let root: FilePath
         let sandboxID: String
-        let agent: AgentClient
+        /// The agent given; nil: the one the sandbox's manifest records (node-wide following).
+        let agent: AgentClient?
         let dir: DirFD
         let wd: Int32
     }
@@ -116,6 +119,10 @@ public final class VolumeWatcher: Sendable {
         var byWD: [Int32: String] = [:]
         var workers: [String: Worker] = [:]
         var followed: [Int32: Followed] = [:]
+        /// Sandbox roots followed as a whole (``VolumeWatcher/followRoot(_:)``), by watch.
+        var roots: [Int32: (path: FilePath, fd: FileDescriptor)] = [:]
+        /// One client per recorded agent address.
+        var agents: [String: AgentClient] = [:]
         /// Per sandbox: the dirty volumes, and those whose last sync failed (agent away, I/O
         /// error), which the sandbox's worker retries every second until they work.
         var queues: [String: DirtyQueue] = [:]
@@ -138,8 +145,9 @@ public final class VolumeWatcher: Sendable {
     static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
 
     /// A watcher; nothing runs until ``start()``.
-    public init(limits: WatchLimits = WatchLimits(), log: @escaping Logger = { _ in }) {
+    public init(limits: WatchLimits = WatchLimits(), agentCallTimeout: Duration = .seconds(60), log: @escaping Logger = { _ in }) {
         self.limits = limits
+        self.agentCallTimeout = agentCallTimeout
         self.log = log
     }
 
@@ -208,6 +216,9 @@ public final class VolumeWatcher: Sendable {
         }
         core.withLock { c in
             for f in c.followed.values { Sys.close(f.dir.fd) }
+            for r in c.roots.values { Sys.close(r.fd) }
+            c.roots = [:]
+            c.agents = [:]
             c.volumes = [:]
             c.queues = [:]
             c.failing = [:]
@@ -351,6 +362,8 @@ public final class VolumeWatcher: Sendable {
         var wakeSandboxes: Set<String> = []
         var reloads: [Followed] = []
         var lines: [String] = []
+        var appeared: [(FilePath, String)] = []
+        var gone: [Followed] = []
         core.withLock { c in
             for e in events {
                 if e.mask & UInt32(IN_Q_OVERFLOW) != 0 {
@@ -364,8 +377,24 @@ public final class VolumeWatcher: Sendable {
                     lines.append("inotify queue overflowed: resyncing every volume")
                     continue
                 }
+                if let r = c.roots[e.wd] {
+                    // A sandbox directory appeared under a followed root (prepare renames it in
+                    // complete) or went away.
+                    if Identifier.problem(e.name) == nil {
+                        if e.mask & UInt32(IN_CREATE | IN_MOVED_TO) != 0 { appeared.append((r.path, e.name)) }
+                        if e.mask & UInt32(IN_DELETE | IN_MOVED_FROM) != 0,
+                           let f = c.followed.values.first(where: { $0.root == r.path && $0.sandboxID == e.name }) {
+                            gone.append(f)
+                        }
+                    }
+                    continue
+                }
                 if let f = c.followed[e.wd] {
-                    if e.name == "manifest" { reloads.append(f) }
+                    if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED) != 0 {
+                        gone.append(f)
+                    } else if e.name == "manifest" {
+                        reloads.append(f)
+                    }
                     continue
                 }
                 guard let key = c.byWD[e.wd], let v = c.volumes[key] else { continue }
@@ -388,7 +417,58 @@ public final class VolumeWatcher: Sendable {
             for s in wakeSandboxes { c.workers[s]?.wake() }
         }
         for line in lines { log(line) }
-        for f in reloads { reload(f) }
+        for f in gone { unfollow(f) }
+        for f in reloads where !gone.contains(where: { $0.wd == f.wd }) { reload(f) }
+        for (root, sid) in appeared { followIfSandbox(root: root, sandboxID: sid) }
+    }
+
+    /// Follows every sandbox under `root`, now and as they are prepared, each with the agent
+    /// its manifest records (copy mode); sandboxes cleaned up are dropped. One process serves
+    /// the whole node this way, on the same single inotify instance.
+    public func followRoot(_ root: FilePath) throws(FSShareError) {
+        let fd = try sys("cannot open the sandbox root \(root)") { () throws(SystemCallError) in
+            try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
+        }
+        try core.withLock { (c: inout Core) throws(FSShareError) in
+            guard let inotify = c.inotify else {
+                Sys.close(fd)
+                throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
+            }
+            do throws(SystemCallError) {
+                let wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_ONLYDIR))
+                c.roots[wd] = (root, fd)
+            } catch {
+                Sys.close(fd)
+                throw FSShareError.system("cannot watch the sandbox root \(root)", error)
+            }
+        }
+        let entries = try sys("cannot list \(root)") { () throws(SystemCallError) in try Sys.listDirectory(nil, root) }
+        for entry in entries.sorted(by: { $0.name < $1.name }) where Identifier.problem(entry.name) == nil {
+            followIfSandbox(root: root, sandboxID: entry.name)
+        }
+        log("following every sandbox under \(root)")
+    }
+
+    private func followIfSandbox(root: FilePath, sandboxID: String) {
+        let known = core.withLock { c in c.followed.values.contains { $0.root == root && $0.sandboxID == sandboxID } }
+        guard !known, LinuxFilesystemSharer.recorded(root: root, sandboxID: sandboxID) != nil else { return }
+        do {
+            try follow(root: root, sandboxID: sandboxID, agent: nil)
+        } catch {
+            log("cannot follow sandbox \(sandboxID): \(error.message)")
+        }
+    }
+
+    /// Stops following a sandbox whose directory went away, and mirroring its volumes.
+    private func unfollow(_ f: Followed) {
+        let names: [String] = core.withLock { c in
+            guard c.followed.removeValue(forKey: f.wd) != nil else { return [] }
+            if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, f.wd) }
+            Sys.close(f.dir.fd)
+            return c.volumes.values.filter { $0.sandboxID == f.sandboxID }.map(\.name)
+        }
+        for name in names { unwatch(sandboxID: f.sandboxID, name: name) }
+        log("sandbox \(f.sandboxID) is gone: stopped following it (\(names.count) volumes)")
     }
 
     // MARK: - Sync
@@ -528,7 +608,7 @@ public final class VolumeWatcher: Sendable {
     /// `root`, and follows the manifest: shares added or removed later (by other processes)
     /// are picked up. On start every volume gets a full resync, so a restarted watcher brings
     /// the guest back in line.
-    public func follow(root: FilePath, sandboxID: String, agent: AgentClient) throws(FSShareError) {
+    public func follow(root: FilePath, sandboxID: String, agent: AgentClient?) throws(FSShareError) {
         try Identifier.validate(sandboxID, what: "sandbox")
         let path = root.appending(sandboxID)
         let fd = try sys("cannot open the sandbox directory \(path)") { () throws(SystemCallError) in
@@ -541,7 +621,7 @@ public final class VolumeWatcher: Sendable {
             }
             let wd: Int32
             do throws(SystemCallError) {
-                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_MODIFY | IN_MOVED_TO | IN_ONLYDIR))
+                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_MODIFY | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR))
             } catch {
                 Sys.close(fd)
                 throw FSShareError.system("cannot watch \(path)", error)
@@ -565,8 +645,30 @@ public final class VolumeWatcher: Sendable {
         guard let manifest = try Manifest.open(in: f.dir, sandboxID: f.sandboxID) else {
             throw FSShareError(.notPrepared, "sandbox \(f.sandboxID) has no manifest under \(f.root)")
         }
-        let guestDir = SandboxLayout(root: f.root, sandboxID: f.sandboxID, guestSharedDir: SharerConfiguration.defaultGuestSharedDir)
-        let wanted = manifest.orderedShares.filter { $0.kind == .copy && $0.watched && $0.copied }
+        let recorded = RecordedSandbox(manifest)
+        let guestDir = SandboxLayout(
+            root: f.root, sandboxID: f.sandboxID, guestSharedDir: recorded.guestSharedDir ?? SharerConfiguration.defaultGuestSharedDir,
+            style: recorded.layout)
+        let wanted = manifest.orderedShares.filter { $0.kind == .copy && $0.watched && $0.copied && !$0.leftInGuest }
+        // The agent given, else the one the sandbox recorded: one client (one connection) per
+        // agent address. Each sandbox's VM has an address of its own, so a slow or dead agent
+        // holds up only its own sandbox; sandboxes naming the same address share its connection
+        // (an agent serves a bounded number of connections).
+        var agent = f.agent
+        if agent == nil, let address = recorded.agent {
+            let key = address
+            agent = core.withLock { c -> AgentClient? in
+                if let known = c.agents[key] { return known }
+                guard let parsed = try? AgentAddress(parsing: address) else { return nil }
+                let client = AgentClient(address: parsed, callTimeout: agentCallTimeout)
+                c.agents[key] = client
+                return client
+            }
+        }
+        guard let agent else {
+            if !wanted.isEmpty { log("sandbox \(f.sandboxID) has watched volumes but no agent address recorded yet") }
+            return
+        }
         let wantedNames = Set(wanted.map(\.name))
         let current = core.withLock { c in c.volumes.values.filter { $0.sandboxID == f.sandboxID }.map(\.name) }
         for name in current where !wantedNames.contains(name) {
@@ -576,7 +678,7 @@ public final class VolumeWatcher: Sendable {
         var firstError: FSShareError?
         for r in wanted {
             do {
-                try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: f.agent)
+                try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: agent)
             } catch {
                 log("cannot watch \(r.source): \(error.message)")
                 core.withLock { $0.stats.stopped[VolumeWatcher.key(f.sandboxID, r.name)] = error.message }

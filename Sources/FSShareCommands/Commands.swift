@@ -73,13 +73,14 @@ struct HypervisorOptions: ParsableArguments {
     }
 }
 
-/// Options for copy mode: how to reach the guest agent.
+/// Options for copy mode: how to reach the guest agent. Both default to what the sandbox's
+/// manifest recorded when they were first given.
 struct AgentOptions: ParsableArguments {
-    @Option(name: .long, help: "Guest agent address (copy mode): unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH. Implies --shared-fs none.")
+    @Option(name: .long, help: "Guest agent address (copy mode): unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH. Implies --shared-fs none. Default: the one the sandbox recorded.")
     var agent: String?
 
-    @Option(name: .long, help: "Where the guest keeps shares (copy mode destination prefix).")
-    var guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir
+    @Option(name: .long, help: "Where the guest keeps shares (copy mode destination prefix). Default: the one the sandbox recorded, else \(SharerConfiguration.defaultGuestSharedDir).")
+    var guestSharedDir: String?
 
     @Option(name: .long, help: "Seconds an agent call may take.")
     var agentTimeout: Int = 60
@@ -88,19 +89,22 @@ struct AgentOptions: ParsableArguments {
         if let agent {
             do { _ = try AgentAddress(parsing: agent) } catch { throw ValidationError(error.message) }
         }
-        guard guestSharedDir.hasPrefix("/") else { throw ValidationError("--guest-shared-dir must be absolute") }
+        if let guestSharedDir, !guestSharedDir.hasPrefix("/") { throw ValidationError("--guest-shared-dir must be absolute") }
     }
 
-    func client() throws -> AgentClient? {
-        guard let agent else { return nil }
-        return AgentClient(address: try AgentAddress(parsing: agent), callTimeout: .seconds(agentTimeout))
+    /// The agent to use for `sandbox`: the one given, else the one its copy-mode manifest recorded.
+    func client(root: String, sandbox: String) throws -> AgentClient? {
+        let recorded = LinuxFilesystemSharer.recorded(root: FilePath(root), sandboxID: sandbox)
+        guard let address = agent ?? (recorded?.isCopyMode == true ? recorded?.agent : nil) else { return nil }
+        return AgentClient(address: try AgentAddress(parsing: address), callTimeout: .seconds(agentTimeout))
     }
 
-    /// `base` switched to copy mode when an agent is given.
-    func apply(_ base: SharerConfiguration) -> SharerConfiguration {
+    /// `base` switched to copy mode when an agent is given or the sandbox was prepared so.
+    func apply(_ base: SharerConfiguration, root: String, sandbox: String) -> SharerConfiguration {
+        let recorded = LinuxFilesystemSharer.recorded(root: FilePath(root), sandboxID: sandbox)
         var c = base
-        c.guestSharedDir = guestSharedDir
-        if agent != nil { c.sharedFilesystem = .none }
+        c.guestSharedDir = guestSharedDir ?? recorded?.guestSharedDir ?? SharerConfiguration.defaultGuestSharedDir
+        if agent != nil || recorded?.isCopyMode == true { c.sharedFilesystem = .none }
         return c
     }
 }
@@ -111,7 +115,7 @@ extension SandboxLayoutStyle: ExpressibleByArgument {}
 
 /// The layout to use for `sandbox`: the one given, else the one its manifest records, else Go's.
 func layoutStyle(_ given: SandboxLayoutStyle?, root: String, sandbox: String) -> SandboxLayoutStyle {
-    given ?? LinuxFilesystemSharer.recordedLayout(root: FilePath(root), sandboxID: sandbox) ?? .go
+    given ?? LinuxFilesystemSharer.recorded(root: FilePath(root), sandboxID: sandbox)?.layout ?? .go
 }
 
 /// How a share source's symbolic links are treated.
@@ -266,8 +270,9 @@ struct Share: AsyncParsableCommand {
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(
-            sandboxID: sandbox, configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, sandbox: sandbox))),
-            agent: try agent.client())
+            sandboxID: sandbox,
+            configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, sandbox: sandbox), root: common.root, sandbox: sandbox)),
+            agent: try agent.client(root: common.root, sandbox: sandbox))
         var options: [String] = []
         if ro { options.append("ro") }
         if recursive { options.append("rbind") }
@@ -308,8 +313,10 @@ struct Unshare: AsyncParsableCommand {
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(
             sandboxID: sandbox,
-            configuration: agent.apply(SharerConfiguration(root: FilePath(common.root), layoutStyle: layoutStyle(nil, root: common.root, sandbox: sandbox))),
-            agent: try agent.client())
+            configuration: agent.apply(
+                SharerConfiguration(root: FilePath(common.root), layoutStyle: layoutStyle(nil, root: common.root, sandbox: sandbox)),
+                root: common.root, sandbox: sandbox),
+            agent: try agent.client(root: common.root, sandbox: sandbox))
         let c = Container(id: container, rootfs: .hostMounted("/"))
         let outcome = try sharer.unshareFileSync(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
         switch outcome {
@@ -328,35 +335,49 @@ struct Unshare: AsyncParsableCommand {
 
 struct Watch: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Keep a sandbox's copied configmap/secret/projected/downward-API volumes in sync with the guest.",
+        abstract: "Keep copied configmap/secret/projected/downward-API volumes in sync with their guests.",
         discussion: """
-            Runs until SIGTERM or SIGINT. Mirrors every watched copy-mode share in the sandbox manifest \
-            (resyncing each in full on start, so a restart brings the guest back in line) and follows the \
-            manifest for shares added or removed later. One inotify instance serves every volume; each \
-            sync is logged on standard output.
+            Runs until SIGTERM or SIGINT. Without --sandbox it serves the whole node: every sandbox under \
+            the root, those prepared later included, each through the agent its manifest recorded when a \
+            share first named it; a sandbox that is cleaned up is dropped. With --sandbox (repeatable) it \
+            serves those only. It mirrors every watched copy-mode share (resyncing each in full on start, \
+            so a restart brings the guests back in line) and follows each manifest for shares added or \
+            removed later. One inotify instance serves every volume; each sync is logged on standard output.
 
-            Example:
+            Examples:
+              fsshare watch --root /run/fsshare
               fsshare watch --root /run/fsshare --sandbox pod1 --agent unix:/run/vm/pod1/agent.sock
             """)
     @OptionGroup var common: CommonOptions
-    @Option(name: .long, help: "Sandbox id.") var sandbox: String
-    @Option(name: .long, help: "Guest agent address: unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH.") var agent: String
+    @Option(name: .long, help: "Sandbox id (repeatable). Default: every sandbox under the root, now and later.") var sandbox: [String] = []
+    @Option(name: .long, help: "Guest agent address (unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH) for the --sandbox given. Default: the one each sandbox recorded.") var agent: String?
     @Option(name: .long, help: "Most entries one volume update may have before it is no longer mirrored.") var maxEntries: Int = WatchLimits().maxEntries
     @Option(name: .long, help: "Most bytes one volume update may have before it is no longer mirrored.") var maxBytes: Int64 = WatchLimits().maxBytes
     @Option(name: .long, help: "Seconds an agent call may take.") var agentTimeout: Int = 60
 
     func run() async throws {
-        let address: AgentAddress
-        do { address = try AgentAddress(parsing: agent) } catch { throw ValidationError(error.message) }
+        var client: AgentClient?
+        if let agent {
+            guard !sandbox.isEmpty else { throw ValidationError("--agent needs --sandbox (without it each sandbox's recorded agent is used)") }
+            do {
+                client = AgentClient(address: try AgentAddress(parsing: agent), callTimeout: .seconds(agentTimeout))
+            } catch {
+                throw ValidationError(error.message)
+            }
+        }
         let signals = try Sys.terminationSignals()
         let json = common.json
-        let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes)) { line in
+        let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout)) { line in
             let text = json ? JSON.object([("event", .string(line))]).render() : "fsshare watch: \(line)"
             writeAll(fd: 1, Array((text + "\n").utf8))
         }
         try watcher.start()
         defer { watcher.stop() }
-        try watcher.follow(root: FilePath(common.root), sandboxID: sandbox, agent: AgentClient(address: address, callTimeout: .seconds(agentTimeout)))
+        if sandbox.isEmpty {
+            try watcher.followRoot(FilePath(common.root))
+        } else {
+            for id in sandbox { try watcher.follow(root: FilePath(common.root), sandboxID: id, agent: client) }
+        }
         // Block until a termination signal; the watcher's own threads do the work.
         _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")
         let stats = watcher.statistics
@@ -464,6 +485,9 @@ struct Status: AsyncParsableCommand {
             let sandboxes: [JSON] = inventory.sandboxes.map { s in
                 .object([
                     ("id", .string(s.id)), ("prepared", .bool(s.prepared)),
+                    ("layout", s.recorded.map { .string($0.layout.rawValue) } ?? .null),
+                    ("shared_fs", s.recorded?.sharedFilesystem.map(JSON.string) ?? .null),
+                    ("agent", s.recorded?.agent.map(JSON.string) ?? .null),
                     ("problem", s.problem.map(JSON.string) ?? .null),
                     ("shares", .array(s.shares.map { share in
                         let r = share.record
@@ -489,7 +513,12 @@ struct Status: AsyncParsableCommand {
         }
         if inventory.sandboxes.isEmpty { print("no sandboxes under \(inventory.root)") }
         for s in inventory.sandboxes {
-            print("sandbox \(s.id): \(s.prepared ? "prepared" : "NOT prepared")\(s.problem.map { " (\($0))" } ?? "")")
+            var how: [String] = []
+            if let r = s.recorded {
+                if r.layout != .go { how.append("\(r.layout.rawValue) layout") }
+                if r.isCopyMode { how.append("copy mode" + (r.agent.map { ", agent \($0)" } ?? ", no agent recorded yet")) }
+            }
+            print("sandbox \(s.id): \(s.prepared ? "prepared" : "NOT prepared")\(how.isEmpty ? "" : " (\(how.joined(separator: ", ")))")\(s.problem.map { " (\($0))" } ?? "")")
             for share in s.shares {
                 let r = share.record
                 let flags = [r.readOnly ? "ro" : "rw", r.recursive ? "recursive" : nil, r.isFile ? "file" : nil,

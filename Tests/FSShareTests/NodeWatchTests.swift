@@ -1,0 +1,105 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FSShare
+import FSShareAgentChannel
+import FSShareSystem
+import FSShareTestSupport
+import SystemPackage
+import Testing
+
+/// One `fsshare watch` for the whole node: 300 copy-mode sandboxes × 3 kubelet volumes, each
+/// sandbox found through its manifest (agent address and guest directory recorded by its first
+/// share), served by one process on one inotify instance; a sandbox prepared later is picked up,
+/// one cleaned up is dropped. (Kata's design holds one inotify instance per sandbox, and the
+/// default `fs.inotify.max_user_instances` of 128 stops it short of such a node.)
+@Suite("One watcher for the node", .serialized)
+struct NodeWatchTests {
+    let fsshare = TestEnvironment.product("fsshare")
+
+    /// The inotify instances a process holds (from /proc/PID/fdinfo).
+    static func inotifyInstances(_ pid: pid_t) -> Int {
+        let dir = "/proc/\(pid)/fdinfo"
+        return ((try? Sys.listDirectory(nil, FilePath(dir))) ?? []).filter { entry in
+            (readFile(dir + "/" + entry.name) ?? "").contains("inotify wd:")
+        }.count
+    }
+
+    /// Polls `condition` every 10 ms until it holds or `seconds` pass.
+    static func waitUntil(_ seconds: Double, _ condition: () -> Bool) -> Bool {
+        let deadline = Sys.monotonicNanoseconds() + UInt64(seconds * 1e9)
+        while !condition() {
+            if Sys.monotonicNanoseconds() > deadline { return false }
+            usleep(10_000)
+        }
+        return true
+    }
+
+    @Test("300 sandboxes × 3 volumes, one fsshare watch, one inotify instance, every pod updated")
+    func nodeWideWatch() throws {
+        let base = TestEnvironment.scratch("node-watch")
+        let agent = try AgentUnderTest(base)
+        let root = base + "/root"
+        let sandboxes = 300, perSandbox = 3
+        var volumes: [(sid: String, kubelet: KubeletEmulator, guest: String)] = []
+        func share(_ sid: String) throws {
+            let sharer = try LinuxFilesystemSharer(
+                sandboxID: sid,
+                configuration: SharerConfiguration(root: FilePath(root), sharedFilesystem: .none, guestSharedDir: agent.shareDir + "/" + sid + "/"),
+                agent: agent.client())
+            try sharer.prepareSync()
+            for j in 0..<perSandbox {
+                let kubelet = KubeletEmulator(root: base + "/kubelet/" + sid, plugin: "configmap", name: "v\(j)")
+                kubelet.write(["key": "\(sid)-v\(j)-0", "other": "o"])
+                let shared = try #require(try sharer.shareFileSync(
+                    container: Container(id: "c", rootfs: .hostMounted("/")), mount: Mount(source: FilePath(kubelet.volume), destination: FilePath("/etc/v\(j)"))))
+                volumes.append((sid, kubelet, shared.guestPath))
+            }
+        }
+        let t0 = Sys.monotonicNanoseconds()
+        for i in 0..<sandboxes { try share("pod\(i)") }
+        let shareSeconds = Double(Sys.monotonicNanoseconds() - t0) / 1e9
+
+        // The node's watcher: no --sandbox, no --agent.
+        let log = base + "/watch.log"
+        let t1 = Sys.monotonicNanoseconds()
+        let watch = try ChildProcess([fsshare, "watch", "--root", root], logPath: log)
+        defer { watch.stop(signal: SIGKILL) }
+        func watching() -> Int { Sys.run(["grep", "-c", "^fsshare watch: watching ", log]).output.split(separator: "\n").first.flatMap { Int($0) } ?? 0 }
+        _ = Self.waitUntil(60) { watching() >= sandboxes * perSandbox }
+        let registerSeconds = Double(Sys.monotonicNanoseconds() - t1) / 1e9
+        #expect(watching() == sandboxes * perSandbox, "\(watching()) volumes watched:\n\(Sys.run(["tail", "-5", log]).output)")
+        #expect(Self.inotifyInstances(watch.pid) == 1, "the node's watcher holds one inotify instance")
+
+        // Every pod's volumes updated at once: every guest copy follows.
+        func current(_ v: (sid: String, kubelet: KubeletEmulator, guest: String), _ n: Int) -> Bool {
+            readFile(v.guest + "/key") == "\(v.sid)-\(v.kubelet.volume.split(separator: "/").last ?? "")-\(n)"
+        }
+        let t2 = Sys.monotonicNanoseconds()
+        for v in volumes { v.kubelet.write(["key": "\(v.sid)-\(v.kubelet.volume.split(separator: "/").last ?? "")-1", "other": "o"]) }
+        _ = Self.waitUntil(120) { volumes.allSatisfy { current($0, 1) } }
+        let updateSeconds = Double(Sys.monotonicNanoseconds() - t2) / 1e9
+        let stale = volumes.filter { !current($0, 1) }
+        #expect(stale.isEmpty, "\(stale.count) of \(volumes.count) guest copies are stale, first \(stale.first?.guest ?? "")")
+
+        // A sandbox prepared while the watcher runs is picked up.
+        try share("late")
+        let late = try #require(volumes.last)
+        _ = Self.waitUntil(30) { Sys.run(["cat", log]).output.contains("watching \(late.kubelet.volume)") }
+        late.kubelet.write(["key": "late-v2-1", "other": "o"])
+        _ = Self.waitUntil(30) { current(late, 1) }
+        #expect(current(late, 1), "the sandbox prepared later is mirrored")
+
+        // A sandbox cleaned up is dropped, the others go on.
+        try LinuxFilesystemSharer(sandboxID: "pod0", configuration: SharerConfiguration(root: FilePath(root), sharedFilesystem: .none)).cleanupSync()
+        _ = Self.waitUntil(30) { Sys.run(["cat", log]).output.contains("sandbox pod0 is gone") }
+        #expect(Sys.run(["cat", log]).output.contains("sandbox pod0 is gone"))
+        let survivor = volumes[perSandbox]
+        survivor.kubelet.write(["key": "\(survivor.sid)-v0-2", "other": "o"])
+        _ = Self.waitUntil(30) { current(survivor, 2) }
+        #expect(current(survivor, 2))
+        #expect(watch.stop(signal: SIGTERM) == 0)
+        func r(_ x: Double) -> Double { (x * 100).rounded() / 100 }
+        print("figure: node watch: \(sandboxes) sandboxes × \(perSandbox) volumes shared in \(r(shareSeconds)) s; the watcher registered them in \(r(registerSeconds)) s; an update of every volume reached every guest copy in \(r(updateSeconds)) s; 1 inotify instance")
+    }
+}
