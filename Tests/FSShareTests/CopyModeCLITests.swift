@@ -53,6 +53,14 @@ import Testing
         let treeGuest = lines.first { $0.hasSuffix("-tree") } ?? ""
         #expect(snapshot(treeGuest) == ["sub": "d", "sub/f": "f:hi\n", "rel": "l:sub/f"])
 
+        // The sandbox recorded its agent and guest directory: status says copy mode, and unshare
+        // needs no flags to remove the copy from the guest.
+        let status = inNamespace("\(fsshare) status --root \(root)")
+        #expect(status.output.contains("sandbox s1: prepared (copy mode, agent unix:\(agent.socket))"), "\(status.output)")
+        let bare = inNamespace("\(fsshare) unshare --root \(root) --sandbox s1 --container c1 --destination /tree")
+        #expect(bare.status == 0 && bare.output.contains("unshared"), "\(bare.output)")
+        #expect(access(treeGuest, F_OK) != 0, "unshare without --agent removed the guest copy")
+
         // Unshare removes the guest copy; so does cleanup of what is left on the host.
         let un = inNamespace("""
             \(fsshare) unshare \(common) --container c1 --destination /data/big.bin
