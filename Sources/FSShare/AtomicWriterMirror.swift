@@ -148,7 +148,14 @@ struct AtomicWriterMirror {
             if !missing.isEmpty {
                 // No timestamped directory behind ..data: the volume is being removed. Mirror
                 // nothing; kubelet's next swap (or the deletion) is seen as an event.
-                guard let current = try? Sys.listDirectory(volume, FilePath(target)) else { return .dangling }
+                guard let current = try? Sys.listDirectory(volume, FilePath(target)) else {
+                    // Gone because kubelet swapped again meanwhile (an ordinary rapid update):
+                    // start over on the newer content. Still named by ..data: really dangling.
+                    if (try? Sys.readlinkat(volume, "..data")) != target {
+                        throw FSShareError(.conflict, "\(volume.path) was updated again while it was read")
+                    }
+                    return .dangling
+                }
                 let names = Set(current.map(\.name))
                 for (key, link) in missing where names.contains(key) { keys[key] = link }
             }

@@ -29,6 +29,11 @@ public final class GuestAgent: Sendable {
         "CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches", TTRPC.orderedFeature,
         "CreateSandbox", "DestroySandbox", "Health",
     ]
+    /// The name an entry is written under before it is renamed into place. It starts with
+    /// `..`, kubelet's prefix for a volume's internal entries (`..data`, `..data_tmp`), which
+    /// readers and reloaders of a configmap directory already pass over.
+    public static func temporaryName(for leaf: String) -> FilePath { FilePath("..\(leaf).fsshare-tmp") }
+
     /// At most this many connections are served at once; more wait in the listen backlog.
     public static let maxConnections = 32
 

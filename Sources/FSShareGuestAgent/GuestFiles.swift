@@ -126,7 +126,7 @@ final class GuestFiles {
                 let target = String(decoding: r.data, as: UTF8.self)
                 try GuestPath.checkSymlinkTarget(target, at: p)
                 // Create under a temp name and rename over the old link: never a moment without it.
-                let tmp = FilePath(".\(p.leaf).fsshare-tmp")
+                let tmp = GuestAgent.temporaryName(for: p.leaf)
                 do {
                     try Sys.symlinkat(target, parent, tmp)
                 } catch {
@@ -164,7 +164,7 @@ final class GuestFiles {
         guard r.fileSize >= 0, r.offset >= 0, r.offset + Int64(r.data.count) <= r.fileSize else {
             throw GuestAgentError(.invalid, "\(r.path): chunk at \(r.offset) of \(r.data.count) bytes does not fit a \(r.fileSize)-byte file")
         }
-        let tmp = FilePath(".\(leaf.string).fsshare-tmp")
+        let tmp = GuestAgent.temporaryName(for: leaf.string)
         do {
             let fd: FileDescriptor
             if r.offset == 0 {

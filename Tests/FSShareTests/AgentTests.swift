@@ -5,6 +5,7 @@ import FoundationEssentials
 import Glibc
 #endif
 import FSShareAgentChannel
+import FSShareGuestAgent
 import FSShareProto
 import FSShareSystem
 import FSShareTestSupport
@@ -124,10 +125,10 @@ import Testing
         let g = agent.shareDir
         try client.copyFile(request(g + "/vol/old", mode: UInt32(S_IFREG) | 0o644, data: "old"))
         // A guest process plants the agent's temp names: a file it keeps open, and a directory.
-        let planted = open(g + "/vol/.key.fsshare-tmp", O_RDWR | O_CREAT, 0o666)
+        let planted = open(g + "/vol/" + GuestAgent.temporaryName(for: "key").string, O_RDWR | O_CREAT, 0o666)
         #expect(planted >= 0)
         defer { close(planted) }
-        #expect(mkdir(g + "/vol/.link.fsshare-tmp", 0o755) == 0)
+        #expect(mkdir(g + "/vol/" + GuestAgent.temporaryName(for: "link").string, 0o755) == 0)
         try client.copyFile(request(g + "/vol/key", mode: UInt32(S_IFREG) | 0o600, data: "secret"))
         try client.copyFile(request(g + "/vol/link", mode: UInt32(S_IFLNK) | 0o777, data: "key"))
         #expect(snapshot(g + "/vol") == ["old": "f:old", "key": "f:secret", "link": "l:key"])
