@@ -58,7 +58,7 @@ struct HypervisorOptions: ParsableArguments {
         }
     }
 
-    func configuration(root: String, sandbox: String) -> SharerConfiguration {
+    func configuration(root: String, recorded: RecordedSandbox?) -> SharerConfiguration {
         let fs: SharedFilesystem
         switch sharedFS {
         case "virtio-9p": fs = .virtio9p(msize: msize)
@@ -69,7 +69,7 @@ struct HypervisorOptions: ParsableArguments {
             root: FilePath(root), sharedFilesystem: fs,
             blockDeviceDriver: BlockDeviceDriver(rawValue: blockDriver) ?? .virtioSCSI,
             shmSize: shmSize, mountMethod: MountMethod(rawValue: mountMethod) ?? .automatic,
-            layoutStyle: layoutStyle(layout, root: root, sandbox: sandbox))
+            layoutStyle: layout ?? recorded?.layout ?? .go)
     }
 }
 
@@ -92,16 +92,14 @@ struct AgentOptions: ParsableArguments {
         if let guestSharedDir, !guestSharedDir.hasPrefix("/") { throw ValidationError("--guest-shared-dir must be absolute") }
     }
 
-    /// The agent to use for `sandbox`: the one given, else the one its copy-mode manifest recorded.
-    func client(root: String, sandbox: String) throws -> AgentClient? {
-        let recorded = LinuxFilesystemSharer.recorded(root: FilePath(root), sandboxID: sandbox)
+    /// The agent to use: the one given, else the one the sandbox's copy-mode manifest recorded.
+    func client(_ recorded: RecordedSandbox?) throws -> AgentClient? {
         guard let address = agent ?? (recorded?.isCopyMode == true ? recorded?.agent : nil) else { return nil }
         return AgentClient(address: try AgentAddress(parsing: address), callTimeout: .seconds(agentTimeout))
     }
 
     /// `base` switched to copy mode when an agent is given or the sandbox was prepared so.
-    func apply(_ base: SharerConfiguration, root: String, sandbox: String) -> SharerConfiguration {
-        let recorded = LinuxFilesystemSharer.recorded(root: FilePath(root), sandboxID: sandbox)
+    func apply(_ base: SharerConfiguration, _ recorded: RecordedSandbox?) -> SharerConfiguration {
         var c = base
         c.guestSharedDir = guestSharedDir ?? recorded?.guestSharedDir ?? SharerConfiguration.defaultGuestSharedDir
         if agent != nil || recorded?.isCopyMode == true { c.sharedFilesystem = .none }
@@ -113,9 +111,9 @@ extension DescriptorFormat: ExpressibleByArgument {}
 extension SourceSymlinkPolicy: ExpressibleByArgument {}
 extension SandboxLayoutStyle: ExpressibleByArgument {}
 
-/// The layout to use for `sandbox`: the one given, else the one its manifest records, else Go's.
-func layoutStyle(_ given: SandboxLayoutStyle?, root: String, sandbox: String) -> SandboxLayoutStyle {
-    given ?? LinuxFilesystemSharer.recorded(root: FilePath(root), sandboxID: sandbox)?.layout ?? .go
+/// What `sandbox`'s manifest records (read once per command), or nil for a new sandbox.
+func recorded(_ common: CommonOptions, _ sandbox: String) -> RecordedSandbox? {
+    LinuxFilesystemSharer.recorded(root: FilePath(common.root), sandboxID: sandbox)
 }
 
 /// How a share source's symbolic links are treated.
@@ -170,7 +168,7 @@ struct Prepare: AsyncParsableCommand {
     @Option(name: .long, help: "Descriptor output: json, binary (length-delimited protobuf) or text.") var format: DescriptorFormat?
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root, sandbox: sandbox))
+        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root, recorded: recorded(common, sandbox)))
         if hypervisor.sharedFS == "virtio-9p" {
             writeAll(fd: 2, Array("fsshare: warning: Kata's agent removed its 9p storage handler in 3.29 and refuses this storage (\"Failed to find the storage handler\"); use virtio-fs with a Kata agent. 9p storages are for agents that still mount them, such as fsshare-agent.\n".utf8))
         }
@@ -269,10 +267,11 @@ struct Share: AsyncParsableCommand {
     @OptionGroup var agent: AgentOptions
 
     func run() async throws {
+        let known = recorded(common, sandbox)
         let sharer = try LinuxFilesystemSharer(
             sandboxID: sandbox,
-            configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, sandbox: sandbox), root: common.root, sandbox: sandbox)),
-            agent: try agent.client(root: common.root, sandbox: sandbox))
+            configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, recorded: known), known)),
+            agent: try agent.client(known))
         var options: [String] = []
         if ro { options.append("ro") }
         if recursive { options.append("rbind") }
@@ -311,12 +310,11 @@ struct Unshare: AsyncParsableCommand {
     @OptionGroup var agent: AgentOptions
 
     func run() async throws {
+        let known = recorded(common, sandbox)
         let sharer = try LinuxFilesystemSharer(
             sandboxID: sandbox,
-            configuration: agent.apply(
-                SharerConfiguration(root: FilePath(common.root), layoutStyle: layoutStyle(nil, root: common.root, sandbox: sandbox)),
-                root: common.root, sandbox: sandbox),
-            agent: try agent.client(root: common.root, sandbox: sandbox))
+            configuration: agent.apply(SharerConfiguration(root: FilePath(common.root), layoutStyle: known?.layout ?? .go), known),
+            agent: try agent.client(known))
         let c = Container(id: container, rootfs: .hostMounted("/"))
         let outcome = try sharer.unshareFileSync(container: c, mount: Mount(source: "/", destination: FilePath(destination)))
         switch outcome {
@@ -434,7 +432,8 @@ struct ShareRootfs: AsyncParsableCommand {
     @OptionGroup var sourceOptions: SourceOptions
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root, sandbox: sandbox)))
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root, recorded: recorded(common, sandbox))))
         let shared = try await sharer.shareRootFilesystem(container: Container(id: container, rootfs: rootfsOptions.rootfs))
         let resolved = resolvedLines(shared, source: rootfsOptions.dir ?? "")
         try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))] + resolved.fields,
@@ -456,7 +455,7 @@ struct UnshareRootfs: AsyncParsableCommand {
 
     func run() async throws {
         let sharer = try LinuxFilesystemSharer(
-            sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root), layoutStyle: layoutStyle(nil, root: common.root, sandbox: sandbox)))
+            sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root), layoutStyle: recorded(common, sandbox)?.layout ?? .go))
         try Identifier.validate(container, what: "container")
         try sharer.unshare(name: "\(container)/rootfs")
         try sharer.unshare(name: container)
