@@ -366,7 +366,7 @@ struct Watch: AsyncParsableCommand {
         let signals = try Sys.terminationSignals()
         let json = common.json
         let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout)) { line in
-            let text = json ? JSON.object([("event", .string(line))]).render() : "fsshare watch: \(line)"
+            let text = json ? JSON.object([("event", .string(line))]).compact() : "fsshare watch: \(line)"
             writeAll(fd: 1, Array((text + "\n").utf8))
         }
         try watcher.start()
@@ -379,7 +379,8 @@ struct Watch: AsyncParsableCommand {
         // Block until a termination signal; the watcher's own threads do the work.
         _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")
         let stats = watcher.statistics
-        writeAll(fd: 1, Array("fsshare watch: stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)\n".utf8))
+        let closing = "stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)"
+        writeAll(fd: 1, Array(((json ? JSON.object([("event", .string(closing))]).compact() : "fsshare watch: " + closing) + "\n").utf8))
     }
 }
 
@@ -539,28 +540,30 @@ public struct FSShareCLI: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "fsshare",
         abstract: "Share host filesystems into VM sandboxes (Kata-compatible layout and descriptors).",
-        discussion: "Exit status: 0 ok, 1 the operation failed, 2 usage error.",
+        discussion: "Exit status: 0 ok, 1 the operation failed, 2 usage error. Under --json an error is one JSON object on standard error: {\"error\": {\"code\", \"message\"}}.",
+        version: FSShareCLI.version,
         subcommands: [Prepare.self, Cleanup.self, Share.self, Unshare.self, ShareRootfs.self, UnshareRootfs.self, Status.self, Watch.self])
+
+    /// What `fsshare --version` prints.
+    public static let version = "fsshare 0.4 (manifest format 1; Kata agent protocol subset: Storage, CopyFile, Health)"
 
     public init() {}
 
     /// Parses `arguments`, runs the command, and returns the process exit status.
     public static func runMain(_ arguments: [String]) async -> Int32 {
+        let json = arguments.contains("--json")
+        /// One error line: text, or one JSON object under --json.
+        func report(_ kind: String, _ message: String) {
+            let line = json
+                ? JSON.object([("error", .object([("code", .string(kind)), ("message", .string(message))]))]).compact()
+                : "fsshare: \(message)"
+            writeAll(fd: 2, Array((line + "\n").utf8))
+        }
+        var command: any ParsableCommand
         do {
-            var command = try parseAsRoot(arguments)
-            if var asyncCommand = command as? any AsyncParsableCommand {
-                try await asyncCommand.run()
-            } else {
-                try command.run()
-            }
-            return 0
-        } catch let error as FSShareError {
-            writeAll(fd: 2, Array("fsshare: \(error.message)\n".utf8))
-            return 1
-        } catch let error as AgentError {
-            writeAll(fd: 2, Array("fsshare: \(error.message)\n".utf8))
-            return 1
+            command = try parseAsRoot(arguments)
         } catch {
+            // The command line itself: usage errors exit 2; --help and --version exit 0.
             let code = exitCode(for: error)
             let message = fullMessage(for: error)
             if code == .success {
@@ -570,9 +573,35 @@ public struct FSShareCLI: AsyncParsableCommand {
             writeAll(fd: 2, Array((message + "\n").utf8))
             return 2
         }
+        do {
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+            return 0
+        } catch let error as FSShareError {
+            report(error.code.rawValue, error.message)
+            return 1
+        } catch let error as AgentError {
+            report("agent-" + error.code.rawValue, error.message)
+            return 1
+        } catch let error as ValidationError {
+            // A combination of options that parsing could not see: still a usage error.
+            report("usage", error.message)
+            return 2
+        } catch {
+            // --help and --version arrive here as a clean exit.
+            if exitCode(for: error) == .success {
+                print(fullMessage(for: error))
+                return 0
+            }
+            // Anything else went wrong while operating: an operational failure.
+            report("failed", fullMessage(for: error))
+            return 1
+        }
     }
 }
-
 
 /// Writes bytes straight to a descriptor (stdout/stderr) without stdio's global state.
 func writeAll(fd: Int32, _ bytes: [UInt8]) {

@@ -30,6 +30,15 @@ indirect enum JSON {
             return "{\n" + fields.map { pad + Storages.goJSONString($0.0) + ": " + $0.1.render(indent: indent + 1) }.joined(separator: ",\n") + "\n" + end + "}"
         }
     }
+
+    /// On one line, for line-oriented output (watch events, errors).
+    func compact() -> String {
+        switch self {
+        case .array(let items): return "[" + items.map { $0.compact() }.joined(separator: ",") + "]"
+        case .object(let fields): return "{" + fields.map { Storages.goJSONString($0.0) + ":" + $0.1.compact() }.joined(separator: ",") + "}"
+        default: return render()
+        }
+    }
 }
 
 /// How `prepare` and `share*` print the `Storage` descriptors.

@@ -19,6 +19,21 @@ struct CLITests {
         #expect(await FSShareCLI.runMain(["share", "--help"]) == 0)
     }
 
+    @Test("--version, and errors under --json are one JSON object")
+    func versionAndJSONErrors() {
+        let bin = TestEnvironment.product("fsshare")
+        let version = Sys.run([bin, "--version"])
+        #expect(version.status == 0 && version.output.hasPrefix("fsshare "), "\(version.output)")
+        let root = TestEnvironment.scratch("cli-json-error")
+        // An operational failure (not a usage error): exit 1, one JSON line with code and message.
+        let failed = Sys.run([bin, "share", "--root", root, "--sandbox", "s", "--container", "c", "--source", "/tmp", "--destination", "/d", "--json"])
+        #expect(failed.status == 1, "\(failed.output)")
+        let line = failed.output.split(separator: "\n").last.map(String.init) ?? ""
+        #expect(line.hasPrefix("{\"error\":{\"code\":\"notPrepared\",\"message\":") && line.hasSuffix("}}"), "\(line)")
+        let watch = Sys.run([bin, "watch", "--root", root + "/missing", "--json"])
+        #expect(watch.status == 1 && watch.output.contains("{\"error\":"), "\(watch.output)")
+    }
+
     @Test("operation failures exit 1")
     func operationFailure() async {
         // Not prepared: fails without touching anything.
