@@ -442,7 +442,8 @@ public final class VolumeWatcher: Sendable {
                 throw FSShareError.system("cannot watch the sandbox root \(root)", error)
             }
         }
-        let entries = try sys("cannot list \(root)") { () throws(SystemCallError) in try Sys.listDirectory(nil, root) }
+        // Listed through the descriptor opened above (the configured root may be a symlink).
+        let entries = try sys("cannot list \(root)") { () throws(SystemCallError) in try Sys.listDirectory(DirFD(fd: fd, path: root), ".") }
         for entry in entries.sorted(by: { $0.name < $1.name }) where Identifier.problem(entry.name) == nil {
             followIfSandbox(root: root, sandboxID: entry.name)
         }
@@ -461,12 +462,14 @@ public final class VolumeWatcher: Sendable {
 
     /// Stops following a sandbox whose directory went away, and mirroring its volumes.
     private func unfollow(_ f: Followed) {
-        let names: [String] = core.withLock { c in
-            guard c.followed.removeValue(forKey: f.wd) != nil else { return [] }
+        // Seen twice when both the root's watch and the sandbox's own report the removal.
+        let names: [String]? = core.withLock { c in
+            guard c.followed.removeValue(forKey: f.wd) != nil else { return nil }
             if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, f.wd) }
             Sys.close(f.dir.fd)
             return c.volumes.values.filter { $0.sandboxID == f.sandboxID }.map(\.name)
         }
+        guard let names else { return }
         for name in names { unwatch(sandboxID: f.sandboxID, name: name) }
         log("sandbox \(f.sandboxID) is gone: stopped following it (\(names.count) volumes)")
     }
