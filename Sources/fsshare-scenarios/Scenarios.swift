@@ -28,14 +28,14 @@ struct ScenarioMain {
         case "guest-view-legacy": s.guestView(method: .legacy)
         case "guest-view-runtime-rs": s.guestView(method: .newAPI, style: .runtimeRS)
         case "refusals": s.refusals()
-        case "rollback": s.rollback()
-        case "crash": s.crash()
+        case "rollback": s.requireFaultInjection(); s.rollback()
+        case "crash": s.requireFaultInjection(); s.crash()
         case "crash-child": s.crashChild()
         case "adversary": s.adversary()
         case "foreign": s.foreign()
-        case "mount-probe": s.mountProbe()
+        case "mount-probe": s.requireFaultInjection(); s.mountProbe()
         case "mount-probe-child": s.mountProbeChild()
-        case "no-delete-through-mounts": s.noDeleteThroughMounts()
+        case "no-delete-through-mounts": s.requireFaultInjection(); s.noDeleteThroughMounts()
         case "status-leaks": s.statusLeaks()
         default:
             print("unknown scenario \(args[1])")
@@ -72,6 +72,12 @@ struct Scenarios {
             try Sys.mount(source: "tmpfs", target: FilePath(rec + "/sub"), fstype: "tmpfs", flags: 0)
         }
         writeFile(rec + "/sub/deep", "deep")
+    }
+
+    /// Scenarios that inject faults or kills would pass without testing anything in a release
+    /// build, which has no fault injection.
+    func requireFaultInjection() {
+        checks.check(FaultInjection.isCompiledIn, "fault injection is compiled in (a debug build)")
     }
 
     /// Nothing of the sandbox is left: no directory, no mount.
