@@ -97,6 +97,96 @@ void   grpc__create_sandbox_request__free_unpacked
   assert(message->base.descriptor == &grpc__create_sandbox_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   grpc__create_container_request__init
+                     (Grpc__CreateContainerRequest         *message)
+{
+  static const Grpc__CreateContainerRequest init_value = GRPC__CREATE_CONTAINER_REQUEST__INIT;
+  *message = init_value;
+}
+size_t grpc__create_container_request__get_packed_size
+                     (const Grpc__CreateContainerRequest *message)
+{
+  assert(message->base.descriptor == &grpc__create_container_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t grpc__create_container_request__pack
+                     (const Grpc__CreateContainerRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &grpc__create_container_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t grpc__create_container_request__pack_to_buffer
+                     (const Grpc__CreateContainerRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &grpc__create_container_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Grpc__CreateContainerRequest *
+       grpc__create_container_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Grpc__CreateContainerRequest *)
+     protobuf_c_message_unpack (&grpc__create_container_request__descriptor,
+                                allocator, len, data);
+}
+void   grpc__create_container_request__free_unpacked
+                     (Grpc__CreateContainerRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &grpc__create_container_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   grpc__remove_container_request__init
+                     (Grpc__RemoveContainerRequest         *message)
+{
+  static const Grpc__RemoveContainerRequest init_value = GRPC__REMOVE_CONTAINER_REQUEST__INIT;
+  *message = init_value;
+}
+size_t grpc__remove_container_request__get_packed_size
+                     (const Grpc__RemoveContainerRequest *message)
+{
+  assert(message->base.descriptor == &grpc__remove_container_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t grpc__remove_container_request__pack
+                     (const Grpc__RemoveContainerRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &grpc__remove_container_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t grpc__remove_container_request__pack_to_buffer
+                     (const Grpc__RemoveContainerRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &grpc__remove_container_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Grpc__RemoveContainerRequest *
+       grpc__remove_container_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Grpc__RemoveContainerRequest *)
+     protobuf_c_message_unpack (&grpc__remove_container_request__descriptor,
+                                allocator, len, data);
+}
+void   grpc__remove_container_request__free_unpacked
+                     (Grpc__RemoveContainerRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &grpc__remove_container_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   grpc__destroy_sandbox_request__init
                      (Grpc__DestroySandboxRequest         *message)
 {
@@ -455,6 +545,136 @@ const ProtobufCMessageDescriptor grpc__create_sandbox_request__descriptor =
   grpc__create_sandbox_request__field_indices_by_name,
   1,  grpc__create_sandbox_request__number_ranges,
   (ProtobufCMessageInit) grpc__create_sandbox_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor grpc__create_container_request__field_descriptors[4] =
+{
+  {
+    "container_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateContainerRequest, container_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "exec_id",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateContainerRequest, exec_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "storages",
+    5,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Grpc__CreateContainerRequest, n_storages),
+    offsetof(Grpc__CreateContainerRequest, storages),
+    &grpc__storage__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sandbox_pidns",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__CreateContainerRequest, sandbox_pidns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned grpc__create_container_request__field_indices_by_name[] = {
+  0,   /* field[0] = container_id */
+  1,   /* field[1] = exec_id */
+  3,   /* field[3] = sandbox_pidns */
+  2,   /* field[2] = storages */
+};
+static const ProtobufCIntRange grpc__create_container_request__number_ranges[3 + 1] =
+{
+  { 1, 0 },
+  { 5, 2 },
+  { 7, 3 },
+  { 0, 4 }
+};
+const ProtobufCMessageDescriptor grpc__create_container_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "grpc.CreateContainerRequest",
+  "CreateContainerRequest",
+  "Grpc__CreateContainerRequest",
+  "grpc",
+  sizeof(Grpc__CreateContainerRequest),
+  4,
+  grpc__create_container_request__field_descriptors,
+  grpc__create_container_request__field_indices_by_name,
+  3,  grpc__create_container_request__number_ranges,
+  (ProtobufCMessageInit) grpc__create_container_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor grpc__remove_container_request__field_descriptors[2] =
+{
+  {
+    "container_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__RemoveContainerRequest, container_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "timeout",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Grpc__RemoveContainerRequest, timeout),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned grpc__remove_container_request__field_indices_by_name[] = {
+  0,   /* field[0] = container_id */
+  1,   /* field[1] = timeout */
+};
+static const ProtobufCIntRange grpc__remove_container_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor grpc__remove_container_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "grpc.RemoveContainerRequest",
+  "RemoveContainerRequest",
+  "Grpc__RemoveContainerRequest",
+  "grpc",
+  sizeof(Grpc__RemoveContainerRequest),
+  2,
+  grpc__remove_container_request__field_descriptors,
+  grpc__remove_container_request__field_indices_by_name,
+  1,  grpc__remove_container_request__number_ranges,
+  (ProtobufCMessageInit) grpc__remove_container_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 #define grpc__destroy_sandbox_request__field_descriptors NULL

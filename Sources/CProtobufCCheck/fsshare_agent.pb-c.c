@@ -965,7 +965,7 @@ const ProtobufCMessageDescriptor fsshare__watch_content_request__expect_entry__d
   (ProtobufCMessageInit) fsshare__watch_content_request__expect_entry__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor fsshare__watch_content_request__field_descriptors[3] =
+static const ProtobufCFieldDescriptor fsshare__watch_content_request__field_descriptors[4] =
 {
   {
     "dir",
@@ -1003,16 +1003,29 @@ static const ProtobufCFieldDescriptor fsshare__watch_content_request__field_desc
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "inotify",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentRequest, inotify),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned fsshare__watch_content_request__field_indices_by_name[] = {
   0,   /* field[0] = dir */
   1,   /* field[1] = expect */
+  3,   /* field[3] = inotify */
   2,   /* field[2] = timeout_ms */
 };
 static const ProtobufCIntRange fsshare__watch_content_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor fsshare__watch_content_request__descriptor =
 {
@@ -1022,14 +1035,14 @@ const ProtobufCMessageDescriptor fsshare__watch_content_request__descriptor =
   "Fsshare__WatchContentRequest",
   "fsshare",
   sizeof(Fsshare__WatchContentRequest),
-  3,
+  4,
   fsshare__watch_content_request__field_descriptors,
   fsshare__watch_content_request__field_indices_by_name,
   1,  fsshare__watch_content_request__number_ranges,
   (ProtobufCMessageInit) fsshare__watch_content_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_descriptors[6] =
+static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_descriptors[9] =
 {
   {
     "matched",
@@ -1103,11 +1116,50 @@ static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_des
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "data_moved_events",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, data_moved_events),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "first_data_moved_ns",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, first_data_moved_ns),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "events",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, events),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned fsshare__watch_content_response__field_indices_by_name[] = {
   2,   /* field[2] = dangling */
+  6,   /* field[6] = data_moved_events */
   5,   /* field[5] = detail */
   4,   /* field[4] = elapsed_ns */
+  8,   /* field[8] = events */
+  7,   /* field[7] = first_data_moved_ns */
   0,   /* field[0] = matched */
   1,   /* field[1] = passes */
   3,   /* field[3] = torn */
@@ -1115,7 +1167,7 @@ static const unsigned fsshare__watch_content_response__field_indices_by_name[] =
 static const ProtobufCIntRange fsshare__watch_content_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor =
 {
@@ -1125,7 +1177,7 @@ const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor =
   "Fsshare__WatchContentResponse",
   "fsshare",
   sizeof(Fsshare__WatchContentResponse),
-  6,
+  9,
   fsshare__watch_content_response__field_descriptors,
   fsshare__watch_content_response__field_indices_by_name,
   1,  fsshare__watch_content_response__number_ranges,

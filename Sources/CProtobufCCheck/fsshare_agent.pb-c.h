@@ -201,10 +201,15 @@ struct  Fsshare__WatchContentRequest
   size_t n_expect;
   Fsshare__WatchContentRequest__ExpectEntry **expect;
   uint32_t timeout_ms;
+  /*
+   * Also listen with inotify on `dir` for as long as the request runs, as an app that reloads
+   * on change does.
+   */
+  protobuf_c_boolean inotify;
 };
 #define FSSHARE__WATCH_CONTENT_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&fsshare__watch_content_request__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, 0 }
+    , (char *)protobuf_c_empty_string, 0,NULL, 0, 0 }
 
 
 struct  Fsshare__WatchContentResponse
@@ -231,10 +236,22 @@ struct  Fsshare__WatchContentResponse
    * What the last pass saw, when not matched.
    */
   char *detail;
+  /*
+   * With inotify: IN_MOVED_TO events naming `..data` (kubelet's swap as the app sees it).
+   */
+  uint64_t data_moved_events;
+  /*
+   * With inotify: from the request's arrival to the first of those (0: none).
+   */
+  uint64_t first_data_moved_ns;
+  /*
+   * With inotify: every event seen on `dir`.
+   */
+  uint64_t events;
 };
 #define FSSHARE__WATCH_CONTENT_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&fsshare__watch_content_response__descriptor) \
-    , 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
+    , 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0 }
 
 
 /* Fsshare__Empty methods */

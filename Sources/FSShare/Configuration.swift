@@ -106,6 +106,10 @@ public struct SharerConfiguration: Sendable, Equatable {
     public var sourceSymlinks: SourceSymlinkPolicy
     /// The Kata runtime whose layout and guest paths the sandbox follows.
     public var layoutStyle: SandboxLayoutStyle
+    /// Shared-filesystem modes: kubelet atomic-writer volumes (configmap, secret, projected,
+    /// downward-API) within these limits get Kata's `watchable-bind` mirror in the guest (see
+    /// ``WatchableVolumes``); nil shares them plainly. Default: Kata's agent's limits.
+    public var watchableLimits: WatchLimits? = WatchableVolumes.kataLimits
 
     public init(
         root: FilePath = SharerConfiguration.defaultRoot,

@@ -273,10 +273,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         if manifest.settings[RecordedSandbox.sharedFilesystemKey] == nil {
             try manifest.recordSetting(RecordedSandbox.sharedFilesystemKey, fsName)
         }
-        if copyMode {
-            try manifest.recordSetting(RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir)
-            if let agent { try manifest.recordSetting(RecordedSandbox.agentKey, agent.address.description) }
-        }
+        // The agent: copy mode's channel; with a shared filesystem, where `fsshare watch`
+        // pushes the watchable mirrors.
+        try manifest.recordSetting(RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir)
+        if let agent { try manifest.recordSetting(RecordedSandbox.agentKey, agent.address.description) }
         let style = configuration.layoutStyle
         guard manifest.style == style else {
             throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with Kata's \(manifest.style.rawValue) layout; this sharer is configured for \(style.rawValue)")
@@ -379,10 +379,49 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             return try h.locked { () throws(FSShareError) -> SharedFile in
                 try h.manifest.refresh()
                 if copyMode { return try copyShare(record, handle: h, policy: policy) }
-                let made = try share(record, in: h.mounts, handle: h, method: method, policy: policy)
-                return SharedFile(guestPath: layout.guestPath(name), resolvedSource: made.resolvedSource.map { FilePath($0) })
+                var proposed = record
+                var fallback: String?
+                if h.manifest.shares[name] == nil {
+                    (proposed.watched, fallback) = try watchable(mount.source, handle: h, policy: policy)
+                }
+                let made = try share(proposed, in: h.mounts, handle: h, method: method, policy: policy)
+                let resolved = made.resolvedSource.map { FilePath($0) }
+                guard made.watched else {
+                    return SharedFile(guestPath: layout.guestPath(name), resolvedSource: resolved, watchableFallback: fallback)
+                }
+                // Kata's runtime rewrites the container's mount source to the mirror.
+                let mirror = layout.watchableGuestPath(name)
+                let storage = WatchableVolumes.storage(shareGuestPath: layout.guestPath(name), mirrorGuestPath: mirror, options: mount.options)
+                if let watcher, let agent {
+                    try watcher.watch(sandboxID: sandboxID, name: name, volume: FilePath(made.source), guestPath: mirror, agent: agent, watchable: true)
+                }
+                return SharedFile(guestPath: mirror, volumeStorages: [storage], resolvedSource: resolved)
             }
         }
+    }
+
+    /// Whether a new share of `source` gets a `watchable-bind` mirror, and if it is a kubelet
+    /// volume that does not, why. Makes `mounts/watchable/` (the agent covers its guest view
+    /// with a tmpfs; the read-only export cannot get it later).
+    private func watchable(_ source: FilePath, handle h: SandboxHandle, policy: SourceSymlinkPolicy) throws(FSShareError) -> (Bool, String?) {
+        // The path as given (as Kata matches it); resolving every source to look again would
+        // cost each share an extra open. A symlinked kubelet root still matches once the
+        // opened path is checked below.
+        guard KubeletVolume.match(source) != nil || source.components.contains(where: { KubeletVolume.plugins.contains($0.string) }) else {
+            return (false, nil)
+        }
+        guard let limits = configuration.watchableLimits else {
+            return (false, "watchable mirrors are turned off: the guest sees the plain share, where updates raise no inotify event")
+        }
+        let opened = try SourceCheck.open(source, policy: policy, rootGuard: h.rootGuard)
+        defer { Sys.close(opened.fd) }
+        guard opened.kind == .directory, KubeletVolume.match(source) != nil || KubeletVolume.match(opened.path) != nil else { return (false, nil) }
+        if let over = try WatchableVolumes.overLimit(DirFD(fd: opened.fd, path: opened.path), limits: limits) {
+            return (false, "\(opened.path) has \(over): shared without a watchable mirror, so updates raise no inotify event in the guest")
+        }
+        let dir = try MountOps.ownEntry(h.mounts, WatchableVolumes.directoryName, directory: true, mode: 0o750)
+        Sys.close(dir.fd)
+        return (true, nil)
     }
 
     public func unshareFile(container: Container, mount: Mount) async throws(FSShareError) {
@@ -413,6 +452,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             return try h.locked { () throws(FSShareError) -> UnshareOutcome in
                 try h.manifest.refresh()
                 if let record = h.manifest.shares[name], record.kind == .copy { return try removeCopy(record, handle: h) }
+                if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
                 try removeShare(name, handle: h)
                 return .removed
             }

@@ -28,7 +28,8 @@ public struct ShareRecord: Sendable, Equatable {
     public var isFile: Bool
     /// Copy mode: the copy into the guest completed.
     public var copied: Bool = false
-    /// Copy mode: a kubelet atomic-writer volume whose updates are mirrored by the watcher.
+    /// A kubelet atomic-writer volume whose updates the watcher mirrors: in copy mode into the
+    /// copy; in shared-filesystem modes (a `.volume`) into its `watchable-bind` mirror.
     public var watched: Bool = false
     /// Copy mode: where the copy lives in the guest.
     public var guestPath: String? = nil

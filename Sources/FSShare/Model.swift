@@ -74,11 +74,16 @@ public struct SharedFile: Sendable, Equatable {
     /// Where the source really is, when reaching it followed symbolic links (under
     /// ``SourceSymlinkPolicy/follow``); nil when the source path has none.
     public var resolvedSource: FilePath?
+    /// A kubelet atomic-writer volume in a shared-filesystem sandbox that did not get its
+    /// `watchable-bind` mirror: why (over a limit, or mirrors turned off). The guest sees the
+    /// plain share, where updates raise no inotify event.
+    public var watchableFallback: String?
 
     public init(
         guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = [], copyReport: CopyReport? = nil,
-        resolvedSource: FilePath? = nil
+        resolvedSource: FilePath? = nil, watchableFallback: String? = nil
     ) {
+        self.watchableFallback = watchableFallback
         self.guestPath = guestPath
         self.containerStorages = containerStorages
         self.volumeStorages = volumeStorages
@@ -94,9 +99,10 @@ public struct RecordedSandbox: Sendable, Equatable {
     public var layout: SandboxLayoutStyle
     /// Kata's name of its shared filesystem (`virtio-fs`, `virtio-9p`, `none`).
     public var sharedFilesystem: String?
-    /// Copy mode: the agent address last given (`unix:PATH`, `hvsock:PATH:PORT`, ...).
+    /// The agent address last given (`unix:PATH`, `hvsock:PATH:PORT`, ...): copy mode's channel,
+    /// and in shared-filesystem modes the one `fsshare watch` pushes watchable mirrors through.
     public var agent: String?
-    /// Copy mode: where the guest keeps the shares.
+    /// Where the guest keeps the shares.
     public var guestSharedDir: String?
 
     /// Copy mode (no shared filesystem).

@@ -38,6 +38,11 @@ public struct SandboxLayout: Sendable, Equatable {
 
     /// The guest path of a share named `name` (a path below the mounts directory).
     public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, style.guestPrefix + name) }
+    /// The guest path of the `watchable-bind` mirror of a share named `name`
+    /// (`…/containers/watchable/<name>`; runtime-rs `…/containers/passthrough/watchable/<name>`).
+    public func watchableGuestPath(_ name: String) -> String {
+        Storages.joinGuest(guestSharedDir, style.guestPrefix + WatchableVolumes.directoryName.string + "/" + name)
+    }
     /// The host path of a share named `name`.
     public func hostPath(_ name: String) -> FilePath { mountsDirectory.appending(name) }
 }

@@ -58,6 +58,9 @@ public final class VolumeWatcher: Sendable {
         let hostPath: FilePath
         let guestPath: String
         let agent: AgentClient
+        /// A shared-filesystem volume's `watchable-bind` mirror (written only through an agent
+        /// that has `fsshare.GuestFiles`; a Kata agent keeps its own).
+        let watchable: Bool
         /// Identifies this registration (a volume unwatched and watched again gets a new one).
         let generation: UInt64
         let wd: Int32
@@ -243,11 +246,15 @@ public final class VolumeWatcher: Sendable {
     /// Starts mirroring `volume` (a kubelet atomic-writer volume directory) to `guestPath`
     /// through `agent`. The first sync is a full one (it also removes stale guest entries).
     /// Watching an already watched volume is a no-op.
-    public func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient) throws(FSShareError) {
-        try watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: nil)
+    ///
+    /// `watchable`: `guestPath` is the `watchable-bind` mirror of a shared-filesystem volume
+    /// (see ``WatchableVolumes``), which is only written through an agent that has
+    /// `fsshare.GuestFiles`: a Kata agent keeps that mirror itself, and mirroring stops with that reason.
+    public func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, watchable: Bool = false) throws(FSShareError) {
+        try watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: nil, watchable: watchable)
     }
 
-    func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?) throws(FSShareError) {
+    func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?, watchable: Bool = false) throws(FSShareError) {
         let key = VolumeWatcher.key(sandboxID, name)
         let added = try core.withLock { (c: inout Core) throws(FSShareError) -> Bool in
             guard let inotify = c.inotify, !c.stopping else {
@@ -269,7 +276,9 @@ public final class VolumeWatcher: Sendable {
                 throw FSShareError.system("cannot watch \(volume)", error)
             }
             c.generation += 1
-            let v = Volume(sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, generation: c.generation, wd: wd, state: state)
+            let v = Volume(
+                sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, watchable: watchable,
+                generation: c.generation, wd: wd, state: state)
             // A second volume on the same inode shares the wd: keep one entry per wd.
             if let other = c.byWD[wd], other != key {
                 throw FSShareError(.conflict, "\(volume) is already watched as \(other)")
@@ -339,26 +348,12 @@ public final class VolumeWatcher: Sendable {
             guard let ready = try? Sys.pollIn(fd, wake: wake, timeoutMilliseconds: -1, path: "inotify") else { return }
             if ready & 2 != 0 { return }
             guard let n = try? Sys.readAvailable(fd, into: buffer, path: "inotify"), n > 0 else { continue }
-            var events: [(wd: Int32, mask: UInt32, name: String)] = []
-            var offset = 0
-            while offset + 16 <= n {
-                let wd = buffer.load(fromByteOffset: offset, as: Int32.self)
-                let mask = buffer.load(fromByteOffset: offset + 4, as: UInt32.self)
-                let len = Int(buffer.load(fromByteOffset: offset + 12, as: UInt32.self))
-                var name = ""
-                if len > 0 {
-                    let raw = UnsafeRawBufferPointer(rebasing: buffer[(offset + 16)..<(offset + 16 + len)])
-                    let end = raw.firstIndex(of: 0) ?? len
-                    name = String(decoding: raw[0..<end], as: UTF8.self)
-                }
-                events.append((wd, mask, name))
-                offset += 16 + len
-            }
+            let events = Sys.inotifyEvents(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
             handle(events)
         }
     }
 
-    private func handle(_ events: [(wd: Int32, mask: UInt32, name: String)]) {
+    private func handle(_ events: [InotifyEvent]) {
         var wakeSandboxes: Set<String> = []
         var reloads: [Followed] = []
         var lines: [String] = []
@@ -530,7 +525,31 @@ public final class VolumeWatcher: Sendable {
         let start = Sys.monotonicNanoseconds()
         var state = v.state
         var report = CopyReport()
-        do {
+        do throws(FSShareError) {
+            var kata = false
+            if v.watchable {
+                do throws(AgentError) {
+                    kata = try !v.agent.features().contains("RenamePath")
+                } catch {
+                    throw FSShareError.agent("cannot ask the agent at \(v.agent.address) what it serves", error)
+                }
+            }
+            if kata {
+                // A Kata agent: it polls the share into this mirror itself (every 2 s). A second
+                // writer would race it on ..data, so the mirror is left to it.
+                let reason = "the agent at \(v.agent.address) is not fsshare-agent (no fsshare.GuestFiles): it keeps the watchable mirror \(v.guestPath) itself (Kata polls every 2 s), so fsshare leaves it alone"
+                core.withLock { c in
+                    guard let gone = c.volumes[key], gone.generation == v.generation else { return }
+                    c.volumes[key] = nil
+                    c.byWD[gone.wd] = nil
+                    c.failing[gone.sandboxID]?.remove(key)
+                    if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
+                    c.stats.watchedVolumes = c.volumes.count
+                    c.stats.stopped[key] = reason
+                }
+                log("\(v.hostPath): \(reason)")
+                return true
+            }
             let fd = try sys("cannot open the watched volume \(v.hostPath)") { () throws(SystemCallError) in
                 try Sys.openat(nil, v.hostPath, flags: Sys.oPath | Sys.oDirectory)
             }
@@ -652,7 +671,10 @@ public final class VolumeWatcher: Sendable {
         let guestDir = SandboxLayout(
             root: f.root, sandboxID: f.sandboxID, guestSharedDir: recorded.guestSharedDir ?? SharerConfiguration.defaultGuestSharedDir,
             style: recorded.layout)
-        let wanted = manifest.orderedShares.filter { $0.kind == .copy && $0.watched && $0.copied && !$0.leftInGuest }
+        // Copy-mode volumes once copied, and shared-filesystem volumes with a watchable mirror.
+        let wanted = manifest.orderedShares.filter {
+            $0.watched && (($0.kind == .copy && $0.copied && !$0.leftInGuest) || $0.kind == .volume)
+        }
         // The agent given, else the one the sandbox recorded: one client (one connection) per
         // agent address. Each sandbox's VM has an address of its own, so a slow or dead agent
         // holds up only its own sandbox; sandboxes naming the same address share its connection
@@ -681,7 +703,11 @@ public final class VolumeWatcher: Sendable {
         var firstError: FSShareError?
         for r in wanted {
             do {
-                try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: agent)
+                if r.kind == .volume {
+                    try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: guestDir.watchableGuestPath(r.name), agent: agent, watchable: true)
+                } else {
+                    try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: agent)
+                }
             } catch {
                 log("cannot watch \(r.source): \(error.message)")
                 core.withLock { $0.stats.stopped[VolumeWatcher.key(f.sandboxID, r.name)] = error.message }

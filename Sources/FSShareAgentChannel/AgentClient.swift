@@ -136,6 +136,22 @@ public final class AgentClient: Sendable {
         _ = try call(TTRPC.agentService, TTRPC.createSandboxMethod, r)
     }
 
+    /// Kata's `CreateContainer`, carrying only the container's storages (what fsshare's
+    /// descriptors feed; a runtime sends its OCI spec too).
+    public func createContainer(id: String, storages: [Grpc_Storage]) throws(AgentError) {
+        var r = Grpc_CreateContainerRequest()
+        r.containerID = id
+        r.storages = storages
+        _ = try call(TTRPC.agentService, TTRPC.createContainerMethod, r)
+    }
+
+    /// Kata's `RemoveContainer`: the agent drops what the container's storages made.
+    public func removeContainer(id: String) throws(AgentError) {
+        var r = Grpc_RemoveContainerRequest()
+        r.containerID = id
+        _ = try call(TTRPC.agentService, TTRPC.removeContainerMethod, r)
+    }
+
     /// Kata's `DestroySandbox`: the agent unmounts what `CreateSandbox` mounted.
     public func destroySandbox() throws(AgentError) {
         _ = try call(TTRPC.agentService, TTRPC.destroySandboxMethod, Grpc_DestroySandboxRequest())

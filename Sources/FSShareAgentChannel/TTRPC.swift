@@ -17,6 +17,8 @@ public enum TTRPC {
     public static let copyFileMethod = "CopyFile"
     public static let createSandboxMethod = "CreateSandbox"
     public static let destroySandboxMethod = "DestroySandbox"
+    public static let createContainerMethod = "CreateContainer"
+    public static let removeContainerMethod = "RemoveContainer"
     /// fsshare's in-guest checks (`fsshare-agent --checks`).
     public static let guestCheckService = "fsshare.GuestCheck"
     /// fsshare's own guest service (Proto/fsshare_agent.proto).

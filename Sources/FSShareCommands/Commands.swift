@@ -23,8 +23,8 @@ struct CommonOptions: ParsableArguments {
 
 /// Options that describe the hypervisor side (they shape the descriptors).
 struct HypervisorOptions: ParsableArguments {
-    @Option(name: .long, help: "Shared filesystem: virtio-fs, virtio-9p or none. Kata's agent no longer mounts 9p storages (removed in 3.29): virtio-9p is for agents that do, such as fsshare-agent.")
-    var sharedFS: String = "virtio-fs"
+    @Option(name: .long, help: "Shared filesystem: virtio-fs, virtio-9p or none. Default: none when --agent is given, else virtio-fs. Kata's agent no longer mounts 9p storages (removed in 3.29): virtio-9p is for agents that do, such as fsshare-agent.")
+    var sharedFS: String?
 
     @Flag(name: .long, help: "Add the dax option to the virtio-fs storage.")
     var dax = false
@@ -47,7 +47,7 @@ struct HypervisorOptions: ParsableArguments {
     var layout: SandboxLayoutStyle?
 
     func validate() throws {
-        guard ["virtio-fs", "virtio-9p", "none"].contains(sharedFS) else {
+        guard ["virtio-fs", "virtio-9p", "none"].contains(sharedFS ?? "virtio-fs") else {
             throw ValidationError("--shared-fs must be virtio-fs, virtio-9p or none")
         }
         guard BlockDeviceDriver(rawValue: blockDriver) != nil else {
@@ -60,7 +60,7 @@ struct HypervisorOptions: ParsableArguments {
 
     func configuration(root: String, recorded: RecordedSandbox?) -> SharerConfiguration {
         let fs: SharedFilesystem
-        switch sharedFS {
+        switch sharedFS ?? "virtio-fs" {
         case "virtio-9p": fs = .virtio9p(msize: msize)
         case "none": fs = .none
         default: fs = .virtioFS(dax: dax)
@@ -76,7 +76,7 @@ struct HypervisorOptions: ParsableArguments {
 /// Options for copy mode: how to reach the guest agent. Both default to what the sandbox's
 /// manifest recorded when they were first given.
 struct AgentOptions: ParsableArguments {
-    @Option(name: .long, help: "Guest agent address (copy mode): unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH. Implies --shared-fs none. Default: the one the sandbox recorded.")
+    @Option(name: .long, help: "Guest agent address: unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH. Without --shared-fs it means copy mode (--shared-fs none); with --shared-fs virtio-fs or virtio-9p it is recorded for `fsshare watch`, which pushes watched volumes into their watchable mirrors through it. Default: the one the sandbox recorded.")
     var agent: String?
 
     @Option(name: .long, help: "Where the guest keeps shares (copy mode destination prefix). Default: the one the sandbox recorded, else \(SharerConfiguration.defaultGuestSharedDir).")
@@ -98,11 +98,15 @@ struct AgentOptions: ParsableArguments {
         return AgentClient(address: try AgentAddress(parsing: address), callTimeout: .seconds(agentTimeout))
     }
 
-    /// `base` switched to copy mode when an agent is given or the sandbox was prepared so.
-    func apply(_ base: SharerConfiguration, _ recorded: RecordedSandbox?) -> SharerConfiguration {
+    /// `base` switched to copy mode when an agent is given without a shared filesystem, or
+    /// the sandbox was prepared so.
+    func apply(_ base: SharerConfiguration, _ recorded: RecordedSandbox?, sharedFSGiven: Bool = false) -> SharerConfiguration {
         var c = base
         c.guestSharedDir = guestSharedDir ?? recorded?.guestSharedDir ?? SharerConfiguration.defaultGuestSharedDir
-        if agent != nil || recorded?.isCopyMode == true { c.sharedFilesystem = .none }
+        let recordedFS = recorded?.sharedFilesystem
+        if recorded?.isCopyMode == true || (agent != nil && !sharedFSGiven && (recordedFS == nil || recordedFS == "none")) {
+            c.sharedFilesystem = .none
+        }
         return c
     }
 }
@@ -166,9 +170,14 @@ struct Prepare: AsyncParsableCommand {
     @OptionGroup var hypervisor: HypervisorOptions
     @Option(name: .long, help: "Sandbox id.") var sandbox: String
     @Option(name: .long, help: "Descriptor output: json, binary (length-delimited protobuf) or text.") var format: DescriptorFormat?
+    @OptionGroup var agent: AgentOptions
 
     func run() async throws {
-        let sharer = try LinuxFilesystemSharer(sandboxID: sandbox, configuration: hypervisor.configuration(root: common.root, recorded: recorded(common, sandbox)))
+        let known = recorded(common, sandbox)
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: sandbox,
+            configuration: agent.apply(hypervisor.configuration(root: common.root, recorded: known), known, sharedFSGiven: hypervisor.sharedFS != nil),
+            agent: try agent.client(known))
         if hypervisor.sharedFS == "virtio-9p" {
             writeAll(fd: 2, Array("fsshare: warning: Kata's agent removed its 9p storage handler in 3.29 and refuses this storage (\"Failed to find the storage handler\"); use virtio-fs with a Kata agent. 9p storages are for agents that still mount them, such as fsshare-agent.\n".utf8))
         }
@@ -270,7 +279,7 @@ struct Share: AsyncParsableCommand {
         let known = recorded(common, sandbox)
         let sharer = try LinuxFilesystemSharer(
             sandboxID: sandbox,
-            configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, recorded: known), known)),
+            configuration: sourceOptions.apply(agent.apply(hypervisor.configuration(root: common.root, recorded: known), known, sharedFSGiven: hypervisor.sharedFS != nil)),
             agent: try agent.client(known))
         var options: [String] = []
         if ro { options.append("ro") }
@@ -283,6 +292,10 @@ struct Share: AsyncParsableCommand {
         let resolved = resolvedLines(shared, source: source)
         var fields: [(String, JSON)] = [("guest_path", .string(shared.guestPath))] + resolved.fields
         var text = [shared.guestPath] + resolved.text
+        if let why = shared.watchableFallback {
+            fields.append(("watchable_fallback", .string(why)))
+            text.append("note: \(why)")
+        }
         if let r = shared.copyReport {
             fields.append(("copied", .object([
                 ("files", .number(r.files)), ("directories", .number(r.directories)),
@@ -516,13 +529,18 @@ struct Status: AsyncParsableCommand {
             var how: [String] = []
             if let r = s.recorded {
                 if r.layout != .go { how.append("\(r.layout.rawValue) layout") }
-                if r.isCopyMode { how.append("copy mode" + (r.agent.map { ", agent \($0)" } ?? ", no agent recorded yet")) }
+                if r.isCopyMode {
+                    how.append("copy mode" + (r.agent.map { ", agent \($0)" } ?? ", no agent recorded yet"))
+                } else if let agent = r.agent {
+                    how.append("agent \(agent) for watchable mirrors")
+                }
             }
             print("sandbox \(s.id): \(s.prepared ? "prepared" : "NOT prepared")\(how.isEmpty ? "" : " (\(how.joined(separator: ", ")))")\(s.problem.map { " (\($0))" } ?? "")")
             for share in s.shares {
                 let r = share.record
                 let flags = [r.readOnly ? "ro" : "rw", r.recursive ? "recursive" : nil, r.isFile ? "file" : nil,
-                             r.leftInGuest ? "unshared, left in the guest (the agent cannot remove)" : nil].compactMap { $0 }
+                             r.leftInGuest ? "unshared, left in the guest (the agent cannot remove)" : nil,
+                             r.watched && r.kind == .volume ? "watchable mirror" : nil].compactMap { $0 }
                 let source = r.resolvedSource.map { "\(r.source) (resolves to \($0))" } ?? r.source
                 print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory || r.kind == .copy ? "" : "NOT MOUNTED")")
             }

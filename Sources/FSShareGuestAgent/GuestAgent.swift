@@ -27,7 +27,7 @@ public final class GuestAgent: Sendable {
     /// connection's requests one after the other), so a client may pipeline dependent steps.
     public static let features = [
         "CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches", TTRPC.orderedFeature,
-        "CreateSandbox", "DestroySandbox", "Health",
+        "CreateSandbox", "DestroySandbox", "CreateContainer", "RemoveContainer", "WatchableBind", "Health",
     ]
     /// The name an entry is written under before it is renamed into place. It starts with
     /// `..`, kubelet's prefix for a volume's internal entries (`..data`, `..data_tmp`), which
@@ -51,8 +51,9 @@ public final class GuestAgent: Sendable {
     /// An agent confined to `shareDir` (created if missing). With `checks` it also serves
     /// `fsshare.GuestCheck` (for tests and demos: those probes follow symlinks anywhere).
     public init(shareDir: String, checks: Bool = false, log: @escaping @Sendable (String) -> Void) throws(SystemCallError) {
-        self.files = GuestFilesBox(try GuestFiles(shareDir: shareDir))
-        self.mounter = Mutex(MounterHolder(mounter: StorageMounter(log: log)))
+        let files = GuestFilesBox(try GuestFiles(shareDir: shareDir))
+        self.files = files
+        self.mounter = Mutex(MounterHolder(mounter: StorageMounter(files: files, log: log)))
         self.checks = checks
         self.log = log
     }
@@ -68,6 +69,14 @@ public final class GuestAgent: Sendable {
             case (TTRPC.agentService, TTRPC.createSandboxMethod):
                 let r = try Grpc_CreateSandboxRequest(serializedBytes: payload)
                 try mounter.withLock { (h) throws(GuestAgentError) in try h.mounter.createSandbox(r) }
+                return .ok([])
+            case (TTRPC.agentService, TTRPC.createContainerMethod):
+                let r = try Grpc_CreateContainerRequest(serializedBytes: payload)
+                try mounter.withLock { (h) throws(GuestAgentError) in try h.mounter.createContainer(r) }
+                return .ok([])
+            case (TTRPC.agentService, TTRPC.removeContainerMethod):
+                let r = try Grpc_RemoveContainerRequest(serializedBytes: payload)
+                try mounter.withLock { (h) throws(GuestAgentError) in try h.mounter.removeContainer(r) }
                 return .ok([])
             case (TTRPC.agentService, TTRPC.destroySandboxMethod):
                 _ = try Grpc_DestroySandboxRequest(serializedBytes: payload)

@@ -81,7 +81,38 @@ enum GuestChecks {
         let dir = FilePath(r.dir)
         let keys = r.expect.keys.sorted()
         func target() -> String? { try? Sys.readlinkat(nil, dir.appending("..data")) }
+        // An app that reloads on change: inotify on the directory, drained every pass.
+        var listener: FileDescriptor?
+        if r.inotify {
+            do {
+                let fd = try Sys.inotifyInit()
+                listener = fd
+                _ = try Sys.inotifyAddWatch(fd, dir, mask: UInt32(IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB | IN_DELETE_SELF))
+            } catch {
+                out.detail = "cannot listen with inotify on \(r.dir): \(error)"
+                if let listener { Sys.close(listener) }
+                return out
+            }
+        }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 1024, alignment: 8)
+        defer {
+            buffer.deallocate()
+            if let listener { Sys.close(listener) }
+        }
+        func drain() {
+            guard let listener else { return }
+            while let n = try? Sys.readAvailable(listener, into: buffer, path: dir), n > 0 {
+                for e in Sys.inotifyEvents(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) {
+                    out.events += 1
+                    if e.name == "..data" && e.mask & UInt32(IN_MOVED_TO) != 0 {
+                        out.dataMovedEvents += 1
+                        if out.firstDataMovedNs == 0 { out.firstDataMovedNs = Sys.monotonicNanoseconds() - start }
+                    }
+                }
+            }
+        }
         while true {
+            drain()
             out.passes += 1
             let before = target()
             var unreadable: [String] = []
@@ -105,6 +136,7 @@ enum GuestChecks {
                     out.dangling += 1
                     out.detail = "keys \(unreadable) unreadable through ..data -> \(before ?? "")"
                 } else if matching == keys.count {
+                    drain()
                     out.matched = true
                     out.elapsedNs = Sys.monotonicNanoseconds() - start
                     out.detail = ""
@@ -116,7 +148,10 @@ enum GuestChecks {
                     out.detail = "old content through ..data -> \(before ?? "")"
                 }
             }
-            if Sys.monotonicNanoseconds() >= deadline { return out }
+            if Sys.monotonicNanoseconds() >= deadline {
+                drain()
+                return out
+            }
             // Yield the (single, emulated) vCPU to the agent thread applying the update.
             var pause = timespec(tv_sec: 0, tv_nsec: 500_000)
             nanosleep(&pause, nil)

@@ -18,7 +18,7 @@ import SystemPackage
 /// sees the old content or the new, never a torn file.
 final class GuestFiles {
     let shareDir: String
-    let root: DirFD
+    private(set) var root: DirFD
     private let isRoot = geteuid() == 0
     private let euid = geteuid()
     private let egid = getegid()
@@ -31,6 +31,14 @@ final class GuestFiles {
         let path = FilePath(dir)
         try Sys.makeDirectories(path, mode: 0o755)
         root = DirFD(fd: try Sys.openat(nil, path, flags: Sys.oPath | Sys.oDirectory), path: path)
+    }
+
+    /// Opens the share directory again: after a mount on it (the shared filesystem) or above
+    /// it, the old descriptor points at the directory underneath.
+    func reopenRoot() {
+        guard let fd = try? Sys.openat(nil, root.path, flags: Sys.oPath | Sys.oDirectory) else { return }
+        Sys.close(root.fd)
+        root = DirFD(fd: fd, path: root.path)
     }
 
     // MARK: - Resolution

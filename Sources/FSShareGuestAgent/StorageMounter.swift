@@ -5,13 +5,15 @@ import FSShareProto
 import FSShareSystem
 import SystemPackage
 
-/// Applies the sandbox `Storage` descriptors of Kata's `CreateSandbox` in the guest: the shared
-/// filesystem (`virtio-fs` / `9p`) and the sandbox shm (`ephemeral`), the same messages a Kata
-/// agent receives. What one request mounted is unmounted again if a later storage of it fails,
-/// and `DestroySandbox` unmounts everything in reverse order.
+/// Applies the `Storage` descriptors of Kata's `CreateSandbox` and `CreateContainer` in the
+/// guest: the shared filesystem (`virtio-fs` / `9p`), the sandbox shm (`ephemeral`) and
+/// watchable mirrors (`watchable-bind`, see ``WatchableMirror``), the same messages a Kata agent
+/// receives. What one request made is undone again if a later storage of it fails;
+/// `RemoveContainer` drops a container's mirrors and `DestroySandbox` unmounts everything in
+/// reverse order.
 final class StorageMounter {
     /// Drivers this agent mounts, with the filesystem type each must name.
-    static let drivers: [String: String] = ["virtio-fs": "virtiofs", "9p": "9p", "ephemeral": "tmpfs"]
+    static let drivers: [String: String] = ["virtio-fs": "virtiofs", "9p": "9p", "ephemeral": "tmpfs", "watchable-bind": "bind"]
 
     /// Mount flags by option name (Kata agent's table); any other option is filesystem data.
     static let flagOptions: [String: (set: UInt, clear: UInt)] = [
@@ -30,9 +32,15 @@ final class StorageMounter {
 
     private(set) var sandboxID: String?
     private(set) var mounted: [String] = []
+    /// The tmpfs every watchable mirror of the sandbox lives in (one root, as Kata requires).
+    private(set) var watchableRoot: String?
+    /// Per container: the mirrors its storages made, and what they mounted.
+    private(set) var containers: [String: (mirrors: [String], mounted: [String])] = [:]
+    let files: GuestFilesBox
     let log: @Sendable (String) -> Void
 
-    init(log: @escaping @Sendable (String) -> Void) {
+    init(files: GuestFilesBox, log: @escaping @Sendable (String) -> Void) {
+        self.files = files
         self.log = log
     }
 
@@ -87,24 +95,111 @@ final class StorageMounter {
         if let sandboxID {
             throw GuestAgentError(.invalid, "the sandbox \(sandboxID) was already created; DestroySandbox first")
         }
-        for s in request.storages { try StorageMounter.validate(s) }
-        var made: [String] = []
-        for s in request.storages {
+        let made = try apply(request.storages)
+        sandboxID = request.sandboxID
+        mounted += made.mounted
+    }
+
+    /// Applies a container's storages, all or nothing. fsshare-agent runs no container: this is
+    /// the storage half of Kata's `CreateContainer`.
+    func createContainer(_ request: Grpc_CreateContainerRequest) throws(GuestAgentError) {
+        guard !request.containerID.isEmpty, containers[request.containerID] == nil else {
+            throw GuestAgentError(.invalid, "container \"\(request.containerID)\" is empty or was already created; RemoveContainer first")
+        }
+        let made = try apply(request.storages)
+        containers[request.containerID] = made
+    }
+
+    /// Drops what a container's storages made: its mirrors, then its mounts. Unknown: no-op.
+    func removeContainer(_ request: Grpc_RemoveContainerRequest) throws(GuestAgentError) {
+        guard let made = containers.removeValue(forKey: request.containerID) else { return }
+        var problems: [String] = []
+        for mirror in made.mirrors.reversed() {
+            do throws(GuestAgentError) {
+                try files.locked { (f) throws(GuestAgentError) in try f.removePath(mirror, recursive: true) }
+            } catch {
+                problems.append(error.message)
+            }
+        }
+        for point in made.mounted.reversed() {
+            do throws(SystemCallError) { try Sys.umount2(FilePath(point), flags: Int32(MNT_DETACH)) } catch { problems.append("\(error)") }
+        }
+        try files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+        if !problems.isEmpty { throw GuestAgentError(.failed, "RemoveContainer: " + problems.joined(separator: "; ")) }
+    }
+
+    /// Validates every storage, then applies them in order; a failure undoes this call's work.
+    private func apply(_ storages: [Grpc_Storage]) throws(GuestAgentError) -> (mirrors: [String], mounted: [String]) {
+        for s in storages {
+            try StorageMounter.validate(s)
+            if s.driver == "watchable-bind" {
+                let root = try WatchableMirror.root(of: s.mountPoint, shareDir: files.shareDir)
+                if let watchableRoot, watchableRoot != root {
+                    throw GuestAgentError(.invalid, "every watchable mirror of a sandbox must be below one root (\(watchableRoot)), not \(root)")
+                }
+                guard StorageMounter.canonical(s.source).hasPrefix(files.shareDir + "/") else {
+                    throw GuestAgentError(.invalid, "watchable source \(s.source) is not below the shared directory \(files.shareDir)")
+                }
+            }
+        }
+        var made: (mirrors: [String], mounted: [String]) = ([], [])
+        var madeRoot = false
+        func undo() {
+            for m in made.mirrors.reversed() { try? files.locked { (f) throws(GuestAgentError) in try f.removePath(m, recursive: true) } }
+            for p in made.mounted.reversed() { try? Sys.umount2(FilePath(p), flags: Int32(MNT_DETACH)) }
+            if madeRoot, let root = watchableRoot {
+                try? Sys.umount2(FilePath(root), flags: Int32(MNT_DETACH))
+                mounted.removeAll { $0 == root }
+                watchableRoot = nil
+            }
+            try? files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+        }
+        for s in storages {
             let point = StorageMounter.canonical(s.mountPoint)
+            if s.driver == "watchable-bind" {
+                do throws(GuestAgentError) {
+                    if watchableRoot == nil {
+                        let root = try WatchableMirror.root(of: point, shareDir: files.shareDir)
+                        do throws(SystemCallError) {
+                            // The host made the directory in the (read-only) share.
+                            try Sys.mount(source: "tmpfs", target: FilePath(root), fstype: "tmpfs", flags: UInt(MS_NOSUID | MS_NODEV), data: "mode=0755")
+                        } catch {
+                            throw GuestAgentError(.failed, "cannot mount the watchable tmpfs at \(root): \(error)")
+                        }
+                        // The sandbox's, not this container's: every mirror lives in it.
+                        watchableRoot = root
+                        madeRoot = true
+                        mounted.append(root)
+                        log("mounted the watchable tmpfs at \(root)")
+                    }
+                    let requests = try WatchableMirror.requests(source: StorageMounter.canonical(s.source), target: point)
+                    made.mirrors.append(point)
+                    // Under the files lock: the host's watcher may already be pushing into it.
+                    try files.locked { (f) throws(GuestAgentError) in
+                        for r in requests { try f.copyFile(r) }
+                    }
+                    log("mirrored \(s.source) at \(point) (\(requests.count) entries)")
+                } catch {
+                    undo()
+                    throw error
+                }
+                continue
+            }
             do throws(SystemCallError) {
                 // The agent owns these paths (they are not below any share): plain mkdir -p.
                 try Sys.makeDirectories(FilePath(point), mode: 0o755)
                 let (flags, data) = StorageMounter.parseOptions(s.options)
                 try StorageMounter.mount(s, at: point, flags: flags, data: data.isEmpty ? nil : data)
-                made.append(point)
+                made.mounted.append(point)
                 log("mounted \(s.driver) \(s.source) at \(point)")
             } catch {
-                for p in made.reversed() { try? Sys.umount2(FilePath(p), flags: Int32(MNT_DETACH)) }
+                undo()
                 throw GuestAgentError(.failed, "cannot mount \(s.driver) \(s.source) at \(point): \(error)")
             }
         }
-        sandboxID = request.sandboxID
-        mounted = made
+        // Descriptors opened before a mount on (or above) the share directory point below it.
+        try files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+        return made
     }
 
     /// How long a shared filesystem's tag may take to appear: a share hot-plugged just before
@@ -131,6 +226,8 @@ final class StorageMounter {
     /// Unmounts what ``createSandbox(_:)`` mounted, newest first.
     func destroySandbox() throws(GuestAgentError) {
         var problems: [String] = []
+        // Containers' mounts first (newest first), then the sandbox's.
+        mounted += containers.values.flatMap(\.mounted)
         for point in mounted.reversed() {
             do throws(SystemCallError) {
                 try Sys.umount2(FilePath(point), flags: 0)
@@ -141,6 +238,9 @@ final class StorageMounter {
         }
         mounted = []
         sandboxID = nil
+        watchableRoot = nil
+        containers = [:]
+        try? files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
         if !problems.isEmpty { throw GuestAgentError(.failed, "DestroySandbox: " + problems.joined(separator: "; ")) }
     }
 }

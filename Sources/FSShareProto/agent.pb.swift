@@ -72,6 +72,43 @@ public nonisolated struct Grpc_CreateSandboxRequest: Sendable {
   public init() {}
 }
 
+/// grpc.AgentService/CreateContainer: fsshare-agent applies only its storages (it runs no
+/// container); Kata's fields string_user = 3, devices = 4, OCI = 6 and shared_mounts = 8 are left
+/// out here and kept as unknown fields. Returns google.protobuf.Empty.
+public nonisolated struct Grpc_CreateContainerRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var containerID: String = String()
+
+  public var execID: String = String()
+
+  public var storages: [Grpc_Storage] = []
+
+  public var sandboxPidns: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// grpc.AgentService/RemoveContainer: drops what CreateContainer's storages made (the
+/// container's watchable mirrors). Returns google.protobuf.Empty.
+public nonisolated struct Grpc_RemoveContainerRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var containerID: String = String()
+
+  public var timeout: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 /// grpc.AgentService/DestroySandbox: unmounts what CreateSandbox mounted.
 public nonisolated struct Grpc_DestroySandboxRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -260,6 +297,86 @@ nonisolated extension Grpc_CreateSandboxRequest: SwiftProtobuf.Message, SwiftPro
     if lhs.guestHookPath != rhs.guestHookPath {return false}
     if lhs.kernelModules != rhs.kernelModules {return false}
     if lhs.guestUserns != rhs.guestUserns {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Grpc_CreateContainerRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CreateContainerRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}container_id\0\u{3}exec_id\0\u{2}\u{3}storages\0\u{4}\u{2}sandbox_pidns\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.containerID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.execID) }()
+      case 5: try { try decoder.decodeRepeatedMessageField(value: &self.storages) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.sandboxPidns) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.containerID.isEmpty {
+      try visitor.visitSingularStringField(value: self.containerID, fieldNumber: 1)
+    }
+    if !self.execID.isEmpty {
+      try visitor.visitSingularStringField(value: self.execID, fieldNumber: 2)
+    }
+    if !self.storages.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.storages, fieldNumber: 5)
+    }
+    if self.sandboxPidns != false {
+      try visitor.visitSingularBoolField(value: self.sandboxPidns, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Grpc_CreateContainerRequest, rhs: Grpc_CreateContainerRequest) -> Bool {
+    if lhs.containerID != rhs.containerID {return false}
+    if lhs.execID != rhs.execID {return false}
+    if lhs.storages != rhs.storages {return false}
+    if lhs.sandboxPidns != rhs.sandboxPidns {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Grpc_RemoveContainerRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RemoveContainerRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}container_id\0\u{1}timeout\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.containerID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.timeout) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.containerID.isEmpty {
+      try visitor.visitSingularStringField(value: self.containerID, fieldNumber: 1)
+    }
+    if self.timeout != 0 {
+      try visitor.visitSingularUInt32Field(value: self.timeout, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Grpc_RemoveContainerRequest, rhs: Grpc_RemoveContainerRequest) -> Bool {
+    if lhs.containerID != rhs.containerID {return false}
+    if lhs.timeout != rhs.timeout {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -248,6 +248,10 @@ public nonisolated struct Fsshare_WatchContentRequest: Sendable {
 
   public var timeoutMs: UInt32 = 0
 
+  /// Also listen with inotify on `dir` for as long as the request runs, as an app that reloads
+  /// on change does.
+  public var inotify: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -274,6 +278,15 @@ public nonisolated struct Fsshare_WatchContentResponse: Sendable {
 
   /// What the last pass saw, when not matched.
   public var detail: String = String()
+
+  /// With inotify: IN_MOVED_TO events naming `..data` (kubelet's swap as the app sees it).
+  public var dataMovedEvents: UInt64 = 0
+
+  /// With inotify: from the request's arrival to the first of those (0: none).
+  public var firstDataMovedNs: UInt64 = 0
+
+  /// With inotify: every event seen on `dir`.
+  public var events: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -563,7 +576,7 @@ nonisolated extension Fsshare_ProbeResponse: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WatchContentRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}dir\0\u{1}expect\0\u{3}timeout_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}dir\0\u{1}expect\0\u{3}timeout_ms\0\u{1}inotify\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -574,6 +587,7 @@ nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftP
       case 1: try { try decoder.decodeSingularStringField(value: &self.dir) }()
       case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufBytes>.self, value: &self.expect) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.inotify) }()
       default: break
       }
     }
@@ -589,6 +603,9 @@ nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftP
     if self.timeoutMs != 0 {
       try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 3)
     }
+    if self.inotify != false {
+      try visitor.visitSingularBoolField(value: self.inotify, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -596,6 +613,7 @@ nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftP
     if lhs.dir != rhs.dir {return false}
     if lhs.expect != rhs.expect {return false}
     if lhs.timeoutMs != rhs.timeoutMs {return false}
+    if lhs.inotify != rhs.inotify {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -603,7 +621,7 @@ nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WatchContentResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}matched\0\u{1}passes\0\u{1}dangling\0\u{1}torn\0\u{3}elapsed_ns\0\u{1}detail\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}matched\0\u{1}passes\0\u{1}dangling\0\u{1}torn\0\u{3}elapsed_ns\0\u{1}detail\0\u{3}data_moved_events\0\u{3}first_data_moved_ns\0\u{1}events\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -617,6 +635,9 @@ nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, Swift
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.torn) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.elapsedNs) }()
       case 6: try { try decoder.decodeSingularStringField(value: &self.detail) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.dataMovedEvents) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.firstDataMovedNs) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.events) }()
       default: break
       }
     }
@@ -641,6 +662,15 @@ nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, Swift
     if !self.detail.isEmpty {
       try visitor.visitSingularStringField(value: self.detail, fieldNumber: 6)
     }
+    if self.dataMovedEvents != 0 {
+      try visitor.visitSingularUInt64Field(value: self.dataMovedEvents, fieldNumber: 7)
+    }
+    if self.firstDataMovedNs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.firstDataMovedNs, fieldNumber: 8)
+    }
+    if self.events != 0 {
+      try visitor.visitSingularUInt64Field(value: self.events, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -651,6 +681,9 @@ nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, Swift
     if lhs.torn != rhs.torn {return false}
     if lhs.elapsedNs != rhs.elapsedNs {return false}
     if lhs.detail != rhs.detail {return false}
+    if lhs.dataMovedEvents != rhs.dataMovedEvents {return false}
+    if lhs.firstDataMovedNs != rhs.firstDataMovedNs {return false}
+    if lhs.events != rhs.events {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

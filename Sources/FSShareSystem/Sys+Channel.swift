@@ -232,6 +232,28 @@ extension Sys {
     }
 
     /// A non-blocking read of an inotify descriptor: 0 when nothing is queued.
+    /// Splits what `read(2)` returned from an inotify descriptor into events (`struct
+    /// inotify_event`: wd, mask, cookie, len, then a NUL-padded name).
+    public static func inotifyEvents(_ buffer: UnsafeRawBufferPointer) -> [InotifyEvent] {
+        var events: [InotifyEvent] = []
+        var offset = 0
+        while offset + 16 <= buffer.count {
+            let wd = buffer.load(fromByteOffset: offset, as: Int32.self)
+            let mask = buffer.load(fromByteOffset: offset + 4, as: UInt32.self)
+            let len = Int(buffer.load(fromByteOffset: offset + 12, as: UInt32.self))
+            guard offset + 16 + len <= buffer.count else { break }
+            var name = ""
+            if len > 0 {
+                let raw = UnsafeRawBufferPointer(rebasing: buffer[(offset + 16)..<(offset + 16 + len)])
+                let end = raw.firstIndex(of: 0) ?? len
+                name = String(decoding: raw[0..<end], as: UTF8.self)
+            }
+            events.append(InotifyEvent(wd: wd, mask: mask, name: name))
+            offset += 16 + len
+        }
+        return events
+    }
+
     public static func readAvailable(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, path: FilePath) throws(SystemCallError) -> Int {
         while true {
             let n = Glibc.read(fd.rawValue, buffer.baseAddress, buffer.count)
@@ -314,5 +336,18 @@ extension Duration {
         let c = components
         guard c.seconds >= 0, c.attoseconds >= 0 else { return 0 }
         return UInt64(c.seconds) * 1_000_000_000 + UInt64(c.attoseconds / 1_000_000_000)
+    }
+}
+
+/// One inotify event: the watch it came from, what happened, and the entry's name (empty for
+/// the watched object itself).
+public struct InotifyEvent: Sendable, Equatable {
+    public var wd: Int32
+    public var mask: UInt32
+    public var name: String
+    public init(wd: Int32, mask: UInt32, name: String) {
+        self.wd = wd
+        self.mask = mask
+        self.name = name
     }
 }

@@ -62,9 +62,10 @@ public final class GuestCheckClient: Sendable {
     }
 
     /// Runs the guest's reader loop over an atomic-writer volume (see `GuestChecks`).
-    public func watchContent(dir: String, expect: [String: String], timeout: Duration) throws(AgentError) -> Fsshare_WatchContentResponse {
+    public func watchContent(dir: String, expect: [String: String], timeout: Duration, inotify: Bool = false) throws(AgentError) -> Fsshare_WatchContentResponse {
         var r = Fsshare_WatchContentRequest()
         r.dir = dir
+        r.inotify = inotify
         r.expect = expect.mapValues { Data($0.utf8) }
         r.timeoutMs = UInt32(clamping: timeout.nanoseconds / 1_000_000)
         let bytes = try client.call(TTRPC.guestCheckService, "WatchContent", r)

@@ -6,7 +6,7 @@ import FSShareTestSupport
 import FSShareVM
 import SystemPackage
 
-/// `fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|libvirt DIR` — boots a real guest and checks every sharing
+/// `fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|watchable|libvirt DIR` — boots a real guest and checks every sharing
 /// claim from inside it (prints `ok:` / `FAIL:` lines, `figure:` lines and a summary).
 /// `fsshare-guest demo DIR` — the same, narrated, as `hack/demo` shows it.
 ///
@@ -19,7 +19,7 @@ enum GuestMain {
         Sys.lineBufferStdout()
         let args = CommandLine.arguments
         func usage() -> Never {
-            print("usage: fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|libvirt DIR | demo DIR")
+            print("usage: fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|watchable|libvirt DIR | demo DIR")
             exit(2)
         }
         guard args.count >= 3 else { usage() }
@@ -37,6 +37,7 @@ enum GuestMain {
             case "virtio-fs-runtime-rs":
                 SharedFilesystemRun(transport: .virtioFSRuntimeRS, dir: dir, image: image, checks: checks, narrate: false).run()
             case "copy": CopyModeRun(dir: dir, image: image, checks: checks, narrate: false, updates: 30).run()
+            case "watchable": WatchableRun(dir: dir, image: image, checks: checks, narrate: false, updates: 20).run()
             case "libvirt": LibvirtRun(dir: dir, image: image, checks: checks).run()
             default: usage()
             }
@@ -44,6 +45,7 @@ enum GuestMain {
             let dir = args[2]
             SharedFilesystemRun(transport: .virtioFS, dir: dir + "/virtio-fs", image: image, checks: checks, narrate: true).run()
             CopyModeRun(dir: dir + "/copy", image: image, checks: checks, narrate: true, updates: 10).run()
+            WatchableRun(dir: dir + "/watchable", image: image, checks: checks, narrate: true, updates: 5).run()
         default:
             usage()
         }
