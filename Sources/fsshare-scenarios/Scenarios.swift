@@ -37,6 +37,7 @@ struct ScenarioMain {
         case "mount-probe-child": s.mountProbeChild()
         case "no-delete-through-mounts": s.requireFaultInjection(); s.noDeleteThroughMounts()
         case "status-leaks": s.statusLeaks()
+        case "watchable": s.watchable()
         default:
             print("unknown scenario \(args[1])")
             exit(2)

@@ -131,4 +131,40 @@ import Testing
         #expect(watch.stop(signal: SIGINT) == 0)
         _ = inNamespace("\(fsshare) cleanup --root \(root) --sandbox s1")
     }
+
+    /// Shared-filesystem mode through the CLI: `prepare --shared-fs virtio-fs --agent` records the
+    /// agent; a configmap share prints the mirror path and its `watchable-bind` storage; the node's
+    /// `fsshare watch` (no flags) pushes updates into the mirror through that agent. The mirror's
+    /// guest directory is the agent's share dir here (a real guest's agent mounts a tmpfs there:
+    /// the guest check "watchable").
+    @Test func nodeWatchPushesIntoWatchableMirrors() throws {
+        guard TestEnvironment.canMount else { return }
+        let base = TestEnvironment.scratch("cli-watchable")
+        let agent = try AgentUnderTest(base)
+        let root = base + "/root"
+        let kubelet = KubeletEmulator(root: base + "/var/lib/kubelet", plugin: "configmap", name: "proxy")
+        kubelet.write(["envoy.yaml": "v: 1\n"])
+        let common = "--root \(root) --sandbox s1 --guest-shared-dir \(agent.shareDir)"
+        let shared = inNamespace("""
+            \(fsshare) prepare \(common) --shared-fs virtio-fs --agent unix:\(agent.socket) >/dev/null
+            \(fsshare) share \(common) --container c1 --source \(kubelet.volume) --destination /etc/envoy --ro
+            \(fsshare) status --root \(root)
+            """)
+        try #require(shared.status == 0, "\(shared.output)")
+        let lines = shared.output.split(separator: "\n").map(String.init)
+        let mirror = lines[0]
+        #expect(mirror.hasPrefix(agent.shareDir + "/watchable/c1-"), "\(shared.output)")
+        #expect(lines.contains { $0.contains("watchable-bind") && $0.contains(mirror) }, "the storage is printed: \(shared.output)")
+        #expect(shared.output.contains("agent unix:\(agent.socket) for watchable mirrors") && shared.output.contains("watchable mirror"), "\(shared.output)")
+
+        let log = base + "/watch.log"
+        let watch = try ChildProcess([fsshare, "watch", "--root", root], logPath: log)
+        // The first sync brings the mirror in line (no guest agent made it here), then updates follow.
+        #expect(waitForMirror(host: kubelet.volume, guest: mirror) == nil, Comment(rawValue: Sys.run(["cat", log]).output))
+        kubelet.write(["envoy.yaml": "v: 2\n", "routes": "r\n"])
+        #expect(waitForMirror(host: kubelet.volume, guest: mirror) == nil, Comment(rawValue: Sys.run(["cat", log]).output))
+        #expect(watch.stop(signal: SIGTERM) == 0)
+        let un = inNamespace("\(fsshare) cleanup --root \(root) --sandbox s1")
+        #expect(un.status == 0, "\(un.output)")
+    }
 }

@@ -70,6 +70,55 @@ struct GuestAgentTests {
         try client.destroySandbox()
     }
 
+    /// `watchable-bind` (a container's storages): the tmpfs root, the first copy in
+    /// atomic-writer order, Kata's placement rules, RemoveContainer and DestroySandbox.
+    @Test(.enabled(if: TestEnvironment.canMount, "needs root with CAP_SYS_ADMIN to make mount namespaces"))
+    func watchableBindMirrorsAVolume() throws {
+        let dir = TestEnvironment.scratch("watchable-agent")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        let agent = try AgentUnderTest(dir, wrapper: ["unshare", "-m", "--propagation", "private", "--"], extra: ["--checks"])
+        let client = agent.client()
+        let probe = GuestCheckClient(address: agent.address)
+        let share = agent.shareDir
+        // What the host's export shows: the volume's plain share and the empty watchable/ dir.
+        let kubelet = KubeletEmulator(root: share + "/kube", plugin: "configmap", name: "cfg")
+        kubelet.write(["a": "1\n", "b": "2\n"])
+        _ = Sys.run(["mkdir", "-p", share + "/watchable", share + "/passthrough/watchable"])
+        let mirror = share + "/watchable/web-0123456789abcdef-cfg"
+        func bind(_ source: String, _ point: String) -> Grpc_Storage { Self.storage("watchable-bind", source, "bind", point, ["ro"]) }
+        let hostType = try probe.probe(.fstype, share + "/watchable").text
+
+        // Refused before anything happens: not directly below watchable/, a source outside the
+        // share directory, "..".
+        for bad in [
+            bind(kubelet.volume, share + "/elsewhere/x"),
+            bind(kubelet.volume, share + "/watchable/a/b"),
+            bind("/etc", share + "/watchable/x"),
+            bind(kubelet.volume, share + "/watchable/.."),
+        ] {
+            #expect(throws: AgentError.self, "\(bad.source) -> \(bad.mountPoint)") { try client.createContainer(id: "web", storages: [bad]) }
+        }
+        #expect(try probe.probe(.fstype, share + "/watchable").text == hostType, "nothing mounted after the refusals")
+
+        try client.createContainer(id: "web", storages: [bind(kubelet.volume, mirror)])
+        #expect(try probe.probe(.fstype, share + "/watchable").text == "tmpfs")
+        #expect(try probe.probe(.read, mirror + "/a").text == "1\n")
+        #expect(try probe.probe(.read, mirror + "/b").text == "2\n")
+        let link = try probe.probe(.stat, mirror + "/..data")
+        #expect(link.mode & UInt32(S_IFMT) == UInt32(S_IFLNK), "..data is copied as a link")
+        // Kata: every mirror of the sandbox below one root.
+        #expect(throws: AgentError.self) {
+            try client.createContainer(id: "side", storages: [bind(kubelet.volume, share + "/passthrough/watchable/x")])
+        }
+        #expect(throws: AgentError.self, "the same container twice") { try client.createContainer(id: "web", storages: [bind(kubelet.volume, mirror)]) }
+        try client.removeContainer(id: "web")
+        #expect(try probe.probe(.stat, mirror).errno == ENOENT, "RemoveContainer dropped the mirror")
+        #expect(try probe.probe(.fstype, share + "/watchable").text == "tmpfs", "the root stays for the sandbox's other containers")
+        try client.createSandbox(id: "s", storages: [])
+        try client.destroySandbox()
+        #expect(try probe.probe(.fstype, share + "/watchable").text == hostType, "DestroySandbox unmounted the watchable tmpfs")
+    }
+
     @Test func mountOptionsSplitIntoFlagsAndData() {
         let r = StorageMounter.parseOptions(["trans=virtio,version=9p2000.L,cache=mmap", "nodev", "msize=8192", "ro", "rw"])
         #expect(r.data == "trans=virtio,version=9p2000.L,cache=mmap,msize=8192")

@@ -137,6 +137,32 @@ struct KataPeerTests {
 
     /// kubelet's atomic writer on the host, fsshare's watcher, a Kata-semantics agent: every
     /// update arrives and no reader ever sees a torn file or a key without its data. Kata's
+    /// A watchable mirror behind a Kata agent is the agent's own (it polls the share every 2 s):
+    /// the watcher writes nothing into it and says why.
+    @Test("the watcher leaves a Kata agent's watchable mirror alone, with the reason", arguments: KataPeerTests.servers)
+    func watchableMirrorIsLeftToKata(_ kind: String) throws {
+        let base = TestEnvironment.scratch("peer-\(kind)-watchable")
+        let server = try PeerServer(kind, base, jitterMs: 0)
+        let kubelet = KubeletEmulator(root: base + "/kubelet", plugin: "configmap")
+        kubelet.write(["a": "1\n"])
+        let watcher = VolumeWatcher()
+        try watcher.start()
+        defer { watcher.stop() }
+        let mirror = server.shareDir + "/watchable/c1-0123456789abcdef-cfg"
+        try watcher.watch(sandboxID: "s1", name: "cfg", volume: FilePath(kubelet.volume), guestPath: mirror, agent: server.client(), watchable: true)
+        var reason: String?
+        let deadline = Sys.monotonicNanoseconds() + 10_000_000_000
+        while reason == nil && Sys.monotonicNanoseconds() < deadline {
+            reason = watcher.statistics.stopped["s1/cfg"]
+            usleep(10_000)
+        }
+        #expect(reason?.contains("is not fsshare-agent") == true, "\(reason ?? "no reason")")
+        #expect(watcher.watchedVolumes.isEmpty)
+        kubelet.write(["a": "2\n"])
+        usleep(200_000)
+        #expect(access(server.shareDir + "/watchable", F_OK) != 0, "nothing was written into the Kata agent's mirror")
+    }
+
     /// CopyFile replaces the `..data` link by unlink + symlink, so a reader can find `..data`
     /// missing for that instant; the count is printed, not hidden.
     @Test("the watcher keeps a Kata-semantics server in sync under rapid kubelet updates",
