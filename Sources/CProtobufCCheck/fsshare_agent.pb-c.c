@@ -232,6 +232,186 @@ void   fsshare__rename_path_request__free_unpacked
   assert(message->base.descriptor == &fsshare__rename_path_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   fsshare__tree_entry__init
+                     (Fsshare__TreeEntry         *message)
+{
+  static const Fsshare__TreeEntry init_value = FSSHARE__TREE_ENTRY__INIT;
+  *message = init_value;
+}
+size_t fsshare__tree_entry__get_packed_size
+                     (const Fsshare__TreeEntry *message)
+{
+  assert(message->base.descriptor == &fsshare__tree_entry__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__tree_entry__pack
+                     (const Fsshare__TreeEntry *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__tree_entry__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__tree_entry__pack_to_buffer
+                     (const Fsshare__TreeEntry *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__tree_entry__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__TreeEntry *
+       fsshare__tree_entry__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__TreeEntry *)
+     protobuf_c_message_unpack (&fsshare__tree_entry__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__tree_entry__free_unpacked
+                     (Fsshare__TreeEntry *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__tree_entry__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   fsshare__write_tree_request__init
+                     (Fsshare__WriteTreeRequest         *message)
+{
+  static const Fsshare__WriteTreeRequest init_value = FSSHARE__WRITE_TREE_REQUEST__INIT;
+  *message = init_value;
+}
+size_t fsshare__write_tree_request__get_packed_size
+                     (const Fsshare__WriteTreeRequest *message)
+{
+  assert(message->base.descriptor == &fsshare__write_tree_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__write_tree_request__pack
+                     (const Fsshare__WriteTreeRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__write_tree_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__write_tree_request__pack_to_buffer
+                     (const Fsshare__WriteTreeRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__write_tree_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__WriteTreeRequest *
+       fsshare__write_tree_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__WriteTreeRequest *)
+     protobuf_c_message_unpack (&fsshare__write_tree_request__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__write_tree_request__free_unpacked
+                     (Fsshare__WriteTreeRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__write_tree_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   fsshare__link__init
+                     (Fsshare__Link         *message)
+{
+  static const Fsshare__Link init_value = FSSHARE__LINK__INIT;
+  *message = init_value;
+}
+size_t fsshare__link__get_packed_size
+                     (const Fsshare__Link *message)
+{
+  assert(message->base.descriptor == &fsshare__link__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__link__pack
+                     (const Fsshare__Link *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__link__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__link__pack_to_buffer
+                     (const Fsshare__Link *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__link__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__Link *
+       fsshare__link__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__Link *)
+     protobuf_c_message_unpack (&fsshare__link__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__link__free_unpacked
+                     (Fsshare__Link *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__link__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   fsshare__set_links_request__init
+                     (Fsshare__SetLinksRequest         *message)
+{
+  static const Fsshare__SetLinksRequest init_value = FSSHARE__SET_LINKS_REQUEST__INIT;
+  *message = init_value;
+}
+size_t fsshare__set_links_request__get_packed_size
+                     (const Fsshare__SetLinksRequest *message)
+{
+  assert(message->base.descriptor == &fsshare__set_links_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t fsshare__set_links_request__pack
+                     (const Fsshare__SetLinksRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &fsshare__set_links_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t fsshare__set_links_request__pack_to_buffer
+                     (const Fsshare__SetLinksRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &fsshare__set_links_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Fsshare__SetLinksRequest *
+       fsshare__set_links_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Fsshare__SetLinksRequest *)
+     protobuf_c_message_unpack (&fsshare__set_links_request__descriptor,
+                                allocator, len, data);
+}
+void   fsshare__set_links_request__free_unpacked
+                     (Fsshare__SetLinksRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &fsshare__set_links_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   fsshare__prune_directory_request__init
                      (Fsshare__PruneDirectoryRequest         *message)
 {
@@ -663,6 +843,327 @@ const ProtobufCMessageDescriptor fsshare__rename_path_request__descriptor =
   fsshare__rename_path_request__field_indices_by_name,
   1,  fsshare__rename_path_request__number_ranges,
   (ProtobufCMessageInit) fsshare__rename_path_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__tree_entry__field_descriptors[5] =
+{
+  {
+    "path",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__TreeEntry, path),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "mode",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__TreeEntry, mode),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "uid",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__TreeEntry, uid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "gid",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__TreeEntry, gid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "data",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__TreeEntry, data),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__tree_entry__field_indices_by_name[] = {
+  4,   /* field[4] = data */
+  3,   /* field[3] = gid */
+  1,   /* field[1] = mode */
+  0,   /* field[0] = path */
+  2,   /* field[2] = uid */
+};
+static const ProtobufCIntRange fsshare__tree_entry__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor fsshare__tree_entry__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.TreeEntry",
+  "TreeEntry",
+  "Fsshare__TreeEntry",
+  "fsshare",
+  sizeof(Fsshare__TreeEntry),
+  5,
+  fsshare__tree_entry__field_descriptors,
+  fsshare__tree_entry__field_indices_by_name,
+  1,  fsshare__tree_entry__number_ranges,
+  (ProtobufCMessageInit) fsshare__tree_entry__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__write_tree_request__field_descriptors[6] =
+{
+  {
+    "path",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WriteTreeRequest, path),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "mode",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WriteTreeRequest, mode),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "uid",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WriteTreeRequest, uid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "gid",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WriteTreeRequest, gid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dir_mode",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WriteTreeRequest, dir_mode),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "entries",
+    6,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Fsshare__WriteTreeRequest, n_entries),
+    offsetof(Fsshare__WriteTreeRequest, entries),
+    &fsshare__tree_entry__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__write_tree_request__field_indices_by_name[] = {
+  4,   /* field[4] = dir_mode */
+  5,   /* field[5] = entries */
+  3,   /* field[3] = gid */
+  1,   /* field[1] = mode */
+  0,   /* field[0] = path */
+  2,   /* field[2] = uid */
+};
+static const ProtobufCIntRange fsshare__write_tree_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 6 }
+};
+const ProtobufCMessageDescriptor fsshare__write_tree_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.WriteTreeRequest",
+  "WriteTreeRequest",
+  "Fsshare__WriteTreeRequest",
+  "fsshare",
+  sizeof(Fsshare__WriteTreeRequest),
+  6,
+  fsshare__write_tree_request__field_descriptors,
+  fsshare__write_tree_request__field_indices_by_name,
+  1,  fsshare__write_tree_request__number_ranges,
+  (ProtobufCMessageInit) fsshare__write_tree_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__link__field_descriptors[2] =
+{
+  {
+    "name",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__Link, name),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "target",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__Link, target),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__link__field_indices_by_name[] = {
+  0,   /* field[0] = name */
+  1,   /* field[1] = target */
+};
+static const ProtobufCIntRange fsshare__link__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor fsshare__link__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.Link",
+  "Link",
+  "Fsshare__Link",
+  "fsshare",
+  sizeof(Fsshare__Link),
+  2,
+  fsshare__link__field_descriptors,
+  fsshare__link__field_indices_by_name,
+  1,  fsshare__link__number_ranges,
+  (ProtobufCMessageInit) fsshare__link__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor fsshare__set_links_request__field_descriptors[4] =
+{
+  {
+    "dir",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__SetLinksRequest, dir),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "links",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Fsshare__SetLinksRequest, n_links),
+    offsetof(Fsshare__SetLinksRequest, links),
+    &fsshare__link__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "uid",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__SetLinksRequest, uid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "gid",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT32,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__SetLinksRequest, gid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned fsshare__set_links_request__field_indices_by_name[] = {
+  0,   /* field[0] = dir */
+  3,   /* field[3] = gid */
+  1,   /* field[1] = links */
+  2,   /* field[2] = uid */
+};
+static const ProtobufCIntRange fsshare__set_links_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 4 }
+};
+const ProtobufCMessageDescriptor fsshare__set_links_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "fsshare.SetLinksRequest",
+  "SetLinksRequest",
+  "Fsshare__SetLinksRequest",
+  "fsshare",
+  sizeof(Fsshare__SetLinksRequest),
+  4,
+  fsshare__set_links_request__field_descriptors,
+  fsshare__set_links_request__field_indices_by_name,
+  1,  fsshare__set_links_request__number_ranges,
+  (ProtobufCMessageInit) fsshare__set_links_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor fsshare__prune_directory_request__field_descriptors[2] =
@@ -1184,18 +1685,22 @@ const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor =
   (ProtobufCMessageInit) fsshare__watch_content_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCMethodDescriptor fsshare__guest_files__method_descriptors[4] =
+static const ProtobufCMethodDescriptor fsshare__guest_files__method_descriptors[6] =
 {
   { "GetInfo", &fsshare__info_request__descriptor, &fsshare__info_response__descriptor },
   { "RemovePath", &fsshare__remove_path_request__descriptor, &fsshare__empty__descriptor },
   { "RenamePath", &fsshare__rename_path_request__descriptor, &fsshare__empty__descriptor },
   { "PruneDirectory", &fsshare__prune_directory_request__descriptor, &fsshare__empty__descriptor },
+  { "WriteTree", &fsshare__write_tree_request__descriptor, &fsshare__empty__descriptor },
+  { "SetLinks", &fsshare__set_links_request__descriptor, &fsshare__empty__descriptor },
 };
 const unsigned fsshare__guest_files__method_indices_by_name[] = {
   0,        /* GetInfo */
   3,        /* PruneDirectory */
   1,        /* RemovePath */
-  2         /* RenamePath */
+  2,        /* RenamePath */
+  5,        /* SetLinks */
+  4         /* WriteTree */
 };
 const ProtobufCServiceDescriptor fsshare__guest_files__descriptor =
 {
@@ -1204,7 +1709,7 @@ const ProtobufCServiceDescriptor fsshare__guest_files__descriptor =
   "GuestFiles",
   "Fsshare__GuestFiles",
   "fsshare",
-  4,
+  6,
   fsshare__guest_files__method_descriptors,
   fsshare__guest_files__method_indices_by_name
 };
@@ -1239,6 +1744,22 @@ void fsshare__guest_files__prune_directory(ProtobufCService *service,
 {
   assert(service->descriptor == &fsshare__guest_files__descriptor);
   service->invoke(service, 3, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void fsshare__guest_files__write_tree(ProtobufCService *service,
+                                      const Fsshare__WriteTreeRequest *input,
+                                      Fsshare__Empty_Closure closure,
+                                      void *closure_data)
+{
+  assert(service->descriptor == &fsshare__guest_files__descriptor);
+  service->invoke(service, 4, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void fsshare__guest_files__set_links(ProtobufCService *service,
+                                     const Fsshare__SetLinksRequest *input,
+                                     Fsshare__Empty_Closure closure,
+                                     void *closure_data)
+{
+  assert(service->descriptor == &fsshare__guest_files__descriptor);
+  service->invoke(service, 5, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void fsshare__guest_files__init (Fsshare__GuestFiles_Service *service,
                                  Fsshare__GuestFiles_ServiceDestroy destroy)

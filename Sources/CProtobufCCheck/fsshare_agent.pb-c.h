@@ -20,6 +20,10 @@ typedef struct Fsshare__InfoRequest Fsshare__InfoRequest;
 typedef struct Fsshare__InfoResponse Fsshare__InfoResponse;
 typedef struct Fsshare__RemovePathRequest Fsshare__RemovePathRequest;
 typedef struct Fsshare__RenamePathRequest Fsshare__RenamePathRequest;
+typedef struct Fsshare__TreeEntry Fsshare__TreeEntry;
+typedef struct Fsshare__WriteTreeRequest Fsshare__WriteTreeRequest;
+typedef struct Fsshare__Link Fsshare__Link;
+typedef struct Fsshare__SetLinksRequest Fsshare__SetLinksRequest;
 typedef struct Fsshare__PruneDirectoryRequest Fsshare__PruneDirectoryRequest;
 typedef struct Fsshare__ProbeRequest Fsshare__ProbeRequest;
 typedef struct Fsshare__ProbeResponse Fsshare__ProbeResponse;
@@ -133,6 +137,73 @@ struct  Fsshare__RenamePathRequest
 #define FSSHARE__RENAME_PATH_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&fsshare__rename_path_request__descriptor) \
     , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+/*
+ * One entry of a WriteTree: a directory, file or symlink (`mode` carries the type bits, as in
+ * CopyFile); `path` is relative to the tree, parents before their entries; `data` is the file's
+ * content or the symlink's target.
+ */
+struct  Fsshare__TreeEntry
+{
+  ProtobufCMessage base;
+  char *path;
+  uint32_t mode;
+  int32_t uid;
+  int32_t gid;
+  ProtobufCBinaryData data;
+};
+#define FSSHARE__TREE_ENTRY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__tree_entry__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, 0, 0, {0,NULL} }
+
+
+struct  Fsshare__WriteTreeRequest
+{
+  ProtobufCMessage base;
+  /*
+   * The directory to make (absolute, below the share directory; its parents are created
+   * with dir_mode like CopyFile's).
+   */
+  char *path;
+  uint32_t mode;
+  int32_t uid;
+  int32_t gid;
+  uint32_t dir_mode;
+  size_t n_entries;
+  Fsshare__TreeEntry **entries;
+};
+#define FSSHARE__WRITE_TREE_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__write_tree_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0,NULL }
+
+
+struct  Fsshare__Link
+{
+  ProtobufCMessage base;
+  char *name;
+  char *target;
+};
+#define FSSHARE__LINK__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__link__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+struct  Fsshare__SetLinksRequest
+{
+  ProtobufCMessage base;
+  /*
+   * The directory (it must exist).
+   */
+  char *dir;
+  size_t n_links;
+  Fsshare__Link **links;
+  int32_t uid;
+  int32_t gid;
+};
+#define FSSHARE__SET_LINKS_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&fsshare__set_links_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0,NULL, 0, 0 }
 
 
 struct  Fsshare__PruneDirectoryRequest
@@ -349,6 +420,82 @@ Fsshare__RenamePathRequest *
 void   fsshare__rename_path_request__free_unpacked
                      (Fsshare__RenamePathRequest *message,
                       ProtobufCAllocator *allocator);
+/* Fsshare__TreeEntry methods */
+void   fsshare__tree_entry__init
+                     (Fsshare__TreeEntry         *message);
+size_t fsshare__tree_entry__get_packed_size
+                     (const Fsshare__TreeEntry   *message);
+size_t fsshare__tree_entry__pack
+                     (const Fsshare__TreeEntry   *message,
+                      uint8_t             *out);
+size_t fsshare__tree_entry__pack_to_buffer
+                     (const Fsshare__TreeEntry   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__TreeEntry *
+       fsshare__tree_entry__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__tree_entry__free_unpacked
+                     (Fsshare__TreeEntry *message,
+                      ProtobufCAllocator *allocator);
+/* Fsshare__WriteTreeRequest methods */
+void   fsshare__write_tree_request__init
+                     (Fsshare__WriteTreeRequest         *message);
+size_t fsshare__write_tree_request__get_packed_size
+                     (const Fsshare__WriteTreeRequest   *message);
+size_t fsshare__write_tree_request__pack
+                     (const Fsshare__WriteTreeRequest   *message,
+                      uint8_t             *out);
+size_t fsshare__write_tree_request__pack_to_buffer
+                     (const Fsshare__WriteTreeRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__WriteTreeRequest *
+       fsshare__write_tree_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__write_tree_request__free_unpacked
+                     (Fsshare__WriteTreeRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Fsshare__Link methods */
+void   fsshare__link__init
+                     (Fsshare__Link         *message);
+size_t fsshare__link__get_packed_size
+                     (const Fsshare__Link   *message);
+size_t fsshare__link__pack
+                     (const Fsshare__Link   *message,
+                      uint8_t             *out);
+size_t fsshare__link__pack_to_buffer
+                     (const Fsshare__Link   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__Link *
+       fsshare__link__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__link__free_unpacked
+                     (Fsshare__Link *message,
+                      ProtobufCAllocator *allocator);
+/* Fsshare__SetLinksRequest methods */
+void   fsshare__set_links_request__init
+                     (Fsshare__SetLinksRequest         *message);
+size_t fsshare__set_links_request__get_packed_size
+                     (const Fsshare__SetLinksRequest   *message);
+size_t fsshare__set_links_request__pack
+                     (const Fsshare__SetLinksRequest   *message,
+                      uint8_t             *out);
+size_t fsshare__set_links_request__pack_to_buffer
+                     (const Fsshare__SetLinksRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Fsshare__SetLinksRequest *
+       fsshare__set_links_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   fsshare__set_links_request__free_unpacked
+                     (Fsshare__SetLinksRequest *message,
+                      ProtobufCAllocator *allocator);
 /* Fsshare__PruneDirectoryRequest methods */
 void   fsshare__prune_directory_request__init
                      (Fsshare__PruneDirectoryRequest         *message);
@@ -464,6 +611,18 @@ typedef void (*Fsshare__RemovePathRequest_Closure)
 typedef void (*Fsshare__RenamePathRequest_Closure)
                  (const Fsshare__RenamePathRequest *message,
                   void *closure_data);
+typedef void (*Fsshare__TreeEntry_Closure)
+                 (const Fsshare__TreeEntry *message,
+                  void *closure_data);
+typedef void (*Fsshare__WriteTreeRequest_Closure)
+                 (const Fsshare__WriteTreeRequest *message,
+                  void *closure_data);
+typedef void (*Fsshare__Link_Closure)
+                 (const Fsshare__Link *message,
+                  void *closure_data);
+typedef void (*Fsshare__SetLinksRequest_Closure)
+                 (const Fsshare__SetLinksRequest *message,
+                  void *closure_data);
 typedef void (*Fsshare__PruneDirectoryRequest_Closure)
                  (const Fsshare__PruneDirectoryRequest *message,
                   void *closure_data);
@@ -505,6 +664,14 @@ struct Fsshare__GuestFiles_Service
                           const Fsshare__PruneDirectoryRequest *input,
                           Fsshare__Empty_Closure closure,
                           void *closure_data);
+  void (*write_tree)(Fsshare__GuestFiles_Service *service,
+                     const Fsshare__WriteTreeRequest *input,
+                     Fsshare__Empty_Closure closure,
+                     void *closure_data);
+  void (*set_links)(Fsshare__GuestFiles_Service *service,
+                    const Fsshare__SetLinksRequest *input,
+                    Fsshare__Empty_Closure closure,
+                    void *closure_data);
 };
 typedef void (*Fsshare__GuestFiles_ServiceDestroy)(Fsshare__GuestFiles_Service *);
 void fsshare__guest_files__init (Fsshare__GuestFiles_Service *service,
@@ -516,7 +683,9 @@ void fsshare__guest_files__init (Fsshare__GuestFiles_Service *service,
       function_prefix__ ## get_info,\
       function_prefix__ ## remove_path,\
       function_prefix__ ## rename_path,\
-      function_prefix__ ## prune_directory  }
+      function_prefix__ ## prune_directory,\
+      function_prefix__ ## write_tree,\
+      function_prefix__ ## set_links  }
 void fsshare__guest_files__get_info(ProtobufCService *service,
                                     const Fsshare__InfoRequest *input,
                                     Fsshare__InfoResponse_Closure closure,
@@ -533,6 +702,14 @@ void fsshare__guest_files__prune_directory(ProtobufCService *service,
                                            const Fsshare__PruneDirectoryRequest *input,
                                            Fsshare__Empty_Closure closure,
                                            void *closure_data);
+void fsshare__guest_files__write_tree(ProtobufCService *service,
+                                      const Fsshare__WriteTreeRequest *input,
+                                      Fsshare__Empty_Closure closure,
+                                      void *closure_data);
+void fsshare__guest_files__set_links(ProtobufCService *service,
+                                     const Fsshare__SetLinksRequest *input,
+                                     Fsshare__Empty_Closure closure,
+                                     void *closure_data);
 typedef struct Fsshare__GuestCheck_Service Fsshare__GuestCheck_Service;
 struct Fsshare__GuestCheck_Service
 {
@@ -571,6 +748,10 @@ extern const ProtobufCMessageDescriptor fsshare__info_request__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__info_response__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__remove_path_request__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__rename_path_request__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__tree_entry__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__write_tree_request__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__link__descriptor;
+extern const ProtobufCMessageDescriptor fsshare__set_links_request__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__prune_directory_request__descriptor;
 extern const ProtobufCMessageDescriptor fsshare__probe_request__descriptor;
 extern const ProtobufCEnumDescriptor    fsshare__probe_request__op__descriptor;

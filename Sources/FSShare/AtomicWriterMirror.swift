@@ -190,6 +190,8 @@ struct AtomicWriterMirror {
         let batched = features.contains("Batches")
         let canRename = features.contains("RenamePath")
         let canPrune = features.contains("PruneDirectory")
+        let canWriteTree = features.contains("WriteTree")
+        let canSetLinks = features.contains("SetLinks")
         // Errors of our own (host reads) are carried past the agent-typed pipeline closure.
         var hostError: FSShareError?
         func host<T>(_ body: () throws(FSShareError) -> T) throws(AgentError) -> T {
@@ -211,8 +213,17 @@ struct AtomicWriterMirror {
                 }
                 // 1. The new timestamped directory, completely.
                 if previous == nil || previous?.uncertain == true { try p.barrier() }
-                try host { () throws(FSShareError) in
-                    try copier.copyDirectory(ts, status: st, to: guestDir + "/" + guestTarget, pipeline: &p, report: &report)
+                // One WriteTree where the agent has it (the directory appears complete, by a
+                // rename, in one request); otherwise entry by entry.
+                let tree = canWriteTree ? try host { () throws(FSShareError) in
+                    try copier.treeRequest(ts, status: st, to: guestDir + "/" + guestTarget, report: &report)
+                } : nil
+                if let tree {
+                    try p.send(TTRPC.guestFilesService, "WriteTree", tree)
+                } else {
+                    try host { () throws(FSShareError) in
+                        try copier.copyDirectory(ts, status: st, to: guestDir + "/" + guestTarget, pipeline: &p, report: &report)
+                    }
                 }
                 if !batched { try p.flush() }
                 // kubelet deletes a timestamped directory only after ..data has moved off it:
@@ -224,30 +235,47 @@ struct AtomicWriterMirror {
                     hostError = FSShareError(.conflict, "\(volume.path) was updated again during the copy")
                     throw AgentError(.remote, "raced")
                 }
-                // 2. The switch: atomic (a rename) where the agent can rename; else Kata's own
-                //    replace of the link.
-                var link = copier.request(guestDir + (canRename ? "/..data_tmp" : "/..data"), volumeStatus, mode: UInt32(S_IFLNK))
-                link.fileMode = UInt32(S_IFLNK) | 0o777
-                link.data = Data(guestTarget.utf8)
-                try p.send(TTRPC.agentService, TTRPC.copyFileMethod, link)
-                if canRename {
-                    var rename = Fsshare_RenamePathRequest()
-                    rename.from = guestDir + "/..data_tmp"
-                    rename.to = guestDir + "/..data"
-                    try p.send(TTRPC.guestFilesService, "RenamePath", rename)
-                }
-                if !batched { try p.flush() }
-                // 3. New key links (kubelet's links; their targets are under ..data). After a
-                //    failure they are re-sent too where the agent replaces a link atomically; Kata's
-                //    agent unlinks first, so a link it already has is left as it is (it removes
-                //    nothing, so one sent before is still there).
+                // 2. The switch, then 3. the new key links (kubelet's links; their targets are
+                //    under ..data). After a failure they are re-sent too where the agent replaces
+                //    a link atomically; Kata's agent unlinks first, so a link it already has is
+                //    left as it is (it removes nothing, so one sent before is still there).
                 let resendAll = previous?.uncertain == true && canRename
-                for (key, linkTarget) in keys.sorted(by: { $0.key < $1.key }) where resendAll || previous?.keys[key] != linkTarget {
-                    var k = copier.request(guestDir + "/" + key, volumeStatus, mode: UInt32(S_IFLNK))
-                    k.fileMode = UInt32(S_IFLNK) | 0o777
-                    k.data = Data(linkTarget.utf8)
-                    try p.send(TTRPC.agentService, TTRPC.copyFileMethod, k)
-                    report.symlinks += 1
+                let newKeys = keys.sorted(by: { $0.key < $1.key }).filter { resendAll || previous?.keys[$0.key] != $0.value }
+                if canSetLinks {
+                    // One request: ..data first, then the keys, each replaced by a rename.
+                    var links = Fsshare_SetLinksRequest()
+                    links.dir = guestDir
+                    links.uid = Int32(bitPattern: volumeStatus.uid)
+                    links.gid = Int32(bitPattern: volumeStatus.gid)
+                    links.links = ([("..data", guestTarget)] + newKeys.map { ($0.key, $0.value) }).map { name, target in
+                        var l = Fsshare_Link()
+                        l.name = name
+                        l.target = target
+                        return l
+                    }
+                    try p.send(TTRPC.guestFilesService, "SetLinks", links)
+                    report.symlinks += newKeys.count
+                } else {
+                    // The switch: atomic (a rename) where the agent can rename; else Kata's own
+                    // replace of the link.
+                    var link = copier.request(guestDir + (canRename ? "/..data_tmp" : "/..data"), volumeStatus, mode: UInt32(S_IFLNK))
+                    link.fileMode = UInt32(S_IFLNK) | 0o777
+                    link.data = Data(guestTarget.utf8)
+                    try p.send(TTRPC.agentService, TTRPC.copyFileMethod, link)
+                    if canRename {
+                        var rename = Fsshare_RenamePathRequest()
+                        rename.from = guestDir + "/..data_tmp"
+                        rename.to = guestDir + "/..data"
+                        try p.send(TTRPC.guestFilesService, "RenamePath", rename)
+                    }
+                    if !batched { try p.flush() }
+                    for (key, linkTarget) in newKeys {
+                        var k = copier.request(guestDir + "/" + key, volumeStatus, mode: UInt32(S_IFLNK))
+                        k.fileMode = UInt32(S_IFLNK) | 0o777
+                        k.data = Data(linkTarget.utf8)
+                        try p.send(TTRPC.agentService, TTRPC.copyFileMethod, k)
+                        report.symlinks += 1
+                    }
                 }
                 if !batched { try p.flush() }
                 // 4. Deleted keys and every other timestamped directory.

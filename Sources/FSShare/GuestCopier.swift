@@ -71,6 +71,81 @@ struct GuestCopier {
         }
     }
 
+    /// At most this much file content goes into one WriteTree (Kata's CopyFile chunk size:
+    /// well inside ttrpc's 4 MiB message limit).
+    static let treeBytes = 1 << 20
+
+    /// The whole of `dir` (directories and regular files only) as one `WriteTree` request, or
+    /// nil when it holds anything else (a symlink, a special file) or more than ``treeBytes``:
+    /// the caller then copies entry by entry. Counts toward `report` (and the limits) as a copy
+    /// would.
+    func treeRequest(_ dir: DirFD, status st: FileStatus, to guestPath: String, report: inout CopyReport) throws(FSShareError) -> Fsshare_WriteTreeRequest? {
+        var r = Fsshare_WriteTreeRequest()
+        r.path = guestPath
+        r.mode = st.mode & 0o7777
+        r.uid = Int32(bitPattern: st.uid)
+        r.gid = Int32(bitPattern: st.gid)
+        r.dirMode = dirMode
+        var counted = report
+        counted.directories += 1
+        var bytes = 0
+        // Depth first, each directory listed before what is inside it.
+        var pending: [(fd: FileDescriptor?, dir: DirFD, rel: String)] = [(nil, dir, "")]
+        defer { for p in pending { if let fd = p.fd { Sys.close(fd) } } }
+        while let (owned, current, rel) = pending.popLast() {
+            defer { if let owned { Sys.close(owned) } }
+            let listed = try sys("cannot list \(current.path)") { () throws(SystemCallError) in try Sys.listDirectory(current, ".") }
+            for entry in listed.sorted(by: { $0.name < $1.name }) {
+                let n = FilePath(entry.name)
+                let shown = current.display(n)
+                counted.entriesSeen += 1
+                if let limits, counted.entriesSeen > limits.maxEntries {
+                    throw FSShareError(.limitExceeded, "more than \(limits.maxEntries) entries")
+                }
+                let est: FileStatus
+                do {
+                    est = try Sys.statx(current, n)
+                } catch {
+                    if error.errno == .noSuchFileOrDirectory { continue }
+                    throw FSShareError.system("cannot stat \(shown)", error)
+                }
+                var e = Fsshare_TreeEntry()
+                e.path = rel.isEmpty ? entry.name : rel + "/" + entry.name
+                e.uid = Int32(bitPattern: est.uid)
+                e.gid = Int32(bitPattern: est.gid)
+                switch est.kind {
+                case .directory:
+                    e.mode = UInt32(S_IFDIR) | (est.mode & 0o7777)
+                    let fd = try sys("cannot open \(shown)") { () throws(SystemCallError) in
+                        try Sys.openat(current, n, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+                    }
+                    pending.append((fd, DirFD(fd: fd, path: shown), e.path))
+                    counted.directories += 1
+                case .regular:
+                    bytes += Int(est.size)
+                    if bytes > GuestCopier.treeBytes { return nil }
+                    if let limits, counted.bytes + Int64(est.size) > limits.maxBytes {
+                        throw FSShareError(.limitExceeded, "more than \(limits.maxBytes) bytes")
+                    }
+                    let fd = try sys("cannot open \(shown)") { () throws(SystemCallError) in try Sys.openat(current, n, flags: O_RDONLY | Sys.oNoFollow) }
+                    defer { Sys.close(fd) }
+                    let content = try sys("cannot read \(shown)") { () throws(SystemCallError) in try Sys.readAll(fd, path: shown) }
+                    // Changed size while read: leave it to the entry-by-entry copy, which retries.
+                    guard content.count == Int(est.size) else { return nil }
+                    e.mode = UInt32(S_IFREG) | (est.mode & 0o7777)
+                    e.data = Data(content)
+                    counted.files += 1
+                    counted.bytes += Int64(content.count)
+                default:
+                    return nil
+                }
+                r.entries.append(e)
+            }
+        }
+        report = counted
+        return r
+    }
+
     /// Copies `dir/name` (any kind) to `guestPath`.
     func copyEntry(_ dir: DirFD, _ name: String, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
         let n = FilePath(name)

@@ -92,7 +92,13 @@ public final class VolumeWatcher: Sendable {
         let agent: AgentClient?
         let dir: DirFD
         let wd: Int32
+        /// The client dealt to this sandbox for its recorded agent (kept across manifest reloads).
+        var client: AgentClient?
     }
+
+    /// Connections the node's watcher opens at most to one agent address, shared by the
+    /// sandboxes that name it.
+    public static let connectionsPerAgent = 4
 
     /// A sandbox's volumes waiting for a sync, in the order they became dirty. A volume is in
     /// it at most once (its `dirty` flag), so a worker finds its next job in O(1) however many
@@ -124,8 +130,9 @@ public final class VolumeWatcher: Sendable {
         var followed: [Int32: Followed] = [:]
         /// Sandbox roots followed as a whole (``VolumeWatcher/followRoot(_:)``), by watch.
         var roots: [Int32: (path: FilePath, fd: FileDescriptor)] = [:]
-        /// One client per recorded agent address.
-        var agents: [String: AgentClient] = [:]
+        /// Clients per recorded agent address (up to ``VolumeWatcher/connectionsPerAgent``),
+        /// and how many sandboxes were handed one.
+        var agents: [String: (clients: [AgentClient], handedOut: Int)] = [:]
         /// Per sandbox: the dirty volumes, and those whose last sync failed (agent away, I/O
         /// error), which the sandbox's worker retries every second until they work.
         var queues: [String: DirtyQueue] = [:]
@@ -474,8 +481,11 @@ public final class VolumeWatcher: Sendable {
     private func workLoop(_ sandboxID: String, _ worker: Worker) {
         var scratch: UInt8 = 0
         // Set when the agent could not be reached: until then events only queue volumes, so an
-        // absent agent costs one attempt per second, not one per event.
+        // absent agent costs one attempt per pause, not one per event. The pause doubles from
+        // 100 ms to 1 s: an agent that is just starting (a VM booting) is caught early, a dead
+        // one costs one attempt per second.
         var pausedUntil: UInt64 = 0
+        var pause: UInt64 = 100_000_000
         while true {
             let retrying = core.withLock { c in !(c.failing[sandboxID]?.isEmpty ?? true) }
             var timeout: Int32 = retrying ? 1000 : -1
@@ -512,9 +522,11 @@ public final class VolumeWatcher: Sendable {
                 // With the agent away, the rest of the queue waits for the next retry round
                 // (one attempt per second, not one per volume).
                 if !sync(key, v) {
-                    pausedUntil = Sys.monotonicNanoseconds() + 1_000_000_000
+                    pausedUntil = Sys.monotonicNanoseconds() + pause
+                    pause = min(pause * 2, 1_000_000_000)
                     break
                 }
+                pause = 100_000_000
             }
         }
     }
@@ -675,18 +687,31 @@ public final class VolumeWatcher: Sendable {
         let wanted = manifest.orderedShares.filter {
             $0.watched && (($0.kind == .copy && $0.copied && !$0.leftInGuest) || $0.kind == .volume)
         }
-        // The agent given, else the one the sandbox recorded: one client (one connection) per
-        // agent address. Each sandbox's VM has an address of its own, so a slow or dead agent
-        // holds up only its own sandbox; sandboxes naming the same address share its connection
-        // (an agent serves a bounded number of connections).
+        // The agent given, else the one the sandbox recorded. Each sandbox's VM has an address of
+        // its own, so a slow or dead agent holds up only its own sandbox. Sandboxes naming the
+        // same address share a few connections, dealt out in turn (an agent serves a bounded
+        // number of connections; one connection would serialise every sync of them all).
         var agent = f.agent
         if agent == nil, let address = recorded.agent {
             let key = address
-            agent = core.withLock { c -> AgentClient? in
-                if let known = c.agents[key] { return known }
+            let wanted = (try? AgentAddress(parsing: address))?.description
+            let known = core.withLock { c in c.followed[f.wd]?.client }.flatMap { $0.address.description == wanted ? $0 : nil }
+            agent = known ?? core.withLock { c -> AgentClient? in
                 guard let parsed = try? AgentAddress(parsing: address) else { return nil }
-                let client = AgentClient(address: parsed, callTimeout: agentCallTimeout)
-                c.agents[key] = client
+                var pool = c.agents[key] ?? ([], 0)
+                let client: AgentClient
+                if pool.clients.count < VolumeWatcher.connectionsPerAgent {
+                    client = AgentClient(address: parsed, callTimeout: agentCallTimeout)
+                    pool.clients.append(client)
+                } else {
+                    client = pool.clients[pool.handedOut % pool.clients.count]
+                }
+                pool.handedOut += 1
+                c.agents[key] = pool
+                if var followed = c.followed[f.wd] {
+                    followed.client = client
+                    c.followed[f.wd] = followed
+                }
                 return client
             }
         }

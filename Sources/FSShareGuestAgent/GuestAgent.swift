@@ -26,7 +26,7 @@ public final class GuestAgent: Sendable {
     /// one connection are applied in the order they were sent (TTRPCServer serves a
     /// connection's requests one after the other), so a client may pipeline dependent steps.
     public static let features = [
-        "CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "Batches", TTRPC.orderedFeature,
+        "CopyFile", "GetInfo", "RemovePath", "RenamePath", "PruneDirectory", "WriteTree", "SetLinks", "Batches", TTRPC.orderedFeature,
         "CreateSandbox", "DestroySandbox", "CreateContainer", "RemoveContainer", "WatchableBind", "Health",
     ]
     /// The name an entry is written under before it is renamed into place. It starts with
@@ -64,7 +64,7 @@ public final class GuestAgent: Sendable {
             switch (service, method) {
             case (TTRPC.agentService, TTRPC.copyFileMethod):
                 let r = try Grpc_CopyFileRequest(serializedBytes: payload)
-                try files.locked { (f) throws(GuestAgentError) in try f.copyFile(r) }
+                try files.locked(r.path) { (f) throws(GuestAgentError) in try f.copyFile(r) }
                 return .ok([])
             case (TTRPC.agentService, TTRPC.createSandboxMethod):
                 let r = try Grpc_CreateSandboxRequest(serializedBytes: payload)
@@ -106,15 +106,23 @@ public final class GuestAgent: Sendable {
                 return .ok(try info.serializedBytes())
             case (TTRPC.guestFilesService, "RemovePath"):
                 let r = try Fsshare_RemovePathRequest(serializedBytes: payload)
-                try files.locked { (f) throws(GuestAgentError) in try f.removePath(r.path, recursive: r.recursive) }
+                try files.locked(r.path) { (f) throws(GuestAgentError) in try f.removePath(r.path, recursive: r.recursive) }
                 return .ok([])
             case (TTRPC.guestFilesService, "RenamePath"):
                 let r = try Fsshare_RenamePathRequest(serializedBytes: payload)
-                try files.locked { (f) throws(GuestAgentError) in try f.renamePath(from: r.from, to: r.to) }
+                try files.locked(r.from, r.to) { (f) throws(GuestAgentError) in try f.renamePath(from: r.from, to: r.to) }
+                return .ok([])
+            case (TTRPC.guestFilesService, "WriteTree"):
+                let r = try Fsshare_WriteTreeRequest(serializedBytes: payload)
+                try files.locked(r.path) { (f) throws(GuestAgentError) in try f.writeTree(r) }
+                return .ok([])
+            case (TTRPC.guestFilesService, "SetLinks"):
+                let r = try Fsshare_SetLinksRequest(serializedBytes: payload)
+                try files.locked(r.dir) { (f) throws(GuestAgentError) in try f.setLinks(r) }
                 return .ok([])
             case (TTRPC.guestFilesService, "PruneDirectory"):
                 let r = try Fsshare_PruneDirectoryRequest(serializedBytes: payload)
-                try files.locked { (f) throws(GuestAgentError) in try f.pruneDirectory(r.path, keep: r.keep) }
+                try files.locked(r.path) { (f) throws(GuestAgentError) in try f.pruneDirectory(r.path, keep: r.keep) }
                 return .ok([])
             default:
                 return .failure(GRPCStatus.unimplemented, "\(service)/\(method) is not implemented by \(GuestAgent.version)")
@@ -125,6 +133,7 @@ public final class GuestAgent: Sendable {
             case .invalid: return .failure(GRPCStatus.invalidArgument, e.message)
             case .denied: return .failure(GRPCStatus.permissionDenied, e.message)
             case .notFound: return .failure(GRPCStatus.notFound, e.message)
+            case .exists: return .failure(GRPCStatus.alreadyExists, e.message)
             case .failed: return .failure(GRPCStatus.internal, e.message)
             }
         } catch {
@@ -230,24 +239,67 @@ public final class GuestAgent: Sendable {
     }
 }
 
-/// The file operations behind one lock: requests from several connections (the watcher and a
-/// `share` at once) touch the same tree, and each request must apply as a unit.
+/// The file operations, locked per volume: requests from several connections (the watcher's
+/// syncs of many volumes, a `share`) run in parallel when they touch different top-level
+/// entries of the share directory, and one at a time when they touch the same one, so each
+/// request still applies as a unit (a file's temp name, a link's replace, a prune). One lock for
+/// everything made ten sandboxes' first syncs spin on it (a sixth of the agent's CPU).
 final class GuestFilesBox: Sendable {
-    private let files: Mutex<GuestFilesHolder>
+    private let files: GuestFilesHolder
+    private let stripes: [Stripe]
     let shareDir: String
 
     struct GuestFilesHolder: @unchecked Sendable {
-        // Only touched with the mutex held.
+        // Its methods keep their state in locals; `root` changes only with every stripe held.
         let files: GuestFiles
+    }
+
+    final class Stripe: Sendable {
+        let mutex = Mutex(())
     }
 
     init(_ files: GuestFiles) {
         self.shareDir = files.shareDir
-        self.files = Mutex(GuestFilesHolder(files: files))
+        self.files = GuestFilesHolder(files: files)
+        self.stripes = (0..<64).map { _ in Stripe() }
     }
 
-    func locked(_ body: (GuestFiles) throws(GuestAgentError) -> Void) throws(GuestAgentError) {
-        try files.withLock { (h) throws(GuestAgentError) in try body(h.files) }
+    /// The entry of the share directory `path` lies in: its first component, or through
+    /// `passthrough/` and `watchable/` to the first other one (a volume, a mirror).
+    func volumeKey(_ path: String) -> Substring {
+        var rest = path.hasPrefix(shareDir + "/") ? path.dropFirst(shareDir.count + 1) : Substring(path)
+        var end = rest.startIndex
+        while true {
+            let slash = rest[end...].firstIndex(of: "/") ?? rest.endIndex
+            let component = rest[end..<slash]
+            end = slash
+            guard component == "passthrough" || component == "watchable", slash < rest.endIndex else { break }
+            end = rest.index(after: slash)
+        }
+        rest = rest[..<end]
+        return rest
+    }
+
+    private func stripe(_ path: String) -> Int {
+        var h = Hasher()
+        h.combine(volumeKey(path))
+        return Int(UInt(bitPattern: h.finalize()) % UInt(stripes.count))
+    }
+
+    /// Runs `body` holding the locks of the volumes `paths` lie in (in a fixed order).
+    func locked(_ paths: String..., body: (GuestFiles) throws(GuestAgentError) -> Void) throws(GuestAgentError) {
+        let indices = Array(Set(paths.map(stripe))).sorted()
+        try hold(indices[...], body)
+    }
+
+    /// Runs `body` with every lock held (the share directory's descriptor changes).
+    func lockedAll(_ body: (GuestFiles) throws(GuestAgentError) -> Void) throws(GuestAgentError) {
+        try hold(Array(stripes.indices)[...], body)
+    }
+
+    private func hold(_ indices: ArraySlice<Int>, _ body: (GuestFiles) throws(GuestAgentError) -> Void) throws(GuestAgentError) {
+        guard let first = indices.first else { return try body(files.files) }
+        try stripes[first].mutex.withLock { (_) throws(GuestAgentError) in try hold(indices.dropFirst(), body) }
     }
 }
 

@@ -275,6 +275,135 @@ final class GuestFiles {
         }
     }
 
+    /// Makes the directory `r.path` whole: its entries are written into `..<leaf>.fsshare-tmp`
+    /// (files directly: nobody can see them yet), which is renamed onto the path only when
+    /// complete, refusing to replace anything there (`exists`). Entry paths are relative,
+    /// canonical, parents first; nothing is resolved through a symlink.
+    func writeTree(_ r: Fsshare_WriteTreeRequest) throws(GuestAgentError) {
+        let p = try GuestPath(r.path, shareDir: shareDir)
+        // Every entry's path and link target is checked before anything is made.
+        var entries: [(path: GuestPath, rel: FilePath, type: UInt32)] = []
+        entries.reserveCapacity(r.entries.count)
+        for e in r.entries {
+            let full = try GuestPath(r.path + "/" + e.path, shareDir: shareDir)
+            let type = e.mode & UInt32(S_IFMT)
+            switch type {
+            case UInt32(S_IFDIR), UInt32(S_IFREG): break
+            case UInt32(S_IFLNK): try GuestPath.checkSymlinkTarget(String(decoding: e.data, as: UTF8.self), at: full)
+            default: throw GuestAgentError(.invalid, "\(r.path)/\(e.path): mode \(String(e.mode, radix: 8)) is not a file, directory or symlink")
+            }
+            entries.append((full, FilePath(e.path), type))
+        }
+        let parent = try openParent(p, create: mode_t(r.dirMode == 0 ? 0o750 : r.dirMode), uid: UInt32(bitPattern: r.uid), gid: UInt32(bitPattern: r.gid))
+        defer { Sys.close(parent.fd) }
+        let leaf = FilePath(p.leaf)
+        let tmp = GuestAgent.temporaryName(for: p.leaf)
+        do {
+            if (try? Sys.statx(parent, leaf)) != nil { throw GuestAgentError(.exists, "\(r.path) exists") }
+            if (try? Sys.statx(parent, tmp)) != nil { try removeTree(parent, tmp) }
+            _ = try Sys.mkdirat(parent, tmp, mode: 0o700)
+            var built = false
+            defer { if !built { try? removeTree(parent, tmp) } }
+            let top = try Sys.openat2(parent, tmp, flags: O_RDONLY | Sys.oDirectory, resolve: GuestFiles.resolve)
+            defer { Sys.close(top) }
+            let dir = DirFD(fd: top, path: parent.display(tmp))
+            for (i, e) in r.entries.enumerated() {
+                let rel = entries[i].rel
+                let uid = UInt32(bitPattern: e.uid), gid = UInt32(bitPattern: e.gid)
+                let perm = mode_t(e.mode & 0o7777)
+                switch entries[i].type {
+                case UInt32(S_IFDIR):
+                    guard try Sys.mkdirat(dir, rel, mode: 0o700) else { throw GuestAgentError(.invalid, "\(r.path)/\(e.path) is listed twice") }
+                    let fd = try Sys.openat2(dir, rel, flags: O_RDONLY | Sys.oDirectory, resolve: GuestFiles.resolve)
+                    defer { Sys.close(fd) }
+                    try Sys.fchmod(fd, mode: perm, path: dir.display(rel))
+                    if uid != euid || gid != egid { try fchown(fd, uid, gid, dir.display(rel)) }
+                case UInt32(S_IFREG):
+                    let fd = try Sys.openat2(dir, rel, flags: O_WRONLY | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600, resolve: GuestFiles.resolve)
+                    defer { Sys.close(fd) }
+                    if !e.data.isEmpty {
+                        var failure: SystemCallError?
+                        e.data.withUnsafeBytes { b in
+                            do throws(SystemCallError) { try Sys.pwriteAll(fd, b, offset: 0, path: dir.display(rel)) } catch { failure = error }
+                        }
+                        if let failure { throw failure }
+                    }
+                    try Sys.fchmod(fd, mode: perm, path: dir.display(rel))
+                    if uid != euid || gid != egid { try fchown(fd, uid, gid, dir.display(rel)) }
+                default:
+                    // The link's parent, resolved beneath the new tree without symlinks.
+                    let linkParent: FileDescriptor
+                    let parentRel = rel.removingLastComponent()
+                    linkParent = try Sys.openat2(dir, parentRel.isEmpty ? "." : parentRel, flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
+                    defer { Sys.close(linkParent) }
+                    let name = FilePath(rel.lastComponent?.string ?? "")
+                    let at = DirFD(fd: linkParent, path: dir.display(parentRel))
+                    try Sys.symlinkat(String(decoding: e.data, as: UTF8.self), at, name)
+                    if uid != euid || gid != egid { try chown(at, name, uid, gid) }
+                }
+            }
+            try Sys.fchmod(top, mode: mode_t(r.mode & 0o7777), path: dir.path)
+            try fchown(top, UInt32(bitPattern: r.uid), UInt32(bitPattern: r.gid), dir.path)
+            do {
+                try Sys.renameat(parent, tmp, parent, leaf, noReplace: true)
+            } catch {
+                if error.errno == .fileExists { throw GuestAgentError(.exists, "\(r.path) exists") }
+                throw error
+            }
+            built = true
+        } catch let e as GuestAgentError {
+            throw e
+        } catch let e as SystemCallError {
+            throw refusal(e, p)
+        } catch {
+            throw GuestAgentError(.failed, "\(error)")
+        }
+    }
+
+    /// Creates or replaces symlinks in the directory `r.dir`, in order, each through a temp
+    /// name and one rename (a reader sees the old link or the new one, never none).
+    func setLinks(_ r: Fsshare_SetLinksRequest) throws(GuestAgentError) {
+        let p = try GuestPath(r.dir, shareDir: shareDir)
+        for link in r.links {
+            guard !link.name.isEmpty, !link.name.contains("/"), link.name != ".", link.name != "..", !link.name.utf8.contains(0) else {
+                throw GuestAgentError(.invalid, "\(r.dir): \"\(link.name)\" is not a name")
+            }
+            let at = try GuestPath(r.dir + "/" + link.name, shareDir: shareDir)
+            try GuestPath.checkSymlinkTarget(link.target, at: at)
+        }
+        let parent = try openParent(p, create: nil)
+        defer { Sys.close(parent.fd) }
+        let uid = UInt32(bitPattern: r.uid), gid = UInt32(bitPattern: r.gid)
+        do throws(SystemCallError) {
+            let fd = try Sys.openat2(parent, FilePath(p.leaf), flags: Sys.oPath | Sys.oDirectory, resolve: GuestFiles.resolve)
+            defer { Sys.close(fd) }
+            let dir = DirFD(fd: fd, path: parent.display(FilePath(p.leaf)))
+            for link in r.links {
+                // A link that is not there yet is made in place (symlinkat either makes it whole
+                // or fails): one call instead of two.
+                do {
+                    try Sys.symlinkat(link.target, dir, FilePath(link.name))
+                    if uid != euid || gid != egid { try chown(dir, FilePath(link.name), uid, gid) }
+                    continue
+                } catch {
+                    guard error.errno == .fileExists else { throw error }
+                }
+                let tmp = GuestAgent.temporaryName(for: link.name)
+                do {
+                    try Sys.symlinkat(link.target, dir, tmp)
+                } catch {
+                    guard error.errno == .fileExists else { throw error }
+                    try removeTree(dir, tmp)
+                    try Sys.symlinkat(link.target, dir, tmp)
+                }
+                if uid != euid || gid != egid { try chown(dir, tmp, uid, gid) }
+                try replace(dir, tmp, FilePath(link.name))
+            }
+        } catch {
+            throw refusal(error, p)
+        }
+    }
+
     func pruneDirectory(_ path: String, keep: [String]) throws(GuestAgentError) {
         let p = try GuestPath(path, shareDir: shareDir)
         let parent = try openParent(p, create: nil)

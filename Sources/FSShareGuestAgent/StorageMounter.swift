@@ -116,7 +116,7 @@ final class StorageMounter {
         var problems: [String] = []
         for mirror in made.mirrors.reversed() {
             do throws(GuestAgentError) {
-                try files.locked { (f) throws(GuestAgentError) in try f.removePath(mirror, recursive: true) }
+                try files.locked(mirror) { (f) throws(GuestAgentError) in try f.removePath(mirror, recursive: true) }
             } catch {
                 problems.append(error.message)
             }
@@ -124,7 +124,7 @@ final class StorageMounter {
         for point in made.mounted.reversed() {
             do throws(SystemCallError) { try Sys.umount2(FilePath(point), flags: Int32(MNT_DETACH)) } catch { problems.append("\(error)") }
         }
-        try files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+        try files.lockedAll { (f) throws(GuestAgentError) in f.reopenRoot() }
         if !problems.isEmpty { throw GuestAgentError(.failed, "RemoveContainer: " + problems.joined(separator: "; ")) }
     }
 
@@ -145,14 +145,14 @@ final class StorageMounter {
         var made: (mirrors: [String], mounted: [String]) = ([], [])
         var madeRoot = false
         func undo() {
-            for m in made.mirrors.reversed() { try? files.locked { (f) throws(GuestAgentError) in try f.removePath(m, recursive: true) } }
+            for m in made.mirrors.reversed() { try? files.locked(m) { (f) throws(GuestAgentError) in try f.removePath(m, recursive: true) } }
             for p in made.mounted.reversed() { try? Sys.umount2(FilePath(p), flags: Int32(MNT_DETACH)) }
             if madeRoot, let root = watchableRoot {
                 try? Sys.umount2(FilePath(root), flags: Int32(MNT_DETACH))
                 mounted.removeAll { $0 == root }
                 watchableRoot = nil
             }
-            try? files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+            try? files.lockedAll { (f) throws(GuestAgentError) in f.reopenRoot() }
         }
         for s in storages {
             let point = StorageMounter.canonical(s.mountPoint)
@@ -175,7 +175,7 @@ final class StorageMounter {
                     let requests = try WatchableMirror.requests(source: StorageMounter.canonical(s.source), target: point)
                     made.mirrors.append(point)
                     // Under the files lock: the host's watcher may already be pushing into it.
-                    try files.locked { (f) throws(GuestAgentError) in
+                    try files.locked(point) { (f) throws(GuestAgentError) in
                         for r in requests { try f.copyFile(r) }
                     }
                     log("mirrored \(s.source) at \(point) (\(requests.count) entries)")
@@ -198,7 +198,7 @@ final class StorageMounter {
             }
         }
         // Descriptors opened before a mount on (or above) the share directory point below it.
-        try files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+        try files.lockedAll { (f) throws(GuestAgentError) in f.reopenRoot() }
         return made
     }
 
@@ -240,7 +240,7 @@ final class StorageMounter {
         sandboxID = nil
         watchableRoot = nil
         containers = [:]
-        try? files.locked { (f) throws(GuestAgentError) in f.reopenRoot() }
+        try? files.lockedAll { (f) throws(GuestAgentError) in f.reopenRoot() }
         if !problems.isEmpty { throw GuestAgentError(.failed, "DestroySandbox: " + problems.joined(separator: "; ")) }
     }
 }

@@ -44,9 +44,19 @@ public final class KubeletEmulator {
             symlink("..data/" + key, volume + "/" + key)
         }
         for key in oldTop.subtracting(newTop) { unlink(volume + "/" + key) }
-        if let oldTarget { _ = Sys.run(["rm", "-rf", volume + "/" + oldTarget]) }
+        if let oldTarget { KubeletEmulator.removeTree(FilePath(volume + "/" + oldTarget)) }
         current = payload
         return published
+    }
+
+    /// Removes a directory tree in process (no `rm` child: a node-scale test updates hundreds
+    /// of volumes, and a process per update would be what it measures).
+    static func removeTree(_ path: FilePath) {
+        for entry in (try? Sys.listDirectory(nil, path)) ?? [] {
+            let child = path.appending(entry.name)
+            if entry.kind == .directory { removeTree(child) } else { _ = try? Sys.unlinkat(nil, child, directory: false) }
+        }
+        _ = try? Sys.unlinkat(nil, path, directory: true)
     }
 }
 

@@ -141,6 +141,91 @@ import Testing
         #expect(snapshot(g + "/vol")?["dir"] == "f:now a file")
     }
 
+    func entry(_ path: String, _ mode: UInt32, _ data: String = "") -> Fsshare_TreeEntry {
+        var e = Fsshare_TreeEntry()
+        e.path = path
+        e.mode = mode
+        e.data = Data(data.utf8)
+        return e
+    }
+
+    func tree(_ path: String, _ entries: [Fsshare_TreeEntry]) -> Fsshare_WriteTreeRequest {
+        var r = Fsshare_WriteTreeRequest()
+        r.path = path
+        r.mode = 0o755
+        r.dirMode = 0o750
+        r.entries = entries
+        return r
+    }
+
+    func links(_ dir: String, _ pairs: [(String, String)]) -> Fsshare_SetLinksRequest {
+        var r = Fsshare_SetLinksRequest()
+        r.dir = dir
+        r.links = pairs.map { name, target in
+            var l = Fsshare_Link()
+            l.name = name
+            l.target = target
+            return l
+        }
+        return r
+    }
+
+    /// WriteTree makes a directory whole or not at all; SetLinks makes or replaces links in
+    /// order. Both refuse what CopyFile refuses, before making anything.
+    @Test func writeTreeAndSetLinks() throws {
+        let base = TestEnvironment.scratch("agent-tree")
+        let agent = try AgentUnderTest(base)
+        let client = agent.client()
+        let g = agent.shareDir
+        #expect(try client.features().isSuperset(of: ["WriteTree", "SetLinks"]))
+        func call(_ method: String, _ m: some SwiftProtobuf.Message) throws { _ = try client.call(TTRPC.guestFilesService, method, m) }
+        let good = [
+            entry("a", UInt32(S_IFREG) | 0o640, "alpha"), entry("sub", UInt32(S_IFDIR) | 0o700),
+            entry("sub/b", UInt32(S_IFREG) | 0o644, "beta"), entry("sub/l", UInt32(S_IFLNK) | 0o777, "b"),
+        ]
+        try call("WriteTree", tree(g + "/vol/..ts1", good))
+        let snap = try #require(snapshot(g + "/vol"))
+        #expect(snap["..ts1/a"] == "f:alpha" && snap["..ts1/sub/b"] == "f:beta" && snap["..ts1/sub/l"] == "l:b")
+        var st = stat()
+        #expect(stat(g + "/vol/..ts1/a", &st) == 0 && st.st_mode & 0o7777 == 0o640)
+        #expect(stat(g + "/vol/..ts1/sub", &st) == 0 && st.st_mode & 0o7777 == 0o700)
+        #expect(stat(g + "/vol", &st) == 0 && st.st_mode & 0o7777 == 0o750, "a missing parent gets dir_mode")
+        // An existing path is never replaced: ALREADY_EXISTS, and the old tree is untouched.
+        do {
+            try call("WriteTree", tree(g + "/vol/..ts1", [entry("x", UInt32(S_IFREG) | 0o644, "x")]))
+            Issue.record("WriteTree replaced an existing directory")
+        } catch let e as AgentError {
+            #expect(e.status == GRPCStatus.alreadyExists, "\(e)")
+        }
+        #expect(snapshot(g + "/vol") == snap)
+        // Refused whole: nothing of the tree appears, no temp is left.
+        for (what, bad) in [
+            ("dot-dot entry", [entry("a", UInt32(S_IFREG) | 0o644, "a"), entry("../esc", UInt32(S_IFREG) | 0o644, "x")]),
+            ("escaping link", [entry("a", UInt32(S_IFREG) | 0o644, "a"), entry("l", UInt32(S_IFLNK) | 0o777, "../../../outside")]),
+            ("absolute link", [entry("l", UInt32(S_IFLNK) | 0o777, "/etc/shadow")]),
+            ("device", [entry("d", UInt32(S_IFCHR) | 0o644)]),
+            ("child before its parent", [entry("missing/f", UInt32(S_IFREG) | 0o644, "f")]),
+            ("listed twice", [entry("d", UInt32(S_IFDIR) | 0o755), entry("d", UInt32(S_IFDIR) | 0o755)]),
+        ] as [(String, [Fsshare_TreeEntry])] {
+            #expect(throws: AgentError.self, "\(what)") { try call("WriteTree", tree(g + "/vol/..ts2", bad)) }
+            #expect(snapshot(g + "/vol") == snap, "\(what): nothing was left behind")
+        }
+        // SetLinks: ..data first, then keys; new links in place, old ones replaced.
+        try call("SetLinks", links(g + "/vol", [("..data", "..ts1"), ("a", "..data/a")]))
+        try call("WriteTree", tree(g + "/vol/..ts2", [entry("a", UInt32(S_IFREG) | 0o644, "alpha2")]))
+        try call("SetLinks", links(g + "/vol", [("..data", "..ts2"), ("a", "..data/a")]))
+        #expect(readFile(g + "/vol/a") == "alpha2")
+        #expect(snapshot(g + "/vol")?["..data"] == "l:..ts2")
+        for (what, bad) in [
+            ("a name with a slash", links(g + "/vol", [("x/y", "a")])),
+            ("an escaping target", links(g + "/vol", [("x", "../../outside")])),
+            ("a link at the top of the share", links(g, [("x", "vol")])),
+        ] {
+            #expect(throws: AgentError.self, "\(what)") { try call("SetLinks", bad) }
+        }
+        #expect(snapshot(g + "/vol")?.keys.contains("x") == false)
+    }
+
     @Test func pathEscapesAreRefused() throws {
         let base = TestEnvironment.scratch("agent-escape")
         let agent = try AgentUnderTest(base)
