@@ -22,6 +22,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-protobuf", exact: "1.39.0", traits: []),
         .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
         .package(url: "https://github.com/apple/swift-system", exact: "1.8.1"),
+        // The library logs through swift-log and counts through swift-metrics (their no-op
+        // backends unless the host process bootstraps one); the CLI exports Prometheus text.
+        .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", exact: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
     ],
     targets: [
         // GNU-only Linux calls (statx, openat2, open_tree, move_mount, mount_setattr).
@@ -71,6 +76,8 @@ let package = Package(
                 "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ],
             swiftSettings: strict
         ),
@@ -80,6 +87,9 @@ let package = Package(
             dependencies: [
                 "FSShare", "FSShareProto", "FSShareSystem", "FSShareAgentChannel",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],
@@ -113,7 +123,10 @@ let package = Package(
         // writer, tree snapshots).
         .target(
             name: "FSShareTestSupport",
-            dependencies: ["FSShareSystem", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: [
+                "FSShareSystem", .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict
         ),
         // The guest checks and the guest demo: a real VM, checked from inside.
@@ -141,7 +154,10 @@ let package = Package(
         .executableTarget(
             name: "fsshare-bench",
             dependencies: [
-                "FSShare", "FSShareSystem", "FSShareAgentChannel", "CFSShareBenchFloor",
+                "FSShare", "FSShareSystem", "FSShareAgentChannel", "CFSShareBenchFloor", "FSShareTestSupport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
@@ -154,6 +170,7 @@ let package = Package(
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
                 "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest",
                 "FSShareTestSupport", "FSShareGuestAgent", "FSShareLibvirt",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

@@ -1,8 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CoreMetrics
 import FSShareAgentChannel
 import FSShareSystem
+import Logging
 import Synchronization
 import SystemPackage
 
@@ -21,14 +23,17 @@ import SystemPackage
 /// away: mirroring stops, the guest copy stays), and `IN_Q_OVERFLOW` (events were lost: every
 /// volume is resynced in full). Each sandbox has its own sync worker thread, so a slow agent
 /// delays only its own sandbox; updates that arrive during a sync are coalesced into one more.
+///
+/// Logs go through swift-log (`logger`: one record per sync, error and lifecycle event, with
+/// `sandbox` and `volume` metadata where they apply); counts and sync latencies through
+/// swift-metrics (see ``Metrics``), so a host process that bootstraps a backend (the CLI:
+/// Prometheus) gets them and one that does not pays a no-op call.
 public final class VolumeWatcher: Sendable {
-    /// One line per sync, error and lifecycle event.
-    public typealias Logger = @Sendable (String) -> Void
-
     public let limits: WatchLimits
     /// Per-call timeout of the agent clients made for recorded agent addresses.
     public let agentCallTimeout: Duration
-    let log: Logger
+    public let logger: Logger
+    let metrics: Metrics
     private let core = Mutex(Core())
     /// Test seam: while set, the reader leaves events queued in the kernel (see
     /// ``pauseReadingForTesting(_:)``).
@@ -155,10 +160,34 @@ public final class VolumeWatcher: Sendable {
     static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
 
     /// A watcher; nothing runs until ``start()``.
-    public init(limits: WatchLimits = WatchLimits(), agentCallTimeout: Duration = .seconds(60), log: @escaping Logger = { _ in }) {
+    public init(limits: WatchLimits = WatchLimits(), agentCallTimeout: Duration = .seconds(60), logger: Logger = Logger(label: "fsshare.watcher")) {
         self.limits = limits
         self.agentCallTimeout = agentCallTimeout
-        self.log = log
+        self.logger = logger
+        self.metrics = Metrics()
+    }
+
+    /// The watcher's metrics, named as Prometheus expects (`fsshare_watch_…`, units in the
+    /// name, `_total` for counters), made once per watcher: recording one is a call on an
+    /// existing object.
+    struct Metrics: Sendable {
+        let synced = Counter(label: "fsshare_watch_syncs_total", dimensions: [("result", "synced")])
+        let unchanged = Counter(label: "fsshare_watch_syncs_total", dimensions: [("result", "unchanged")])
+        let failed = Counter(label: "fsshare_watch_syncs_total", dimensions: [("result", "failed")])
+        let bytes = Counter(label: "fsshare_watch_copied_bytes_total")
+        let overflows = Counter(label: "fsshare_watch_queue_overflows_total")
+        let stopped = Counter(label: "fsshare_watch_volumes_stopped_total")
+        let volumes = Gauge(label: "fsshare_watch_volumes")
+        let duration = CoreMetrics.Timer(label: "fsshare_watch_sync_duration_seconds")
+    }
+
+    /// One log record; `volume` and `sandbox` become metadata.
+    func log(_ message: String, level: Logger.Level = .info, sandbox: String? = nil, volume: FilePath? = nil) {
+        guard logger.logLevel <= level else { return }
+        var metadata: Logger.Metadata = [:]
+        if let sandbox { metadata["sandbox"] = .string(sandbox) }
+        if let volume { metadata["volume"] = .string(volume.string) }
+        logger.log(level: level, Logger.Message(stringLiteral: message), metadata: metadata.isEmpty ? nil : metadata)
     }
 
     deinit { stop() }
@@ -294,12 +323,15 @@ public final class VolumeWatcher: Sendable {
             c.byWD[wd] = key
             if state == nil { c.markDirty(key, force: true) }
             c.stats.watchedVolumes = c.volumes.count
+            metrics.volumes.record(c.volumes.count)
             c.stats.stopped[key] = nil
             let worker = try self.worker(for: sandboxID, &c)
             if state == nil { worker.wake() }
             return true
         }
-        if added { log("watching \(volume) -> \(guestPath)") }
+        if added {
+            log("watching \(volume) -> \(guestPath)", sandbox: sandboxID, volume: volume)
+        }
     }
 
     /// Stops mirroring a volume (its guest copy is left alone). Unknown volumes are ignored.
@@ -311,6 +343,7 @@ public final class VolumeWatcher: Sendable {
             c.failing[v.sandboxID]?.remove(key)
             if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
             c.stats.watchedVolumes = c.volumes.count
+            metrics.volumes.record(c.volumes.count)
         }
     }
 
@@ -406,6 +439,7 @@ public final class VolumeWatcher: Sendable {
                     c.failing[v.sandboxID]?.remove(key)
                     if e.mask & UInt32(IN_IGNORED) == 0, let fd = c.inotify { Sys.inotifyRemoveWatch(fd, e.wd) }
                     c.stats.watchedVolumes = c.volumes.count
+            metrics.volumes.record(c.volumes.count)
                     c.stats.stopped[key] = "the volume directory \(v.hostPath) went away"
                     lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
                     continue
@@ -418,7 +452,8 @@ public final class VolumeWatcher: Sendable {
             }
             for s in wakeSandboxes { c.workers[s]?.wake() }
         }
-        for line in lines { log(line) }
+        for line in lines { log(line, level: .warning) }
+        if !lines.isEmpty { metrics.overflows.increment() }
         for f in gone { unfollow(f) }
         for f in reloads where !gone.contains(where: { $0.wd == f.wd }) { reload(f) }
         for (root, sid) in appeared { followIfSandbox(root: root, sandboxID: sid) }
@@ -458,7 +493,7 @@ public final class VolumeWatcher: Sendable {
         do {
             try follow(root: root, sandboxID: sandboxID, agent: nil)
         } catch {
-            log("cannot follow sandbox \(sandboxID): \(error.message)")
+            log("cannot follow sandbox \(sandboxID): \(error.message)", level: .warning, sandbox: sandboxID)
         }
     }
 
@@ -557,9 +592,11 @@ public final class VolumeWatcher: Sendable {
                     c.failing[gone.sandboxID]?.remove(key)
                     if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
                     c.stats.watchedVolumes = c.volumes.count
+            metrics.volumes.record(c.volumes.count)
                     c.stats.stopped[key] = reason
                 }
-                log("\(v.hostPath): \(reason)")
+                log("\(v.hostPath): \(reason)", level: .notice, sandbox: v.sandboxID, volume: v.hostPath)
+                metrics.stopped.increment()
                 return true
             }
             let fd = try sys("cannot open the watched volume \(v.hostPath)") { () throws(SystemCallError) in
@@ -587,15 +624,21 @@ public final class VolumeWatcher: Sendable {
                 return first
             }
             // Once per volume: from then on every update leaves its old directory behind.
-            if firstNote, let note { log("\(v.hostPath): \(note); later updates leave theirs too") }
+            if firstNote, let note { log("\(v.hostPath): \(note); later updates leave theirs too", level: .notice, sandbox: v.sandboxID, volume: v.hostPath) }
+            metrics.duration.recordNanoseconds(Int64(Sys.monotonicNanoseconds() - start))
             switch outcome {
-            case .unchanged: break
+            case .unchanged:
+                metrics.unchanged.increment()
             case .synced(let ts, let entries, let bytes):
-                log("synced \(v.hostPath) -> \(v.guestPath) (\(ts), \(entries) entries, \(bytes) bytes) in \(micros) µs")
+                metrics.synced.increment()
+                metrics.bytes.increment(by: Int64(bytes))
+                log("synced \(v.hostPath) -> \(v.guestPath) (\(ts), \(entries) entries, \(bytes) bytes) in \(micros) µs", sandbox: v.sandboxID, volume: v.hostPath)
             case .notAtomicWriter:
-                log("\(v.hostPath) has no ..data link: not an atomic-writer volume, nothing mirrored")
+                metrics.unchanged.increment()
+                log("\(v.hostPath) has no ..data link: not an atomic-writer volume, nothing mirrored", level: .notice, sandbox: v.sandboxID, volume: v.hostPath)
             case .dangling:
-                log("\(v.hostPath): ..data names a directory that is gone (the volume is being removed); nothing mirrored")
+                metrics.unchanged.increment()
+                log("\(v.hostPath): ..data names a directory that is gone (the volume is being removed); nothing mirrored", level: .notice, sandbox: v.sandboxID, volume: v.hostPath)
             }
         } catch {
             // The mirror marked its picture of the guest uncertain if an agent step failed:
@@ -622,6 +665,7 @@ public final class VolumeWatcher: Sendable {
                     c.failing[gone.sandboxID]?.remove(key)
                     if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
                     c.stats.watchedVolumes = c.volumes.count
+            metrics.volumes.record(c.volumes.count)
                     c.stats.stopped[key] = error.message
                 } else if var now = c.volumes[key], now.generation == v.generation {
                     // Retried on the next event (or resync); the guest keeps its last good copy.
@@ -630,7 +674,10 @@ public final class VolumeWatcher: Sendable {
                     c.failing[v.sandboxID, default: []].insert(key)
                 }
             }
-            log("sync of \(v.hostPath) failed: \(error.message)\(error.code == .limitExceeded ? "; no longer mirrored (the guest keeps the last complete copy)" : "")")
+            metrics.failed.increment()
+            if error.code == .limitExceeded { metrics.stopped.increment() }
+            log("sync of \(v.hostPath) failed: \(error.message)\(error.code == .limitExceeded ? "; no longer mirrored (the guest keeps the last complete copy)" : "")",
+                level: .warning, sandbox: v.sandboxID, volume: v.hostPath)
             if let transport = error.agentError?.code, [.unreachable, .disconnected, .timeout].contains(transport) { return false }
         }
         return true
@@ -671,7 +718,7 @@ public final class VolumeWatcher: Sendable {
         do {
             try reloadOrThrow(f)
         } catch {
-            log("cannot re-read the manifest of sandbox \(f.sandboxID): \(error.message)")
+            log("cannot re-read the manifest of sandbox \(f.sandboxID): \(error.message)", level: .warning, sandbox: f.sandboxID)
         }
     }
 
@@ -734,7 +781,7 @@ public final class VolumeWatcher: Sendable {
                     try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: agent)
                 }
             } catch {
-                log("cannot watch \(r.source): \(error.message)")
+                log("cannot watch \(r.source): \(error.message)", level: .warning, sandbox: f.sandboxID, volume: FilePath(r.source))
                 core.withLock { $0.stats.stopped[VolumeWatcher.key(f.sandboxID, r.name)] = error.message }
                 if firstError == nil { firstError = error }
             }

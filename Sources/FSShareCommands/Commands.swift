@@ -2,10 +2,13 @@
 import Glibc
 #endif
 import ArgumentParser
+import CoreMetrics
 import FSShare
 import FSShareAgentChannel
 import FSShareProto
 import FSShareSystem
+import Logging
+import Prometheus
 import SystemPackage
 
 /// Options every command takes.
@@ -365,6 +368,15 @@ struct Watch: AsyncParsableCommand {
     @Option(name: .long, help: "Most entries one volume update may have before it is no longer mirrored.") var maxEntries: Int = WatchLimits().maxEntries
     @Option(name: .long, help: "Most bytes one volume update may have before it is no longer mirrored.") var maxBytes: Int64 = WatchLimits().maxBytes
     @Option(name: .long, help: "Seconds an agent call may take.") var agentTimeout: Int = 60
+    @Option(name: .long, help: "Write the watcher's metrics in Prometheus text format to this file (for node_exporter's textfile collector), rewritten whole every --metrics-interval seconds and on stop.") var metricsTextfile: String?
+    @Option(name: .long, help: "Seconds between two writes of --metrics-textfile.") var metricsInterval: Int = 15
+    @Option(name: .long, help: ArgumentHelp("Least severe log records printed.", valueName: "trace|debug|info|notice|warning|error|critical")) var logLevel: String = "info"
+
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical") }
+        if let metricsTextfile, !metricsTextfile.hasPrefix("/") { throw ValidationError("--metrics-textfile must be an absolute path") }
+        guard metricsInterval > 0 else { throw ValidationError("--metrics-interval must be positive") }
+    }
 
     func run() async throws {
         var client: AgentClient?
@@ -378,12 +390,23 @@ struct Watch: AsyncParsableCommand {
         }
         let signals = try Sys.terminationSignals()
         let json = common.json
-        let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout)) { line in
-            let text = json ? JSON.object([("event", .string(line))]).compact() : "fsshare watch: \(line)"
-            writeAll(fd: 1, Array((text + "\n").utf8))
+        var handler = WatchLogHandler(json: json)
+        handler.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let logger = Logger(label: "fsshare.watch", factory: { _ in handler })
+        // The metrics backend is process-wide (swift-metrics): bootstrapped only when asked for.
+        var textfile: MetricsTextfile?
+        if let metricsTextfile {
+            let registry = PrometheusCollectorRegistry()
+            var factory = PrometheusMetricsFactory(registry: registry)
+            factory.defaultDurationHistogramBuckets = MetricsTextfile.syncBuckets
+            MetricsSystem.bootstrap(factory)
+            textfile = try MetricsTextfile(path: FilePath(metricsTextfile), registry: registry, interval: .seconds(metricsInterval))
         }
+        let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout), logger: logger)
         try watcher.start()
         defer { watcher.stop() }
+        try textfile?.start()
+        defer { textfile?.stop() }
         if sandbox.isEmpty {
             try watcher.followRoot(FilePath(common.root))
         } else {
@@ -392,8 +415,7 @@ struct Watch: AsyncParsableCommand {
         // Block until a termination signal; the watcher's own threads do the work.
         _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")
         let stats = watcher.statistics
-        let closing = "stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)"
-        writeAll(fd: 1, Array(((json ? JSON.object([("event", .string(closing))]).compact() : "fsshare watch: " + closing) + "\n").utf8))
+        logger.info("stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)")
     }
 }
 

@@ -5,6 +5,10 @@ import CFSShareBenchFloor
 import FSShare
 import FSShareAgentChannel
 import FSShareSystem
+import CoreMetrics
+import FSShareTestSupport
+import Logging
+import Prometheus
 import SystemPackage
 
 /// The watcher benchmark: from kubelet's `rename(..data_tmp, ..data)` to the complete new
@@ -77,6 +81,15 @@ enum WatchBench {
     static func currentVersion(_ ts: String) -> UInt32 { UInt32(ts.split(separator: ".").last.map(String.init) ?? "") ?? 0 }
 
     static func run(work: String, trials: Int, counts: [Int]) {
+        // FSSHARE_BENCH_METRICS=prometheus: the watcher's metrics go to a real Prometheus
+        // registry (as under `fsshare watch --metrics-textfile`) instead of swift-metrics' no-op
+        // backend, to measure what the instrumentation costs.
+        if let backend = getenv("FSSHARE_BENCH_METRICS").map({ String(cString: $0) }), backend == "prometheus" {
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: PrometheusCollectorRegistry()))
+            print("metrics: recorded into a Prometheus registry")
+        } else {
+            print("metrics: swift-metrics' no-op backend")
+        }
         let guestRoot = work + "/guest"
         _ = Sys.run(["mkdir", "-p", guestRoot])
         do {
@@ -208,7 +221,7 @@ enum WatchBench {
         let agent = startAgent(shareDir: side.guest, socket: work + "/agent.sock", log: work + "/agent.log")
         // FSSHARE_BENCH_LOG=1 prints the watcher's log (one line per sync, with its duration).
         let verbose = getenv("FSSHARE_BENCH_LOG") != nil
-        let watcher = VolumeWatcher(log: { line in if verbose { print("watcher: \(line)") } })
+        let watcher = VolumeWatcher(logger: .lines { line in if verbose { print("watcher: \(line)") } })
         let client = AgentClient(address: .unix(FilePath(work + "/agent.sock")), callTimeout: .seconds(10))
         do {
             try watcher.start()

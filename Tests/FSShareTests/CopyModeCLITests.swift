@@ -158,12 +158,26 @@ import Testing
         #expect(shared.output.contains("agent unix:\(agent.socket) for watchable mirrors") && shared.output.contains("watchable mirror"), "\(shared.output)")
 
         let log = base + "/watch.log"
-        let watch = try ChildProcess([fsshare, "watch", "--root", root], logPath: log)
+        let metrics = base + "/fsshare.prom"
+        let watch = try ChildProcess([fsshare, "watch", "--root", root, "--json", "--metrics-textfile", metrics, "--metrics-interval", "1"], logPath: log)
         // The first sync brings the mirror in line (no guest agent made it here), then updates follow.
         #expect(waitForMirror(host: kubelet.volume, guest: mirror) == nil, Comment(rawValue: Sys.run(["cat", log]).output))
         kubelet.write(["envoy.yaml": "v: 2\n", "routes": "r\n"])
         #expect(waitForMirror(host: kubelet.volume, guest: mirror) == nil, Comment(rawValue: Sys.run(["cat", log]).output))
         #expect(watch.stop(signal: SIGTERM) == 0)
+        // --json: one object per line, each with time, level and message; syncs name their volume.
+        let records = Sys.run(["cat", log]).output.split(separator: "\n")
+        #expect(!records.isEmpty && records.allSatisfy { $0.hasPrefix("{\"time\":") && $0.contains("\"level\":") && $0.contains("\"message\":") }, "\(records.prefix(3))")
+        #expect(records.contains { $0.contains("\"message\":\"synced ") && $0.contains("\"volume\":\"\(kubelet.volume)\"") && $0.contains("\"sandbox\":\"s1\"") })
+        // The Prometheus textfile, written whole on stop: two syncs, their latency histogram.
+        let text = readFile(metrics) ?? ""
+        func value(_ series: String) -> Double? {
+            text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+        }
+        #expect((value("fsshare_watch_syncs_total{result=\"synced\"}") ?? 0) >= 2, "\(text)")
+        #expect(value("fsshare_watch_volumes") == 1, "\(text)")
+        #expect(text.contains("# TYPE fsshare_watch_sync_duration_seconds histogram"), "\(text)")
+        #expect((value("fsshare_watch_sync_duration_seconds_count") ?? 0) >= 2, "\(text)")
         let un = inNamespace("\(fsshare) cleanup --root \(root) --sandbox s1")
         #expect(un.status == 0, "\(un.output)")
     }

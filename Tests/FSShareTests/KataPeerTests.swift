@@ -177,7 +177,7 @@ struct KataPeerTests {
         }
         kubelet.write(payload(0))
         let lines = Mutex<[String]>([])
-        let watcher = VolumeWatcher { line in lines.withLock { $0.append(line) } }
+        let watcher = VolumeWatcher(logger: .lines { line in lines.withLock { $0.append(line) } })
         try watcher.start()
         defer { watcher.stop() }
         let guest = server.shareDir + "/c1-0123456789abcdef-cfg"

@@ -22,7 +22,7 @@ import Testing
         let base = TestEnvironment.scratch(name)
         let agent = try AgentUnderTest(base)
         let kubelet = KubeletEmulator(root: base + "/kubelet", plugin: plugin)
-        let watcher = VolumeWatcher(limits: limits) { lines.add($0) }
+        let watcher = VolumeWatcher(limits: limits, logger: .lines { lines.add($0) })
         return (agent, kubelet, watcher, agent.shareDir + "/c1-0123456789abcdef-cfg")
     }
 
