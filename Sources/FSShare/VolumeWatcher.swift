@@ -32,6 +32,8 @@ public final class VolumeWatcher: Sendable {
     public let limits: WatchLimits
     /// Per-call timeout of the agent clients made for recorded agent addresses.
     public let agentCallTimeout: Duration
+    /// Where the watcher's records go (swift-log): lifecycle at `info`, each completed sync at
+    /// `info` with `sandbox` and `volume` metadata, notes at `notice`, failures at `warning`.
     public let logger: Logger
     let metrics: Metrics
     private let core = Mutex(Core())
