@@ -393,7 +393,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 let mirror = layout.watchableGuestPath(name)
                 let storage = WatchableVolumes.storage(shareGuestPath: layout.guestPath(name), mirrorGuestPath: mirror, options: mount.options)
                 if let watcher, let agent {
-                    try watcher.watch(sandboxID: sandboxID, name: name, volume: FilePath(made.source), guestPath: mirror, agent: agent, watchable: true)
+                    // The agent makes the first copy when it gets the storage: no first sync.
+                    try watcher.watch(
+                        sandboxID: sandboxID, name: name, volume: FilePath(made.source), guestPath: mirror, agent: agent, state: nil,
+                        watchable: true, firstSync: false)
                 }
                 return SharedFile(guestPath: mirror, volumeStorages: [storage], resolvedSource: resolved)
             }

@@ -292,7 +292,13 @@ public final class VolumeWatcher: Sendable {
         try watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: nil, watchable: watchable)
     }
 
-    func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?, watchable: Bool = false) throws(FSShareError) {
+    /// `firstSync: false` registers without the initial full sync: a watchable mirror shared just
+    /// now is first copied by the agent when it gets the storage, so the first sync waits for
+    /// the first update.
+    func watch(
+        sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?,
+        watchable: Bool = false, firstSync: Bool = true
+    ) throws(FSShareError) {
         let key = VolumeWatcher.key(sandboxID, name)
         let added = try core.withLock { (c: inout Core) throws(FSShareError) -> Bool in
             guard let inotify = c.inotify, !c.stopping else {
@@ -323,12 +329,12 @@ public final class VolumeWatcher: Sendable {
             }
             c.volumes[key] = v
             c.byWD[wd] = key
-            if state == nil { c.markDirty(key, force: true) }
+            if state == nil && firstSync { c.markDirty(key, force: true) }
             c.stats.watchedVolumes = c.volumes.count
             metrics.volumes.record(c.volumes.count)
             c.stats.stopped[key] = nil
             let worker = try self.worker(for: sandboxID, &c)
-            if state == nil { worker.wake() }
+            if state == nil && firstSync { worker.wake() }
             return true
         }
         if added {
@@ -441,7 +447,7 @@ public final class VolumeWatcher: Sendable {
                     c.failing[v.sandboxID]?.remove(key)
                     if e.mask & UInt32(IN_IGNORED) == 0, let fd = c.inotify { Sys.inotifyRemoveWatch(fd, e.wd) }
                     c.stats.watchedVolumes = c.volumes.count
-            metrics.volumes.record(c.volumes.count)
+                    metrics.volumes.record(c.volumes.count)
                     c.stats.stopped[key] = "the volume directory \(v.hostPath) went away"
                     lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
                     continue
@@ -594,7 +600,7 @@ public final class VolumeWatcher: Sendable {
                     c.failing[gone.sandboxID]?.remove(key)
                     if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
                     c.stats.watchedVolumes = c.volumes.count
-            metrics.volumes.record(c.volumes.count)
+                    metrics.volumes.record(c.volumes.count)
                     c.stats.stopped[key] = reason
                 }
                 log("\(v.hostPath): \(reason)", level: .notice, sandbox: v.sandboxID, volume: v.hostPath)
@@ -659,6 +665,19 @@ public final class VolumeWatcher: Sendable {
                 }
                 return true
             }
+            // A watchable mirror the agent has not mounted yet (the runtime sends the storage
+            // just after the share): wait for it quietly, retrying every second.
+            if v.watchable, error.agentError?.status == GRPCStatus.failedPrecondition {
+                core.withLock { c in
+                    if var now = c.volumes[key], now.generation == v.generation {
+                        now.force = true
+                        c.volumes[key] = now
+                        c.failing[v.sandboxID, default: []].insert(key)
+                    }
+                }
+                log("\(v.guestPath) is not writable yet (the agent has not mounted the watchable mirror); retrying", level: .debug, sandbox: v.sandboxID, volume: v.hostPath)
+                return true
+            }
             core.withLock { c in
                 c.stats.failedSyncs += 1
                 if error.code == .limitExceeded, let gone = c.volumes.removeValue(forKey: key) {
@@ -667,7 +686,7 @@ public final class VolumeWatcher: Sendable {
                     c.failing[gone.sandboxID]?.remove(key)
                     if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
                     c.stats.watchedVolumes = c.volumes.count
-            metrics.volumes.record(c.volumes.count)
+                    metrics.volumes.record(c.volumes.count)
                     c.stats.stopped[key] = error.message
                 } else if var now = c.volumes[key], now.generation == v.generation {
                     // Retried on the next event (or resync); the guest keeps its last good copy.

@@ -134,6 +134,9 @@ public final class GuestAgent: Sendable {
             case .denied: return .failure(GRPCStatus.permissionDenied, e.message)
             case .notFound: return .failure(GRPCStatus.notFound, e.message)
             case .exists: return .failure(GRPCStatus.alreadyExists, e.message)
+            // A read-only place: in a shared-filesystem sandbox, a watchable mirror whose tmpfs
+            // is not mounted yet (the request reached the read-only share under it).
+            case .readOnly: return .failure(GRPCStatus.failedPrecondition, e.message)
             case .failed: return .failure(GRPCStatus.internal, e.message)
             }
         } catch {

@@ -95,6 +95,8 @@ final class GuestFiles {
             return GuestAgentError(.denied, "\(p.components.joined(separator: "/")): a parent is a symlink or not a directory (\(e))")
         case .noSuchFileOrDirectory:
             return GuestAgentError(.notFound, "\(e)")
+        case .readOnlyFileSystem:
+            return GuestAgentError(.readOnly, "\(e)")
         default:
             return GuestAgentError(.failed, "\(e)")
         }

@@ -55,7 +55,7 @@ struct GuestPath: Equatable {
 
 /// Why the agent refused a request; mapped to a gRPC status on the wire.
 struct GuestAgentError: Error {
-    enum Kind { case invalid, denied, notFound, exists, failed }
+    enum Kind { case invalid, denied, notFound, exists, readOnly, failed }
     let kind: Kind
     let message: String
     init(_ kind: Kind, _ message: String) {

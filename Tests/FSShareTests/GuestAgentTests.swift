@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import FSShare
 import FSShareAgentChannel
 @testable import FSShareGuestAgent
 import FSShareProto
@@ -117,6 +118,36 @@ struct GuestAgentTests {
         try client.createSandbox(id: "s", storages: [])
         try client.destroySandbox()
         #expect(try probe.probe(.fstype, share + "/watchable").text == hostType, "DestroySandbox unmounted the watchable tmpfs")
+    }
+
+    /// A watchable mirror the agent has not mounted yet is read-only under the request (the
+    /// share): the agent says FAILED_PRECONDITION and the watcher waits quietly, retrying, until
+    /// the place is writable, then mirrors. Provoked for real: a read-only tmpfs stands in for
+    /// the read-only virtio-fs share until DestroySandbox removes it.
+    @Test(.enabled(if: TestEnvironment.canMount, "needs root with CAP_SYS_ADMIN to make mount namespaces"))
+    func watcherWaitsForTheWatchableMirror() throws {
+        let dir = TestEnvironment.scratch("watchable-wait")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        let agent = try AgentUnderTest(dir, wrapper: ["unshare", "-m", "--propagation", "private", "--"])
+        let client = agent.client()
+        try client.createSandbox(id: "s", storages: [Self.storage("ephemeral", "ro-share", "tmpfs", agent.shareDir + "/watchable", ["ro"])])
+        let kubelet = KubeletEmulator(root: dir + "/kubelet", plugin: "configmap", name: "cfg")
+        kubelet.write(["a": "1\n"])
+        let lines = Mutex<[String]>([])
+        let watcher = VolumeWatcher(logger: .lines { line in lines.withLock { $0.append(line) } })
+        try watcher.start()
+        defer { watcher.stop() }
+        let mirror = agent.shareDir + "/watchable/c-0123456789abcdef-cfg"
+        try watcher.watch(sandboxID: "s", name: "cfg", volume: FilePath(kubelet.volume), guestPath: mirror, agent: agent.client(), watchable: true)
+        usleep(1_500_000)
+        #expect(watcher.statistics.failedSyncs == 0, "waiting is not a failure")
+        #expect(!lines.withLock { $0 }.contains { $0.contains("failed") }, "\(lines.withLock { $0 })")
+        #expect(watcher.watchedVolumes == ["s/cfg"], "still mirrored")
+        // The place becomes writable (in a guest: the agent mounts the mirror's tmpfs).
+        try client.destroySandbox()
+        let deadline = Sys.monotonicNanoseconds() + 10_000_000_000
+        while readFile(mirror + "/a") != "1\n" && Sys.monotonicNanoseconds() < deadline { usleep(20_000) }
+        #expect(readFile(mirror + "/a") == "1\n", "mirrored once writable: \(lines.withLock { $0 })")
     }
 
     @Test func mountOptionsSplitIntoFlagsAndData() {
