@@ -39,7 +39,7 @@ public enum BlockDeviceDriver: String, Sendable, Equatable, CaseIterable {
 }
 
 /// How shares are attached under `mounts/`.
-public enum MountMethod: String, Sendable, Equatable {
+public enum MountMethod: String, Sendable, Equatable, CaseIterable {
     /// The new mount API when the kernel has it (open_tree + mount_setattr + move_mount: the
     /// share is read-only before it is attached, and attached by descriptor), else legacy.
     case automatic

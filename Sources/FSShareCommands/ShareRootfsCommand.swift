@@ -1,0 +1,65 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import FSShare
+import FSShareSystem
+import SystemPackage
+
+/// Which rootfs kind the command line describes.
+struct RootfsOptions: ParsableArguments {
+    @Option(name: .long, help: "A host-mounted rootfs (overlay mount or plain directory) to bind.") var dir: String?
+    @Option(name: .long, help: "Guest address of a block-device rootfs (PCI path, SCSI address, /dev/vdX or CCW devno).") var blockDevice: String?
+    @Option(name: .long, help: "Filesystem of the block device.") var fstype: String?
+    @Option(name: .long, help: "Rootfs suffix under the device root.") var suffix: String = "rootfs"
+    @Option(name: .long, help: "Image reference for guest pull.") var guestPull: String?
+    @Option(name: .long, help: "key=value annotation passed as guest-pull metadata (repeatable).") var annotation: [String] = []
+
+    func validate() throws {
+        let kinds = [dir != nil, blockDevice != nil, guestPull != nil].filter { $0 }.count
+        guard kinds == 1 else { throw ValidationError("give exactly one of --dir, --block-device or --guest-pull") }
+        if blockDevice != nil && fstype == nil { throw ValidationError("--block-device needs --fstype") }
+        for a in annotation where !a.contains("=") { throw ValidationError("--annotation must be key=value") }
+    }
+
+    var rootfs: Rootfs {
+        if let dir { return .hostMounted(FilePath(dir)) }
+        if let blockDevice { return .blockDevice(BlockDevice(address: blockDevice, fstype: fstype ?? ""), suffix: suffix) }
+        var meta: [String: String] = [:]
+        for a in annotation {
+            let kv = a.split(separator: "=", maxSplits: 1)
+            meta[String(kv[0])] = kv.count > 1 ? String(kv[1]) : ""
+        }
+        return .guestPull(image: guestPull ?? "", annotations: meta)
+    }
+}
+
+struct ShareRootfs: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "share-rootfs",
+        abstract: "Share a container's root filesystem and print its storages.",
+        discussion: """
+            --dir binds a host-mounted rootfs at mounts/<container>/rootfs; --block-device emits a \
+            blk/scsi/mmioblk/blk-ccw storage (xfs gets nouuid); --guest-pull emits image_guest_pull.
+
+            Examples:
+              fsshare share-rootfs --root /run/fsshare --sandbox pod1 --container web --dir /run/containerd/web/rootfs
+              fsshare share-rootfs --root /run/fsshare --sandbox pod1 --container db --block-device 0:0:0:1 --fstype xfs --json
+            """)
+    @OptionGroup var common: CommonOptions
+    @OptionGroup var hypervisor: HypervisorOptions
+    @OptionGroup var rootfsOptions: RootfsOptions
+    @Option(name: .long, help: "Sandbox id.") var sandbox: String
+    @Option(name: .long, help: "Container id.") var container: String
+    @Option(name: .long, help: "Descriptor output: json, binary or text.") var format: DescriptorFormat?
+    @OptionGroup var sourceOptions: SourceOptions
+
+    func run() async throws {
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root, recorded: recorded(common, sandbox))))
+        let shared = try await sharer.shareRootFilesystem(container: Container(id: container, rootfs: rootfsOptions.rootfs))
+        let resolved = resolvedLines(shared, source: rootfsOptions.dir ?? "")
+        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))] + resolved.fields,
+                 storages: shared.containerStorages, text: [shared.guestPath] + resolved.text)
+    }
+}
