@@ -12,6 +12,10 @@ let package = Package(
     products: [
         .library(name: "FSShare", targets: ["FSShare"]),
         .library(name: "FSShareProto", targets: ["FSShareProto"]),
+        // What FSShare's public API hands out: the agent channel (AgentClient, AgentAddress,
+        // AgentError) and the syscall layer's types (SystemCallError, FileStatus, DirFD).
+        .library(name: "FSShareAgentChannel", targets: ["FSShareAgentChannel"]),
+        .library(name: "FSShareSystem", targets: ["FSShareSystem"]),
         // Optional: the libvirt integration (needs libvirt-dev to build; FSShare does not).
         .library(name: "FSShareLibvirt", targets: ["FSShareLibvirt"]),
         .executable(name: "fsshare", targets: ["fsshare"]),
