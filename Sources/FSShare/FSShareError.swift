@@ -5,28 +5,34 @@ import SystemPackage
 /// The error every public fsshare operation throws: a code to branch on, a human sentence,
 /// and, when the kernel refused something, the syscall, path and errno.
 public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible {
-    /// What kind of failure this is.
-    public enum Code: String, Sendable, Equatable {
+    /// What kind of failure this is: compare with `==` (`error.code == .conflict`). A struct of
+    /// static codes rather than an enum, so new kinds of failure can be added without breaking a
+    /// caller's exhaustive `switch`; `rawValue` is the stable name printed under `--json`.
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
+
         /// An argument was malformed (an id with `/`, an empty path, ...). Nothing was changed.
-        case invalidArgument
+        public static let invalidArgument = Code(rawValue: "invalidArgument")
         /// The source must never be shared (under /proc or /sys, a device, socket or FIFO).
-        case refused
+        public static let refused = Code(rawValue: "refused")
         /// The sandbox has not been prepared.
-        case notPrepared
+        public static let notPrepared = Code(rawValue: "notPrepared")
         /// The same container mount point is already shared with different parameters.
-        case conflict
+        public static let conflict = Code(rawValue: "conflict")
         /// The kernel lacks something this operation needs.
-        case unsupported
+        public static let unsupported = Code(rawValue: "unsupported")
         /// The sandbox manifest is unreadable or corrupt.
-        case manifest
+        public static let manifest = Code(rawValue: "manifest")
         /// A system call failed; ``FSShareError/systemCall`` says which.
-        case systemCall
+        public static let systemCall = Code(rawValue: "systemCall")
         /// Cleanup could not remove everything; the message lists what is left.
-        case incompleteCleanup
+        public static let incompleteCleanup = Code(rawValue: "incompleteCleanup")
         /// The guest agent could not be reached or refused a request (copy mode).
-        case agent
+        public static let agent = Code(rawValue: "agent")
         /// A configured limit or a kernel limit (inotify watches) was reached.
-        case limitExceeded
+        public static let limitExceeded = Code(rawValue: "limitExceeded")
     }
 
     public var code: Code

@@ -65,11 +65,13 @@ struct Watch: AsyncParsableCommand {
             MetricsSystem.bootstrap(factory)
             textfile = try MetricsTextfile(path: FilePath(metricsTextfile), registry: registry, interval: .seconds(metricsInterval))
         }
+        // Deferred first, so it runs last: the final file counts the syncs the watcher's stop
+        // lets finish.
+        try textfile?.start()
+        defer { textfile?.stop() }
         let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout), logger: logger)
         try watcher.start()
         defer { watcher.stop() }
-        try textfile?.start()
-        defer { textfile?.stop() }
         if sandbox.isEmpty {
             try watcher.followRoot(FilePath(common.root))
         } else {
@@ -77,6 +79,8 @@ struct Watch: AsyncParsableCommand {
         }
         // Block until a termination signal; the watcher's own threads do the work.
         _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")
+        // Syncs in flight finish first, so the closing line and the final metrics count them.
+        watcher.stop()
         let stats = watcher.statistics
         logger.info("stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)")
     }
