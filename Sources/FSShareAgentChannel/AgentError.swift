@@ -1,18 +1,24 @@
 /// A failure talking to the guest agent, with a sentence a person can act on.
 public struct AgentError: Error, Sendable, Equatable, CustomStringConvertible {
-    public enum Code: String, Sendable {
+    /// What kind of failure: compare with `==`. Static members of a struct rather than enum
+    /// cases, so new kinds can be added without breaking a caller's exhaustive `switch`.
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
+
         /// The address cannot be parsed.
-        case invalidAddress = "invalid-address"
+        public static let invalidAddress = Code(rawValue: "invalid-address")
         /// The agent cannot be reached (connect, handshake or open failed).
-        case unreachable
+        public static let unreachable = Code(rawValue: "unreachable")
         /// No reply within the call's timeout; the connection is dropped.
-        case timeout
+        public static let timeout = Code(rawValue: "timeout")
         /// The connection broke mid-call (reset, EOF, write error).
-        case disconnected
+        public static let disconnected = Code(rawValue: "disconnected")
         /// The peer sent something that is not valid ttrpc.
-        case protocolError = "protocol"
-        /// The agent answered with a non-OK status (see ``status``).
-        case remote
+        public static let protocolError = Code(rawValue: "protocol")
+        /// The agent answered with a non-OK status (see ``AgentError/status``).
+        public static let remote = Code(rawValue: "remote")
     }
 
     public var code: Code
