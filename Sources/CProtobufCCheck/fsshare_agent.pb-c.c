@@ -1543,7 +1543,7 @@ const ProtobufCMessageDescriptor fsshare__watch_content_request__descriptor =
   (ProtobufCMessageInit) fsshare__watch_content_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_descriptors[9] =
+static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_descriptors[10] =
 {
   {
     "matched",
@@ -1653,6 +1653,18 @@ static const ProtobufCFieldDescriptor fsshare__watch_content_response__field_des
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "late",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Fsshare__WatchContentResponse, late),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned fsshare__watch_content_response__field_indices_by_name[] = {
   2,   /* field[2] = dangling */
@@ -1661,6 +1673,7 @@ static const unsigned fsshare__watch_content_response__field_indices_by_name[] =
   4,   /* field[4] = elapsed_ns */
   8,   /* field[8] = events */
   7,   /* field[7] = first_data_moved_ns */
+  9,   /* field[9] = late */
   0,   /* field[0] = matched */
   1,   /* field[1] = passes */
   3,   /* field[3] = torn */
@@ -1668,7 +1681,7 @@ static const unsigned fsshare__watch_content_response__field_indices_by_name[] =
 static const ProtobufCIntRange fsshare__watch_content_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor =
 {
@@ -1678,7 +1691,7 @@ const ProtobufCMessageDescriptor fsshare__watch_content_response__descriptor =
   "Fsshare__WatchContentResponse",
   "fsshare",
   sizeof(Fsshare__WatchContentResponse),
-  9,
+  10,
   fsshare__watch_content_response__field_descriptors,
   fsshare__watch_content_response__field_indices_by_name,
   1,  fsshare__watch_content_response__number_ranges,

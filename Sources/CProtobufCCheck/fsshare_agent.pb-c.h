@@ -319,10 +319,15 @@ struct  Fsshare__WatchContentResponse
    * With inotify: every event seen on `dir`.
    */
   uint64_t events;
+  /*
+   * The first pass already saw the expected content: the change came before the listener
+   * was in place, so its events say nothing.
+   */
+  protobuf_c_boolean late;
 };
 #define FSSHARE__WATCH_CONTENT_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&fsshare__watch_content_response__descriptor) \
-    , 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0 }
 
 
 /* Fsshare__Empty methods */

@@ -137,6 +137,7 @@ enum GuestChecks {
                     out.detail = "keys \(unreadable) unreadable through ..data -> \(before ?? "")"
                 } else if matching == keys.count {
                     drain()
+                    out.late = out.passes == 1
                     out.matched = true
                     out.elapsedNs = Sys.monotonicNanoseconds() - start
                     out.detail = ""

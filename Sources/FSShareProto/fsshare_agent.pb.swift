@@ -368,6 +368,10 @@ public nonisolated struct Fsshare_WatchContentResponse: Sendable {
   /// With inotify: every event seen on `dir`.
   public var events: UInt64 = 0
 
+  /// The first pass already saw the expected content: the change came before the listener
+  /// was in place, so its events say nothing.
+  public var late: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -886,7 +890,7 @@ nonisolated extension Fsshare_WatchContentRequest: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WatchContentResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}matched\0\u{1}passes\0\u{1}dangling\0\u{1}torn\0\u{3}elapsed_ns\0\u{1}detail\0\u{3}data_moved_events\0\u{3}first_data_moved_ns\0\u{1}events\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}matched\0\u{1}passes\0\u{1}dangling\0\u{1}torn\0\u{3}elapsed_ns\0\u{1}detail\0\u{3}data_moved_events\0\u{3}first_data_moved_ns\0\u{1}events\0\u{1}late\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -903,6 +907,7 @@ nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, Swift
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.dataMovedEvents) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.firstDataMovedNs) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.events) }()
+      case 10: try { try decoder.decodeSingularBoolField(value: &self.late) }()
       default: break
       }
     }
@@ -936,6 +941,9 @@ nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, Swift
     if self.events != 0 {
       try visitor.visitSingularUInt64Field(value: self.events, fieldNumber: 9)
     }
+    if self.late != false {
+      try visitor.visitSingularBoolField(value: self.late, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -949,6 +957,7 @@ nonisolated extension Fsshare_WatchContentResponse: SwiftProtobuf.Message, Swift
     if lhs.dataMovedEvents != rhs.dataMovedEvents {return false}
     if lhs.firstDataMovedNs != rhs.firstDataMovedNs {return false}
     if lhs.events != rhs.events {return false}
+    if lhs.late != rhs.late {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
