@@ -157,6 +157,19 @@ public final class VolumeWatcher: Sendable {
             volumes[key] = v
         }
         var generation: UInt64 = 0
+
+        /// Stops mirroring `key`: forgets it, releases its watch (unless the kernel already did:
+        /// `IN_IGNORED`) and, with a `reason`, records why. Returns what was removed.
+        @discardableResult
+        mutating func drop(_ key: String, releaseWatch: Bool = true, reason: String? = nil) -> Volume? {
+            guard let v = volumes.removeValue(forKey: key) else { return nil }
+            byWD[v.wd] = nil
+            failing[v.sandboxID]?.remove(key)
+            if releaseWatch, let fd = inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
+            stats.watchedVolumes = volumes.count
+            if let reason { stats.stopped[key] = reason }
+            return v
+        }
     }
 
     static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
@@ -346,12 +359,7 @@ public final class VolumeWatcher: Sendable {
     public func unwatch(sandboxID: String, name: String) {
         let key = VolumeWatcher.key(sandboxID, name)
         core.withLock { c in
-            guard let v = c.volumes.removeValue(forKey: key) else { return }
-            c.byWD[v.wd] = nil
-            c.failing[v.sandboxID]?.remove(key)
-            if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
-            c.stats.watchedVolumes = c.volumes.count
-            metrics.volumes.record(c.volumes.count)
+            if c.drop(key) != nil { metrics.volumes.record(c.volumes.count) }
         }
     }
 
@@ -442,13 +450,8 @@ public final class VolumeWatcher: Sendable {
                 }
                 guard let key = c.byWD[e.wd], let v = c.volumes[key] else { continue }
                 if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT) != 0 {
-                    c.volumes[key] = nil
-                    c.byWD[e.wd] = nil
-                    c.failing[v.sandboxID]?.remove(key)
-                    if e.mask & UInt32(IN_IGNORED) == 0, let fd = c.inotify { Sys.inotifyRemoveWatch(fd, e.wd) }
-                    c.stats.watchedVolumes = c.volumes.count
+                    c.drop(key, releaseWatch: e.mask & UInt32(IN_IGNORED) == 0, reason: "the volume directory \(v.hostPath) went away")
                     metrics.volumes.record(c.volumes.count)
-                    c.stats.stopped[key] = "the volume directory \(v.hostPath) went away"
                     lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
                     continue
                 }
@@ -595,13 +598,8 @@ public final class VolumeWatcher: Sendable {
                 let reason = "the agent at \(v.agent.address) is not fsshare-agent (no fsshare.GuestFiles): it keeps the watchable mirror \(v.guestPath) itself (Kata polls every 2 s), so fsshare leaves it alone"
                 core.withLock { c in
                     guard let gone = c.volumes[key], gone.generation == v.generation else { return }
-                    c.volumes[key] = nil
-                    c.byWD[gone.wd] = nil
-                    c.failing[gone.sandboxID]?.remove(key)
-                    if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
-                    c.stats.watchedVolumes = c.volumes.count
+                    c.drop(key, reason: reason)
                     metrics.volumes.record(c.volumes.count)
-                    c.stats.stopped[key] = reason
                 }
                 log("\(v.hostPath): \(reason)", level: .notice, sandbox: v.sandboxID, volume: v.hostPath)
                 metrics.stopped.increment()
@@ -680,14 +678,9 @@ public final class VolumeWatcher: Sendable {
             }
             core.withLock { c in
                 c.stats.failedSyncs += 1
-                if error.code == .limitExceeded, let gone = c.volumes.removeValue(forKey: key) {
+                if error.code == .limitExceeded, c.drop(key, reason: error.message) != nil {
                     // The fallback: stop mirroring, keep the last complete content in the guest.
-                    c.byWD[gone.wd] = nil
-                    c.failing[gone.sandboxID]?.remove(key)
-                    if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, gone.wd) }
-                    c.stats.watchedVolumes = c.volumes.count
                     metrics.volumes.record(c.volumes.count)
-                    c.stats.stopped[key] = error.message
                 } else if var now = c.volumes[key], now.generation == v.generation {
                     // Retried on the next event (or resync); the guest keeps its last good copy.
                     now.force = true
