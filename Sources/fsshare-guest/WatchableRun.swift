@@ -144,7 +144,10 @@ struct WatchableRun {
                 t.passes += r.passes
                 t.events += r.events
                 t.dataEvents += r.dataMovedEvents
-                if r.dataMovedEvents == 0 { t.missedEvents += 1 }
+                if r.dataMovedEvents == 0 {
+                    t.missedEvents += 1
+                    if path == mirror { print("watchable: update \(version) on the mirror: \(r.detail) (pass \(r.passes))") }
+                }
                 t.latencies.append(at(r.elapsedNs))
                 if r.firstDataMovedNs > 0 { t.eventLatencies.append(at(r.firstDataMovedNs)) }
             }
