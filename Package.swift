@@ -11,6 +11,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "FSShare", targets: ["FSShare"]),
+        // Re-exported by FSShare; usable alone by a runtime with a sharer of its own.
+        .library(name: "FSShareWatch", targets: ["FSShareWatch"]),
         .library(name: "FSShareProto", targets: ["FSShareProto"]),
         // What FSShare's public API hands out: the agent channel (AgentClient, AgentAddress,
         // AgentError) and the syscall layer's types (SystemCallError, FileStatus, DirFD).
@@ -73,11 +75,33 @@ let package = Package(
             swiftSettings: strict
         ),
         .executableTarget(name: "fsshare-agent", dependencies: ["FSShareGuestAgent", "FSShareAgentChannel"], swiftSettings: strict),
-        // The library users link.
+        // FSShareError and the bridge from the syscall layer's errors: what every library module throws.
+        .target(
+            name: "FSShareCore",
+            dependencies: [
+                "FSShareSystem", "FSShareAgentChannel",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        // How a kubelet update reaches the guest: the volume watcher (one inotify instance for
+        // the node), the atomic-writer mirror and the guest copier.
+        .target(
+            name: "FSShareWatch",
+            dependencies: [
+                "FSShareCore", "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+            ],
+            swiftSettings: strict
+        ),
+        // The library users link: sandboxes, shares, storages (re-exports FSShareCore and FSShareWatch).
         .target(
             name: "FSShare",
             dependencies: [
-                "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                "FSShareCore", "FSShareWatch", "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "Logging", package: "swift-log"),

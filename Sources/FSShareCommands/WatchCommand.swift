@@ -72,10 +72,12 @@ struct Watch: AsyncParsableCommand {
         let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout), logger: logger)
         try watcher.start()
         defer { watcher.stop() }
+        let follower = SandboxFollower(watcher: watcher)
+        defer { follower.stop() }
         if sandbox.isEmpty {
-            try watcher.followRoot(FilePath(common.root))
+            try follower.followRoot(FilePath(common.root))
         } else {
-            for id in sandbox { try watcher.follow(root: FilePath(common.root), sandboxID: id, agent: client) }
+            for id in sandbox { try follower.follow(root: FilePath(common.root), sandboxID: id, agent: client) }
         }
         // Block until a termination signal; the watcher's own threads do the work.
         _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")

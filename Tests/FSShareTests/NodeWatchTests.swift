@@ -2,9 +2,11 @@
 import Glibc
 #endif
 import FSShare
+@_spi(Testing) import FSShareWatch
 import FSShareAgentChannel
 import FSShareSystem
 import FSShareTestSupport
+import Logging
 import SystemPackage
 import Testing
 
@@ -101,5 +103,64 @@ struct NodeWatchTests {
         #expect(watch.stop(signal: SIGTERM) == 0)
         func r(_ x: Double) -> Double { (x * 100).rounded() / 100 }
         print("figure: node watch: \(sandboxes) sandboxes × \(perSandbox) volumes shared in \(r(shareSeconds)) s; the watcher registered them in \(r(registerSeconds)) s; an update of every volume reached every guest copy in \(r(updateSeconds)) s; 1 inotify instance")
+    }
+
+    /// The follower rides the watcher's one inotify instance (``VolumeWatcher/observe(_:mask:_:)``):
+    /// when that instance's queue overflows, sandboxes prepared and cleaned up in the lost events
+    /// are found by listing the root again; dropping the follower ends its observations.
+    @Test("a root follower that lost its events looks at the root again")
+    func followerRecoversFromOverflow() throws {
+        let base = TestEnvironment.scratch("node-watch-overflow")
+        let agent = try AgentUnderTest(base)
+        let root = base + "/root"
+        func share(_ sid: String) throws -> (KubeletEmulator, String) {
+            let sharer = try LinuxFilesystemSharer(
+                sandboxID: sid,
+                configuration: SharerConfiguration(root: FilePath(root), sharedFilesystem: .none, guestSharedDir: agent.shareDir + "/" + sid + "/"),
+                agent: agent.client())
+            try sharer.prepareSync()
+            let kubelet = KubeletEmulator(root: base + "/kubelet/" + sid, plugin: "configmap", name: "cfg")
+            kubelet.write(["key": "\(sid)-0"])
+            let shared = try #require(try sharer.shareFileSync(
+                container: Container(id: "c", rootfs: .hostMounted("/")), mount: Mount(source: FilePath(kubelet.volume), destination: "/etc/cfg")))
+            return (kubelet, shared.guestPath)
+        }
+        _ = try share("early")
+        let lines = WatcherTests.Lines()
+        let watcher = VolumeWatcher(logger: Logger.lines { lines.add($0) })
+        try watcher.start()
+        defer { watcher.stop() }
+        var follower: SandboxFollower? = SandboxFollower(watcher: watcher)
+        try #require(follower).followRoot(FilePath(root))
+        #expect(watcher.watchedVolumes(in: "early").count == 1)
+        #expect(follower?.followedSandboxes == [root + "/early"])
+
+        // Lose the events: the reader pauses, more events than the kernel queues arrive on the
+        // root, then a sandbox is prepared and another cleaned up.
+        let limit = Int(Sys.run(["cat", "/proc/sys/fs/inotify/max_queued_events"]).output.filter(\.isNumber)) ?? 16384
+        watcher.pauseReadingForTesting(true)
+        // The queue fills first, so what follows is lost (the kernel keeps the oldest events).
+        // The reader may take one more read (64 KiB, ~2,000 events) before it sees the pause:
+        // 8,192 events of margin past the queue's limit.
+        for i in 0...(limit / 2 + 4096) {
+            let path = root + "/.flood\(i)"
+            close(open(path, O_CREAT | O_WRONLY, 0o644))
+            unlink(path)
+        }
+        let (late, lateGuest) = try share("late")
+        try LinuxFilesystemSharer(sandboxID: "early", configuration: SharerConfiguration(root: FilePath(root), sharedFilesystem: .none)).cleanupSync()
+        watcher.pauseReadingForTesting(false)
+        #expect(Self.waitUntil(10) { watcher.statistics.overflows > 0 }, "no overflow (queue limit \(limit))")
+        #expect(Self.waitUntil(10) { follower?.followedSandboxes == [root + "/late"] }, "followed: \(follower?.followedSandboxes ?? [])")
+        #expect(watcher.watchedVolumes(in: "early").isEmpty, "the sandbox cleaned up during the overflow is dropped")
+        #expect(Self.waitUntil(10) { watcher.watchedVolumes(in: "late").count == 1 }, "the sandbox prepared during the overflow is followed")
+        late.write(["key": "late-1"])
+        #expect(Self.waitUntil(20) { readFile(lateGuest + "/key") == "late-1" }, "the late sandbox's update reached the guest")
+
+        // Dropping the follower ends its observations: a sandbox prepared now is not followed.
+        follower = nil
+        _ = try share("after")
+        usleep(300_000)
+        #expect(watcher.watchedVolumes(in: "after").isEmpty, "a dropped follower still followed the root")
     }
 }

@@ -123,15 +123,19 @@ import Testing
         let limit = Int(Sys.run(["cat", "/proc/sys/fs/inotify/max_queued_events"]).output.filter(\.isNumber)) ?? 16384
         watcher.pauseReadingForTesting(true)
         kubelet.write(["a": "hidden", "b": "2"])
-        for i in 0...(limit / 2 + 16) {
+        // The reader may take one more read (64 KiB, ~2,000 events) before it sees the pause:
+        // 8,192 events of margin past the queue's limit.
+        for i in 0...(limit / 2 + 4096) {
             let path = kubelet.volume + "/flood\(i)"
             close(open(path, O_CREAT | O_WRONLY, 0o644))
             unlink(path)
         }
         watcher.pauseReadingForTesting(false)
         for _ in 0..<500 where watcher.statistics.overflows == 0 { usleep(10_000) }
-        #expect(watcher.statistics.overflows > 0, "no overflow after \(limit / 2 + 17) create/unlink pairs (queue limit \(limit))")
+        #expect(watcher.statistics.overflows > 0, "no overflow after \(limit / 2 + 4097) create/unlink pairs (queue limit \(limit))")
         #expect(waitForMirror(host: kubelet.volume, guest: guest) == nil, "the update lost in the overflow was resynced")
+        // The log line follows the count (written after the watcher's lock is released).
+        for _ in 0..<500 where !lines.all.contains(where: { $0.contains("overflowed") }) { usleep(10_000) }
         #expect(lines.all.contains { $0.contains("overflowed") })
     }
 

@@ -66,7 +66,7 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
 
 /// Runs `body`, turning a ``SystemCallError`` into an ``FSShareError`` that says `what` failed.
 @inline(__always)
-func sys<T>(_ what: @autoclosure () -> String, _ body: () throws(SystemCallError) -> T) throws(FSShareError) -> T {
+package func sys<T>(_ what: @autoclosure () -> String, _ body: () throws(SystemCallError) -> T) throws(FSShareError) -> T {
     do {
         return try body()
     } catch {

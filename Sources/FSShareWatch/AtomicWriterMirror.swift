@@ -5,6 +5,7 @@ import FoundationEssentials
 import Glibc
 #endif
 import FSShareAgentChannel
+import FSShareCore
 import FSShareProto
 import FSShareSystem
 import SystemPackage
@@ -62,21 +63,21 @@ public struct WatchLimits: Sendable, Equatable {
 /// A directory is never rewritten once `..data` may name it: a sync whose host directory the
 /// guest may already hold (after a restart, a failed step or a lost reply) copies into a fresh
 /// guest name and switches to that.
-struct AtomicWriterMirror {
+package struct AtomicWriterMirror {
     /// What the guest holds after the last successful sync (nil: nothing known, e.g. after a
     /// restart: the next sync sends everything).
-    struct GuestState: Sendable, Equatable {
+    package struct GuestState: Sendable, Equatable {
         /// The guest directory `..data` names.
-        var timestampDir: String
+        package var timestampDir: String
         /// The host directory it mirrors (kubelet's `..data` target).
-        var hostTarget: String
-        var keys: [String: String]
+        package var hostTarget: String
+        package var keys: [String: String]
         /// A later sync failed part-way (or its reply was lost): the guest may hold any part of
         /// it. The next sync copies into a fresh directory and re-sends what it may have undone.
-        var uncertain = false
+        package var uncertain = false
     }
 
-    enum Outcome: Equatable {
+    package enum Outcome: Equatable {
         /// The guest already had this content.
         case unchanged
         /// Synced; `copied` entries were sent.
@@ -88,7 +89,7 @@ struct AtomicWriterMirror {
     }
 
     /// Steps the agent could not take (Kata's agent has no removal RPC), for one log line.
-    var skippedRemoval: ((String) -> Void)?
+    package var skippedRemoval: ((String) -> Void)?
 
     let volume: DirFD
     let guestDir: String
@@ -96,10 +97,16 @@ struct AtomicWriterMirror {
     var copier = GuestCopier()
     /// The guest directory does not exist yet (a share's first copy): the host's directory
     /// name can be used as it is.
-    var firstCopy = false
+    package var firstCopy = false
+
+    package init(volume: DirFD, guestDir: String, limits: WatchLimits) {
+        self.volume = volume
+        self.guestDir = guestDir
+        self.limits = limits
+    }
 
     /// Brings the guest in line with the host volume. `state` is updated on success.
-    func sync(agent: AgentClient, state: inout GuestState?, force: Bool, report: inout CopyReport) throws(FSShareError) -> Outcome {
+    package func sync(agent: AgentClient, state: inout GuestState?, force: Bool, report: inout CopyReport) throws(FSShareError) -> Outcome {
         // Retried when kubelet swaps again and deletes the directory being copied.
         var attempts = 0
         while true {

@@ -5,6 +5,7 @@ import FoundationEssentials
 import Glibc
 #endif
 import FSShareAgentChannel
+import FSShareCore
 import FSShareProto
 import FSShareSystem
 import SystemPackage
@@ -23,6 +24,10 @@ public struct CopyReport: Sendable, Equatable {
     public struct Skipped: Sendable, Equatable {
         public var path: String
         public var reason: String
+        public init(path: String, reason: String) {
+            self.path = path
+            self.reason = reason
+        }
     }
 
     public init() {}
@@ -37,7 +42,7 @@ public struct CopyReport: Sendable, Equatable {
 /// file, so `a.conf` and `a.txt` share `a.tmp`) are never in flight together.
 ///
 /// Never follows a symlink inside the tree: links are copied as links.
-struct GuestCopier {
+package struct GuestCopier {
     /// Kata's `grpcMaxDataSize`: 1 MiB per CopyFile chunk.
     static let defaultChunkSize = 1 << 20
     var chunkSize = GuestCopier.defaultChunkSize
@@ -47,8 +52,10 @@ struct GuestCopier {
     /// checked as the tree is read: copying stops at the limit, no separate walk is needed.
     var limits: WatchLimits?
 
+    package init() {}
+
     /// Copies the object open at `fd` (a file or directory; `O_PATH` is fine) to `guestPath`.
-    func copy(_ fd: FileDescriptor, shownAs path: FilePath, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
+    package func copy(_ fd: FileDescriptor, shownAs path: FilePath, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
         let st = try sys("cannot stat \(path)") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
         switch st.kind {
         case .directory:
@@ -295,5 +302,5 @@ struct GuestCopier {
 
 extension FSShareError {
     /// Carries this error through an agent-error callback unchanged in meaning.
-    var asAgentError: AgentError { AgentError(.remote, message) }
+    package var asAgentError: AgentError { AgentError(.remote, message) }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CoreMetrics
 import FSShareAgentChannel
+import FSShareCore
 import FSShareSystem
 import Logging
 import Synchronization
@@ -13,9 +14,15 @@ import SystemPackage
 ///
 /// Lifetime: ``start()`` creates the inotify instance and its reader thread; ``stop()`` ends
 /// them and every sync worker, and may be called any number of times. Volumes are added with
-/// ``watch(sandboxID:name:volume:guestPath:agent:)`` (the sharer does this for watched copy-mode
-/// shares) or by following a sandbox manifest (``follow(root:sandboxID:agent:)``, what
-/// `fsshare watch` runs).
+/// ``watch(sandboxID:name:volume:guestPath:agent:watchable:)`` (FSShare's sharer does this for
+/// the volumes it shares; its `SandboxFollower` does it for every sandbox a manifest records,
+/// which is what `fsshare watch` runs). Other directories can be observed on the same inotify
+/// instance with ``observe(_:mask:_:)``.
+///
+/// How a configmap update reaches the guest, in order: kubelet swaps `..data` (the
+/// `IN_MOVED_TO` lands in `handle(_:)`), the volume is queued once on its sandbox's worker
+/// (`workLoop(_:_:)`), `sync(_:_:)` runs `AtomicWriterMirror` on it, which sends the new
+/// timestamped directory (`GuestCopier`), then swaps the guest's `..data` and fixes the key links.
 ///
 /// What it reacts to, per volume directory: `IN_MOVED_TO ..data` (kubelet's atomic swap: the new
 /// timestamped directory is complete at that moment), `IN_CREATE`/`IN_DELETE` of key links (kubelet
@@ -92,20 +99,11 @@ public final class VolumeWatcher: Sendable {
         }
     }
 
-    struct Followed {
-        let root: FilePath
-        let sandboxID: String
-        /// The agent given; nil: the one the sandbox's manifest records (node-wide following).
-        let agent: AgentClient?
-        let dir: DirFD
-        let wd: Int32
-        /// The client dealt to this sandbox for its recorded agent (kept across manifest reloads).
-        var client: AgentClient?
+    /// A directory observed for someone else (``observe(_:mask:_:)``).
+    struct Observer {
+        let id: UInt64
+        let handler: @Sendable (InotifyEvent) -> Void
     }
-
-    /// Connections the node's watcher opens at most to one agent address, shared by the
-    /// sandboxes that name it.
-    public static let connectionsPerAgent = 4
 
     /// A sandbox's volumes waiting for a sync, in the order they became dirty. A volume is in
     /// it at most once (its `dirty` flag), so a worker finds its next job in O(1) however many
@@ -134,12 +132,8 @@ public final class VolumeWatcher: Sendable {
         var volumes: [String: Volume] = [:]
         var byWD: [Int32: String] = [:]
         var workers: [String: Worker] = [:]
-        var followed: [Int32: Followed] = [:]
-        /// Sandbox roots followed as a whole (``VolumeWatcher/followRoot(_:)``), by watch.
-        var roots: [Int32: (path: FilePath, fd: FileDescriptor)] = [:]
-        /// Clients per recorded agent address (up to ``VolumeWatcher/connectionsPerAgent``),
-        /// and how many sandboxes were handed one.
-        var agents: [String: (clients: [AgentClient], handedOut: Int)] = [:]
+        /// Directories observed through ``VolumeWatcher/observe(_:mask:_:)``, by watch.
+        var observers: [Int32: Observer] = [:]
         /// Per sandbox: the dirty volumes, and those whose last sync failed (agent away, I/O
         /// error), which the sandbox's worker retries every second until they work.
         var queues: [String: DirtyQueue] = [:]
@@ -172,7 +166,7 @@ public final class VolumeWatcher: Sendable {
         }
     }
 
-    static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
+    package static func key(_ sandboxID: String, _ name: String) -> String { sandboxID + "/" + name }
 
     /// A watcher; nothing runs until ``start()``.
     public init(limits: WatchLimits = WatchLimits(), agentCallTimeout: Duration = .seconds(60), logger: Logger = Logger(label: "fsshare.watcher")) {
@@ -197,7 +191,7 @@ public final class VolumeWatcher: Sendable {
     }
 
     /// One log record; `volume` and `sandbox` become metadata.
-    func log(_ message: String, level: Logger.Level = .info, sandbox: String? = nil, volume: FilePath? = nil) {
+    package func log(_ message: String, level: Logger.Level = .info, sandbox: String? = nil, volume: FilePath? = nil) {
         guard logger.logLevel <= level else { return }
         var metadata: Logger.Metadata = [:]
         if let sandbox { metadata["sandbox"] = .string(sandbox) }
@@ -269,15 +263,11 @@ public final class VolumeWatcher: Sendable {
             Sys.close(w.wakeWrite)
         }
         core.withLock { c in
-            for f in c.followed.values { Sys.close(f.dir.fd) }
-            for r in c.roots.values { Sys.close(r.fd) }
-            c.roots = [:]
-            c.agents = [:]
+            c.observers = [:]
             c.volumes = [:]
             c.queues = [:]
             c.failing = [:]
             c.byWD = [:]
-            c.followed = [:]
             c.workers = [:]
             if let fd = c.inotify { Sys.close(fd) }
             Sys.close(wake.0)
@@ -308,7 +298,7 @@ public final class VolumeWatcher: Sendable {
     /// `firstSync: false` registers without the initial full sync: a watchable mirror shared just
     /// now is first copied by the agent when it gets the storage, so the first sync waits for
     /// the first update.
-    func watch(
+    package func watch(
         sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?,
         watchable: Bool = false, firstSync: Bool = true
     ) throws(FSShareError) {
@@ -340,6 +330,9 @@ public final class VolumeWatcher: Sendable {
             if let other = c.byWD[wd], other != key {
                 throw FSShareError(.conflict, "\(volume) is already watched as \(other)")
             }
+            if c.observers[wd] != nil {
+                throw FSShareError(.conflict, "\(volume) is already observed for another purpose")
+            }
             c.volumes[key] = v
             c.byWD[wd] = key
             if state == nil && firstSync { c.markDirty(key, force: true) }
@@ -365,6 +358,62 @@ public final class VolumeWatcher: Sendable {
 
     /// The volumes being mirrored, as `sandbox/name` keys.
     public var watchedVolumes: [String] { core.withLock { Array($0.volumes.keys).sorted() } }
+
+    /// The names of the volumes being mirrored for one sandbox.
+    public func watchedVolumes(in sandboxID: String) -> [String] {
+        core.withLock { c in c.volumes.values.filter { $0.sandboxID == sandboxID }.map(\.name).sorted() }
+    }
+
+    /// Records why a volume of a sandbox is not mirrored (it could not be watched), for
+    /// ``Statistics/stopped``.
+    package func noteNotWatched(sandboxID: String, name: String, reason: String) {
+        core.withLock { $0.stats.stopped[VolumeWatcher.key(sandboxID, name)] = reason }
+    }
+
+    // MARK: - Other directories on the same inotify instance
+
+    /// A directory observed with ``VolumeWatcher/observe(_:mask:_:)``; pass it to
+    /// ``VolumeWatcher/stopObserving(_:)``.
+    public struct Observation: Sendable, Hashable {
+        public let watchDescriptor: Int32
+        let id: UInt64
+    }
+
+    /// Calls `handler` for every inotify event of `directory` matching `mask`, on the
+    /// watcher's one inotify instance (so a node-wide follower of sandbox manifests costs no
+    /// instance of its own). The handler runs on the watcher's reader thread, outside its lock,
+    /// in event order; it may call the watcher (``watch(sandboxID:name:volume:guestPath:agent:watchable:)``,
+    /// ``observe(_:mask:_:)``). It also gets `IN_Q_OVERFLOW` (events were lost: look again) and
+    /// `IN_IGNORED` (the kernel dropped the watch: the observation has ended). Observing a
+    /// directory that is a watched volume, or already observed, is a `conflict`.
+    public func observe(_ directory: FilePath, mask: UInt32, _ handler: @escaping @Sendable (InotifyEvent) -> Void) throws(FSShareError) -> Observation {
+        try core.withLock { (c: inout Core) throws(FSShareError) -> Observation in
+            guard let inotify = c.inotify, !c.stopping else {
+                throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
+            }
+            let wd: Int32
+            do throws(SystemCallError) {
+                wd = try Sys.inotifyAddWatch(inotify, directory, mask: mask | UInt32(IN_ONLYDIR))
+            } catch {
+                throw FSShareError.system("cannot watch \(directory)", error)
+            }
+            if c.observers[wd] != nil || c.byWD[wd] != nil {
+                throw FSShareError(.conflict, "\(directory) is already watched")
+            }
+            c.generation += 1
+            c.observers[wd] = Observer(id: c.generation, handler: handler)
+            return Observation(watchDescriptor: wd, id: c.generation)
+        }
+    }
+
+    /// Ends an observation (no-op if it already ended, or the watcher stopped).
+    public func stopObserving(_ observation: Observation) {
+        core.withLock { c in
+            guard c.observers[observation.watchDescriptor]?.id == observation.id else { return }
+            c.observers[observation.watchDescriptor] = nil
+            if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, observation.watchDescriptor) }
+        }
+    }
 
     private func worker(for sandboxID: String, _ c: inout Core) throws(FSShareError) -> Worker {
         if let w = c.workers[sandboxID] { return w }
@@ -411,41 +460,25 @@ public final class VolumeWatcher: Sendable {
 
     private func handle(_ events: [InotifyEvent]) {
         var wakeSandboxes: Set<String> = []
-        var reloads: [Followed] = []
         var lines: [String] = []
-        var appeared: [(FilePath, String)] = []
-        var gone: [Followed] = []
+        // Observers' events, delivered after the lock is released, in order.
+        var observed: [(@Sendable (InotifyEvent) -> Void, InotifyEvent)] = []
         core.withLock { c in
             for e in events {
                 if e.mask & UInt32(IN_Q_OVERFLOW) != 0 {
-                    // Events were lost: resync everything, and re-read followed manifests.
+                    // Events were lost: resync everything; observers look again.
                     c.stats.overflows += 1
                     for (k, v) in c.volumes {
                         c.markDirty(k, force: true)
                         wakeSandboxes.insert(v.sandboxID)
                     }
-                    reloads += c.followed.values
+                    for o in c.observers.values { observed.append((o.handler, e)) }
                     lines.append("inotify queue overflowed: resyncing every volume")
                     continue
                 }
-                if let r = c.roots[e.wd] {
-                    // A sandbox directory appeared under a followed root (prepare renames it in
-                    // complete) or went away.
-                    if Identifier.problem(e.name) == nil {
-                        if e.mask & UInt32(IN_CREATE | IN_MOVED_TO) != 0 { appeared.append((r.path, e.name)) }
-                        if e.mask & UInt32(IN_DELETE | IN_MOVED_FROM) != 0,
-                           let f = c.followed.values.first(where: { $0.root == r.path && $0.sandboxID == e.name }) {
-                            gone.append(f)
-                        }
-                    }
-                    continue
-                }
-                if let f = c.followed[e.wd] {
-                    if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED) != 0 {
-                        gone.append(f)
-                    } else if e.name == "manifest" {
-                        reloads.append(f)
-                    }
+                if let o = c.observers[e.wd] {
+                    if e.mask & UInt32(IN_IGNORED) != 0 { c.observers[e.wd] = nil }
+                    observed.append((o.handler, e))
                     continue
                 }
                 guard let key = c.byWD[e.wd], let v = c.volumes[key] else { continue }
@@ -464,62 +497,8 @@ public final class VolumeWatcher: Sendable {
             for s in wakeSandboxes { c.workers[s]?.wake() }
         }
         for line in lines { log(line, level: .warning) }
-        if !lines.isEmpty { metrics.overflows.increment() }
-        for f in gone { unfollow(f) }
-        for f in reloads where !gone.contains(where: { $0.wd == f.wd }) { reload(f) }
-        for (root, sid) in appeared { followIfSandbox(root: root, sandboxID: sid) }
-    }
-
-    /// Follows every sandbox under `root`, now and as they are prepared, each with the agent
-    /// its manifest records (copy mode); sandboxes cleaned up are dropped. One process serves
-    /// the whole node this way, on the same single inotify instance.
-    public func followRoot(_ root: FilePath) throws(FSShareError) {
-        let fd = try sys("cannot open the sandbox root \(root)") { () throws(SystemCallError) in
-            try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
-        }
-        try core.withLock { (c: inout Core) throws(FSShareError) in
-            guard let inotify = c.inotify else {
-                Sys.close(fd)
-                throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
-            }
-            do throws(SystemCallError) {
-                let wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_ONLYDIR))
-                c.roots[wd] = (root, fd)
-            } catch {
-                Sys.close(fd)
-                throw FSShareError.system("cannot watch the sandbox root \(root)", error)
-            }
-        }
-        // Listed through the descriptor opened above (the configured root may be a symlink).
-        let entries = try sys("cannot list \(root)") { () throws(SystemCallError) in try Sys.listDirectory(DirFD(fd: fd, path: root), ".") }
-        for entry in entries.sorted(by: { $0.name < $1.name }) where Identifier.problem(entry.name) == nil {
-            followIfSandbox(root: root, sandboxID: entry.name)
-        }
-        log("following every sandbox under \(root)")
-    }
-
-    private func followIfSandbox(root: FilePath, sandboxID: String) {
-        let known = core.withLock { c in c.followed.values.contains { $0.root == root && $0.sandboxID == sandboxID } }
-        guard !known, LinuxFilesystemSharer.recorded(root: root, sandboxID: sandboxID) != nil else { return }
-        do {
-            try follow(root: root, sandboxID: sandboxID, agent: nil)
-        } catch {
-            log("cannot follow sandbox \(sandboxID): \(error.message)", level: .warning, sandbox: sandboxID)
-        }
-    }
-
-    /// Stops following a sandbox whose directory went away, and mirroring its volumes.
-    private func unfollow(_ f: Followed) {
-        // Seen twice when both the root's watch and the sandbox's own report the removal.
-        let names: [String]? = core.withLock { c in
-            guard c.followed.removeValue(forKey: f.wd) != nil else { return nil }
-            if let fd = c.inotify { Sys.inotifyRemoveWatch(fd, f.wd) }
-            Sys.close(f.dir.fd)
-            return c.volumes.values.filter { $0.sandboxID == f.sandboxID }.map(\.name)
-        }
-        guard let names else { return }
-        for name in names { unwatch(sandboxID: f.sandboxID, name: name) }
-        log("sandbox \(f.sandboxID) is gone: stopped following it (\(names.count) volumes)")
+        if events.contains(where: { $0.mask & UInt32(IN_Q_OVERFLOW) != 0 }) { metrics.overflows.increment() }
+        for (handler, event) in observed { handler(event) }
     }
 
     // MARK: - Sync
@@ -695,112 +674,6 @@ public final class VolumeWatcher: Sendable {
             if let transport = error.agentError?.code, [.unreachable, .disconnected, .timeout].contains(transport) { return false }
         }
         return true
-    }
-
-    // MARK: - Following a sandbox manifest
-
-    /// Mirrors every watched copy-mode volume recorded in sandbox `sandboxID`'s manifest under
-    /// `root`, and follows the manifest: shares added or removed later (by other processes)
-    /// are picked up. On start every volume gets a full resync, so a restarted watcher brings
-    /// the guest back in line.
-    public func follow(root: FilePath, sandboxID: String, agent: AgentClient?) throws(FSShareError) {
-        try Identifier.validate(sandboxID, what: "sandbox")
-        let path = root.appending(sandboxID)
-        let fd = try sys("cannot open the sandbox directory \(path)") { () throws(SystemCallError) in
-            try Sys.openat(nil, path, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
-        }
-        let f: Followed = try core.withLock { (c: inout Core) throws(FSShareError) -> Followed in
-            guard let inotify = c.inotify else {
-                Sys.close(fd)
-                throw FSShareError(.notPrepared, "the volume watcher is not running; start() it first")
-            }
-            let wd: Int32
-            do throws(SystemCallError) {
-                wd = try Sys.inotifyAddWatch(inotify, MountOps.fdPath(fd), mask: UInt32(IN_MODIFY | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR))
-            } catch {
-                Sys.close(fd)
-                throw FSShareError.system("cannot watch \(path)", error)
-            }
-            let f = Followed(root: root, sandboxID: sandboxID, agent: agent, dir: DirFD(fd: fd, path: path), wd: wd)
-            c.followed[wd] = f
-            return f
-        }
-        try reloadOrThrow(f)
-    }
-
-    private func reload(_ f: Followed) {
-        do {
-            try reloadOrThrow(f)
-        } catch {
-            log("cannot re-read the manifest of sandbox \(f.sandboxID): \(error.message)", level: .warning, sandbox: f.sandboxID)
-        }
-    }
-
-    private func reloadOrThrow(_ f: Followed) throws(FSShareError) {
-        guard let manifest = try Manifest.open(in: f.dir, sandboxID: f.sandboxID) else {
-            throw FSShareError(.notPrepared, "sandbox \(f.sandboxID) has no manifest under \(f.root)")
-        }
-        let recorded = RecordedSandbox(manifest)
-        let guestDir = SandboxLayout(
-            root: f.root, sandboxID: f.sandboxID, guestSharedDir: recorded.guestSharedDir ?? SharerConfiguration.defaultGuestSharedDir,
-            style: recorded.layout)
-        // Copy-mode volumes once copied, and shared-filesystem volumes with a watchable mirror.
-        let wanted = manifest.orderedShares.filter {
-            $0.watched && (($0.kind == .copy && $0.copied && !$0.leftInGuest) || $0.kind == .volume)
-        }
-        // The agent given, else the one the sandbox recorded. Each sandbox's VM has an address of
-        // its own, so a slow or dead agent holds up only its own sandbox. Sandboxes naming the
-        // same address share a few connections, dealt out in turn (an agent serves a bounded
-        // number of connections; one connection would serialise every sync of them all).
-        var agent = f.agent
-        if agent == nil, let address = recorded.agent {
-            let key = address
-            let wanted = (try? AgentAddress(parsing: address))?.description
-            let known = core.withLock { c in c.followed[f.wd]?.client }.flatMap { $0.address.description == wanted ? $0 : nil }
-            agent = known ?? core.withLock { c -> AgentClient? in
-                guard let parsed = try? AgentAddress(parsing: address) else { return nil }
-                var pool = c.agents[key] ?? ([], 0)
-                let client: AgentClient
-                if pool.clients.count < VolumeWatcher.connectionsPerAgent {
-                    client = AgentClient(address: parsed, callTimeout: agentCallTimeout)
-                    pool.clients.append(client)
-                } else {
-                    client = pool.clients[pool.handedOut % pool.clients.count]
-                }
-                pool.handedOut += 1
-                c.agents[key] = pool
-                if var followed = c.followed[f.wd] {
-                    followed.client = client
-                    c.followed[f.wd] = followed
-                }
-                return client
-            }
-        }
-        guard let agent else {
-            if !wanted.isEmpty { log("sandbox \(f.sandboxID) has watched volumes but no agent address recorded yet") }
-            return
-        }
-        let wantedNames = Set(wanted.map(\.name))
-        let current = core.withLock { c in c.volumes.values.filter { $0.sandboxID == f.sandboxID }.map(\.name) }
-        for name in current where !wantedNames.contains(name) {
-            unwatch(sandboxID: f.sandboxID, name: name)
-            log("\(f.sandboxID)/\(name) was unshared: stopped mirroring it")
-        }
-        var firstError: FSShareError?
-        for r in wanted {
-            do {
-                if r.kind == .volume {
-                    try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: guestDir.watchableGuestPath(r.name), agent: agent, watchable: true)
-                } else {
-                    try watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: r.guestPath ?? guestDir.guestPath(r.name), agent: agent)
-                }
-            } catch {
-                log("cannot watch \(r.source): \(error.message)", level: .warning, sandbox: f.sandboxID, volume: FilePath(r.source))
-                core.withLock { $0.stats.stopped[VolumeWatcher.key(f.sandboxID, r.name)] = error.message }
-                if firstError == nil { firstError = error }
-            }
-        }
-        if let firstError, firstError.code == .limitExceeded { throw firstError }
     }
 }
 
