@@ -176,6 +176,16 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // An example sandbox runtime linking FSShare: 20 sandboxes shared into concurrently
+        // through the async API while a heartbeat task checks that the pool never starves.
+        .executableTarget(
+            name: "fsshare-example-runtime",
+            dependencies: [
+                "FSShare", "FSShareAgentChannel", "FSShareProto",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
         // The benchmark's floor: the same syscall sequences as raw C.
         .target(name: "CFSShareBenchFloor"),
         // The benchmark (hack/bench): fsshare and the C floor interleaved in one process.
@@ -196,7 +206,7 @@ let package = Package(
             name: "FSShareTests",
             dependencies: [
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
-                "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest",
+                "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest", "fsshare-example-runtime",
                 "FSShareTestSupport", "FSShareGuestAgent", "FSShareLibvirt",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),

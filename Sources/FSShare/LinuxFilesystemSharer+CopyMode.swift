@@ -15,7 +15,7 @@ extension LinuxFilesystemSharer {
     /// Copies a volume into the guest (called with both locks held). Idempotent: a completed
     /// copy of the same source is not copied again. On failure the partial guest copy and the
     /// record are removed.
-    func copyShare(_ proposed: ShareRecord, handle h: SandboxHandle, policy: SourceSymlinkPolicy) throws(FSShareError) -> SharedFile {
+    func copyShare(_ proposed: ShareRecord, handle h: SandboxHandle, policy: SourceSymlinkPolicy, cancellation: CancellationFlag?) throws(FSShareError) -> SharedFile {
         guard let agent else {
             throw FSShareError(.unsupported, "copy mode (shared filesystem \"none\") needs an agent channel; none was given")
         }
@@ -46,11 +46,12 @@ extension LinuxFilesystemSharer {
             if record.watched {
                 var mirror = AtomicWriterMirror(volume: DirFD(fd: source.fd, path: source.path), guestDir: guestPath, limits: watcher?.limits ?? WatchLimits(maxEntries: .max, maxBytes: .max))
                 mirror.firstCopy = proposedIsNew
+                mirror.copier.cancellation = cancellation
                 if case .synced = try mirror.sync(agent: agent, state: &mirrored, force: true, report: &report) { plain = false }
             }
             if plain {
                 record.watched = false
-                report = try LinuxFilesystemSharer.copyTree(source, to: guestPath, agent: agent)
+                report = try LinuxFilesystemSharer.copyTree(source, to: guestPath, agent: agent, cancellation: cancellation)
             }
         } catch {
             // Roll back: the guest copy (best effort; the agent may be what failed) and the record.
@@ -93,13 +94,14 @@ extension LinuxFilesystemSharer {
 
 extension LinuxFilesystemSharer {
     /// Copies an opened source (file or directory) to `guestPath` over one pipelined window.
-    static func copyTree(_ source: SourceCheck.Opened, to guestPath: String, agent: AgentClient) throws(FSShareError) -> CopyReport {
+    static func copyTree(_ source: SourceCheck.Opened, to guestPath: String, agent: AgentClient, cancellation: CancellationFlag? = nil) throws(FSShareError) -> CopyReport {
         // O_PATH descriptors cannot be read: reopen the checked object itself for reading.
         let readable = try sys("cannot open \(source.path)") { () throws(SystemCallError) in
             try Sys.openat(nil, MountOps.fdPath(source.fd), flags: O_RDONLY | (source.kind == .directory ? Sys.oDirectory : 0))
         }
         defer { Sys.close(readable) }
-        let copier = GuestCopier()
+        var copier = GuestCopier()
+        copier.cancellation = cancellation
         var report = CopyReport()
         var failure: FSShareError?
         do {

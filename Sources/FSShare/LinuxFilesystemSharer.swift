@@ -30,10 +30,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Copy mode: mirrors kubelet atomic-writer volumes shared by this sharer (shared per process).
     public let watcher: VolumeWatcher?
 
-    private struct State: ~Copyable {
-        var handle: SandboxHandle?
-    }
-    private let state = Mutex(State())
+    /// The open sandbox tree. The mutex guards only this reference, never a system call that
+    /// waits: operations are serialised by the sandbox's `flock`, taken on a descriptor of their
+    /// own, which excludes other threads of this process exactly as it excludes other processes.
+    private let handleState = Mutex<SandboxHandle?>(nil)
+    /// The async API's queue: one operation of this sharer at a time on the ``BlockingPool``.
+    private let gate = AsyncGate()
 
     /// Creates a sharer for one sandbox. Nothing is touched on disk until an operation runs.
     ///
@@ -75,37 +77,70 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     // MARK: - Prepare / cleanup
 
+    /// Creates the sandbox tree (see ``FilesystemSharer/prepare()``). Runs on the library's
+    /// threads; the calling task is suspended, never blocked.
     @discardableResult
     public func prepare() async throws(FSShareError) -> [Storage] {
-        try prepareSync()
+        try await offload { _ throws(FSShareError) in try self.prepareSync() }
         return sandboxStorages
+    }
+
+    /// Runs a blocking body on the ``BlockingPool``, one per sharer at a time (``AsyncGate``),
+    /// after checking for cancellation. Cancellation while the body runs is passed on through
+    /// `cancelled` (copy mode checks it between chunks and rolls its copy back).
+    func offload<T: Sendable>(_ body: @escaping @Sendable (CancellationFlag) throws(FSShareError) -> T) async throws(FSShareError) -> T {
+        await gate.enter()
+        defer { gate.leave() }
+        if Task.isCancelled { throw FSShareError(.cancelled, "cancelled before it started; nothing was changed") }
+        let flag = CancellationFlag()
+        let result: Result<T, FSShareError> = await withTaskCancellationHandler {
+            do throws(FSShareError) {
+                return .success(try await BlockingPool.shared.run { () throws(FSShareError) -> T in try body(flag) })
+            } catch {
+                return .failure(error)
+            }
+        } onCancel: {
+            flag.cancel()
+        }
+        return try result.get()
+    }
+
+    /// The open sandbox tree, opened (and kept) if needed; throws `notPrepared` without one.
+    /// Opening happens outside the mutex (it takes the sandbox's `flock` briefly).
+    private func preparedHandle() throws(FSShareError) -> SandboxHandle {
+        if let h = handleState.withLock({ $0 }), h.isAlive { return h }
+        let opened = try openPrepared()
+        return handleState.withLock { current in
+            // Another thread may have opened it meanwhile: keep one (ours closes on deinit).
+            if let other = current, other.isAlive { return other }
+            current = opened
+            return opened
+        }
     }
 
     /// Copy mode: nothing is exported, so the sandbox needs its directory and manifest but no mounts.
     var copyMode: Bool { configuration.sharedFilesystem == .none }
 
-    /// Synchronous ``prepare()`` (no suspension point; the work is a handful of syscalls).
-    /// In copy mode it makes the directories and the manifest only: there is nothing to export.
-    public func prepareSync() throws(FSShareError) {
-        try state.withLock { (s: inout State) throws(FSShareError) in
-            if let h = s.handle, h.isAlive, copyMode || (try? isMountRoot(h.sandbox, configuration.layoutStyle.exportPath)) == true { return }
-            s.handle = nil
-            s.handle = try makeSandbox()
-        }
+    /// Blocking ``prepare()``, for callers on threads of their own (the CLI). In copy mode it
+    /// makes the directories and the manifest only: there is nothing to export.
+    @_spi(Blocking) public func prepareSync() throws(FSShareError) {
+        if let h = handleState.withLock({ $0 }), h.isAlive,
+           copyMode || (try? isMountRoot(h.sandbox, configuration.layoutStyle.exportPath)) == true { return }
+        let made = try makeSandbox()
+        handleState.withLock { $0 = made }
     }
 
+    /// Removes the sandbox (see ``FilesystemSharer/cleanup()``) on the library's threads.
     public func cleanup() async throws(FSShareError) {
-        try cleanupSync()
+        try await offload { _ throws(FSShareError) in _ = try self.cleanupSync() }
     }
 
-    /// Synchronous ``cleanup()``; says what it found. A directory of this name that no fsshare
+    /// Blocking ``cleanup()``; says what it found. A directory of this name that no fsshare
     /// manifest proves to be a sandbox is refused (``FSShareError/Code/refused``) and left alone.
-    @discardableResult
+    @_spi(Blocking) @discardableResult
     public func cleanupSync() throws(FSShareError) -> CleanupOutcome {
-        try state.withLock { (s: inout State) throws(FSShareError) -> CleanupOutcome in
-            s.handle = nil
-            return try SandboxCleaner(root: configuration.root, sandboxID: sandboxID).run()
-        }
+        handleState.withLock { $0 = nil }
+        return try SandboxCleaner(root: configuration.root, sandboxID: sandboxID).run()
     }
 
     private func openRoot(create: Bool) throws(FSShareError) -> DirFD? {
@@ -291,9 +326,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// The handle of a prepared sandbox (opened on first use, reopened if another process
     /// cleaned up and re-prepared it). Throws ``FSShareError/Code/notPrepared`` otherwise.
-    private func preparedHandle(_ s: inout State) throws(FSShareError) -> SandboxHandle {
-        if let h = s.handle, h.isAlive { return h }
-        s.handle = nil
+    private func openPrepared() throws(FSShareError) -> SandboxHandle {
         let notPrepared = FSShareError(.notPrepared, "sandbox \(sandboxID) is not prepared under \(configuration.root)")
         guard let root = try openRoot(create: false) else { throw notPrepared }
         let sid = FilePath(sandboxID)
@@ -305,19 +338,24 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             throw notPrepared
         }
         Sys.close(root.fd)
-        s.handle = try makeSandbox()
-        guard let h = s.handle else { throw notPrepared }
-        return h
+        return try makeSandbox()
     }
 
     // MARK: - Volumes
 
+    /// Shares a container's bind mount (see ``FilesystemSharer/shareFile(container:mount:)``) on
+    /// the library's threads. Cancelled during a copy-mode copy, the partial guest copy and its
+    /// record are removed and `cancelled` is thrown.
     public func shareFile(container: Container, mount: Mount) async throws(FSShareError) -> SharedFile? {
-        try shareFileSync(container: container, mount: mount)
+        try await offload { (flag) throws(FSShareError) in try self.shareFileSync(container: container, mount: mount, cancellation: flag) }
     }
 
-    /// Synchronous ``shareFile(container:mount:)``.
-    public func shareFileSync(container: Container, mount: Mount) throws(FSShareError) -> SharedFile? {
+    /// Blocking ``shareFile(container:mount:)``.
+    @_spi(Blocking) public func shareFileSync(container: Container, mount: Mount) throws(FSShareError) -> SharedFile? {
+        try shareFileSync(container: container, mount: mount, cancellation: nil)
+    }
+
+    func shareFileSync(container: Container, mount: Mount, cancellation: CancellationFlag?) throws(FSShareError) -> SharedFile? {
         guard mount.type == "bind" else { return nil }
         guard mount.destination.lexicallyNormalized() != "/dev/shm" else { return nil }
         try Identifier.validate(container.id, what: "container")
@@ -329,11 +367,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let method = configuration.mountMethod
         let policy = configuration.sourceSymlinks
         let copyMode = configuration.sharedFilesystem == .none
-        return try state.withLock { (s: inout State) throws(FSShareError) -> SharedFile? in
-            let h = try preparedHandle(&s)
-            return try h.locked { () throws(FSShareError) -> SharedFile in
+        let h = try preparedHandle()
+        return try h.locked { () throws(FSShareError) -> SharedFile in
                 try h.manifest.refresh()
-                if copyMode { return try copyShare(record, handle: h, policy: policy) }
+                if copyMode { return try copyShare(record, handle: h, policy: policy, cancellation: cancellation) }
                 var proposed = record
                 var fallback: String?
                 if h.manifest.shares[name] == nil {
@@ -354,7 +391,6 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                         watchable: true, firstSync: false)
                 }
                 return SharedFile(guestPath: mirror, volumeStorages: [storage], resolvedSource: resolved)
-            }
         }
     }
 
@@ -382,62 +418,75 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         return (true, nil)
     }
 
+    /// Undoes ``shareFile(container:mount:)`` on the library's threads.
     public func unshareFile(container: Container, mount: Mount) async throws(FSShareError) {
-        try unshareFileSync(container: container, mount: mount)
+        try await offload { _ throws(FSShareError) in _ = try self.unshareFileSync(container: container, mount: mount) }
     }
 
-    /// Synchronous ``unshareFile(container:mount:)``; says what became of the share.
-    @discardableResult
+    /// Blocking ``unshareFile(container:mount:)``; says what became of the share.
+    @_spi(Blocking) @discardableResult
     public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) -> UnshareOutcome {
         guard mount.type == "bind" else { return .removed }
         try Identifier.validate(container.id, what: "container")
         let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination, style: configuration.layoutStyle)
-        return try unshare(name: name)
+        return try unshareSync(name: name)
     }
 
-    /// Removes the share recorded under `name` (a volume name or `<cid>/rootfs`). Not an error
-    /// if it does not exist or the sandbox is already gone.
+    /// Removes the share recorded under `name` (a volume name or `<cid>/rootfs`), on the
+    /// library's threads. Not an error if it does not exist or the sandbox is already gone.
+    ///
+    /// - Returns: what became of it (a copy Kata's agent cannot remove stays in the guest).
     @discardableResult
-    public func unshare(name: String) throws(FSShareError) -> UnshareOutcome {
-        try state.withLock { (s: inout State) throws(FSShareError) -> UnshareOutcome in
-            let h: SandboxHandle
-            do throws(FSShareError) {
-                h = try preparedHandle(&s)
-            } catch {
-                if error.code == .notPrepared { return .removed }
-                throw error
-            }
-            return try h.locked { () throws(FSShareError) -> UnshareOutcome in
-                try h.manifest.refresh()
-                if let record = h.manifest.shares[name], record.kind == .copy { return try removeCopy(record, handle: h) }
-                if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
-                try removeShare(name, handle: h)
-                return .removed
-            }
+    public func unshare(name: String) async throws(FSShareError) -> UnshareOutcome {
+        try await offload { _ throws(FSShareError) in try self.unshareSync(name: name) }
+    }
+
+    /// Blocking ``unshare(name:)``.
+    @_spi(Blocking) @discardableResult
+    public func unshareSync(name: String) throws(FSShareError) -> UnshareOutcome {
+        let h: SandboxHandle
+        do throws(FSShareError) {
+            h = try preparedHandle()
+        } catch {
+            if error.code == .notPrepared { return .removed }
+            throw error
+        }
+        return try h.locked { () throws(FSShareError) -> UnshareOutcome in
+            try h.manifest.refresh()
+            if let record = h.manifest.shares[name], record.kind == .copy { return try removeCopy(record, handle: h) }
+            if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
+            try removeShare(name, handle: h)
+            return .removed
         }
     }
 
-    /// The shares the manifest records, with whether each is mounted right now.
-    public func shares() throws(FSShareError) -> [(record: ShareRecord, mounted: Bool)] {
-        try state.withLock { (s: inout State) throws(FSShareError) in
-            let h = try preparedHandle(&s)
-            return try h.locked { () throws(FSShareError) in
-                try h.manifest.refresh()
-                return h.manifest.orderedShares.map { r in
-                    (r, (try? MountOps.statBeneath(h.mounts, FilePath(r.name)).isMountRoot) ?? false)
-                }
+    /// The shares the manifest records, with whether each is mounted right now (read on the
+    /// library's threads).
+    public func shares() async throws(FSShareError) -> [ShareState] {
+        try await offload { _ throws(FSShareError) in try self.sharesSync() }
+    }
+
+    /// Blocking ``shares()``.
+    @_spi(Blocking) public func sharesSync() throws(FSShareError) -> [ShareState] {
+        let h = try preparedHandle()
+        return try h.locked { () throws(FSShareError) in
+            try h.manifest.refresh()
+            return h.manifest.orderedShares.map { r in
+                ShareState(record: r, mounted: (try? MountOps.statBeneath(h.mounts, FilePath(r.name)).isMountRoot) ?? false)
             }
         }
     }
 
     // MARK: - Rootfs
 
+    /// Shares a container's root filesystem (see
+    /// ``FilesystemSharer/shareRootFilesystem(container:)``) on the library's threads.
     public func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile {
-        try shareRootFilesystemSync(container: container)
+        try await offload { _ throws(FSShareError) in try self.shareRootFilesystemSync(container: container) }
     }
 
-    /// Synchronous ``shareRootFilesystem(container:)``.
-    public func shareRootFilesystemSync(container: Container) throws(FSShareError) -> SharedFile {
+    /// Blocking ``shareRootFilesystem(container:)``.
+    @_spi(Blocking) public func shareRootFilesystemSync(container: Container) throws(FSShareError) -> SharedFile {
         try Identifier.validate(container.id, what: "container")
         let cid = container.id
         switch container.rootfs {
@@ -453,12 +502,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             let record = ShareRecord(
                 name: cid, kind: .rootfsDirectory, containerID: cid, source: device.address, destination: suffix,
                 readOnly: false, recursive: false, isFile: false)
-            try state.withLock { (s: inout State) throws(FSShareError) in
-                let h = try preparedHandle(&s)
-                try h.locked { () throws(FSShareError) in
-                    try h.manifest.refresh()
-                    try makeBlockRootfsDirectories(record, suffix: suffix, handle: h)
-                }
+            let h = try preparedHandle()
+            try h.locked { () throws(FSShareError) in
+                try h.manifest.refresh()
+                try makeBlockRootfsDirectories(record, suffix: suffix, handle: h)
             }
             let storage = Storages.blockRootfs(
                 containerID: cid, device: device, driver: configuration.blockDeviceDriver, guestSharedDir: configuration.guestSharedDir)
@@ -469,35 +516,34 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 readOnly: false, recursive: false, isFile: false)
             let method = configuration.mountMethod
             let policy = configuration.sourceSymlinks
-            let made = try state.withLock { (s: inout State) throws(FSShareError) -> ShareRecord in
-                let h = try preparedHandle(&s)
-                return try h.locked { () throws(FSShareError) -> ShareRecord in
-                    try h.manifest.refresh()
-                    let (dirFD, created) = try MountOps.ownEntry(h.mounts, FilePath(cid), directory: true, mode: 0o750)
-                    defer { Sys.close(dirFD) }
-                    do throws(FSShareError) {
-                        return try share(record, in: DirFD(fd: dirFD, path: h.mounts.display(FilePath(cid))), handle: h, method: method, policy: policy)
-                    } catch {
-                        if created { try? Sys.unlinkat(h.mounts, FilePath(cid), directory: true) }
-                        throw error
-                    }
+            let h = try preparedHandle()
+            let made = try h.locked { () throws(FSShareError) -> ShareRecord in
+                try h.manifest.refresh()
+                let (dirFD, created) = try MountOps.ownEntry(h.mounts, FilePath(cid), directory: true, mode: 0o750)
+                defer { Sys.close(dirFD) }
+                do throws(FSShareError) {
+                    return try share(record, in: DirFD(fd: dirFD, path: h.mounts.display(FilePath(cid))), handle: h, method: method, policy: policy)
+                } catch {
+                    if created { try? Sys.unlinkat(h.mounts, FilePath(cid), directory: true) }
+                    throw error
                 }
             }
             return SharedFile(guestPath: layout.guestPath("\(cid)/rootfs"), resolvedSource: made.resolvedSource.map { FilePath($0) })
         }
     }
 
+    /// Undoes ``shareRootFilesystem(container:)`` on the library's threads.
     public func unshareRootFilesystem(container: Container) async throws(FSShareError) {
-        try unshareRootFilesystemSync(container: container)
+        try await offload { _ throws(FSShareError) in try self.unshareRootFilesystemSync(container: container) }
     }
 
-    /// Synchronous ``unshareRootFilesystem(container:)``.
-    public func unshareRootFilesystemSync(container: Container) throws(FSShareError) {
+    /// Blocking ``unshareRootFilesystem(container:)``.
+    @_spi(Blocking) public func unshareRootFilesystemSync(container: Container) throws(FSShareError) {
         try Identifier.validate(container.id, what: "container")
         switch container.rootfs {
         case .guestPull: return
-        case .blockDevice: try unshare(name: container.id)
-        case .hostMounted: try unshare(name: "\(container.id)/rootfs")
+        case .blockDevice: try unshareSync(name: container.id)
+        case .hostMounted: try unshareSync(name: "\(container.id)/rootfs")
         }
     }
 

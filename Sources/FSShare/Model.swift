@@ -139,6 +139,18 @@ public enum CleanupOutcome: Sendable, Equatable {
     case removedInterruptedPrepare
 }
 
+/// A share the manifest records, and whether it is mounted right now.
+public struct ShareState: Sendable, Equatable {
+    /// What the manifest records (source, kind, guest path, ...).
+    public var record: ShareRecord
+    /// Its mount is in place under `mounts/` (always false for copy-mode and rootfs-directory records).
+    public var mounted: Bool
+    public init(record: ShareRecord, mounted: Bool) {
+        self.record = record
+        self.mounted = mounted
+    }
+}
+
 /// The operations of Kata's `FilesystemSharer`, made idempotent and crash-safe.
 ///
 /// One sharer serves one sandbox. ``prepare()`` makes the sandbox tree; the share operations

@@ -9,7 +9,10 @@ import SystemPackage
 
 /// Open descriptors of a prepared sandbox tree, kept for the sharer's lifetime so each
 /// operation walks no paths: `*at` calls relative to these, never following symlinks.
-final class SandboxHandle {
+///
+/// Shared between threads: the descriptors never change, and the manifest (the one mutable
+/// part) is only touched inside ``locked(_:)``, under the sandbox's `flock`.
+final class SandboxHandle: @unchecked Sendable {
     let root: DirFD
     /// `<root>/<sid>`, opened `O_RDONLY` for `flock` (cross-process exclusion).
     let lock: FileDescriptor
@@ -37,11 +40,18 @@ final class SandboxHandle {
         for fd in [root.fd, lock, sandbox.fd, mounts.fd, staging.fd] { Sys.close(fd) }
     }
 
-    /// Holds the sandbox's cross-process lock around `body`.
+    /// Holds the sandbox's lock around `body`: `flock` on a descriptor opened for this call
+    /// (reopened through `/proc/self/fd`, so the same directory however it was renamed). flock
+    /// belongs to an open file description, so a fresh one excludes other threads of this
+    /// process as it excludes other processes; the shared `lock` descriptor would not.
     func locked<T>(_ body: () throws(FSShareError) -> T) throws(FSShareError) -> T {
         let shown = sandbox.path
-        try sys("cannot lock the sandbox \(shown)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: shown) }
-        defer { try? Sys.flock(lock, operation: LOCK_UN, path: shown) }
+        let mine = try sys("cannot open the sandbox \(shown) to lock it") { () throws(SystemCallError) in
+            try Sys.openat(nil, MountOps.fdPath(lock), flags: O_RDONLY | Sys.oDirectory)
+        }
+        defer { Sys.close(mine) }
+        try sys("cannot lock the sandbox \(shown)") { () throws(SystemCallError) in try Sys.flock(mine, operation: LOCK_EX, path: shown) }
+        defer { try? Sys.flock(mine, operation: LOCK_UN, path: shown) }
         return try body()
     }
 

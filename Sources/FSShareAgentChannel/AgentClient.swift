@@ -341,9 +341,26 @@ extension AgentClient {
                 s.nextStreamID = pipeline.nextStreamID
                 return result
             } catch {
-                // The stream's state is unknown (replies may be pending): start over next time.
-                stream.close()
-                s.stream = nil
+                // A refusal, or the caller's own error (a cancelled copy): the stream is sound.
+                // Wait for the replies still pending, so nothing sent in this window is applied
+                // after the caller's next step (a rollback's removal would otherwise be overtaken
+                // by a CopyFile still in flight, which recreates what it removed).
+                var settled = false
+                if error.code == .remote {
+                    do throws(AgentError) {
+                        try pipeline.flush()
+                        settled = true
+                    } catch let drained {
+                        settled = drained.code == .remote
+                    }
+                }
+                if settled {
+                    s.nextStreamID = pipeline.nextStreamID
+                } else {
+                    // A transport failure: the stream's state is unknown. Start over next time.
+                    stream.close()
+                    s.stream = nil
+                }
                 throw error
             }
         }

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import ArgumentParser
-import FSShare
+@_spi(Blocking) import FSShare
 import FSShareSystem
 import SystemPackage
 
@@ -22,8 +22,8 @@ struct UnshareRootfs: AsyncParsableCommand {
         let sharer = try LinuxFilesystemSharer(
             sandboxID: sandbox, configuration: SharerConfiguration(root: FilePath(common.root), layoutStyle: recorded(common, sandbox)?.layout ?? .go))
         try Identifier.validate(container, what: "container")
-        try sharer.unshare(name: "\(container)/rootfs")
-        try sharer.unshare(name: container)
+        try sharer.unshareSync(name: "\(container)/rootfs")
+        try sharer.unshareSync(name: container)
         if common.json { print(JSON.object([("unshared", .bool(true))]).render()) } else { print("unshared") }
     }
 }

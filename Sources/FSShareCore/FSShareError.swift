@@ -1,5 +1,6 @@
 import FSShareAgentChannel
 import FSShareSystem
+import Synchronization
 import SystemPackage
 
 /// The error every public fsshare operation throws: a code to branch on, a human sentence,
@@ -33,6 +34,8 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let agent = Code(rawValue: "agent")
         /// A configured limit or a kernel limit (inotify watches) was reached.
         public static let limitExceeded = Code(rawValue: "limitExceeded")
+        /// The calling task was cancelled; what the operation had begun was rolled back.
+        public static let cancelled = Code(rawValue: "cancelled")
     }
 
     public var code: Code
@@ -71,5 +74,19 @@ package func sys<T>(_ what: @autoclosure () -> String, _ body: () throws(SystemC
         return try body()
     } catch {
         throw FSShareError.system(what(), error)
+    }
+}
+
+/// Set when the task that started a blocking operation is cancelled; the operation polls it
+/// between steps (copy mode: between chunks and entries) and stops with ``FSShareError/Code/cancelled``.
+package final class CancellationFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    package init() {}
+    package func cancel() { flag.store(true, ordering: .releasing) }
+    package var isCancelled: Bool { flag.load(ordering: .acquiring) }
+
+    /// Throws `cancelled` if set, naming what was being done.
+    package func check(_ what: @autoclosure () -> String) throws(FSShareError) {
+        if isCancelled { throw FSShareError(.cancelled, "cancelled while \(what()); rolled back") }
     }
 }

@@ -94,7 +94,7 @@ package struct AtomicWriterMirror {
     let volume: DirFD
     let guestDir: String
     let limits: WatchLimits
-    var copier = GuestCopier()
+    package var copier = GuestCopier()
     /// The guest directory does not exist yet (a share's first copy): the host's directory
     /// name can be used as it is.
     package var firstCopy = false

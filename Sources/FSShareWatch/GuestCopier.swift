@@ -51,6 +51,9 @@ package struct GuestCopier {
     /// Entries and bytes allowed below the top directory (the watcher's per-volume limits),
     /// checked as the tree is read: copying stops at the limit, no separate walk is needed.
     var limits: WatchLimits?
+    /// Polled before every entry and chunk: a cancelled caller's copy stops there (and the
+    /// sharer rolls it back).
+    package var cancellation: CancellationFlag?
 
     package init() {}
 
@@ -157,6 +160,7 @@ package struct GuestCopier {
     func copyEntry(_ dir: DirFD, _ name: String, to guestPath: String, pipeline: inout AgentClient.Pipeline, report: inout CopyReport) throws(FSShareError) {
         let n = FilePath(name)
         let shown = dir.display(n)
+        try cancellation?.check("copying \(shown) into the guest")
         report.entriesSeen += 1
         if let limits, report.entriesSeen > limits.maxEntries {
             throw FSShareError(.limitExceeded, "more than \(limits.maxEntries) entries")
@@ -213,6 +217,7 @@ package struct GuestCopier {
             var offset: Int64 = 0
             var shrank = false
             repeat {
+                try cancellation?.check("copying \(path) into the guest")
                 let want = Int(min(Int64(buffer.count), size - offset))
                 var got = 0
                 if want > 0 {

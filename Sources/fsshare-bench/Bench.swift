@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import CFSShareBenchFloor
-import FSShare
+@_spi(Blocking) import FSShare
 import FSShareSystem
 import SystemPackage
 

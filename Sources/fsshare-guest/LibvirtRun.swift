@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import FSShare
+@_spi(Blocking) import FSShare
 import FSShareAgentChannel
 import FSShareLibvirt
 import FSShareProto

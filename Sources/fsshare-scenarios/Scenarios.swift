@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import FSShare
+@_spi(Blocking) import FSShare
 import FSShareProto
 import FSShareSystem
 import FSShareTestSupport
@@ -124,7 +124,7 @@ struct Scenarios {
             _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.file), destination: "/etc/f.txt", options: ["ro"]))
             _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.rec), destination: "/rec", options: ["rbind"]))
         }
-        let shares = (try? sharer.shares()) ?? []
+        let shares = (try? sharer.sharesSync()) ?? []
         checks.check(shares.count == 4 && shares.allSatisfy(\.mounted), "manifest lists 4 mounted shares")
         checks.check(shares.first { $0.record.destination == "/etc/f.txt" }?.record.isFile == true, "single file share recorded as file")
 
@@ -336,7 +336,7 @@ struct Scenarios {
         let follow = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(work + "/to-ro"), destination: "/follow"))
         checks.check(follow != nil, "symlinked source followed under the follow policy")
         checks.check(follow?.resolvedSource?.string == src.ro, "the share reports where the symlink led (\(follow?.resolvedSource?.string ?? "nil"))")
-        let recorded = (try? sharer.shares())?.first { $0.record.destination == "/follow" }?.record
+        let recorded = (try? sharer.sharesSync())?.first { $0.record.destination == "/follow" }?.record
         checks.check(recorded?.resolvedSource == src.ro && recorded?.source == work + "/to-ro", "the manifest records the given and the resolved source")
         let plain = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/plain"))
         checks.check(plain != nil && plain?.resolvedSource == nil, "a source without symlinks reports no resolved path")
@@ -378,7 +378,7 @@ struct Scenarios {
             FaultInjection.install([])
             checks.check(mountsUnder(root) == baseline, "share rolled back its mounts (\(fault))")
             checks.check(listTree(root + "/rb/mounts") == tree, "share rolled back its mount point (\(fault))")
-            checks.check((try? sharer.shares().isEmpty) == true, "manifest has no share after \(fault)")
+            checks.check((try? sharer.sharesSync().isEmpty) == true, "manifest has no share after \(fault)")
         }
         if let legacy = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config(.legacy)) {
             for fault in ["mount#2=EIO", "mount#4=EPERM", "mount#5=EIO"] {
@@ -443,7 +443,7 @@ struct Scenarios {
 
     /// A complete child run's result: every share recorded and, except the block rootfs, mounted.
     func expectCompleteShares(_ what: String) {
-        guard let s = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()), let shares = try? s.shares() else {
+        guard let s = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()), let shares = try? s.sharesSync() else {
             checks.check(false, "\(what): shares can be listed")
             return
         }

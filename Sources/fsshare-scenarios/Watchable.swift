@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import FSShare
+@_spi(Blocking) import FSShare
 import FSShareProto
 import FSShareSystem
 import FSShareTestSupport
@@ -42,7 +42,7 @@ extension Scenarios {
             checks.check(readFile(sharer.layout.mountsDirectory.appending(name).appending("a.conf").string) == "a\n", "\(label): the plain share is mounted as before")
             let again = try? sharer.shareFileSync(container: web, mount: m)
             checks.check(again?.guestPath == shared.guestPath && again?.volumeStorages == shared.volumeStorages, "\(label): sharing again returns the same mirror and storage")
-            let record = (try? sharer.shares())?.first { $0.record.name == name }?.record
+            let record = (try? sharer.sharesSync())?.first { $0.record.name == name }?.record
             checks.check(record?.watched == true && record?.kind == .volume, "\(label): the manifest records the volume as watched")
 
             // Over Kata's 16 entries: 7 keys are 2*7+3 = 17.

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import FSShare
+@_spi(Blocking) import FSShare
 import FSShareAgentChannel
 import FSShareProto
 import FSShareSystem
@@ -126,7 +126,7 @@ struct KataPeerTests {
         // Kata has no removal RPC: unshare says the copy stays, status shows it.
         let outcome = try sharer.unshareFileSync(container: c, mount: mount)
         #expect(outcome == .leftInGuest(guestPath: shared.guestPath))
-        #expect(try sharer.shares().first?.record.leftInGuest == true)
+        #expect(try sharer.sharesSync().first?.record.leftInGuest == true)
         #expect(snapshot(shared.guestPath) == snapshot(src))
         // Sharing it again copies it again (the guest copy may be stale).
         let again = try #require(try sharer.shareFileSync(container: c, mount: mount))

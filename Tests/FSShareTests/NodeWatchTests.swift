@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import FSShare
+@_spi(Blocking) import FSShare
 @_spi(Testing) import FSShareWatch
 import FSShareAgentChannel
 import FSShareSystem
