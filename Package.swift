@@ -18,6 +18,8 @@ let package = Package(
         // AgentError) and the syscall layer's types (SystemCallError, FileStatus, DirFD).
         .library(name: "FSShareAgentChannel", targets: ["FSShareAgentChannel"]),
         .library(name: "FSShareSystem", targets: ["FSShareSystem"]),
+        // Optional: the watcher as a swift-service-lifecycle Service (for runtimes built on it).
+        .library(name: "FSShareServiceLifecycle", targets: ["FSShareServiceLifecycle"]),
         // Optional: the libvirt integration (needs libvirt-dev to build; FSShare does not).
         .library(name: "FSShareLibvirt", targets: ["FSShareLibvirt"]),
         .executable(name: "fsshare", targets: ["fsshare"]),
@@ -33,6 +35,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
         .package(url: "https://github.com/apple/swift-metrics", exact: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
+        // Only for FSShareServiceLifecycle (the watcher as a swift-service-lifecycle Service).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", exact: "2.13.0"),
     ],
     targets: [
         // GNU-only Linux calls (statx, openat2, open_tree, move_mount, mount_setattr).
@@ -109,11 +113,23 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // VolumeWatcherService: start on run, stop on graceful shutdown or cancellation.
+        .target(
+            name: "FSShareServiceLifecycle",
+            dependencies: [
+                "FSShare",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
         // The CLI's commands as a library, so they are testable.
         .target(
             name: "FSShareCommands",
             dependencies: [
-                "FSShare", "FSShareProto", "FSShareSystem", "FSShareAgentChannel",
+                "FSShare", "FSShareProto", "FSShareSystem", "FSShareAgentChannel", "FSShareServiceLifecycle",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -207,6 +223,7 @@ let package = Package(
             dependencies: [
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
                 "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest", "fsshare-example-runtime",
+                "FSShareServiceLifecycle", .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 "FSShareTestSupport", "FSShareGuestAgent", "FSShareLibvirt",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),

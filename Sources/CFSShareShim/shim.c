@@ -271,28 +271,6 @@ const unsigned FSSHARE_RENAME_NOREPLACE = RENAME_NOREPLACE;
 const unsigned FSSHARE_RENAME_EXCHANGE = RENAME_EXCHANGE;
 const unsigned FSSHARE_VMADDR_CID_HOST = VMADDR_CID_HOST;
 
-static int fsshare_sig_pipe_w = -1;
-
-static void fsshare_on_signal(int sig) {
-    unsigned char b = (unsigned char)sig;
-    int saved = errno;
-    (void)!write(fsshare_sig_pipe_w, &b, 1);
-    errno = saved;
-}
-
-int fsshare_signal_pipe(void) {
-    int p[2];
-    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return -1;
-    fsshare_sig_pipe_w = p[1];
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = fsshare_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART;
-    if (sigaction(SIGTERM, &sa, NULL) != 0 || sigaction(SIGINT, &sa, NULL) != 0) return -1;
-    return p[0];
-}
-
 int fsshare_open_pty(char *slave_name, size_t capacity) {
     int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
     if (m < 0) return -1;

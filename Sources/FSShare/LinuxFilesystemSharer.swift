@@ -36,6 +36,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     private let handleState = Mutex<SandboxHandle?>(nil)
     /// The async API's queue: one operation of this sharer at a time on the ``BlockingPool``.
     private let gate = AsyncGate()
+    /// What ``startFileEventWatcher()`` started: this sandbox followed on ``watcher``.
+    private let follower = Mutex<SandboxFollower?>(nil)
 
     /// Creates a sharer for one sandbox. Nothing is touched on disk until an operation runs.
     ///
@@ -135,10 +137,58 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         try await offload { _ throws(FSShareError) in _ = try self.cleanupSync() }
     }
 
+    // MARK: - Watched volumes
+
+    /// Starts mirroring this sandbox's watched volumes into the guest with ``watcher`` (started
+    /// if it is not): those shared already, and those any process shares later (the manifest is
+    /// followed). Kata's `StartFileEventWatcher`; a no-op when already started.
+    ///
+    /// - Throws: `unsupported` when the sharer was made without a watcher; `notPrepared` before
+    ///   ``prepare()``; what ``VolumeWatcher/start()`` throws.
+    public func startFileEventWatcher() async throws(FSShareError) {
+        try await offload { _ throws(FSShareError) in try self.startFileEventWatcherSync() }
+    }
+
+    /// Blocking ``startFileEventWatcher()``.
+    @_spi(Blocking) public func startFileEventWatcherSync() throws(FSShareError) {
+        guard let watcher else {
+            throw FSShareError(.unsupported, "sandbox \(sandboxID)'s sharer has no VolumeWatcher: give it one (one per process serves every sandbox)")
+        }
+        if follower.withLock({ $0 != nil }) { return }
+        try watcher.start()
+        let made = SandboxFollower(watcher: watcher)
+        try made.follow(root: configuration.root, sandboxID: sandboxID, agent: agent)
+        let kept = follower.withLock { current -> Bool in
+            if current != nil { return false }
+            current = made
+            return true
+        }
+        if !kept { made.stop() }
+    }
+
+    /// Stops mirroring this sandbox's volumes (the shared watcher goes on serving other
+    /// sandboxes; the guest keeps its last copies). Kata's `StopFileEventWatcher`.
+    public func stopFileEventWatcher() async {
+        stopFollowing()
+    }
+
+    /// Ends the following and unwatches this sandbox's volumes (quick: no blocking call).
+    func stopFollowing() {
+        let f = follower.withLock { current -> SandboxFollower? in
+            let f = current
+            current = nil
+            return f
+        }
+        f?.stop()
+        guard let watcher else { return }
+        for name in watcher.watchedVolumes(in: sandboxID) { watcher.unwatch(sandboxID: sandboxID, name: name) }
+    }
+
     /// Blocking ``cleanup()``; says what it found. A directory of this name that no fsshare
     /// manifest proves to be a sandbox is refused (``FSShareError/Code/refused``) and left alone.
     @_spi(Blocking) @discardableResult
     public func cleanupSync() throws(FSShareError) -> CleanupOutcome {
+        stopFollowing()
         handleState.withLock { $0 = nil }
         return try SandboxCleaner(root: configuration.root, sandboxID: sandboxID).run()
     }
@@ -218,7 +268,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             let sandboxID = sandboxID
             undo.add {
                 try? Sys.renameat(root, sid, root, SandboxOwnership.preparingName(sandboxID), noReplace: true)
-                try? SandboxOwnership.removeInterruptedPrepare(root, sandboxID: sandboxID)
+                _ = try? SandboxOwnership.removeInterruptedPrepare(root, sandboxID: sandboxID)
             }
         }
 

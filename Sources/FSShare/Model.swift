@@ -172,4 +172,18 @@ public protocol FilesystemSharer: Sendable {
     func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile
     /// Undoes ``shareRootFilesystem(container:)``; twice is not an error.
     func unshareRootFilesystem(container: Container) async throws(FSShareError)
+    /// Starts keeping the sandbox's watched volumes (configmaps, secrets, projected and
+    /// downward-API volumes) in sync in the guest, including those shared later by other
+    /// processes (Kata's `StartFileEventWatcher`). Starting twice is a no-op.
+    func startFileEventWatcher() async throws(FSShareError)
+    /// Stops what ``startFileEventWatcher()`` started (Kata's `StopFileEventWatcher`); the guest
+    /// keeps its last copies. Safe to call at any time, repeatedly.
+    func stopFileEventWatcher() async
+}
+
+extension FilesystemSharer {
+    /// A sharer without watched volumes has nothing to start.
+    public func startFileEventWatcher() async throws(FSShareError) {}
+    /// A sharer without watched volumes has nothing to stop.
+    public func stopFileEventWatcher() async {}
 }

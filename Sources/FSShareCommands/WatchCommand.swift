@@ -5,10 +5,13 @@ import ArgumentParser
 import CoreMetrics
 import FSShare
 import FSShareAgentChannel
+import FSShareServiceLifecycle
 import FSShareSystem
 import Logging
 import Prometheus
+import ServiceLifecycle
 import SystemPackage
+import UnixSignals
 
 struct Watch: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -51,7 +54,6 @@ struct Watch: AsyncParsableCommand {
                 throw ValidationError(error.message)
             }
         }
-        let signals = try Sys.terminationSignals()
         let json = common.json
         var handler = WatchLogHandler(json: json)
         handler.logLevel = Logger.Level(rawValue: logLevel) ?? .info
@@ -70,19 +72,15 @@ struct Watch: AsyncParsableCommand {
         try textfile?.start()
         defer { textfile?.stop() }
         let watcher = VolumeWatcher(limits: WatchLimits(maxEntries: maxEntries, maxBytes: maxBytes), agentCallTimeout: .seconds(agentTimeout), logger: logger)
-        try watcher.start()
-        defer { watcher.stop() }
-        let follower = SandboxFollower(watcher: watcher)
-        defer { follower.stop() }
-        if sandbox.isEmpty {
-            try follower.followRoot(FilePath(common.root))
-        } else {
-            for id in sandbox { try follower.follow(root: FilePath(common.root), sandboxID: id, agent: client) }
-        }
-        // Block until a termination signal; the watcher's own threads do the work.
-        _ = try Sys.pollIn(signals, timeoutMilliseconds: -1, path: "signals")
-        // Syncs in flight finish first, so the closing line and the final metrics count them.
-        watcher.stop()
+        // The watcher runs as a swift-service-lifecycle service: SIGTERM/SIGINT shut it down
+        // gracefully (a sync in flight finishes), so the closing line and the final metrics
+        // count everything.
+        let service = VolumeWatcherService(
+            watcher: watcher,
+            following: sandbox.isEmpty ? .root(FilePath(common.root)) : .sandboxes(root: FilePath(common.root), ids: sandbox, agent: client))
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(
+            services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
         let stats = watcher.statistics
         logger.info("stopping after \(stats.syncs) syncs (\(stats.failedSyncs) failed, \(stats.overflows) overflows)")
     }

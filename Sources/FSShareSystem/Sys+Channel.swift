@@ -272,14 +272,6 @@ extension Sys {
         return kib < 0 ? nil : kib * 1024
     }
 
-    /// Routes SIGTERM and SIGINT to a pipe and returns its read end: a long-running command
-    /// polls it to shut down cleanly instead of dying mid-sync.
-    public static func terminationSignals() throws(SystemCallError) -> FileDescriptor {
-        let fd = fsshare_signal_pipe()
-        if fd < 0 { throw fail("sigaction", nil) }
-        return FileDescriptor(rawValue: fd)
-    }
-
     /// `CLOCK_MONOTONIC` in nanoseconds.
     public static func monotonicNanoseconds() -> UInt64 { fsshare_monotonic_ns() }
 

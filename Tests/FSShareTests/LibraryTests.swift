@@ -4,7 +4,10 @@ import Glibc
 @_spi(Blocking) import FSShare
 import FSShareAgentChannel
 import FSShareSystem
+import Logging
+import FSShareServiceLifecycle
 import FSShareTestSupport
+import ServiceLifecycle
 import SystemPackage
 import Testing
 
@@ -84,5 +87,89 @@ struct LibraryTests {
         }
         #expect(try await sharer.shares().isEmpty)
         try await sharer.cleanup()
+    }
+
+    /// inotify instances this process holds.
+    static func inotifyInstances() -> Int {
+        ((try? Sys.listDirectory(nil, "/proc/self/fd")) ?? []).filter {
+            (try? Sys.readlinkat(nil, FilePath("/proc/self/fd/" + $0.name))) == "anon_inode:inotify"
+        }.count
+    }
+
+    @Test("the watcher's stop and deinit are safe in any order; dropping a started watcher stops it")
+    func watcherLifecycle() throws {
+        let before = Self.inotifyInstances()
+        do {
+            let started = VolumeWatcher()
+            try started.start()
+            try started.start()
+            #expect(Self.inotifyInstances() == before + 1)
+            _ = started
+        }
+        // Its threads held only its machinery: the last reference going stopped it.
+        #expect(Self.inotifyInstances() == before, "a dropped started watcher kept its inotify instance")
+        do {
+            let w = VolumeWatcher()
+            try w.start()
+            w.stop()
+            w.stop()
+            #expect(Self.inotifyInstances() == before)
+            try w.start()
+            #expect(w.statistics.inotifyInstances == 1, "restarted after stop")
+        }
+        #expect(Self.inotifyInstances() == before)
+        _ = VolumeWatcher()
+        #expect(Self.inotifyInstances() == before)
+    }
+
+    @Test("startFileEventWatcher follows the sandbox (shares made later by anyone); stopFileEventWatcher ends it")
+    func sharerFileEventWatcher() async throws {
+        let base = TestEnvironment.scratch("file-event-watcher")
+        defer { _ = Sys.run(["rm", "-rf", base]) }
+        let agent = try AgentUnderTest(base + "/agent")
+        let config = SharerConfiguration(root: FilePath(base + "/root"), sharedFilesystem: .none, guestSharedDir: agent.shareDir + "/")
+        let watcher = VolumeWatcher()
+        let runtime = try LinuxFilesystemSharer(sandboxID: "pod", configuration: config, agent: agent.client(), watcher: watcher)
+        try await runtime.prepare()
+        // Another process's share (the CLI): made without the watcher, so only following finds it.
+        let kubelet = KubeletEmulator(root: base + "/kubelet", plugin: "configmap", name: "cfg")
+        kubelet.write(["key": "v0"])
+        let other = try LinuxFilesystemSharer(sandboxID: "pod", configuration: config, agent: agent.client())
+        let c = Container(id: "c", rootfs: .guestPull(image: "registry.example/app:1"))
+        let shared = try #require(try await other.shareFile(container: c, mount: Mount(source: FilePath(kubelet.volume), destination: "/etc/cfg")))
+        let guestKey = shared.guestPath + "/key"
+        #expect(readFile(guestKey) == "v0")
+
+        try await runtime.startFileEventWatcher()
+        try await runtime.startFileEventWatcher()
+        #expect(NodeWatchTests.waitUntil(10) { watcher.watchedVolumes(in: "pod").count == 1 }, "the share made elsewhere is watched")
+        kubelet.write(["key": "v1"])
+        #expect(NodeWatchTests.waitUntil(20) { readFile(guestKey) == "v1" }, "the update reached the guest")
+
+        await runtime.stopFileEventWatcher()
+        #expect(watcher.watchedVolumes(in: "pod").isEmpty)
+        kubelet.write(["key": "v2"])
+        usleep(500_000)
+        #expect(readFile(guestKey) == "v1", "an update after stopFileEventWatcher still reached the guest")
+        await runtime.stopFileEventWatcher()
+
+        // A sharer made without a watcher says why it cannot.
+        await #expect(throws: FSShareError.self) { try await other.startFileEventWatcher() }
+        try await runtime.cleanup()
+    }
+
+    @Test("VolumeWatcherService runs in a ServiceGroup: follows on run, stops on graceful shutdown")
+    func watcherService() async throws {
+        let base = TestEnvironment.scratch("watcher-service")
+        defer { _ = Sys.run(["rm", "-rf", base]) }
+        _ = Sys.run(["mkdir", "-p", base + "/root"])
+        let watcher = VolumeWatcher()
+        let service = VolumeWatcherService(watcher: watcher, following: .root(FilePath(base + "/root")))
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [.init(service: service)], logger: Logger(label: "test")))
+        let running = Task { try await group.run() }
+        #expect(NodeWatchTests.waitUntil(10) { watcher.statistics.inotifyInstances == 1 }, "the service did not start the watcher")
+        await group.triggerGracefulShutdown()
+        try await running.value
+        #expect(watcher.statistics.inotifyInstances == 0, "graceful shutdown left the watcher running")
     }
 }

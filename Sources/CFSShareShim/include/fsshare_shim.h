@@ -109,8 +109,6 @@ int fsshare_thread_start(void (*fn)(void *), void *ctx, uint64_t *handle);
 int fsshare_thread_join(uint64_t handle);
 /// The peak resident set size of this process in KiB (VmHWM), or -1.
 long fsshare_peak_rss_kib(void);
-/// Routes SIGTERM and SIGINT to a pipe (self-pipe trick); returns its read end or -1 with errno.
-int fsshare_signal_pipe(void);
 /// Opens a pseudo-terminal master and writes its slave's path. Master fd or -1 with errno.
 int fsshare_open_pty(char *slave_name, size_t capacity);
 /// CLOCK_MONOTONIC in nanoseconds.
