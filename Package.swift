@@ -35,6 +35,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
         .package(url: "https://github.com/apple/swift-metrics", exact: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
+        // Trace spans (the API only: the library never bootstraps a tracer or an exporter).
+        .package(url: "https://github.com/apple/swift-distributed-tracing", exact: "1.7.3"),
         // Only for FSShareServiceLifecycle (the watcher as a swift-service-lifecycle Service).
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", exact: "2.13.0"),
     ],
@@ -85,6 +87,7 @@ let package = Package(
             dependencies: [
                 "FSShareSystem", "FSShareAgentChannel",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strict
         ),
@@ -95,6 +98,7 @@ let package = Package(
             dependencies: [
                 "FSShareCore", "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -106,6 +110,7 @@ let package = Package(
             name: "FSShare",
             dependencies: [
                 "FSShareCore", "FSShareWatch", "FSShareSystem", "FSShareProto", "FSShareAgentChannel",
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "Logging", package: "swift-log"),
@@ -209,6 +214,7 @@ let package = Package(
             name: "fsshare-bench",
             dependencies: [
                 "FSShare", "FSShareSystem", "FSShareAgentChannel", "CFSShareBenchFloor", "FSShareTestSupport",
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -224,6 +230,8 @@ let package = Package(
                 "FSShare", "FSShareSystem", "FSShareProto", "FSShareCommands", "CProtobufCCheck",
                 "fsshare-scenarios", "fsshare", "fsshare-agent", "FSShareAgentChannel", "fsshare-guest", "fsshare-example-runtime",
                 "FSShareServiceLifecycle", .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 "FSShareTestSupport", "FSShareGuestAgent", "FSShareLibvirt",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),

@@ -29,7 +29,7 @@ extension LinuxFilesystemSharer {
                 throw FSShareError(.conflict, "\(record.destination) of container \(record.containerID) is already shared from \(existing.source); unshare it first")
             }
             if existing.copied && !existing.leftInGuest {
-                if existing.watched { try? watcher?.watch(sandboxID: sandboxID, name: existing.name, volume: FilePath(existing.source), guestPath: guestPath, agent: agent) }
+                if existing.watched { registerWatched(name: existing.name, volume: FilePath(existing.source), guestPath: guestPath, agent: agent, state: nil) }
                 return SharedFile(guestPath: guestPath)
             }
         }
@@ -61,8 +61,8 @@ extension LinuxFilesystemSharer {
         }
         record.copied = true
         try h.manifest.recordShare(record)
-        if record.watched, let watcher {
-            try watcher.watch(sandboxID: sandboxID, name: record.name, volume: FilePath(record.source), guestPath: guestPath, agent: agent, state: mirrored)
+        if record.watched {
+            registerWatched(name: record.name, volume: FilePath(record.source), guestPath: guestPath, agent: agent, state: mirrored)
         }
         return SharedFile(guestPath: guestPath, copyReport: report, resolvedSource: record.resolvedSource.map { FilePath($0) })
     }

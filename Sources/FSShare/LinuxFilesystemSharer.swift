@@ -4,6 +4,8 @@ import Glibc
 import FSShareAgentChannel
 import FSShareSystem
 import Synchronization
+import Logging
+import Tracing
 import SystemPackage
 
 /// The Linux ``FilesystemSharer``: Kata's Go layout and semantics, made crash-safe, idempotent
@@ -83,21 +85,39 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// threads; the calling task is suspended, never blocked.
     @discardableResult
     public func prepare() async throws(FSShareError) -> [Storage] {
-        try await offload { _ throws(FSShareError) in try self.prepareSync() }
+        try await offload("Prepare") { _ throws(FSShareError) in try self.prepareSync() }
         return sandboxStorages
     }
 
     /// Runs a blocking body on the ``BlockingPool``, one per sharer at a time (``AsyncGate``),
     /// after checking for cancellation. Cancellation while the body runs is passed on through
     /// `cancelled` (copy mode checks it between chunks and rolls its copy back).
-    func offload<T: Sendable>(_ body: @escaping @Sendable (CancellationFlag) throws(FSShareError) -> T) async throws(FSShareError) -> T {
+    ///
+    /// Each operation is one trace span named as Kata names it (`ShareFile`, ...), a child of
+    /// the calling task's `ServiceContext`, tagged like Kata's (see `Spans`), with the sandbox
+    /// id and `attributes` (built only when a tracer records).
+    func offload<T: Sendable>(
+        _ span: String, attributes: @escaping @Sendable () -> [(String, String)] = { [] },
+        _ body: @escaping @Sendable (CancellationFlag) throws(FSShareError) -> T
+    ) async throws(FSShareError) -> T {
         await gate.enter()
         defer { gate.leave() }
-        if Task.isCancelled { throw FSShareError(.cancelled, "cancelled before it started; nothing was changed") }
+        // The task-local context does not cross to the pool thread: take it here.
+        let context = ServiceContext.current ?? .topLevel
+        let sandbox = sandboxID
+        if Task.isCancelled {
+            let error = FSShareError(.cancelled, "cancelled before it started; nothing was changed")
+            let refused = Spans.start(span, context: context, attributes: [("sandbox", sandbox)] + attributes())
+            Spans.fail(refused, error)
+            refused.end()
+            throw error
+        }
         let flag = CancellationFlag()
         let result: Result<T, FSShareError> = await withTaskCancellationHandler {
             do throws(FSShareError) {
-                return .success(try await BlockingPool.shared.run { () throws(FSShareError) -> T in try body(flag) })
+                return .success(try await BlockingPool.shared.run { () throws(FSShareError) -> T in
+                    try Spans.run(span, context: context, attributes: [("sandbox", sandbox)] + attributes()) { () throws(FSShareError) -> T in try body(flag) }
+                })
             } catch {
                 return .failure(error)
             }
@@ -134,7 +154,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Removes the sandbox (see ``FilesystemSharer/cleanup()``) on the library's threads.
     public func cleanup() async throws(FSShareError) {
-        try await offload { _ throws(FSShareError) in _ = try self.cleanupSync() }
+        try await offload("Cleanup") { _ throws(FSShareError) in _ = try self.cleanupSync() }
     }
 
     // MARK: - Watched volumes
@@ -146,7 +166,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// - Throws: `unsupported` when the sharer was made without a watcher; `notPrepared` before
     ///   ``prepare()``; what ``VolumeWatcher/start()`` throws.
     public func startFileEventWatcher() async throws(FSShareError) {
-        try await offload { _ throws(FSShareError) in try self.startFileEventWatcherSync() }
+        try await offload("StartFileEventWatcher") { _ throws(FSShareError) in try self.startFileEventWatcherSync() }
     }
 
     /// Blocking ``startFileEventWatcher()``.
@@ -170,6 +190,24 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// sandboxes; the guest keeps its last copies). Kata's `StopFileEventWatcher`.
     public func stopFileEventWatcher() async {
         stopFollowing()
+    }
+
+    /// Hands a watched volume just shared to ``watcher``, if there is one and it runs. Not
+    /// running: ``startFileEventWatcher()`` (or `fsshare watch`) finds it in the manifest later
+    /// and starts with a full sync. Any other refusal (the inotify watch limit) is logged and
+    /// shown in the watcher's statistics; the share itself stands (it is complete and recorded).
+    func registerWatched(
+        name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?,
+        watchable: Bool = false, firstSync: Bool = true
+    ) {
+        guard let watcher else { return }
+        do {
+            try watcher.watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: state, watchable: watchable, firstSync: firstSync)
+        } catch {
+            if error.code == .notPrepared { return }
+            watcher.log("\(volume) is shared but not mirrored: \(error.message)", level: .warning, sandbox: sandboxID, volume: volume)
+            watcher.noteNotWatched(sandboxID: sandboxID, name: name, reason: error.message)
+        }
     }
 
     /// Ends the following and unwatches this sandbox's volumes (quick: no blocking call).
@@ -397,7 +435,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// the library's threads. Cancelled during a copy-mode copy, the partial guest copy and its
     /// record are removed and `cancelled` is thrown.
     public func shareFile(container: Container, mount: Mount) async throws(FSShareError) -> SharedFile? {
-        try await offload { (flag) throws(FSShareError) in try self.shareFileSync(container: container, mount: mount, cancellation: flag) }
+        try await offload("ShareFile", attributes: { [("container", container.id), ("mount.source", mount.source.string), ("mount.destination", mount.destination.string)] }) { (flag) throws(FSShareError) in
+            try self.shareFileSync(container: container, mount: mount, cancellation: flag)
+        }
     }
 
     /// Blocking ``shareFile(container:mount:)``.
@@ -434,11 +474,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // Kata's runtime rewrites the container's mount source to the mirror.
                 let mirror = layout.watchableGuestPath(name)
                 let storage = WatchableVolumes.storage(shareGuestPath: layout.guestPath(name), mirrorGuestPath: mirror, options: mount.options)
-                if let watcher, let agent {
+                if let agent {
                     // The agent makes the first copy when it gets the storage: no first sync.
-                    try watcher.watch(
-                        sandboxID: sandboxID, name: name, volume: FilePath(made.source), guestPath: mirror, agent: agent, state: nil,
-                        watchable: true, firstSync: false)
+                    registerWatched(name: name, volume: FilePath(made.source), guestPath: mirror, agent: agent, state: nil, watchable: true, firstSync: false)
                 }
                 return SharedFile(guestPath: mirror, volumeStorages: [storage], resolvedSource: resolved)
         }
@@ -470,7 +508,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Undoes ``shareFile(container:mount:)`` on the library's threads.
     public func unshareFile(container: Container, mount: Mount) async throws(FSShareError) {
-        try await offload { _ throws(FSShareError) in _ = try self.unshareFileSync(container: container, mount: mount) }
+        try await offload("UnshareFile", attributes: { [("container", container.id), ("mount.destination", mount.destination.string)] }) { _ throws(FSShareError) in
+            _ = try self.unshareFileSync(container: container, mount: mount)
+        }
     }
 
     /// Blocking ``unshareFile(container:mount:)``; says what became of the share.
@@ -488,7 +528,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// - Returns: what became of it (a copy Kata's agent cannot remove stays in the guest).
     @discardableResult
     public func unshare(name: String) async throws(FSShareError) -> UnshareOutcome {
-        try await offload { _ throws(FSShareError) in try self.unshareSync(name: name) }
+        try await offload("UnshareFile", attributes: { [("share.name", name)] }) { _ throws(FSShareError) in try self.unshareSync(name: name) }
     }
 
     /// Blocking ``unshare(name:)``.
@@ -513,7 +553,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// The shares the manifest records, with whether each is mounted right now (read on the
     /// library's threads).
     public func shares() async throws(FSShareError) -> [ShareState] {
-        try await offload { _ throws(FSShareError) in try self.sharesSync() }
+        try await offload("Shares") { _ throws(FSShareError) in try self.sharesSync() }
     }
 
     /// Blocking ``shares()``.
@@ -532,7 +572,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Shares a container's root filesystem (see
     /// ``FilesystemSharer/shareRootFilesystem(container:)``) on the library's threads.
     public func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile {
-        try await offload { _ throws(FSShareError) in try self.shareRootFilesystemSync(container: container) }
+        try await offload("ShareRootFilesystem", attributes: { [("container", container.id)] }) { _ throws(FSShareError) in
+            try self.shareRootFilesystemSync(container: container)
+        }
     }
 
     /// Blocking ``shareRootFilesystem(container:)``.
@@ -584,7 +626,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Undoes ``shareRootFilesystem(container:)`` on the library's threads.
     public func unshareRootFilesystem(container: Container) async throws(FSShareError) {
-        try await offload { _ throws(FSShareError) in try self.unshareRootFilesystemSync(container: container) }
+        try await offload("UnshareRootFilesystem", attributes: { [("container", container.id)] }) { _ throws(FSShareError) in
+            try self.unshareRootFilesystemSync(container: container)
+        }
     }
 
     /// Blocking ``unshareRootFilesystem(container:)``.

@@ -8,6 +8,7 @@ import FSShareSystem
 import Logging
 import Synchronization
 import SystemPackage
+import Tracing
 
 /// The watcher's machinery: the inotify instance, its reader thread, the per-sandbox sync
 /// workers and their state. Its threads hold the engine, never the public ``VolumeWatcher``,
@@ -512,6 +513,11 @@ final class WatcherEngine: Sendable {
     @discardableResult
     private func sync(_ key: String, _ v: Volume) -> Bool {
         let start = Sys.monotonicNanoseconds()
+        // One span per sync, a root of its own (the event, not a caller, started it).
+        let span = Spans.start("SyncVolume", context: .topLevel, attributes: [
+            ("sandbox", v.sandboxID), ("volume", v.hostPath.string), ("guest_path", v.guestPath), ("watchable", v.watchable ? "true" : "false"),
+        ])
+        defer { span.end() }
         var state = v.state
         var report = CopyReport()
         do throws(FSShareError) {
@@ -567,6 +573,10 @@ final class WatcherEngine: Sendable {
             case .unchanged:
                 metrics.unchanged.increment()
             case .synced(let ts, let entries, let bytes):
+                if span.isRecording {
+                    span.attributes["entries"] = entries
+                    span.attributes["bytes"] = Int(bytes)
+                }
                 metrics.synced.increment()
                 metrics.bytes.increment(by: Int64(bytes))
                 log("synced \(v.hostPath) -> \(v.guestPath) (\(ts), \(entries) entries, \(bytes) bytes) in \(micros) µs", sandbox: v.sandboxID, volume: v.hostPath)
@@ -578,6 +588,7 @@ final class WatcherEngine: Sendable {
                 log("\(v.hostPath): ..data names a directory that is gone (the volume is being removed); nothing mirrored", level: .notice, sandbox: v.sandboxID, volume: v.hostPath)
             }
         } catch {
+            Spans.fail(span, error)
             // The mirror marked its picture of the guest uncertain if an agent step failed:
             // keep that, so the next sync does not trust what may not have happened.
             core.withLock { c in

@@ -35,14 +35,15 @@ struct Bench {
         }
     }
 
-    static func main() {
-        let usage = "usage: fsshare-bench mounts|watch|scale WORKDIR [N]"
+    static func main() async {
+        let usage = "usage: fsshare-bench mounts|api|watch|scale WORKDIR [N]"
         let args = CommandLine.arguments
         guard args.count >= 3 else { fail(usage) }
         let work = args[2]
         let n = args.count > 3 ? Int(args[3]) : nil
         switch args[1] {
         case "mounts": mounts(work: work, iterations: n ?? 2000)
+        case "api": await APIBench.run(work: work, iterations: n ?? 2000)
         case "watch":
             // FSSHARE_BENCH_VOLUMES=1,100 picks the cells (for profiling).
             let counts = getenv("FSSHARE_BENCH_VOLUMES").map { String(cString: $0).split(separator: ",").compactMap { Int($0) } }

@@ -7,9 +7,11 @@ import FSShareSystem
 import Logging
 import FSShareServiceLifecycle
 import FSShareTestSupport
+import InMemoryTracing
 import ServiceLifecycle
 import SystemPackage
 import Testing
+import Tracing
 
 /// The library as a runtime links it: the async API on the library's own threads, cancellation,
 /// and the example runtime (Sources/fsshare-example-runtime) with its heartbeat.
@@ -171,5 +173,60 @@ struct LibraryTests {
         await group.triggerGracefulShutdown()
         try await running.value
         #expect(watcher.statistics.inotifyInstances == 0, "graceful shutdown left the watcher running")
+    }
+
+    /// The process's tracer for the tests: bootstrapped once (a process-wide setting), in memory.
+    static let tracer: InMemoryTracer = {
+        let t = InMemoryTracer()
+        InstrumentationSystem.bootstrap(t)
+        return t
+    }()
+
+    @Test("every operation and every sync is a span tagged like Kata's, a child of the caller's span; failures are marked")
+    func spans() async throws {
+        let tracer = Self.tracer
+        let base = TestEnvironment.scratch("spans")
+        defer { _ = Sys.run(["rm", "-rf", base]) }
+        let agent = try AgentUnderTest(base + "/agent")
+        let watcher = VolumeWatcher()
+        let sharer = try LinuxFilesystemSharer(
+            sandboxID: "traced",
+            configuration: SharerConfiguration(root: FilePath(base + "/root"), sharedFilesystem: .none, guestSharedDir: agent.shareDir + "/"),
+            agent: agent.client(), watcher: watcher)
+        let kubelet = KubeletEmulator(root: base + "/kubelet", plugin: "configmap", name: "cfg")
+        kubelet.write(["key": "v0"])
+        let c = Container(id: "c", rootfs: .guestPull(image: "registry.example/app:1"))
+        let volume = Mount(source: FilePath(kubelet.volume), destination: "/etc/cfg")
+        let missing = Mount(source: FilePath(base + "/no-such-dir"), destination: "/data")
+        let traceID = try await withSpan("runtime.CreateContainer") { span async throws -> String in
+            try await sharer.prepare()
+            _ = try await sharer.shareRootFilesystem(container: c)
+            let shared = try #require(try await sharer.shareFile(container: c, mount: volume))
+            await #expect(throws: FSShareError.self) { _ = try await sharer.shareFile(container: c, mount: missing) }
+            try await sharer.startFileEventWatcher()
+            kubelet.write(["key": "v1"])
+            #expect(NodeWatchTests.waitUntil(20) { readFile(shared.guestPath + "/key") == "v1" })
+            try await sharer.unshareFile(container: c, mount: volume)
+            try await sharer.cleanup()
+            return span.context.inMemorySpanContext?.traceID ?? ""
+        }
+        let finished = tracer.finishedSpans
+        let mine = finished.filter { $0.traceID == traceID }
+        let parent = try #require(mine.first { $0.operationName == "runtime.CreateContainer" })
+        let ops = mine.filter { $0.parentSpanID == parent.spanID }
+        #expect(ops.map(\.operationName) == ["Prepare", "ShareRootFilesystem", "ShareFile", "ShareFile", "StartFileEventWatcher", "UnshareFile", "Cleanup"])
+        for span in ops {
+            #expect(span.attributes["source"]?.toSpanAttribute() == "runtime".toSpanAttribute(), "\(span.operationName): source")
+            #expect(span.attributes["subsystem"]?.toSpanAttribute() == "fs_share".toSpanAttribute(), "\(span.operationName): subsystem")
+            #expect(span.attributes["package"]?.toSpanAttribute() == "fsshare".toSpanAttribute(), "\(span.operationName): package")
+            #expect(span.attributes["sandbox"]?.toSpanAttribute() == "traced".toSpanAttribute(), "\(span.operationName): sandbox")
+        }
+        let failed = ops.filter { $0.status?.code == .error }
+        #expect(failed.count == 1 && failed.first?.attributes["mount.destination"]?.toSpanAttribute() == "/data".toSpanAttribute(),
+                "exactly the share of the missing source is marked failed: \(failed.map(\.operationName))")
+        // The watcher's syncs are spans too: roots of their own (an event started them).
+        let syncs = finished.filter { $0.operationName == "SyncVolume" && $0.attributes["sandbox"]?.toSpanAttribute() == "traced".toSpanAttribute() }
+        #expect(!syncs.isEmpty, "no SyncVolume span")
+        #expect(syncs.allSatisfy { $0.parentSpanID == nil && $0.attributes["subsystem"]?.toSpanAttribute() == "fs_share".toSpanAttribute() })
     }
 }
