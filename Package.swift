@@ -37,6 +37,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
         // Trace spans (the API only: the library never bootstraps a tracer or an exporter).
         .package(url: "https://github.com/apple/swift-distributed-tracing", exact: "1.7.3"),
+        // `swift package generate-documentation` (hack/docs): the DocC catalogs in Sources/*/*.docc.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", exact: "1.5.0"),
         // Only for FSShareServiceLifecycle (the watcher as a swift-service-lifecycle Service).
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", exact: "2.13.0"),
     ],

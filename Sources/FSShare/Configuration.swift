@@ -95,14 +95,19 @@ public struct SharerConfiguration: Sendable, Equatable {
 
     /// The host directory holding one subdirectory per sandbox.
     public var root: FilePath
+    /// How the sandbox reaches the guest: virtio-fs, 9p, or none (copy mode through the agent).
     public var sharedFilesystem: SharedFilesystem
+    /// The driver block-device rootfs are attached with; it decides the `Storage` driver and source form.
     public var blockDeviceDriver: BlockDeviceDriver
     /// Where the guest mounts the shared filesystem.
     public var guestSharedDir: String
+    /// The virtio-fs / 9p tag the guest mounts the export by.
     public var mountTag: String
     /// Size of the sandbox `/dev/shm` in bytes; 0 emits no shm storage.
     public var shmSize: UInt64
+    /// How read-only shares are made read-only (detached mount API, or Kata's legacy bind + remount).
     public var mountMethod: MountMethod
+    /// Whether a share source reached through symbolic links is followed (and reported) or refused.
     public var sourceSymlinks: SourceSymlinkPolicy
     /// The Kata runtime whose layout and guest paths the sandbox follows.
     public var layoutStyle: SandboxLayoutStyle
@@ -111,6 +116,18 @@ public struct SharerConfiguration: Sendable, Equatable {
     /// ``WatchableVolumes``); nil shares them plainly. Default: Kata's agent's limits.
     public var watchableLimits: WatchLimits? = WatchableVolumes.kataLimits
 
+    /// A configuration; every parameter defaults to Kata's Go runtime's behaviour.
+    ///
+    /// - Parameters:
+    ///   - root: the host directory holding one subdirectory per sandbox.
+    ///   - sharedFilesystem: virtio-fs, 9p or none (copy mode).
+    ///   - blockDeviceDriver: how block-device rootfs are attached.
+    ///   - guestSharedDir: where the guest mounts the shared filesystem (Kata's trailing slash kept).
+    ///   - mountTag: the virtio-fs / 9p tag.
+    ///   - shmSize: bytes of the sandbox's `/dev/shm`; 0 emits no shm storage.
+    ///   - mountMethod: how read-only shares are made.
+    ///   - sourceSymlinks: what to do with share sources reached through symbolic links.
+    ///   - layoutStyle: Kata's Go layout or runtime-rs's.
     public init(
         root: FilePath = SharerConfiguration.defaultRoot,
         sharedFilesystem: SharedFilesystem = .virtioFS(),

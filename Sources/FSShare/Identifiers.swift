@@ -7,7 +7,12 @@ public enum Identifier {
     /// The longest id accepted.
     public static let maximumLength = 128
 
-    /// Throws ``FSShareError/Code/invalidArgument`` unless `id` is a valid id.
+    /// Throws `FSShareError/Code/invalidArgument` unless `id` is a valid id.
+    ///
+    /// - Parameters:
+    ///   - id: the id to check.
+    ///   - what: what it names (`sandbox`, `container`), for the message.
+    /// - Throws: `invalidArgument`, saying what is wrong with it.
     public static func validate(_ id: String, what: String) throws(FSShareError) {
         if let problem = problem(id) {
             throw FSShareError(.invalidArgument, "invalid \(what) id \"\(id.prefix(200))\": \(problem)")
@@ -15,6 +20,9 @@ public enum Identifier {
     }
 
     /// Why `id` is not valid, or nil if it is.
+    ///
+    /// - Parameter id: the id to check.
+    /// - Returns: a sentence fragment (`it contains "/"`), or nil for a valid id.
     public static func problem(_ id: String) -> String? {
         let bytes = Array(id.utf8)
         if bytes.isEmpty { return "it is empty" }

@@ -7,15 +7,20 @@ import SystemPackage
 /// What is under a sandbox root: the sandboxes, their recorded shares, leaked mounts, and
 /// everything else (foreign entries), which fsshare reports and never touches.
 public struct Inventory: Sendable {
+    /// A share a sandbox's manifest records.
     public struct Share: Sendable, Equatable {
+        /// What the manifest records.
         public var record: ShareRecord
         /// Whether the share's mount point is a mount right now.
         public var mounted: Bool
     }
+    /// A directory under the root that a manifest proves to be an fsshare sandbox.
     public struct Sandbox: Sendable, Equatable {
+        /// The sandbox id (its directory's name).
         public var id: String
         /// The sandbox is prepared: its export is mounted, or it is a copy-mode sandbox.
         public var prepared: Bool
+        /// Its recorded shares, in the order they were made.
         public var shares: [Share]
         /// What its manifest records (layout, shared filesystem, copy-mode agent).
         public var recorded: RecordedSandbox?
@@ -24,6 +29,7 @@ public struct Inventory: Sendable {
     }
     /// An entry under the root that is not an fsshare sandbox (no manifest proves it is).
     public struct Foreign: Sendable, Equatable {
+        /// The entry's name under the root.
         public var name: String
         /// Why it is not a sandbox.
         public var reason: String
@@ -31,7 +37,9 @@ public struct Inventory: Sendable {
         /// (`.<sid>.fsshare-prepare`, empty or holding only the manifest): `cleanup` removes it.
         public var interruptedPrepare: Bool
     }
+    /// The sandbox root that was read.
     public var root: FilePath
+    /// The sandboxes under it, by id.
     public var sandboxes: [Sandbox]
     /// Entries under the root that are not fsshare sandboxes; left alone by `cleanup --all`.
     public var foreign: [Foreign]
@@ -42,6 +50,10 @@ public struct Inventory: Sendable {
     public var foreignMounts: [FilePath]
 
     /// Reads the inventory of `root`. Reads `/proc/self/mountinfo` once.
+    ///
+    /// - Parameter root: the sandbox root (a missing root reads as empty).
+    /// - Returns: the sandboxes, foreign entries, leaked and foreign mounts under it.
+    /// - Throws: `unsupported` when the kernel cannot tell mount points apart; `systemCall` when the root or the mount table cannot be read.
     public static func read(root: FilePath) throws(FSShareError) -> Inventory {
         try SandboxOwnership.requireMountPointTest()
         var result = Inventory(root: root, sandboxes: [], foreign: [], leakedMounts: [], foreignMounts: [])
@@ -126,6 +138,10 @@ public struct Inventory: Sendable {
     }
 
     /// Mount points strictly below `root`, from `/proc/self/mountinfo` (octal escapes decoded).
+    ///
+    /// - Parameter root: the directory below which to look.
+    /// - Returns: the mount points, in mount-table order.
+    /// - Throws: `systemCall` when the mount table cannot be read.
     public static func mountPoints(under root: FilePath) throws(FSShareError) -> [FilePath] {
         let table = try sys("cannot read /proc/self/mountinfo") { () throws(SystemCallError) in try Sys.mountTable() }
         let prefix = root.string.hasSuffix("/") ? root.string : root.string + "/"
@@ -148,6 +164,10 @@ public struct Inventory: Sendable {
     /// manifest does not know included) and removes the empty directories of interrupted
     /// prepares. Anything else under the root, and any mount outside a sandbox, is reported
     /// and left alone: it may be an operator's data or another runtime's sandbox.
+    ///
+    /// - Parameter root: the sandbox root.
+    /// - Returns: what was cleaned, removed and left alone.
+    /// - Throws: `incompleteCleanup` listing every sandbox that could not be cleaned (the others are); what read(root:) throws.
     @discardableResult
     public static func cleanupAll(root: FilePath) throws(FSShareError) -> CleanupReport {
         let before = try read(root: root)

@@ -24,8 +24,11 @@ import SystemPackage
 /// One instance serves one sandbox and may be used from many tasks at once; operations on the
 /// same sandbox from other processes (the `fsshare` CLI) are serialised with `flock`.
 public final class LinuxFilesystemSharer: FilesystemSharer {
+    /// The sandbox this sharer serves (a valid id: no `/`, not `.` or `..`).
     public let sandboxID: String
+    /// The host and hypervisor settings it was made with.
     public let configuration: SharerConfiguration
+    /// The sandbox's host and guest paths.
     public let layout: SandboxLayout
     /// Copy mode (`sharedFilesystem == .none`): the channel to the guest agent.
     public let agent: AgentClient?
@@ -45,6 +48,13 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     ///
     /// In copy mode (`configuration.sharedFilesystem == .none`) volumes are copied through
     /// `agent`; with a `watcher`, kubelet atomic-writer volumes are then kept in sync with it.
+    ///
+    /// - Parameters:
+    ///   - sandboxID: the sandbox (a valid id; see `Identifier`).
+    ///   - configuration: the host and hypervisor settings.
+    ///   - agent: the guest agent's channel: needed for copy mode, and for pushing watched volumes.
+    ///   - watcher: the process's volume watcher, for watched volumes (one serves every sandbox).
+    /// - Throws: `invalidArgument` for a bad sandbox id or a relative root.
     public init(
         sandboxID: String, configuration: SharerConfiguration = SharerConfiguration(),
         agent: AgentClient? = nil, watcher: VolumeWatcher? = nil
@@ -64,6 +74,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// What an existing sandbox's manifest records (its layout, shared filesystem and, in copy
     /// mode, agent address and guest directory), or nil when there is no fsshare sandbox of that
     /// id under `root`. Lets a tool that is not told them (`unshare`, `status`, `watch`) find them.
+    ///
+    /// - Parameters:
+    ///   - root: the sandbox root.
+    ///   - sandboxID: the sandbox.
+    /// - Returns: what its manifest records, or nil when no fsshare sandbox of that id is there.
     public static func recorded(root: FilePath, sandboxID: String) -> RecordedSandbox? {
         guard Identifier.problem(sandboxID) == nil,
               let rootFD = try? Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory) else { return nil }
@@ -83,6 +98,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Creates the sandbox tree (see ``FilesystemSharer/prepare()``). Runs on the library's
     /// threads; the calling task is suspended, never blocked.
+    ///
+    /// - Returns: the sandbox-level storages (shared filesystem, shm) for `CreateSandbox`.
+    /// - Throws: `refused` when a directory of the sandbox's name exists and is not an fsshare sandbox; `unsupported` when the kernel lacks what the mounts need; `systemCall`; `cancelled`.
     @discardableResult
     public func prepare() async throws(FSShareError) -> [Storage] {
         try await offload("Prepare") { _ throws(FSShareError) in try self.prepareSync() }
@@ -145,6 +163,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Blocking ``prepare()``, for callers on threads of their own (the CLI). In copy mode it
     /// makes the directories and the manifest only: there is nothing to export.
+    ///
+    /// - Throws: as prepare().
     @_spi(Blocking) public func prepareSync() throws(FSShareError) {
         if let h = handleState.withLock({ $0 }), h.isAlive,
            copyMode || (try? isMountRoot(h.sandbox, configuration.layoutStyle.exportPath)) == true { return }
@@ -153,6 +173,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Removes the sandbox (see ``FilesystemSharer/cleanup()``) on the library's threads.
+    ///
+    /// - Throws: `refused` when the directory is not an fsshare sandbox (left alone); `incompleteCleanup` listing what is left; `cancelled`.
     public func cleanup() async throws(FSShareError) {
         try await offload("Cleanup") { _ throws(FSShareError) in _ = try self.cleanupSync() }
     }
@@ -164,12 +186,14 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// followed). Kata's `StartFileEventWatcher`; a no-op when already started.
     ///
     /// - Throws: `unsupported` when the sharer was made without a watcher; `notPrepared` before
-    ///   ``prepare()``; what ``VolumeWatcher/start()`` throws.
+    ///   ``prepare()``; what `VolumeWatcher/start()` throws.
     public func startFileEventWatcher() async throws(FSShareError) {
         try await offload("StartFileEventWatcher") { _ throws(FSShareError) in try self.startFileEventWatcherSync() }
     }
 
     /// Blocking ``startFileEventWatcher()``.
+    ///
+    /// - Throws: as startFileEventWatcher().
     @_spi(Blocking) public func startFileEventWatcherSync() throws(FSShareError) {
         guard let watcher else {
             throw FSShareError(.unsupported, "sandbox \(sandboxID)'s sharer has no VolumeWatcher: give it one (one per process serves every sandbox)")
@@ -223,7 +247,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Blocking ``cleanup()``; says what it found. A directory of this name that no fsshare
-    /// manifest proves to be a sandbox is refused (``FSShareError/Code/refused``) and left alone.
+    /// manifest proves to be a sandbox is refused (`FSShareError/Code/refused`) and left alone.
+    ///
+    /// - Returns: what it found: a sandbox cleaned, nothing, or an interrupted prepare removed.
+    /// - Throws: as cleanup().
     @_spi(Blocking) @discardableResult
     public func cleanupSync() throws(FSShareError) -> CleanupOutcome {
         stopFollowing()
@@ -413,7 +440,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// The handle of a prepared sandbox (opened on first use, reopened if another process
-    /// cleaned up and re-prepared it). Throws ``FSShareError/Code/notPrepared`` otherwise.
+    /// cleaned up and re-prepared it). Throws `FSShareError/Code/notPrepared` otherwise.
     private func openPrepared() throws(FSShareError) -> SandboxHandle {
         let notPrepared = FSShareError(.notPrepared, "sandbox \(sandboxID) is not prepared under \(configuration.root)")
         guard let root = try openRoot(create: false) else { throw notPrepared }
@@ -434,6 +461,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Shares a container's bind mount (see ``FilesystemSharer/shareFile(container:mount:)``) on
     /// the library's threads. Cancelled during a copy-mode copy, the partial guest copy and its
     /// record are removed and `cancelled` is thrown.
+    ///
+    /// - Parameters:
+    ///   - container: the container the mount belongs to.
+    ///   - mount: the OCI mount; `ro` makes the share read-only, in the guest too.
+    /// - Returns: the guest path and storages, or nil for a mount that is not a host bind.
+    /// - Throws: `notPrepared`; `refused` for a source that must never be shared (under /proc or /sys, the sandbox root, a device); `conflict` when the mount point is shared from another source; `agent` (copy mode); `cancelled`; `systemCall`.
     public func shareFile(container: Container, mount: Mount) async throws(FSShareError) -> SharedFile? {
         try await offload("ShareFile", attributes: { [("container", container.id), ("mount.source", mount.source.string), ("mount.destination", mount.destination.string)] }) { (flag) throws(FSShareError) in
             try self.shareFileSync(container: container, mount: mount, cancellation: flag)
@@ -441,6 +474,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Blocking ``shareFile(container:mount:)``.
+    ///
+    /// - Parameters:
+    ///   - container: the container the mount belongs to.
+    ///   - mount: the OCI mount.
+    /// - Returns: as shareFile(container:mount:).
+    /// - Throws: as shareFile(container:mount:), except `cancelled`.
     @_spi(Blocking) public func shareFileSync(container: Container, mount: Mount) throws(FSShareError) -> SharedFile? {
         try shareFileSync(container: container, mount: mount, cancellation: nil)
     }
@@ -507,6 +546,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Undoes ``shareFile(container:mount:)`` on the library's threads.
+    ///
+    /// - Parameters:
+    ///   - container: the container the mount belongs to.
+    ///   - mount: the mount as it was shared (its destination names the share).
+    /// - Throws: `invalidArgument` for a bad container id; `incompleteCleanup` when the mount cannot be removed; `agent` (copy mode); `cancelled`.
     public func unshareFile(container: Container, mount: Mount) async throws(FSShareError) {
         try await offload("UnshareFile", attributes: { [("container", container.id), ("mount.destination", mount.destination.string)] }) { _ throws(FSShareError) in
             _ = try self.unshareFileSync(container: container, mount: mount)
@@ -514,6 +558,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Blocking ``unshareFile(container:mount:)``; says what became of the share.
+    ///
+    /// - Parameters:
+    ///   - container: the container the mount belongs to.
+    ///   - mount: the mount as it was shared.
+    /// - Returns: what became of the share.
+    /// - Throws: as unshareFile(container:mount:), except `cancelled`.
     @_spi(Blocking) @discardableResult
     public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) -> UnshareOutcome {
         guard mount.type == "bind" else { return .removed }
@@ -526,12 +576,19 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// library's threads. Not an error if it does not exist or the sandbox is already gone.
     ///
     /// - Returns: what became of it (a copy Kata's agent cannot remove stays in the guest).
+    ///
+    /// - Parameter name: the share's recorded name.
+    /// - Throws: as unshareFile(container:mount:).
     @discardableResult
     public func unshare(name: String) async throws(FSShareError) -> UnshareOutcome {
         try await offload("UnshareFile", attributes: { [("share.name", name)] }) { _ throws(FSShareError) in try self.unshareSync(name: name) }
     }
 
     /// Blocking ``unshare(name:)``.
+    ///
+    /// - Parameter name: the share's recorded name.
+    /// - Returns: what became of it.
+    /// - Throws: as unshare(name:), except `cancelled`.
     @_spi(Blocking) @discardableResult
     public func unshareSync(name: String) throws(FSShareError) -> UnshareOutcome {
         let h: SandboxHandle
@@ -552,11 +609,17 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// The shares the manifest records, with whether each is mounted right now (read on the
     /// library's threads).
+    ///
+    /// - Returns: every recorded share, in the order they were made.
+    /// - Throws: `notPrepared`; `manifest` for an unreadable manifest; `cancelled`.
     public func shares() async throws(FSShareError) -> [ShareState] {
         try await offload("Shares") { _ throws(FSShareError) in try self.sharesSync() }
     }
 
     /// Blocking ``shares()``.
+    ///
+    /// - Returns: as shares().
+    /// - Throws: as shares(), except `cancelled`.
     @_spi(Blocking) public func sharesSync() throws(FSShareError) -> [ShareState] {
         let h = try preparedHandle()
         return try h.locked { () throws(FSShareError) in
@@ -571,6 +634,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Shares a container's root filesystem (see
     /// ``FilesystemSharer/shareRootFilesystem(container:)``) on the library's threads.
+    ///
+    /// - Parameter container: the container, with its rootfs: host-mounted (bound), a block device (directories and a block storage) or a guest pull (a storage only).
+    /// - Returns: the rootfs's guest path and the container storages for `CreateContainer`.
+    /// - Throws: `invalidArgument` for an incomplete rootfs description; otherwise as shareFile(container:mount:).
     public func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile {
         try await offload("ShareRootFilesystem", attributes: { [("container", container.id)] }) { _ throws(FSShareError) in
             try self.shareRootFilesystemSync(container: container)
@@ -578,6 +645,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Blocking ``shareRootFilesystem(container:)``.
+    ///
+    /// - Parameter container: the container.
+    /// - Returns: as shareRootFilesystem(container:).
+    /// - Throws: as shareRootFilesystem(container:), except `cancelled`.
     @_spi(Blocking) public func shareRootFilesystemSync(container: Container) throws(FSShareError) -> SharedFile {
         try Identifier.validate(container.id, what: "container")
         let cid = container.id
@@ -625,6 +696,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Undoes ``shareRootFilesystem(container:)`` on the library's threads.
+    ///
+    /// - Parameter container: the container, as shared.
+    /// - Throws: as unshareFile(container:mount:).
     public func unshareRootFilesystem(container: Container) async throws(FSShareError) {
         try await offload("UnshareRootFilesystem", attributes: { [("container", container.id)] }) { _ throws(FSShareError) in
             try self.unshareRootFilesystemSync(container: container)
@@ -632,6 +706,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Blocking ``unshareRootFilesystem(container:)``.
+    ///
+    /// - Parameter container: the container, as shared.
+    /// - Throws: as unshareRootFilesystem(container:), except `cancelled`.
     @_spi(Blocking) public func unshareRootFilesystemSync(container: Container) throws(FSShareError) {
         try Identifier.validate(container.id, what: "container")
         switch container.rootfs {

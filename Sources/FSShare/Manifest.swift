@@ -6,6 +6,7 @@ import SystemPackage
 
 /// What a sandbox has shared, as recorded in its manifest.
 public struct ShareRecord: Sendable, Equatable {
+    /// What kind of share a record is.
     public enum Kind: String, Sendable {
         /// A volume bind at `mounts/<name>`.
         case volume
@@ -18,11 +19,17 @@ public struct ShareRecord: Sendable, Equatable {
     }
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
     public var name: String
+    /// What kind of share it is.
     public var kind: Kind
+    /// The container it was shared for.
     public var containerID: String
+    /// The source as given (a host path; a device address for block rootfs).
     public var source: String
+    /// The container's mount point (volumes), `/` (rootfs) or the rootfs suffix (block rootfs).
     public var destination: String
+    /// Shared read-only (in the guest too).
     public var readOnly: Bool
+    /// Bound recursively (`rbind`): submounts of the source come along.
     public var recursive: Bool
     /// The share is a single file (its mount point is a file).
     public var isFile: Bool
@@ -93,7 +100,7 @@ final class Manifest {
 
     /// Opens the manifest of a sandbox directory. Returns nil if there is none, or only the
     /// torn beginning of one (no complete header line: no proof the directory is fsshare's).
-    /// Throws ``FSShareError/Code/refused`` when the file is not one fsshare could have made
+    /// Throws `FSShareError/Code/refused` when the file is not one fsshare could have made
     /// (a symlink, a hard link, another owner, not a regular file) or names another sandbox.
     static func open(in directory: DirFD, sandboxID: String) throws(FSShareError) -> Manifest? {
         let fd: FileDescriptor

@@ -15,6 +15,13 @@ public struct Mount: Sendable, Equatable {
     /// OCI options: `ro` makes the share read-only (in the guest too), `rbind` recursive.
     public var options: [String]
 
+    /// An OCI mount.
+    ///
+    /// - Parameters:
+    ///   - source: host path of the bind source.
+    ///   - destination: where the container sees it.
+    ///   - type: the OCI mount type; only `bind` is shared.
+    ///   - options: OCI options (`ro`, `rbind`, ...).
     public init(source: FilePath, destination: FilePath, type: String = "bind", options: [String] = []) {
         self.source = source
         self.destination = destination
@@ -22,7 +29,9 @@ public struct Mount: Sendable, Equatable {
         self.options = options
     }
 
+    /// The mount asks to be read-only (`ro`).
     public var isReadOnly: Bool { options.contains("ro") }
+    /// The mount asks for a recursive bind (`rbind`).
     public var isRecursive: Bool { options.contains("rbind") }
 }
 
@@ -33,6 +42,11 @@ public struct BlockDevice: Sendable, Equatable {
     public var address: String
     /// Filesystem on the device (`ext4`, `xfs`, ...).
     public var fstype: String
+    /// A block device at `address` holding a `fstype` filesystem.
+    ///
+    /// - Parameters:
+    ///   - address: the guest address in the block driver's form.
+    ///   - fstype: the filesystem on the device.
     public init(address: String, fstype: String) {
         self.address = address
         self.fstype = fstype
@@ -52,8 +66,15 @@ public enum Rootfs: Sendable, Equatable {
 
 /// A container as the sharer sees it: its id and its rootfs.
 public struct Container: Sendable, Equatable {
+    /// The container id (a valid id: it names directories and shares).
     public var id: String
+    /// Where its root filesystem comes from.
     public var rootfs: Rootfs
+    /// A container `id` whose root filesystem is `rootfs`.
+    ///
+    /// - Parameters:
+    ///   - id: the container id.
+    ///   - rootfs: where its root filesystem comes from.
     public init(id: String, rootfs: Rootfs) {
         self.id = id
         self.rootfs = rootfs
@@ -79,6 +100,15 @@ public struct SharedFile: Sendable, Equatable {
     /// plain share, where updates raise no inotify event.
     public var watchableFallback: String?
 
+    /// The outcome of a share; the sharer makes these, tests and other sharers may too.
+    ///
+    /// - Parameters:
+    ///   - guestPath: the path inside the guest.
+    ///   - containerStorages: storages for the container's rootfs.
+    ///   - volumeStorages: storages for volumes.
+    ///   - copyReport: copy mode: what was copied.
+    ///   - resolvedSource: where the source really is, when symbolic links were followed.
+    ///   - watchableFallback: why a kubelet volume got no `watchable-bind` mirror.
     public init(
         guestPath: String, containerStorages: [Storage] = [], volumeStorages: [Storage] = [], copyReport: CopyReport? = nil,
         resolvedSource: FilePath? = nil, watchableFallback: String? = nil
@@ -129,7 +159,7 @@ public enum UnshareOutcome: Sendable, Equatable {
     case leftInGuest(guestPath: String)
 }
 
-/// What ``LinuxFilesystemSharer/cleanupSync()`` found.
+/// What a cleanup found (``LinuxFilesystemSharer/cleanup()`` discards it; the CLI reports it).
 public enum CleanupOutcome: Sendable, Equatable {
     /// The sandbox's mounts and directories were removed.
     case cleaned
@@ -145,6 +175,11 @@ public struct ShareState: Sendable, Equatable {
     public var record: ShareRecord
     /// Its mount is in place under `mounts/` (always false for copy-mode and rootfs-directory records).
     public var mounted: Bool
+    /// A recorded share and whether it is mounted.
+    ///
+    /// - Parameters:
+    ///   - record: what the manifest records.
+    ///   - mounted: whether it is mounted now.
     public init(record: ShareRecord, mounted: Bool) {
         self.record = record
         self.mounted = mounted
@@ -183,6 +218,8 @@ public protocol FilesystemSharer: Sendable {
 
 extension FilesystemSharer {
     /// A sharer without watched volumes has nothing to start.
+    ///
+    /// - Throws: nothing here; conformers that watch document their errors.
     public func startFileEventWatcher() async throws(FSShareError) {}
     /// A sharer without watched volumes has nothing to stop.
     public func stopFileEventWatcher() async {}

@@ -9,7 +9,7 @@ import Logging
 import Synchronization
 import SystemPackage
 
-/// Keeps a ``VolumeWatcher`` mirroring what sandbox manifests record: every watched copy-mode
+/// Keeps a `VolumeWatcher` mirroring what sandbox manifests record: every watched copy-mode
 /// volume and every shared-filesystem volume with a `watchable-bind` mirror, for one sandbox
 /// (``follow(root:sandboxID:agent:)``) or for every sandbox under a root, now and as they are
 /// prepared (``followRoot(_:)``). Shares added or removed later, by any process, are picked up
@@ -49,6 +49,8 @@ public final class SandboxFollower: Sendable {
 
     /// A follower for `watcher` (which must be started before anything is followed). Clients
     /// made for recorded agent addresses use the watcher's `agentCallTimeout`.
+    ///
+    /// - Parameter watcher: the watcher volumes are registered with.
     public init(watcher: VolumeWatcher) {
         self.watcher = watcher
     }
@@ -71,6 +73,9 @@ public final class SandboxFollower: Sendable {
     /// Follows every sandbox under `root`, now and as they are prepared (prepare renames a
     /// complete sandbox in, so its manifest is there when it appears); sandboxes cleaned up are
     /// dropped. A directory that is not a sandbox (no manifest of ours) is never followed.
+    ///
+    /// - Parameter root: the sandbox root.
+    /// - Throws: `systemCall` when the root cannot be opened, listed or watched; `notPrepared` when the watcher is not started.
     public func followRoot(_ root: FilePath) throws(FSShareError) {
         let fd = try sys("cannot open the sandbox root \(root)") { () throws(SystemCallError) in
             try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
@@ -102,6 +107,12 @@ public final class SandboxFollower: Sendable {
     /// records through `agent` (nil: the agent the manifest records), and re-reads the
     /// manifest whenever it changes. Every volume gets a full resync on start, so a restarted
     /// watcher brings the guest back in line.
+    ///
+    /// - Parameters:
+    ///   - root: the sandbox root.
+    ///   - sandboxID: the sandbox.
+    ///   - agent: the agent to push through; nil: the one the manifest records.
+    /// - Throws: `invalidArgument` for a bad id; `notPrepared` without a manifest or a started watcher; `limitExceeded` when inotify's watch limit stops a volume; `systemCall`.
     public func follow(root: FilePath, sandboxID: String, agent: AgentClient?) throws(FSShareError) {
         try Identifier.validate(sandboxID, what: "sandbox")
         let key = SandboxFollower.key(root, sandboxID)

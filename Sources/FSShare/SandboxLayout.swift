@@ -13,11 +13,22 @@ import SystemPackage
 /// or runtime-rs's (``SandboxLayoutStyle/runtimeRS``): shares under `rw/passthrough/`, and
 /// `ro/` the read-only slave bind of `rw/` that is exported.
 public struct SandboxLayout: Sendable, Equatable {
+    /// The host directory holding one subdirectory per sandbox.
     public var root: FilePath
+    /// The sandbox.
     public var sandboxID: String
+    /// Where the guest mounts the shared filesystem.
     public var guestSharedDir: String
+    /// Kata's Go layout or runtime-rs's.
     public var style: SandboxLayoutStyle
 
+    /// The layout of sandbox `sandboxID` under `root`, in `style`, seen by the guest at `guestSharedDir`.
+    ///
+    /// - Parameters:
+    ///   - root: the sandbox root.
+    ///   - sandboxID: the sandbox.
+    ///   - guestSharedDir: where the guest mounts the shared filesystem.
+    ///   - style: Kata's Go layout or runtime-rs's.
     public init(
         root: FilePath, sandboxID: String, guestSharedDir: String = SharerConfiguration.defaultGuestSharedDir,
         style: SandboxLayoutStyle = .go
@@ -28,21 +39,30 @@ public struct SandboxLayout: Sendable, Equatable {
         self.style = style
     }
 
+    /// `<root>/<sid>`: the sandbox's own directory (bound onto itself).
     public var sandboxDirectory: FilePath { root.appending(sandboxID) }
     /// Where shares are attached.
     public var mountsDirectory: FilePath { sandboxDirectory.pushing(style.mountsPath) }
     /// The directory the hypervisor exports (virtiofsd `--shared-dir`, 9p `path=`).
     public var sharedDirectory: FilePath { sandboxDirectory.pushing(style.exportPath) }
+    /// Staging points of the legacy read-only method; never exported.
     public var privateDirectory: FilePath { sandboxDirectory.appending("private") }
+    /// The sandbox's manifest: the crash-safety journal of what it shared (not exported).
     public var manifest: FilePath { sandboxDirectory.appending("manifest") }
 
     /// The guest path of a share named `name` (a path below the mounts directory).
+    ///
+    /// - Parameter name: the share's name below the mounts directory.
     public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, style.guestPrefix + name) }
     /// The guest path of the `watchable-bind` mirror of a share named `name`
     /// (`…/containers/watchable/<name>`; runtime-rs `…/containers/passthrough/watchable/<name>`).
+    ///
+    /// - Parameter name: the volume share's name.
     public func watchableGuestPath(_ name: String) -> String {
         Storages.joinGuest(guestSharedDir, style.guestPrefix + WatchableVolumes.directoryName.string + "/" + name)
     }
     /// The host path of a share named `name`.
+    ///
+    /// - Parameter name: the share's name below the mounts directory.
     public func hostPath(_ name: String) -> FilePath { mountsDirectory.appending(name) }
 }

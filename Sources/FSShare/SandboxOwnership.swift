@@ -67,7 +67,7 @@ enum SandboxOwnership {
     }
 
     /// Removes what a killed prepare of `sandboxID` left (see ``isInterruptedPrepare(_:sandboxID:)``).
-    /// Returns whether there was something to remove; throws ``FSShareError/Code/refused`` if the
+    /// Returns whether there was something to remove; throws `FSShareError/Code/refused` if the
     /// name is taken by something else.
     /// Takes the root's lock unless the caller holds it, so a prepare building it right now is
     /// not undercut.

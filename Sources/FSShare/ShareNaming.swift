@@ -9,6 +9,13 @@ public enum ShareNaming {
 
     /// The share name of a container mount at `destination`: Kata's Go runtime's shape, or
     /// runtime-rs's (`sandbox-<16 hex>-<base>`; runtime-rs draws its hex at random).
+    ///
+    /// - Parameters:
+    ///   - containerID: the container.
+    ///   - destination: the container's mount point.
+    ///   - style: the layout (runtime-rs names shares differently).
+    /// - Returns: the share's name below the mounts directory.
+    /// - Throws: `invalidArgument` for a destination that is not an absolute path.
     public static func volumeName(containerID: String, destination: FilePath, style: SandboxLayoutStyle = .go) throws(FSShareError) -> String {
         let dest = try normalizedDestination(destination)
         let base = dest.lastComponent?.string ?? ""

@@ -9,6 +9,9 @@ public enum Storages {
     public static let guestContainersRoot = "/run/kata-containers"
 
     /// The sandbox-level storages sent in `CreateSandbox`: the shared filesystem and shm.
+    ///
+    /// - Parameter config: the sandbox's configuration.
+    /// - Returns: the shared-filesystem storage (none in copy mode) and the shm storage (when `shmSize` > 0).
     public static func sandbox(_ config: SharerConfiguration) -> [Storage] {
         var result: [Storage] = []
         switch config.sharedFilesystem {
@@ -35,6 +38,13 @@ public enum Storages {
 
     /// The storage for a block-device rootfs (Kata's case 6): driver and source by block driver,
     /// mount point `<guest shared dir>/<cid>`, `nouuid` for xfs.
+    ///
+    /// - Parameters:
+    ///   - containerID: the container.
+    ///   - device: the attached device and its filesystem.
+    ///   - driver: the block driver (decides the storage driver and source form).
+    ///   - guestSharedDir: the guest's shared directory (the mount point is below it).
+    /// - Returns: the block storage, read-write, `nouuid` added for xfs.
     public static func blockRootfs(containerID: String, device: BlockDevice, driver: BlockDeviceDriver, guestSharedDir: String) -> Storage {
         make(
             driver: driver.storageDriver, source: device.address, fstype: device.fstype,
@@ -43,6 +53,12 @@ public enum Storages {
     }
 
     /// The storage for a guest-pulled rootfs (Kata's case 1).
+    ///
+    /// - Parameters:
+    ///   - containerID: the container.
+    ///   - image: the image reference the guest pulls.
+    ///   - annotations: the pull's metadata.
+    /// - Returns: the `image_guest_pull` storage.
     public static func guestPullRootfs(containerID: String, image: String, annotations: [String: String]) -> Storage {
         make(
             driver: "image_guest_pull", driverOptions: ["image_guest_pull=" + imagePullJSON(annotations)],
@@ -50,11 +66,18 @@ public enum Storages {
     }
 
     /// `/run/kata-containers/<cid>/rootfs`.
+    ///
+    /// - Parameter containerID: the container.
     public static func guestPullRootfsPath(_ containerID: String) -> String {
         "\(guestContainersRoot)/\(containerID)/rootfs"
     }
 
     /// Joins guest path components the way Go's `filepath.Join` does for these inputs.
+    ///
+    /// - Parameters:
+    ///   - base: a guest directory (a trailing slash is fine).
+    ///   - parts: components to append.
+    /// - Returns: the joined path, with single slashes.
     public static func joinGuest(_ base: String, _ parts: String...) -> String {
         var result = base
         while result.count > 1 && result.hasSuffix("/") { result.removeLast() }
@@ -90,6 +113,9 @@ public enum Storages {
     }
 
     /// A JSON string literal escaped as Go's `json.Marshal` does (HTML-safe).
+    ///
+    /// - Parameter s: the string to encode.
+    /// - Returns: the JSON string literal, quotes included.
     public static func goJSONString(_ s: String) -> String {
         var out = "\""
         for scalar in s.unicodeScalars {

@@ -36,6 +36,12 @@ public enum WatchableVolumes {
     public static let directoryName: FilePath = "watchable"
 
     /// The `watchable-bind` storage for a volume shared at `shareGuestPath`.
+    ///
+    /// - Parameters:
+    ///   - shareGuestPath: the plain share's guest path (the mirror's source).
+    ///   - mirrorGuestPath: the mirror's guest path (the container's mount source).
+    ///   - options: the OCI mount options, as Kata passes them.
+    /// - Returns: the `watchable-bind` storage.
     public static func storage(shareGuestPath: String, mirrorGuestPath: String, options: [String]) -> Storage {
         Storages.make(driver: "watchable-bind", source: shareGuestPath, fstype: "bind", options: options, mountPoint: mirrorGuestPath)
     }

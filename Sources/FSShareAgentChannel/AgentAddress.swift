@@ -18,6 +18,9 @@ public enum AgentAddress: Sendable, Equatable, CustomStringConvertible {
     case serial(FilePath)
 
     /// Parses an address; the error says which spellings are accepted.
+    ///
+    /// - Parameter text: `unix:PATH`, `hvsock:PATH:PORT`, `vsock:CID:PORT` or `serial:PATH`.
+    /// - Throws: `invalidAddress`, saying what is wrong.
     public init(parsing text: String) throws(AgentError) {
         func bad(_ why: String) -> AgentError {
             AgentError(.invalidAddress, "\"\(text)\" is not an agent address (\(why)); use unix:PATH, hvsock:PATH:PORT, vsock:CID:PORT or serial:PATH")
@@ -58,6 +61,7 @@ public enum AgentAddress: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The address in the form it is parsed from (`unix:PATH`, `hvsock:PATH:PORT`, `vsock:CID:PORT`, `serial:PATH`).
     public var description: String {
         switch self {
         case .unix(let p): "unix:\(p)"

@@ -24,6 +24,7 @@ import SystemPackage
 /// try agent.copyFile(request)
 /// ```
 public final class AgentClient: Sendable {
+    /// Where the agent listens.
     public let address: AgentAddress
     /// Per-call timeout (Kata's default for CopyFile is 60 s).
     public let callTimeout: Duration
@@ -40,6 +41,11 @@ public final class AgentClient: Sendable {
     private let state: Mutex<State>
 
     /// A client for `address`; nothing is opened until the first call.
+    ///
+    /// - Parameters:
+    ///   - address: where the agent listens.
+    ///   - callTimeout: how long one call may take.
+    ///   - connectTimeout: how long connecting (and the hybrid-vsock handshake) may take.
     public init(address: AgentAddress, callTimeout: Duration = .seconds(60), connectTimeout: Duration = .seconds(5)) {
         self.address = address
         self.callTimeout = callTimeout
@@ -49,6 +55,11 @@ public final class AgentClient: Sendable {
     }
 
     /// A client over an already-open byte stream (for example a pty master); it cannot reconnect.
+    ///
+    /// - Parameters:
+    ///   - fd: the open stream; the client owns it from now on.
+    ///   - name: how it is shown in messages.
+    ///   - callTimeout: how long one call may take.
     public init(adopting fd: FileDescriptor, name: String, callTimeout: Duration = .seconds(60)) {
         self.address = .serial(FilePath(name))
         self.callTimeout = callTimeout
@@ -74,11 +85,17 @@ public final class AgentClient: Sendable {
     // MARK: - Calls
 
     /// `grpc.AgentService/CopyFile`.
+    ///
+    /// - Parameter request: one file, directory, link or chunk.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func copyFile(_ request: Grpc_CopyFileRequest) throws(AgentError) {
         _ = try call(TTRPC.agentService, TTRPC.copyFileMethod, request)
     }
 
     /// `fsshare.GuestFiles/GetInfo`. Throws with ``AgentError/isUnimplemented`` on a Kata agent.
+    ///
+    /// - Returns: the agent's name, version and features.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func info() throws(AgentError) -> Fsshare_InfoResponse {
         let bytes = try call(TTRPC.guestFilesService, "GetInfo", Fsshare_InfoRequest())
         do {
@@ -90,6 +107,9 @@ public final class AgentClient: Sendable {
 
     /// The operations the agent serves (GetInfo's `features`, asked once per connection): a Kata
     /// agent, which lacks `fsshare.GuestFiles`, serves only `CopyFile`.
+    ///
+    /// - Returns: the method names it serves.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func features() throws(AgentError) -> Set<String> {
         if let known = state.withLock({ $0.features }) { return known }
         var found: Set<String>
@@ -104,6 +124,11 @@ public final class AgentClient: Sendable {
     }
 
     /// `fsshare.GuestFiles/RemovePath`.
+    ///
+    /// - Parameters:
+    ///   - path: the guest path (inside the agent's share directory).
+    ///   - recursive: remove a directory with its contents.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func removePath(_ path: String, recursive: Bool) throws(AgentError) {
         var r = Fsshare_RemovePathRequest()
         r.path = path
@@ -112,6 +137,11 @@ public final class AgentClient: Sendable {
     }
 
     /// `fsshare.GuestFiles/RenamePath`.
+    ///
+    /// - Parameters:
+    ///   - from: the guest path to move.
+    ///   - to: where it goes (replaced atomically if it exists).
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func renamePath(from: String, to: String) throws(AgentError) {
         var r = Fsshare_RenamePathRequest()
         r.from = from
@@ -120,6 +150,11 @@ public final class AgentClient: Sendable {
     }
 
     /// `fsshare.GuestFiles/PruneDirectory`.
+    ///
+    /// - Parameters:
+    ///   - path: the guest directory.
+    ///   - keep: the entries to keep; every other entry is removed.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func pruneDirectory(_ path: String, keep: [String]) throws(AgentError) {
         var r = Fsshare_PruneDirectoryRequest()
         r.path = path
@@ -129,6 +164,11 @@ public final class AgentClient: Sendable {
 
     /// Kata's `CreateSandbox` with the sandbox-level storages (the shared filesystem, shm): the
     /// agent mounts them before any container is created.
+    ///
+    /// - Parameters:
+    ///   - id: the sandbox id.
+    ///   - storages: what the agent mounts for the sandbox.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func createSandbox(id: String, storages: [Grpc_Storage]) throws(AgentError) {
         var r = Grpc_CreateSandboxRequest()
         r.sandboxID = id
@@ -138,6 +178,11 @@ public final class AgentClient: Sendable {
 
     /// Kata's `CreateContainer`, carrying only the container's storages (what fsshare's
     /// descriptors feed; a runtime sends its OCI spec too).
+    ///
+    /// - Parameters:
+    ///   - id: the container id.
+    ///   - storages: what the agent mounts for the container.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func createContainer(id: String, storages: [Grpc_Storage]) throws(AgentError) {
         var r = Grpc_CreateContainerRequest()
         r.containerID = id
@@ -146,6 +191,9 @@ public final class AgentClient: Sendable {
     }
 
     /// Kata's `RemoveContainer`: the agent drops what the container's storages made.
+    ///
+    /// - Parameter id: the container id.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func removeContainer(id: String) throws(AgentError) {
         var r = Grpc_RemoveContainerRequest()
         r.containerID = id
@@ -153,11 +201,20 @@ public final class AgentClient: Sendable {
     }
 
     /// Kata's `DestroySandbox`: the agent unmounts what `CreateSandbox` mounted.
+    ///
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func destroySandbox() throws(AgentError) {
         _ = try call(TTRPC.agentService, TTRPC.destroySandboxMethod, Grpc_DestroySandboxRequest())
     }
 
     /// One unary call: sends `message` to `service/method`, returns the reply payload.
+    ///
+    /// - Parameters:
+    ///   - service: the ttrpc service (`grpc.AgentService`, ...).
+    ///   - method: the method name.
+    ///   - message: the request.
+    /// - Returns: the encoded reply.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func call(_ service: String, _ method: String, _ message: some SwiftProtobuf.Message) throws(AgentError) -> [UInt8] {
         let payload: [UInt8]
         do {
@@ -169,6 +226,13 @@ public final class AgentClient: Sendable {
     }
 
     /// One unary call with an already-encoded request.
+    ///
+    /// - Parameters:
+    ///   - service: the ttrpc service.
+    ///   - method: the method name.
+    ///   - payload: the encoded request.
+    /// - Returns: the encoded reply.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
     public func call(_ service: String, _ method: String, payload: [UInt8]) throws(AgentError) -> [UInt8] {
         try state.withLock { (s: inout State) throws(AgentError) -> [UInt8] in
             var attempt = 0
@@ -279,6 +343,12 @@ public final class AgentClient: Sendable {
     // MARK: - Transports
 
     /// Opens a byte stream to `address` (connect, handshake, or open + raw mode).
+    ///
+    /// - Parameters:
+    ///   - address: where the agent listens.
+    ///   - timeout: how long connecting may take.
+    /// - Returns: the connected stream.
+    /// - Throws: `unreachable` or `timeout`.
     public static func open(_ address: AgentAddress, timeout: Duration) throws(AgentError) -> FrameStream {
         let name = address.description
         do {
@@ -317,7 +387,7 @@ public final class AgentClient: Sendable {
 extension AgentClient {
     /// A window of requests in flight on the client's connection: requests are written
     /// back to back and their replies read later, so a copy of many small entries pays one
-    /// round trip per ``flush()`` rather than one per entry. Replies are matched to requests
+    /// round trip per ``Pipeline/flush()`` rather than one per entry. Replies are matched to requests
     /// by stream id, in whatever order they come (Kata's agent and containerd's ttrpc server
     /// serve each request concurrently). Bounded: at most `maxInFlight` requests or `maxBytes`
     /// of request data are outstanding before the window waits for replies.
@@ -329,6 +399,10 @@ extension AgentClient {
     /// agent does not keep the order.
     ///
     /// The window holds the client's lock for its whole lifetime (`withPipeline`).
+    ///
+    /// - Parameter body: sends requests through the pipeline; what it returns is returned.
+    /// - Returns: what `body` returned, once every reply has arrived.
+    /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status). The first refusal not tolerated is thrown after every reply has arrived.
     public func withPipeline<T>(_ body: (inout Pipeline) throws(AgentError) -> T) throws(AgentError) -> T {
         // Asked before the lock is taken (it is a call of its own); cached per connection.
         let ordered = try features().contains(TTRPC.orderedFeature)
@@ -377,7 +451,9 @@ extension AgentClient {
         private var pendingBytes = 0
         /// Guest paths that requests in flight since the last barrier may touch (``claim(_:)``).
         private var claimed: Set<String> = []
+        /// Requests in flight at most before the next send waits for a reply.
         public var maxInFlight = 128
+        /// Request bytes in flight at most (ttrpc's 4 MiB message limit) before the next send waits.
         public var maxBytes = 4 << 20
         /// Requests are queued and written in bursts of up to this many bytes (and before the
         /// window waits for a reply): one write and one wakeup of the agent per burst.
@@ -397,6 +473,8 @@ extension AgentClient {
         /// Marks a dependency: what is sent after this must be applied after what was sent
         /// before it. With an agent that keeps the order this costs nothing; with one that
         /// does not, it waits for every outstanding reply.
+        ///
+        /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
         public mutating func barrier() throws(AgentError) {
             if isOrdered { return }
             try flush()
@@ -405,6 +483,9 @@ extension AgentClient {
         /// Declares the guest paths the next request touches (its target and any temp file the
         /// agent makes beside it). With an agent that does not keep the order, a request that
         /// touches a path another request in flight touches first waits for the replies.
+        ///
+        /// - Parameter paths: guest paths the next request touches.
+        /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
         public mutating func claim(_ paths: [String]) throws(AgentError) {
             if isOrdered { return }
             if paths.contains(where: claimed.contains) { try flush() }
@@ -422,6 +503,13 @@ extension AgentClient {
 
         /// Sends one request. `onError` sees a remote refusal of this request and returns nil
         /// to tolerate it (it is collected in ``tolerated``) or an error to fail the window.
+        ///
+        /// - Parameters:
+        ///   - service: the ttrpc service.
+        ///   - method: the method name.
+        ///   - message: the request.
+        ///   - onError: sees this request's refusal; nil tolerates it.
+        /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
         public mutating func send(
             _ service: String, _ method: String, _ message: some SwiftProtobuf.Message,
             onError: ((AgentError) -> AgentError?)? = nil
@@ -445,6 +533,8 @@ extension AgentClient {
         }
 
         /// Waits for every outstanding reply; throws the first refusal not tolerated.
+        ///
+        /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
         public mutating func flush() throws(AgentError) {
             try stream.flushOutput(deadline: client.deadline())
             claimed.removeAll(keepingCapacity: true)

@@ -5,19 +5,28 @@ import SystemPackage
 /// payload length (u32 big-endian), stream id (u32 big-endian), type (u8), flags (u8) — then
 /// the payload, a protobuf `ttrpc.Request` or `ttrpc.Response`. Clients use odd stream ids.
 public enum TTRPC {
+    /// Bytes of a frame header: length (4), stream id (4), type (1), flags (1).
     public static let headerLength = 10
     /// ttrpc's default `messageLengthMax` (4 MiB); larger frames are refused both ways.
     public static let maxMessageLength = 4 << 20
+    /// A request frame.
     public static let typeRequest: UInt8 = 1
+    /// A response frame.
     public static let typeResponse: UInt8 = 2
+    /// A streaming data frame (not used by the agent's unary methods).
     public static let typeData: UInt8 = 3
 
     /// Kata's agent service and the one method of it fsshare calls.
     public static let agentService = "grpc.AgentService"
+    /// `grpc.AgentService/CopyFile`.
     public static let copyFileMethod = "CopyFile"
+    /// `grpc.AgentService/CreateSandbox`.
     public static let createSandboxMethod = "CreateSandbox"
+    /// `grpc.AgentService/DestroySandbox`.
     public static let destroySandboxMethod = "DestroySandbox"
+    /// `grpc.AgentService/CreateContainer`.
     public static let createContainerMethod = "CreateContainer"
+    /// `grpc.AgentService/RemoveContainer`.
     public static let removeContainerMethod = "RemoveContainer"
     /// fsshare's in-guest checks (`fsshare-agent --checks`).
     public static let guestCheckService = "fsshare.GuestCheck"
@@ -39,11 +48,22 @@ public enum TTRPC {
 
 /// One ttrpc frame.
 public struct TTRPCFrame: Sendable, Equatable {
+    /// The stream: odd for client requests; a reply carries its request's.
     public var streamID: UInt32
+    /// ``TTRPC/typeRequest``, ``TTRPC/typeResponse`` or ``TTRPC/typeData``.
     public var type: UInt8
+    /// Frame flags (0 for unary calls).
     public var flags: UInt8
+    /// The protobuf-encoded `Request` or `Response`.
     public var payload: [UInt8]
 
+    /// A frame of `type` on `streamID` carrying `payload`.
+    ///
+    /// - Parameters:
+    ///   - streamID: the stream.
+    ///   - type: the frame type.
+    ///   - flags: frame flags.
+    ///   - payload: the encoded message.
     public init(streamID: UInt32, type: UInt8, flags: UInt8 = 0, payload: [UInt8]) {
         self.streamID = streamID
         self.type = type
@@ -59,6 +79,8 @@ public struct TTRPCFrame: Sendable, Equatable {
     }
 
     /// Appends header and payload to `out`.
+    ///
+    /// - Parameter out: the buffer the header and payload are appended to.
     public func append(to out: inout [UInt8]) {
         out.reserveCapacity(out.count + TTRPC.headerLength + payload.count)
         let n = UInt32(payload.count)
@@ -73,6 +95,7 @@ public struct TTRPCFrame: Sendable, Equatable {
 /// Not thread-safe: it is owned by one thread at a time (a client holds it under its lock; the
 /// agent hands each accepted connection to the thread that serves it), hence `@unchecked`.
 public final class FrameStream: @unchecked Sendable {
+    /// The connected socket or serial port.
     public let fd: FileDescriptor
     /// Shown in errors: the address or path.
     public let name: String
@@ -82,6 +105,10 @@ public final class FrameStream: @unchecked Sendable {
     private let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
 
     /// Takes ownership of `fd` (closed by ``close()`` or deinit).
+    ///
+    /// - Parameters:
+    ///   - fd: the connected descriptor (the stream owns it).
+    ///   - name: how it is shown in messages.
     public init(fd: FileDescriptor, name: String) {
         self.fd = fd
         self.name = name
@@ -89,6 +116,7 @@ public final class FrameStream: @unchecked Sendable {
     }
 
     private var closed = false
+    /// Closes the descriptor; later reads and writes fail with `disconnected`.
     public func close() {
         guard !closed else { return }
         closed = true
@@ -125,6 +153,11 @@ public final class FrameStream: @unchecked Sendable {
     public var queuedBytes: Int { output.count }
 
     /// Writes all of `bytes` before `deadline`.
+    ///
+    /// - Parameters:
+    ///   - bytes: what to write, all of it.
+    ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    /// - Throws: `timeout` or `disconnected`.
     public func write(_ bytes: [UInt8], deadline: UInt64?) throws(AgentError) {
         var done = 0
         while done < bytes.count {
@@ -157,6 +190,11 @@ public final class FrameStream: @unchecked Sendable {
     }
 
     /// Writes one frame (after any queued ones).
+    ///
+    /// - Parameters:
+    ///   - frame: the frame.
+    ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    /// - Throws: `timeout` or `disconnected`.
     public func write(_ frame: TTRPCFrame, deadline: UInt64?) throws(AgentError) {
         try queue(frame)
         try flushOutput(deadline: deadline)
@@ -164,6 +202,9 @@ public final class FrameStream: @unchecked Sendable {
 
     /// Queues one frame to be written by the next ``flushOutput(deadline:)``: a burst of small
     /// requests (or replies) then costs one write and one wakeup of the peer, not one each.
+    ///
+    /// - Parameter frame: the frame to write with the next flush.
+    /// - Throws: `protocol` for a frame over ttrpc's size limit.
     public func queue(_ frame: TTRPCFrame) throws(AgentError) {
         guard frame.payload.count <= TTRPC.maxMessageLength else {
             throw AgentError(.protocolError, "a \(frame.payload.count)-byte message exceeds ttrpc's \(TTRPC.maxMessageLength)-byte limit")
@@ -172,6 +213,9 @@ public final class FrameStream: @unchecked Sendable {
     }
 
     /// Writes every queued frame.
+    ///
+    /// - Parameter deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    /// - Throws: `timeout` or `disconnected`.
     public func flushOutput(deadline: UInt64?) throws(AgentError) {
         guard !output.isEmpty else { return }
         defer { output.removeAll(keepingCapacity: output.capacity <= 1 << 20) }
@@ -229,6 +273,12 @@ public final class FrameStream: @unchecked Sendable {
     }
 
     /// Reads one frame; nil when the peer closed the stream between frames.
+    ///
+    /// - Parameters:
+    ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    ///   - wake: a descriptor whose readability ends the wait.
+    /// - Returns: the next frame; nil when the peer closed the stream cleanly.
+    /// - Throws: `timeout`, `disconnected`, or `protocol` for a malformed frame.
     public func readFrame(deadline: UInt64?, wake: FileDescriptor? = nil) throws(AgentError) -> TTRPCFrame? {
         guard let h = try take(TTRPC.headerLength, deadline: deadline, wake: wake, atBoundary: true) else { return nil }
         let b = Array(h)
@@ -248,6 +298,10 @@ public final class FrameStream: @unchecked Sendable {
     }
 
     /// Reads one `\n`-terminated line (the hybrid-vsock handshake), at most 512 bytes.
+    ///
+    /// - Parameter deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    /// - Returns: the line, without its newline.
+    /// - Throws: `timeout` or `disconnected`.
     public func readLine(deadline: UInt64?) throws(AgentError) -> String {
         while true {
             if let nl = buffer[start...].firstIndex(of: 0x0A) {

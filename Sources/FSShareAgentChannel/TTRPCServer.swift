@@ -19,6 +19,11 @@ public enum TTRPCServer {
 
     /// Serves `stream` until the peer closes it, a protocol error, or `wake` becomes readable.
     /// Returns why it stopped (nil: the peer closed the connection cleanly).
+    ///
+    /// - Parameters:
+    ///   - stream: the connection.
+    ///   - wake: a descriptor whose readability ends serving.
+    ///   - handler: answers one request (service, method, encoded request).
     public static func serve(
         _ stream: FrameStream, wake: FileDescriptor? = nil,
         handler: (_ service: String, _ method: String, _ payload: [UInt8]) -> Reply

@@ -10,8 +10,13 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
     /// static codes rather than an enum, so new kinds of failure can be added without breaking a
     /// caller's exhaustive `switch`; `rawValue` is the stable name printed under `--json`.
     public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        /// The code's stable name (printed under `--json`).
         public let rawValue: String
+        /// A code named `rawValue` (the static members are the ones fsshare throws).
+        ///
+        /// - Parameter rawValue: the code's name.
         public init(rawValue: String) { self.rawValue = rawValue }
+        /// The code's name.
         public var description: String { rawValue }
 
         /// An argument was malformed (an id with `/`, an empty path, ...). Nothing was changed.
@@ -38,6 +43,7 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let cancelled = Code(rawValue: "cancelled")
     }
 
+    /// What kind of failure this is.
     public var code: Code
     /// A sentence saying what failed and why.
     public var message: String
@@ -46,6 +52,12 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
     /// The agent channel's error, for ``Code/agent``.
     public var agentError: AgentError?
 
+    /// An error of kind `code` saying `message`, with the system call that failed if one did.
+    ///
+    /// - Parameters:
+    ///   - code: the kind of failure.
+    ///   - message: the sentence.
+    ///   - systemCall: the failed system call, if one did.
     public init(_ code: Code, _ message: String, systemCall: SystemCallError? = nil) {
         self.code = code
         self.message = message
@@ -53,13 +65,24 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
     }
 
     /// Wraps a syscall failure with a sentence about the operation it broke.
+    ///
+    /// - Parameters:
+    ///   - what: the operation that broke (`cannot mount ...`).
+    ///   - error: the system call's failure.
+    /// - Returns: a `systemCall` error.
     public static func system(_ what: String, _ error: SystemCallError) -> FSShareError {
         FSShareError(.systemCall, "\(what): \(error)", systemCall: error)
     }
 
+    /// The sentence (``message``).
     public var description: String { message }
 
     /// Wraps an agent failure with a sentence about the operation it broke.
+    ///
+    /// - Parameters:
+    ///   - what: the operation that broke.
+    ///   - error: the agent channel's error.
+    /// - Returns: an `agent` error.
     public static func agent(_ what: String, _ error: AgentError) -> FSShareError {
         var e = FSShareError(.agent, "\(what): \(error.message)")
         e.agentError = error

@@ -4,7 +4,7 @@ import Logging
 import ServiceLifecycle
 import SystemPackage
 
-/// A ``VolumeWatcher`` as a swift-service-lifecycle `Service`, for runtimes that run their
+/// A `VolumeWatcher` as a swift-service-lifecycle `Service`, for runtimes that run their
 /// parts in a `ServiceGroup`: ``run()`` starts the watcher and follows what it was told to,
 /// then waits; on graceful shutdown (or when its task is cancelled) it stops following and stops
 /// the watcher, letting a sync in flight finish. `fsshare watch` runs the node's watcher this way.
@@ -16,11 +16,11 @@ import SystemPackage
 /// try await group.run()
 /// ```
 public struct VolumeWatcherService: Service {
-    /// What the service follows while it runs (see ``SandboxFollower``).
+    /// What the service follows while it runs (see `SandboxFollower`).
     public enum Following: Sendable {
         /// Nothing: volumes are registered by sharers given the same watcher.
         case nothing
-        /// Every sandbox under a root, now and later (``SandboxFollower/followRoot(_:)``).
+        /// Every sandbox under a root, now and later (`SandboxFollower/followRoot(_:)`).
         case root(FilePath)
         /// These sandboxes under a root, through `agent` (nil: the one each manifest records).
         case sandboxes(root: FilePath, ids: [String], agent: AgentClient?)
@@ -32,6 +32,10 @@ public struct VolumeWatcherService: Service {
     public let following: Following
 
     /// A service for `watcher` that follows `following` while it runs.
+    ///
+    /// - Parameters:
+    ///   - watcher: the watcher to run (started by run(), stopped when it returns).
+    ///   - following: what to follow while it runs.
     public init(watcher: VolumeWatcher, following: Following = .nothing) {
         self.watcher = watcher
         self.following = following
@@ -40,7 +44,7 @@ public struct VolumeWatcherService: Service {
     /// Starts the watcher and the following, waits for graceful shutdown or cancellation,
     /// then stops both.
     ///
-    /// - Throws: what ``VolumeWatcher/start()`` and the following throw (the watcher is stopped
+    /// - Throws: what `VolumeWatcher/start()` and the following throw (the watcher is stopped
     ///   again first); never on shutdown.
     public func run() async throws {
         try watcher.start()

@@ -33,9 +33,18 @@ public enum FaultInjection {
 
     /// One rule: the `occurrence`th call (1-based; nil = every call) of `syscall` does `action`.
     public struct Rule: Sendable, Equatable {
+        /// The wrapped call's name (`mount_setattr`, `renameat2`, ...).
         public var syscall: String
+        /// Which call to hit (1 = the first); nil: every one.
         public var occurrence: Int?
+        /// What happens then.
         public var action: Action
+        /// A fault: `action` on the `occurrence`-th call of `syscall` (every call when nil).
+        ///
+        /// - Parameters:
+        ///   - syscall: the call's name.
+        ///   - occurrence: which call (1 = the first); nil: every one.
+        ///   - action: what happens then.
         public init(syscall: String, occurrence: Int? = nil, action: Action) {
             self.syscall = syscall
             self.occurrence = occurrence
@@ -54,6 +63,8 @@ public enum FaultInjection {
     private static let state = Mutex(State())
 
     /// Replaces the installed rules (and resets the call counters).
+    ///
+    /// - Parameter rules: the faults to inject.
     public static func install(_ rules: [Rule]) {
         state.withLock { s in
             s.rules = rules
@@ -64,6 +75,9 @@ public enum FaultInjection {
     }
 
     /// Parses the `FSSHARE_FAULTS` syntax. Returns nil on a malformed spec.
+    ///
+    /// - Parameter spec: `FSSHARE_FAULTS` text: `syscall[#n]=action` separated by commas.
+    /// - Returns: the rules, or nil for a malformed specification.
     public static func parse(_ spec: String) -> [Rule]? {
         var rules: [Rule] = []
         for item in spec.split(separator: ",") where !item.isEmpty {

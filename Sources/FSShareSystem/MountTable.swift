@@ -5,19 +5,29 @@ import SystemPackage
 
 /// One line of `/proc/self/mountinfo`, with its octal escapes decoded.
 public struct MountEntry: Sendable, Equatable {
+    /// The kernel's mount id (as `statx` reports it).
     public var mountID: UInt64
+    /// Where it is mounted, unescaped.
     public var mountPoint: String
     /// Per-mount options (`rw`/`ro`, `nosuid`, ...).
     public var mountOptions: String
+    /// The filesystem type.
     public var fstype: String
+    /// The mount source (device, `tmpfs`, ...).
     public var source: String
     /// Per-superblock options.
     public var superOptions: String
+    /// The mount itself is read-only (`ro` in its per-mount options).
     public var isReadOnly: Bool { mountOptions.split(separator: ",").contains("ro") }
 }
 
 extension Sys {
     /// `mkdir -p` of an absolute path: each missing component made with `mode`.
+    ///
+    /// - Parameters:
+    ///   - path: the directory to make, with its missing ancestors.
+    ///   - mode: permission bits for what is created.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func makeDirectories(_ path: FilePath, mode: mode_t) throws(SystemCallError) {
         var partial = FilePath("/")
         for c in path.components {
@@ -27,6 +37,9 @@ extension Sys {
     }
 
     /// The calling process's mount table, in mountinfo order (parents before children).
+    ///
+    /// - Returns: every mount of this process's namespace.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func mountTable() throws(SystemCallError) -> [MountEntry] {
         let path: FilePath = "/proc/self/mountinfo"
         let fd = try openat(nil, path, flags: O_RDONLY | O_CLOEXEC)
@@ -35,6 +48,9 @@ extension Sys {
     }
 
     /// Parses mountinfo text (see proc(5)); malformed lines are skipped.
+    ///
+    /// - Parameter bytes: the contents of a mountinfo file.
+    /// - Returns: the mounts it lists.
     public static func parseMountinfo(_ bytes: [UInt8]) -> [MountEntry] {
         var result: [MountEntry] = []
         for line in bytes.split(separator: 0x0A) {
@@ -51,6 +67,9 @@ extension Sys {
     }
 
     /// Decodes mountinfo's `\NNN` octal escapes (space, tab, newline, backslash).
+    ///
+    /// - Parameter raw: the field as mountinfo writes it.
+    /// - Returns: the decoded text.
     public static func unescapeMountinfo(_ raw: [UInt8]) -> String {
         var out: [UInt8] = []
         var i = 0

@@ -15,6 +15,11 @@ extension Sys {
     /// It reports no peak memory on purpose: `posix_spawn` shares this process's memory until
     /// `exec`, so the child's `ru_maxrss` starts at *this* process's high-water mark (a test
     /// runner's ~40 MiB). Measure a program's peak from a small parent (GNU `time -f %M`).
+    ///
+    /// - Parameters:
+    ///   - argv: the program and its arguments.
+    ///   - environment: variables to add to the environment.
+    /// - Returns: the exit status and everything written to standard output and error.
     public static func run(_ argv: [String], environment: [String: String] = [:]) -> (status: Int32, output: String) {
         var pipeFDs: [Int32] = [0, 0]
         guard Glibc.pipe(&pipeFDs) == 0 else { return (-1, "pipe failed") }
@@ -60,10 +65,16 @@ extension Sys {
 
 /// A child process left running (an agent, a watcher) until ``stop(signal:)``.
 public final class ChildProcess: Sendable {
+    /// The child's process id.
     public let pid: pid_t
     private let reaped = Mutex<Int32?>(nil)
 
     /// Starts `argv` (PATH lookup) with stdout and stderr appended to `logPath`.
+    ///
+    /// - Parameters:
+    ///   - argv: the program and its arguments.
+    ///   - logPath: the file standard output and error go to.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public init(_ argv: [String], logPath: String) throws(SystemCallError) {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -79,6 +90,9 @@ public final class ChildProcess: Sendable {
     }
 
     /// Sends `signal` and waits for the child; returns its exit status (negative: the signal).
+    ///
+    /// - Parameter signal: the signal to send first.
+    /// - Returns: the exit status (128 + signal when killed).
     @discardableResult
     public func stop(signal: Int32 = SIGTERM) -> Int32 {
         if let done = reaped.withLock({ $0 }) { return done }
@@ -87,6 +101,11 @@ public final class ChildProcess: Sendable {
     }
 
     /// Sends `signal`, waits up to `grace` for the child to exit, then kills it.
+    ///
+    /// - Parameters:
+    ///   - signal: the signal to send first.
+    ///   - grace: how long to wait before `SIGKILL`.
+    /// - Returns: the exit status (128 + signal when killed).
     @discardableResult
     public func stop(signal: Int32, grace: Duration) -> Int32 {
         if let done = exitStatus() { return done }

@@ -7,13 +7,23 @@ import SystemPackage
 /// An open directory (usually `O_PATH`) and the path it was opened at, kept together so that
 /// `*at` calls relative to it report a full path in their errors. It does not own the fd.
 public struct DirFD: Sendable {
+    /// The open directory (often `O_PATH`).
     public var fd: FileDescriptor
+    /// Its path, for messages only: calls go through `fd`.
     public var path: FilePath
+    /// A directory open at `fd`, shown as `path` in errors.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     public init(fd: FileDescriptor, path: FilePath) {
         self.fd = fd
         self.path = path
     }
     /// The full path of `name` below this directory, for messages.
+    ///
+    /// - Parameter name: the entry name in `dir`.
+    /// - Returns: `path` followed by `name`.
     public func display(_ name: FilePath) -> FilePath { path.pushing(name) }
 }
 
@@ -21,6 +31,9 @@ public struct DirFD: Sendable {
 public enum FileKind: Sendable, Equatable, CustomStringConvertible {
     case regular, directory, symlink, characterDevice, blockDevice, fifo, socket, unknown
 
+    /// The kind a `st_mode` value encodes.
+    ///
+    /// - Parameter mode: permission bits for what is created.
     public init(mode: UInt32) {
         switch mode & UInt32(S_IFMT) {
         case UInt32(S_IFREG): self = .regular
@@ -34,6 +47,7 @@ public enum FileKind: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The kind in words (`directory`, `symbolic link`, ...).
     public var description: String {
         switch self {
         case .regular: "regular file"
@@ -50,22 +64,30 @@ public enum FileKind: Sendable, Equatable, CustomStringConvertible {
 
 /// What one `statx(2)` says about an object.
 public struct FileStatus: Sendable, Equatable {
+    /// `stx_mode`: type and permission bits.
     public var mode: UInt32
     /// The id of the mount the object lives on (`STATX_MNT_ID`).
     public var mountID: UInt64
     /// The object is the root of a mount (`STATX_ATTR_MOUNT_ROOT`): "is this a mount point?"
     public var isMountRoot: Bool
+    /// Size in bytes.
     public var size: UInt64
+    /// Inode number.
     public var inode: UInt64
+    /// Major number of the filesystem's device.
     public var deviceMajor: UInt32
+    /// Minor number of the filesystem's device.
     public var deviceMinor: UInt32
+    /// Owner.
     public var uid: UInt32
+    /// Group.
     public var gid: UInt32
     /// Link count; 0 for a directory that has been removed while open.
     public var linkCount: UInt32
     /// The kernel answered both `STATX_MNT_ID` and `STATX_ATTR_MOUNT_ROOT` (Linux 5.8+). When it
     /// did not, ``mountID`` and ``isMountRoot`` mean nothing: callers must fail closed.
     public var mountAnswersKnown: Bool = true
+    /// The file's kind, from ``mode``.
     public var kind: FileKind { FileKind(mode: mode) }
 }
 
@@ -73,13 +95,21 @@ public struct FileStatus: Sendable, Equatable {
 /// retries `EINTR` where that is safe, and throws ``SystemCallError`` naming call, path and errno.
 public enum Sys {
     // Flags the library needs, re-exported so no other module touches the C shim.
+    /// `O_PATH`.
     public static let oPath = FSSHARE_O_PATH
+    /// `O_NOFOLLOW`.
     public static let oNoFollow = FSSHARE_O_NOFOLLOW
+    /// `O_DIRECTORY`.
     public static let oDirectory = FSSHARE_O_DIRECTORY
+    /// `O_CLOEXEC`.
     public static let oCloexec = FSSHARE_O_CLOEXEC
+    /// `openat2`'s `RESOLVE_NO_MAGICLINKS`.
     public static let resolveNoMagicLinks = FSSHARE_RESOLVE_NO_MAGICLINKS
+    /// `openat2`'s `RESOLVE_NO_SYMLINKS`.
     public static let resolveNoSymlinks = FSSHARE_RESOLVE_NO_SYMLINKS
+    /// `openat2`'s `RESOLVE_BENEATH`.
     public static let resolveBeneath = FSSHARE_RESOLVE_BENEATH
+    /// `openat2`'s `RESOLVE_NO_XDEV`.
     public static let resolveNoXDev = FSSHARE_RESOLVE_NO_XDEV
 
     @inline(__always)
@@ -96,6 +126,14 @@ public enum Sys {
     // MARK: - Files and directories
 
     /// `openat(2)`. Always adds `O_CLOEXEC`.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - flags: the call's flags (`O_*`, `MS_*`, `MNT_*`).
+    ///   - mode: permission bits for what is created.
+    /// - Returns: the new descriptor.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openat(_ dir: DirFD?, _ path: FilePath, flags: Int32, mode: mode_t = 0) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("openat", shown(dir, path))
         while true {
@@ -107,6 +145,15 @@ public enum Sys {
     }
 
     /// `openat2(2)` with `RESOLVE_*` flags. Always adds `O_CLOEXEC`.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - flags: the call's flags (`O_*`, `MS_*`, `MNT_*`).
+    ///   - mode: permission bits for what is created.
+    ///   - resolve: `openat2` `RESOLVE_*` flags.
+    /// - Returns: the new descriptor.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openat2(_ dir: DirFD?, _ path: FilePath, flags: Int32, mode: mode_t = 0, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("openat2", shown(dir, path))
         while true {
@@ -119,6 +166,13 @@ public enum Sys {
 
     /// `statx(2)` of `path` below `dir`, never following a final symlink unless asked.
     /// An empty path stats `dir` itself (`AT_EMPTY_PATH`).
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - followSymlinks: follow a final symbolic link (default: describe the link itself).
+    /// - Returns: the file's status.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func statx(_ dir: DirFD?, _ path: FilePath, followSymlinks: Bool = false) throws(SystemCallError) -> FileStatus {
         try FaultInjection.check("statx", shown(dir, path))
         var flags = followSymlinks ? 0 : FSSHARE_AT_SYMLINK_NOFOLLOW
@@ -133,11 +187,24 @@ public enum Sys {
     }
 
     /// `statx(2)` of an open descriptor.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Returns: the file's status.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func fstatx(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> FileStatus {
         try statx(DirFD(fd: fd, path: path), "")
     }
 
     /// `mkdirat(2)`. Returns false when something already exists there (EEXIST).
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - mode: permission bits for what is created.
+    /// - Returns: true if it was made, false if it existed.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     @discardableResult
     public static func mkdirat(_ dir: DirFD?, _ path: FilePath, mode: mode_t) throws(SystemCallError) -> Bool {
         try FaultInjection.check("mkdirat", shown(dir, path))
@@ -149,6 +216,13 @@ public enum Sys {
 
     /// Creates an empty regular file (a mount point for a single-file share) with
     /// `O_CREAT|O_EXCL|O_NOFOLLOW`. Returns false when something already exists there.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - mode: permission bits for what is created.
+    /// - Returns: true if it was made, false if it existed.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     @discardableResult
     public static func mkfileat(_ dir: DirFD?, _ path: FilePath, mode: mode_t) throws(SystemCallError) -> Bool {
         try FaultInjection.check("mkfileat", shown(dir, path))
@@ -164,6 +238,12 @@ public enum Sys {
     }
 
     /// `unlinkat(2)`; `directory` adds `AT_REMOVEDIR`.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - directory: remove a directory (`AT_REMOVEDIR`) rather than a file.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func unlinkat(_ dir: DirFD?, _ path: FilePath, directory: Bool) throws(SystemCallError) {
         try FaultInjection.check("unlinkat", shown(dir, path))
         let rc = path.withPlatformString { Glibc.unlinkat(dirfd(dir), $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
@@ -173,6 +253,12 @@ public enum Sys {
     /// Opens an unnamed file in `dir` (`O_TMPFILE|O_RDWR`): it has no name until ``linkat(_:_:_:)``
     /// gives it one, so a crash before that leaves nothing behind. EOPNOTSUPP on filesystems
     /// without it.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory the file will live in.
+    ///   - mode: permission bits for what is created.
+    /// - Returns: the unnamed file's descriptor.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openUnnamed(_ dir: DirFD, mode: mode_t) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("open_tmpfile", dir.path)
         while true {
@@ -185,6 +271,12 @@ public enum Sys {
 
     /// Gives an open file (an unnamed ``openUnnamed(_:mode:)`` file) the name `dir/name`, through
     /// `/proc/self/fd` (no CAP_DAC_READ_SEARCH needed). EEXIST if the name is taken.
+    ///
+    /// - Parameters:
+    ///   - fd: an unnamed file (`O_TMPFILE`) to give a name.
+    ///   - dir: the directory the name goes in.
+    ///   - name: the entry name in `dir`.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func linkat(_ fd: FileDescriptor, _ dir: DirFD, _ name: FilePath) throws(SystemCallError) {
         try FaultInjection.check("linkat", dir.display(name))
         let rc = FilePath("/proc/self/fd/\(fd.rawValue)").withPlatformString { from in
@@ -206,6 +298,12 @@ public enum Sys {
     }
 
     /// `renameat(2)`.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - from: the entry to move.
+    ///   - to: where it goes.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func renameat(_ dir: DirFD?, _ from: FilePath, _ to: FilePath) throws(SystemCallError) {
         try FaultInjection.check("renameat", shown(dir, to))
         let rc = from.withPlatformString { f in to.withPlatformString { t in Glibc.renameat(dirfd(dir), f, dirfd(dir), t) } }
@@ -213,6 +311,10 @@ public enum Sys {
     }
 
     /// `readlink` of `/proc/self/fd/N`: the path the kernel has for an open descriptor.
+    ///
+    /// - Parameter fd: the descriptor.
+    /// - Returns: the path the kernel has for it.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func pathOf(_ fd: FileDescriptor) throws(SystemCallError) -> FilePath {
         try FaultInjection.check("readlink", FilePath("/proc/self/fd/\(fd.rawValue)"))
         // A stack buffer: this runs on every share, and a zeroed 4 KiB heap array showed up in profiles.
@@ -230,6 +332,12 @@ public enum Sys {
     }
 
     /// `readlinkat(2)` of a symlink below `dir`.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    /// - Returns: the link's target text.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func readlinkat(_ dir: DirFD?, _ path: FilePath) throws(SystemCallError) -> String {
         try FaultInjection.check("readlinkat", shown(dir, path))
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
@@ -239,6 +347,12 @@ public enum Sys {
     }
 
     /// `fstatfs(2)`'s `f_type` (the filesystem magic).
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Returns: `f_type` (a filesystem magic number).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func filesystemType(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> Int {
         try FaultInjection.check("fstatfs", path)
         let t = fsshare_fstatfs_type(fd.rawValue)
@@ -248,6 +362,12 @@ public enum Sys {
 
     /// Lists the names in a directory (not `.` or `..`), with their `d_type` kind. Uses
     /// getdents64 directly: opendir would add an fstat and two fcntls per listing.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    /// - Returns: the entries (without `.` and `..`) and their `d_type`.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func listDirectory(_ dir: DirFD?, _ path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
         let fd = try openat(dir, path, flags: O_RDONLY | FSSHARE_O_DIRECTORY | FSSHARE_O_NOFOLLOW)
         defer { close(fd) }
@@ -255,6 +375,12 @@ public enum Sys {
     }
 
     /// Lists a directory opened `O_RDONLY` (from its current position; use a fresh descriptor).
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Returns: the entries (without `.` and `..`) and their `d_type`.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func listDirectory(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
         var result: [(String, FileKind?)] = []
         var failure: SystemCallError?
@@ -294,11 +420,19 @@ public enum Sys {
     }
 
     /// Closes a descriptor; errors from close(2) are not actionable here and are dropped.
+    ///
+    /// - Parameter fd: the descriptor.
     public static func close(_ fd: FileDescriptor) {
         _ = Glibc.close(fd.rawValue)
     }
 
     /// Writes all of `bytes` (looping on short writes and EINTR).
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - bytes: the bytes to write, all of them.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func writeAll(_ fd: FileDescriptor, _ bytes: [UInt8], path: FilePath) throws(SystemCallError) {
         try FaultInjection.check("write", path)
         var offset = 0
@@ -316,6 +450,12 @@ public enum Sys {
     }
 
     /// Reads a whole file from an open descriptor, from offset 0.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Returns: every byte up to end of file.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func readAll(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> [UInt8] {
         try FaultInjection.check("read", path)
         var result: [UInt8] = []
@@ -334,12 +474,24 @@ public enum Sys {
     }
 
     /// `ftruncate(2)`.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - size: the new size in bytes.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func truncate(_ fd: FileDescriptor, to size: Int, path: FilePath) throws(SystemCallError) {
         try FaultInjection.check("ftruncate", path)
         if Glibc.ftruncate(fd.rawValue, off_t(size)) != 0 { throw fail("ftruncate", path) }
     }
 
     /// `flock(2)` (`LOCK_EX`, `LOCK_SH` or `LOCK_UN`), blocking, retried on EINTR.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - operation: `LOCK_EX`, `LOCK_SH` or `LOCK_UN`.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func flock(_ fd: FileDescriptor, operation: Int32, path: FilePath) throws(SystemCallError) {
         try FaultInjection.check("flock", path)
         while fsshare_flock(fd.rawValue, operation) != 0 {
@@ -350,6 +502,14 @@ public enum Sys {
     // MARK: - Mounts
 
     /// `mount(2)`.
+    ///
+    /// - Parameters:
+    ///   - source: the mount source (nil for none).
+    ///   - target: where it applies (a mount point, or a symbolic link's target text).
+    ///   - fstype: the filesystem type (nil for binds).
+    ///   - flags: the call's flags (`O_*`, `MS_*`, `MNT_*`).
+    ///   - data: filesystem options (nil for none).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func mount(source: FilePath?, target: FilePath, fstype: String? = nil, flags: UInt, data: String? = nil) throws(SystemCallError) {
         try FaultInjection.check("mount", target)
         let rc = target.withPlatformString { t in
@@ -363,6 +523,11 @@ public enum Sys {
     }
 
     /// `umount2(2)`.
+    ///
+    /// - Parameters:
+    ///   - target: where it applies (a mount point, or a symbolic link's target text).
+    ///   - flags: the call's flags (`O_*`, `MS_*`, `MNT_*`).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func umount2(_ target: FilePath, flags: Int32) throws(SystemCallError) {
         try FaultInjection.check("umount2", target)
         let rc = target.withPlatformString { Glibc.umount2($0, flags) }
@@ -371,6 +536,14 @@ public enum Sys {
 
     /// `open_tree(2)` with `OPEN_TREE_CLONE` (a detached copy of the mount at `path`);
     /// `recursive` adds `AT_RECURSIVE` (carry submounts). `path` empty clones `dir` itself.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `path` is relative to; nil: the current directory.
+    ///   - path: the path, relative to `dir`.
+    ///   - recursive: include the submounts.
+    ///   - display: the path shown in errors.
+    /// - Returns: the detached mount's descriptor.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openTreeClone(_ dir: DirFD?, _ path: FilePath, recursive: Bool, display: FilePath? = nil) throws(SystemCallError) -> FileDescriptor {
         let shownPath = display ?? shown(dir, path)
         try FaultInjection.check("open_tree", shownPath)
@@ -383,6 +556,14 @@ public enum Sys {
     }
 
     /// `mount_setattr(2)` on a (possibly detached) mount fd: set read-only and/or propagation.
+    ///
+    /// - Parameters:
+    ///   - fd: a mount (`O_PATH` descriptor of its root, or a detached mount).
+    ///   - readOnly: make it read-only.
+    ///   - recursive: include the submounts.
+    ///   - propagation: the propagation to set (`MS_SLAVE`, ...), or 0 to leave it.
+    ///   - display: the path shown in errors.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func mountSetattr(_ fd: FileDescriptor, readOnly: Bool, recursive: Bool, propagation: UInt, display: FilePath) throws(SystemCallError) {
         try FaultInjection.check("mount_setattr", display)
         var flags = UInt32(FSSHARE_AT_EMPTY_PATH)
@@ -393,6 +574,12 @@ public enum Sys {
 
     /// `move_mount(2)` of a detached mount fd onto the object `target` refers to (an `O_PATH` fd):
     /// the attach point is pinned by descriptor, so no path is re-resolved.
+    ///
+    /// - Parameters:
+    ///   - mount: a detached mount (from `openTreeClone`).
+    ///   - target: the mount point (an `O_PATH` descriptor).
+    ///   - display: the path shown in errors.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func moveMount(_ mount: FileDescriptor, onto target: FileDescriptor, display: FilePath) throws(SystemCallError) {
         try FaultInjection.check("move_mount", display)
         let rc = fsshare_move_mount(mount.rawValue, "", target.rawValue, "", FSSHARE_MOVE_MOUNT_F_EMPTY_PATH | FSSHARE_MOVE_MOUNT_T_EMPTY_PATH)

@@ -12,12 +12,19 @@ public struct SystemCallError: Error, Sendable, Equatable, CustomStringConvertib
     /// The error the kernel returned (or the fault injector pretended it did).
     public var errno: Errno
 
+    /// `syscall` failed on `path` (nil: no path) with `errno`.
+    ///
+    /// - Parameters:
+    ///   - syscall: the call's name.
+    ///   - path: what errors show for the descriptor (the call itself uses `fd`).
+    ///   - errno: the error.
     public init(syscall: String, path: FilePath?, errno: Errno) {
         self.syscall = syscall
         self.path = path
         self.errno = errno
     }
 
+    /// `syscall(path): strerror (errno N)`.
     public var description: String {
         if let path {
             return "\(syscall)(\(path)): \(errno) (errno \(errno.rawValue))"

@@ -15,11 +15,14 @@ import SystemPackage
 /// root (the check is on the last three components, so `/var/lib/kubelet`, k0s' root and a
 /// symlinked root all match; callers test both the path given and the resolved one).
 public enum KubeletVolume {
+    /// The kubelet volume plugins that write through the atomic writer.
     public static let plugins: Set<String> = [
         "kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~projected", "kubernetes.io~downward-api",
     ]
 
     /// The plugin and volume name when `path` names an atomic-writer volume directory.
+    ///
+    /// - Parameter path: a directory path.
     public static func match(_ path: FilePath) -> (plugin: String, name: String)? {
         let c = path.lexicallyNormalized().components.map(\.string)
         guard c.count >= 3, c[c.count - 3] == "volumes", plugins.contains(c[c.count - 2]) else { return nil }
@@ -36,6 +39,11 @@ public struct WatchLimits: Sendable, Equatable {
     /// Bytes of file content in one update.
     public var maxBytes: Int64
 
+    /// Limits of `maxEntries` entries and `maxBytes` bytes per update (defaults far above Kata's 16 / 1 MiB).
+    ///
+    /// - Parameters:
+    ///   - maxEntries: files, directories and symlinks in one update.
+    ///   - maxBytes: bytes of file content in one update.
     public init(maxEntries: Int = 4096, maxBytes: Int64 = 64 << 20) {
         self.maxEntries = maxEntries
         self.maxBytes = maxBytes

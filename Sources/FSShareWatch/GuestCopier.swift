@@ -12,24 +12,37 @@ import SystemPackage
 
 /// What one copy into the guest did.
 public struct CopyReport: Sendable, Equatable {
+    /// Regular files copied.
     public var files = 0
+    /// Directories created.
     public var directories = 0
+    /// Symbolic links created (as links: never followed).
     public var symlinks = 0
+    /// Bytes of file content sent.
     public var bytes: Int64 = 0
     /// Entries not copied, each with the reason (sockets, devices, refused symlinks, ...).
     public var skipped: [Skipped] = []
     /// Entries looked at below the top directory (copied or skipped), for the limits.
     var entriesSeen = 0
 
+    /// An entry that was not copied.
     public struct Skipped: Sendable, Equatable {
+        /// Its host path.
         public var path: String
+        /// Why it was skipped.
         public var reason: String
+        /// `path` was skipped for `reason`.
+        ///
+        /// - Parameters:
+        ///   - path: the entry's host path.
+        ///   - reason: why it was skipped.
         public init(path: String, reason: String) {
             self.path = path
             self.reason = reason
         }
     }
 
+    /// An empty report.
     public init() {}
 }
 

@@ -34,8 +34,11 @@ import SystemPackage
 ///
 /// Logs go through swift-log (`logger`: one record per sync, error and lifecycle event, with
 /// `sandbox` and `volume` metadata where they apply); counts and sync latencies through
-/// swift-metrics (see ``Metrics``), so a host process that bootstraps a backend (the CLI:
-/// Prometheus) gets them and one that does not pays a no-op call.
+/// swift-metrics (`fsshare_watch_syncs_total{result}`, `fsshare_watch_copied_bytes_total`,
+/// `fsshare_watch_queue_overflows_total`, `fsshare_watch_volumes_stopped_total`, the gauge
+/// `fsshare_watch_volumes` and the timer `fsshare_watch_sync_duration_seconds`), so a host
+/// process that bootstraps a backend (the CLI: Prometheus) gets them and one that does not pays
+/// a no-op call.
 public final class VolumeWatcher: Sendable {
     let engine: WatcherEngine
 
@@ -49,10 +52,15 @@ public final class VolumeWatcher: Sendable {
 
     /// Counters, for logs, tests and the benchmark.
     public struct Statistics: Sendable, Equatable {
+        /// inotify instances held: 1 while started, else 0.
         public var inotifyInstances = 0
+        /// Volumes mirrored now.
         public var watchedVolumes = 0
+        /// Syncs completed (including those that found nothing to do).
         public var syncs = 0
+        /// Syncs that failed (retried, or the volume stopped with a reason).
         public var failedSyncs = 0
+        /// inotify queue overflows (each one resyncs every volume).
         public var overflows = 0
         /// Volumes no longer mirrored, with the reason (over a limit, gone, failing).
         public var stopped: [String: String] = [:]
@@ -61,6 +69,7 @@ public final class VolumeWatcher: Sendable {
     /// A directory observed with ``VolumeWatcher/observe(_:mask:_:)``; pass it to
     /// ``VolumeWatcher/stopObserving(_:)``.
     public struct Observation: Sendable, Hashable {
+        /// The inotify watch descriptor events of the directory carry.
         public let watchDescriptor: Int32
         let id: UInt64
     }
@@ -121,12 +130,18 @@ public final class VolumeWatcher: Sendable {
     }
 
     /// Stops mirroring a volume (its guest copy is left alone). Unknown volumes are ignored.
+    ///
+    /// - Parameters:
+    ///   - sandboxID: the volume's sandbox.
+    ///   - name: its name in the sandbox.
     public func unwatch(sandboxID: String, name: String) { engine.unwatch(sandboxID: sandboxID, name: name) }
 
     /// The volumes being mirrored, as `sandbox/name` keys.
     public var watchedVolumes: [String] { engine.watchedVolumes }
 
     /// The names of the volumes being mirrored for one sandbox.
+    ///
+    /// - Parameter sandboxID: the sandbox.
     public func watchedVolumes(in sandboxID: String) -> [String] { engine.watchedVolumes(in: sandboxID) }
 
     /// Calls `handler` for every inotify event of `directory` matching `mask`, on the
@@ -138,11 +153,18 @@ public final class VolumeWatcher: Sendable {
     /// - Returns: the observation, for ``stopObserving(_:)``.
     /// - Throws: `notPrepared` if the watcher is not started; `conflict` if `directory` is a
     ///   watched volume or already observed; `systemCall` if inotify refuses it.
+    ///
+    /// - Parameters:
+    ///   - directory: the directory (a `/proc/self/fd/N` path of an open descriptor is fine).
+    ///   - mask: the inotify events wanted (`IN_ONLYDIR` is added).
+    ///   - handler: called with each event; must not hold the watcher strongly.
     public func observe(_ directory: FilePath, mask: UInt32, _ handler: @escaping @Sendable (InotifyEvent) -> Void) throws(FSShareError) -> Observation {
         try engine.observe(directory, mask: mask, handler)
     }
 
     /// Ends an observation (no-op if it already ended, or the watcher stopped).
+    ///
+    /// - Parameter observation: what observe(_:mask:_:) returned.
     public func stopObserving(_ observation: Observation) { engine.stopObserving(observation) }
 
     /// Records why a volume of a sandbox is not mirrored, for ``Statistics/stopped``.
@@ -158,5 +180,7 @@ public final class VolumeWatcher: Sendable {
     /// Stops (or resumes) reading the inotify queue, so that a test can fill the kernel's queue
     /// past `fs.inotify.max_queued_events` and get a real `IN_Q_OVERFLOW` without changing any
     /// host setting.
+    ///
+    /// - Parameter paused: true to leave events queued in the kernel, false to read again.
     @_spi(Testing) public func pauseReadingForTesting(_ paused: Bool) { engine.pauseReadingForTesting(paused) }
 }
