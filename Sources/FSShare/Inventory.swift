@@ -167,7 +167,7 @@ public struct Inventory: Sendable {
     ///
     /// - Parameter root: the sandbox root.
     /// - Returns: what was cleaned, removed and left alone.
-    /// - Throws: `incompleteCleanup` listing every sandbox that could not be cleaned (the others are); what read(root:) throws.
+    /// - Throws: `incompleteCleanup` listing every sandbox that could not be cleaned (the others are); what ``read(root:)`` throws.
     @discardableResult
     public static func cleanupAll(root: FilePath) throws(FSShareError) -> CleanupReport {
         let before = try read(root: root)

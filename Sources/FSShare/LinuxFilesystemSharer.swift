@@ -42,7 +42,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// The async API's queue: one operation of this sharer at a time on the ``BlockingPool``.
     private let gate = AsyncGate()
     /// What ``startFileEventWatcher()`` started: this sandbox followed on ``watcher``.
-    private let follower = Mutex<SandboxFollower?>(nil)
+    let follower = Mutex<SandboxFollower?>(nil)
 
     /// Creates a sharer for one sandbox. Nothing is touched on disk until an operation runs.
     ///
@@ -147,7 +147,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// The open sandbox tree, opened (and kept) if needed; throws `notPrepared` without one.
     /// Opening happens outside the mutex (it takes the sandbox's `flock` briefly).
-    private func preparedHandle() throws(FSShareError) -> SandboxHandle {
+    func preparedHandle() throws(FSShareError) -> SandboxHandle {
         if let h = handleState.withLock({ $0 }), h.isAlive { return h }
         let opened = try openPrepared()
         return handleState.withLock { current in
@@ -164,7 +164,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Blocking ``prepare()``, for callers on threads of their own (the CLI). In copy mode it
     /// makes the directories and the manifest only: there is nothing to export.
     ///
-    /// - Throws: as prepare().
+    /// - Throws: as ``prepare()``.
     @_spi(Blocking) public func prepareSync() throws(FSShareError) {
         if let h = handleState.withLock({ $0 }), h.isAlive,
            copyMode || (try? isMountRoot(h.sandbox, configuration.layoutStyle.exportPath)) == true { return }
@@ -179,78 +179,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         try await offload("Cleanup") { _ throws(FSShareError) in _ = try self.cleanupSync() }
     }
 
-    // MARK: - Watched volumes
-
-    /// Starts mirroring this sandbox's watched volumes into the guest with ``watcher`` (started
-    /// if it is not): those shared already, and those any process shares later (the manifest is
-    /// followed). Kata's `StartFileEventWatcher`; a no-op when already started.
-    ///
-    /// - Throws: `unsupported` when the sharer was made without a watcher; `notPrepared` before
-    ///   ``prepare()``; what `VolumeWatcher/start()` throws.
-    public func startFileEventWatcher() async throws(FSShareError) {
-        try await offload("StartFileEventWatcher") { _ throws(FSShareError) in try self.startFileEventWatcherSync() }
-    }
-
-    /// Blocking ``startFileEventWatcher()``.
-    ///
-    /// - Throws: as startFileEventWatcher().
-    @_spi(Blocking) public func startFileEventWatcherSync() throws(FSShareError) {
-        guard let watcher else {
-            throw FSShareError(.unsupported, "sandbox \(sandboxID)'s sharer has no VolumeWatcher: give it one (one per process serves every sandbox)")
-        }
-        if follower.withLock({ $0 != nil }) { return }
-        try watcher.start()
-        let made = SandboxFollower(watcher: watcher)
-        try made.follow(root: configuration.root, sandboxID: sandboxID, agent: agent)
-        let kept = follower.withLock { current -> Bool in
-            if current != nil { return false }
-            current = made
-            return true
-        }
-        if !kept { made.stop() }
-    }
-
-    /// Stops mirroring this sandbox's volumes (the shared watcher goes on serving other
-    /// sandboxes; the guest keeps its last copies). Kata's `StopFileEventWatcher`.
-    public func stopFileEventWatcher() async {
-        stopFollowing()
-    }
-
-    /// Hands a watched volume just shared to ``watcher``, if there is one and it runs. Not
-    /// running: ``startFileEventWatcher()`` (or `fsshare watch`) finds it in the manifest later
-    /// and starts with a full sync. Any other refusal (the inotify watch limit) is logged and
-    /// shown in the watcher's statistics; the share itself stands (it is complete and recorded).
-    func registerWatched(
-        name: String, volume: FilePath, guestPath: String, agent: AgentClient, state: AtomicWriterMirror.GuestState?,
-        watchable: Bool = false, firstSync: Bool = true
-    ) {
-        guard let watcher else { return }
-        do {
-            try watcher.watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: state, watchable: watchable, firstSync: firstSync)
-        } catch {
-            if error.code == .notPrepared { return }
-            watcher.log("\(volume) is shared but not mirrored: \(error.message)", level: .warning, sandbox: sandboxID, volume: volume)
-            watcher.noteNotWatched(sandboxID: sandboxID, name: name, reason: error.message)
-        }
-    }
-
-    /// Ends the following and unwatches this sandbox's volumes (quick: no blocking call).
-    func stopFollowing() {
-        let f = follower.withLock { current -> SandboxFollower? in
-            let f = current
-            current = nil
-            return f
-        }
-        f?.stop()
-        guard let watcher else { return }
-        for name in watcher.watchedVolumes(in: sandboxID) { watcher.unwatch(sandboxID: sandboxID, name: name) }
-    }
-
     /// Blocking ``cleanup()``; says what it found. A directory of this name that no fsshare
     /// manifest proves to be a sandbox is refused (`FSShareError/Code/refused`) and left alone.
     ///
     /// - Returns: what it found: a sandbox cleaned, nothing, or an interrupted prepare removed.
-    /// - Throws: as cleanup().
+    /// - Throws: as ``cleanup()``.
     @_spi(Blocking) @discardableResult
     public func cleanupSync() throws(FSShareError) -> CleanupOutcome {
         stopFollowing()
@@ -478,8 +411,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// - Parameters:
     ///   - container: the container the mount belongs to.
     ///   - mount: the OCI mount.
-    /// - Returns: as shareFile(container:mount:).
-    /// - Throws: as shareFile(container:mount:), except `cancelled`.
+    /// - Returns: as ``shareFile(container:mount:)``.
+    /// - Throws: as ``shareFile(container:mount:)``, except `cancelled`.
     @_spi(Blocking) public func shareFileSync(container: Container, mount: Mount) throws(FSShareError) -> SharedFile? {
         try shareFileSync(container: container, mount: mount, cancellation: nil)
     }
@@ -563,7 +496,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     ///   - container: the container the mount belongs to.
     ///   - mount: the mount as it was shared.
     /// - Returns: what became of the share.
-    /// - Throws: as unshareFile(container:mount:), except `cancelled`.
+    /// - Throws: as ``unshareFile(container:mount:)``, except `cancelled`.
     @_spi(Blocking) @discardableResult
     public func unshareFileSync(container: Container, mount: Mount) throws(FSShareError) -> UnshareOutcome {
         guard mount.type == "bind" else { return .removed }
@@ -578,7 +511,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// - Returns: what became of it (a copy Kata's agent cannot remove stays in the guest).
     ///
     /// - Parameter name: the share's recorded name.
-    /// - Throws: as unshareFile(container:mount:).
+    /// - Throws: as ``unshareFile(container:mount:)``.
     @discardableResult
     public func unshare(name: String) async throws(FSShareError) -> UnshareOutcome {
         try await offload("UnshareFile", attributes: { [("share.name", name)] }) { _ throws(FSShareError) in try self.unshareSync(name: name) }
@@ -588,7 +521,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     ///
     /// - Parameter name: the share's recorded name.
     /// - Returns: what became of it.
-    /// - Throws: as unshare(name:), except `cancelled`.
+    /// - Throws: as ``unshare(name:)``, except `cancelled`.
     @_spi(Blocking) @discardableResult
     public func unshareSync(name: String) throws(FSShareError) -> UnshareOutcome {
         let h: SandboxHandle
@@ -618,8 +551,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Blocking ``shares()``.
     ///
-    /// - Returns: as shares().
-    /// - Throws: as shares(), except `cancelled`.
+    /// - Returns: as ``shares()``.
+    /// - Throws: as ``shares()``, except `cancelled`.
     @_spi(Blocking) public func sharesSync() throws(FSShareError) -> [ShareState] {
         let h = try preparedHandle()
         return try h.locked { () throws(FSShareError) in
@@ -630,99 +563,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
     }
 
-    // MARK: - Rootfs
-
-    /// Shares a container's root filesystem (see
-    /// ``FilesystemSharer/shareRootFilesystem(container:)``) on the library's threads.
-    ///
-    /// - Parameter container: the container, with its rootfs: host-mounted (bound), a block device (directories and a block storage) or a guest pull (a storage only).
-    /// - Returns: the rootfs's guest path and the container storages for `CreateContainer`.
-    /// - Throws: `invalidArgument` for an incomplete rootfs description; otherwise as shareFile(container:mount:).
-    public func shareRootFilesystem(container: Container) async throws(FSShareError) -> SharedFile {
-        try await offload("ShareRootFilesystem", attributes: { [("container", container.id)] }) { _ throws(FSShareError) in
-            try self.shareRootFilesystemSync(container: container)
-        }
-    }
-
-    /// Blocking ``shareRootFilesystem(container:)``.
-    ///
-    /// - Parameter container: the container.
-    /// - Returns: as shareRootFilesystem(container:).
-    /// - Throws: as shareRootFilesystem(container:), except `cancelled`.
-    @_spi(Blocking) public func shareRootFilesystemSync(container: Container) throws(FSShareError) -> SharedFile {
-        try Identifier.validate(container.id, what: "container")
-        let cid = container.id
-        switch container.rootfs {
-        case .guestPull(let image, let annotations):
-            guard !image.isEmpty else { throw FSShareError(.invalidArgument, "guest pull needs an image reference") }
-            let storage = Storages.guestPullRootfs(containerID: cid, image: image, annotations: annotations)
-            return SharedFile(guestPath: Storages.guestPullRootfsPath(cid), containerStorages: [storage])
-        case .blockDevice(let device, let suffix):
-            guard !device.address.isEmpty, !device.fstype.isEmpty else {
-                throw FSShareError(.invalidArgument, "a block-device rootfs needs a device address and a filesystem type")
-            }
-            if !suffix.isEmpty { try Identifier.validate(suffix, what: "rootfs suffix") }
-            let record = ShareRecord(
-                name: cid, kind: .rootfsDirectory, containerID: cid, source: device.address, destination: suffix,
-                readOnly: false, recursive: false, isFile: false)
-            let h = try preparedHandle()
-            try h.locked { () throws(FSShareError) in
-                try h.manifest.refresh()
-                try makeBlockRootfsDirectories(record, suffix: suffix, handle: h)
-            }
-            let storage = Storages.blockRootfs(
-                containerID: cid, device: device, driver: configuration.blockDeviceDriver, guestSharedDir: configuration.guestSharedDir)
-            return SharedFile(guestPath: Storages.joinGuest(configuration.guestSharedDir, cid, suffix), containerStorages: [storage])
-        case .hostMounted(let path):
-            let record = ShareRecord(
-                name: "\(cid)/rootfs", kind: .rootfs, containerID: cid, source: path.string, destination: "/",
-                readOnly: false, recursive: false, isFile: false)
-            let method = configuration.mountMethod
-            let policy = configuration.sourceSymlinks
-            let h = try preparedHandle()
-            let made = try h.locked { () throws(FSShareError) -> ShareRecord in
-                try h.manifest.refresh()
-                let (dirFD, created) = try MountOps.ownEntry(h.mounts, FilePath(cid), directory: true, mode: 0o750)
-                defer { Sys.close(dirFD) }
-                do throws(FSShareError) {
-                    return try share(record, in: DirFD(fd: dirFD, path: h.mounts.display(FilePath(cid))), handle: h, method: method, policy: policy)
-                } catch {
-                    if created { try? Sys.unlinkat(h.mounts, FilePath(cid), directory: true) }
-                    throw error
-                }
-            }
-            return SharedFile(guestPath: layout.guestPath("\(cid)/rootfs"), resolvedSource: made.resolvedSource.map { FilePath($0) })
-        }
-    }
-
-    /// Undoes ``shareRootFilesystem(container:)`` on the library's threads.
-    ///
-    /// - Parameter container: the container, as shared.
-    /// - Throws: as unshareFile(container:mount:).
-    public func unshareRootFilesystem(container: Container) async throws(FSShareError) {
-        try await offload("UnshareRootFilesystem", attributes: { [("container", container.id)] }) { _ throws(FSShareError) in
-            try self.unshareRootFilesystemSync(container: container)
-        }
-    }
-
-    /// Blocking ``unshareRootFilesystem(container:)``.
-    ///
-    /// - Parameter container: the container, as shared.
-    /// - Throws: as unshareRootFilesystem(container:), except `cancelled`.
-    @_spi(Blocking) public func unshareRootFilesystemSync(container: Container) throws(FSShareError) {
-        try Identifier.validate(container.id, what: "container")
-        switch container.rootfs {
-        case .guestPull: return
-        case .blockDevice: try unshareSync(name: container.id)
-        case .hostMounted: try unshareSync(name: "\(container.id)/rootfs")
-        }
-    }
-
     // MARK: - Mechanics (called with both locks held)
 
     /// Shares `record.source` at `dir/<last component of record.name>`; idempotent, and a
     /// share recorded by a process that died before finishing it is finished.
-    private func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
+    func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
         let leaf = FilePath(record.name).lastComponent.map { FilePath($0.string) } ?? FilePath(record.name)
         var record = record
         if let existing = h.manifest.shares[record.name] {
@@ -759,7 +604,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         return record
     }
 
-    private func makeBlockRootfsDirectories(_ record: ShareRecord, suffix: String, handle h: SandboxHandle) throws(FSShareError) {
+    func makeBlockRootfsDirectories(_ record: ShareRecord, suffix: String, handle h: SandboxHandle) throws(FSShareError) {
         if h.manifest.shares[record.name] != record { try h.manifest.recordShare(record) }
         let cid = try MountOps.ownEntry(h.mounts, FilePath(record.name), directory: true, mode: 0o750)
         defer { Sys.close(cid.fd) }
