@@ -53,6 +53,30 @@ extension LinuxFilesystemSharer {
             let storage = Storages.blockRootfs(
                 containerID: cid, device: device, driver: configuration.blockDeviceDriver, guestSharedDir: configuration.guestSharedDir)
             return SharedFile(guestPath: Storages.joinGuest(configuration.guestSharedDir, cid, suffix), containerStorages: [storage])
+        case .image(let path, let deviceAddress):
+            guard !deviceAddress.isEmpty else {
+                throw FSShareError(
+                    .invalidArgument,
+                    "an image rootfs needs the guest address of the disk it was attached as: attach the byte range RootfsImage.inspect gives (read-only), then share it")
+            }
+            let image = try RootfsImage.inspect(path)
+            let record = ShareRecord(
+                name: cid, kind: .rootfsImage, containerID: cid, source: path.string, destination: "",
+                readOnly: true, recursive: false, isFile: false)
+            let h = try preparedHandle()
+            try h.locked { () throws(FSShareError) in
+                try h.manifest.refresh()
+                if let existing = h.manifest.shares[cid], existing != record {
+                    throw FSShareError(.conflict, "container \(cid)'s rootfs is already shared from \(existing.source); unshare it first")
+                }
+                try makeBlockRootfsDirectories(record, suffix: "", handle: h)
+            }
+            let storage = Storages.imageRootfs(
+                containerID: cid, deviceAddress: deviceAddress, image: image, driver: configuration.blockDeviceDriver,
+                guestSharedDir: configuration.guestSharedDir)
+            var shared = SharedFile(guestPath: Storages.joinGuest(configuration.guestSharedDir, cid), containerStorages: [storage])
+            shared.rootfsImage = image
+            return shared
         case .hostMounted(let path):
             let record = ShareRecord(
                 name: "\(cid)/rootfs", kind: .rootfs, containerID: cid, source: path.string, destination: "/",
@@ -93,7 +117,7 @@ extension LinuxFilesystemSharer {
         try Identifier.validate(container.id, what: "container")
         switch container.rootfs {
         case .guestPull: return
-        case .blockDevice: try unshareSync(name: container.id)
+        case .blockDevice, .image: try unshareSync(name: container.id)
         case .hostMounted: try unshareSync(name: "\(container.id)/rootfs")
         }
     }

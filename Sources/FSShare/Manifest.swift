@@ -16,6 +16,9 @@ public struct ShareRecord: Sendable, Equatable {
         case rootfsDirectory = "rootfs-dir"
         /// Copy mode: a volume copied into the guest at `<guest shared dir>/<name>`; nothing on the host.
         case copy
+        /// An image rootfs attached to the VM as a read-only disk: only the directory
+        /// `mounts/<cid>` (the guest's mount point), no mount; `source` is the image file.
+        case rootfsImage = "rootfs-image"
     }
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
     public var name: String

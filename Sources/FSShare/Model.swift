@@ -62,6 +62,13 @@ public enum Rootfs: Sendable, Equatable {
     case blockDevice(BlockDevice, suffix: String = "rootfs")
     /// The guest pulls the image itself (`image_guest_pull`). `annotations` become the pull's metadata.
     case guestPull(image: String, annotations: [String: String] = [:])
+    /// A root filesystem image file (squashfs, ext2/3/4, erofs, or a SIF file's root filesystem
+    /// partition), recognised from its bytes by ``RootfsImage/inspect(_:)``. The host never mounts
+    /// it: the runtime attaches the byte range ``RootfsImage/offset`` ..< `offset + size` to the
+    /// VM as a read-only raw disk (libvirt: a `<disk>` with `<readonly/>` and a storage slice),
+    /// and passes the guest address the block driver gives it (PCI path, SCSI address, ...). The
+    /// storage is Kata's block rootfs storage, with the detected filesystem type and `ro`.
+    case image(FilePath, deviceAddress: String)
 }
 
 /// A container as the sharer sees it: its id and its rootfs.
@@ -99,6 +106,8 @@ public struct SharedFile: Sendable, Equatable {
     /// `watchable-bind` mirror: why (over a limit, or mirrors turned off). The guest sees the
     /// plain share, where updates raise no inotify event.
     public var watchableFallback: String?
+    /// An image rootfs: what the image was recognised as (its format and byte range).
+    public var rootfsImage: RootfsImage?
 
     /// The outcome of a share; the sharer makes these, tests and other sharers may too.
     ///

@@ -52,6 +52,24 @@ public enum Storages {
             mountPoint: joinGuest(guestSharedDir, containerID))
     }
 
+    /// The storage for an image rootfs: Kata's block rootfs storage for the disk the runtime
+    /// attached, mounted read-only with the image's detected filesystem.
+    ///
+    /// - Parameters:
+    ///   - containerID: the container.
+    ///   - deviceAddress: the attached disk's guest address, in the block driver's form.
+    ///   - image: what the image was recognised as.
+    ///   - driver: the block driver.
+    ///   - guestSharedDir: the guest's shared directory (the mount point is below it).
+    /// - Returns: the block storage with `ro`.
+    public static func imageRootfs(
+        containerID: String, deviceAddress: String, image: RootfsImage, driver: BlockDeviceDriver, guestSharedDir: String
+    ) -> Storage {
+        make(
+            driver: driver.storageDriver, source: deviceAddress, fstype: image.filesystemType, options: ["ro"],
+            mountPoint: joinGuest(guestSharedDir, containerID))
+    }
+
     /// The storage for a guest-pulled rootfs (Kata's case 1).
     ///
     /// - Parameters:

@@ -14,7 +14,7 @@ public struct FSShareCLI: AsyncParsableCommand {
         abstract: "Share host filesystems into VM sandboxes (Kata-compatible layout and descriptors).",
         discussion: "Exit status: 0 ok, 1 the operation failed, 2 usage error. Under --json an error is one JSON object on standard error: {\"error\": {\"code\", \"message\"}}.",
         version: FSShareCLI.version,
-        subcommands: [Prepare.self, Cleanup.self, Share.self, Unshare.self, ShareRootfs.self, UnshareRootfs.self, Status.self, Watch.self])
+        subcommands: [Prepare.self, Cleanup.self, Share.self, Unshare.self, ShareRootfs.self, UnshareRootfs.self, InspectImage.self, Status.self, Watch.self])
 
     /// What `fsshare --version` prints.
     public static let version = "fsshare 0.4 (manifest format 1; Kata agent protocol subset: Storage, CopyFile, Health)"

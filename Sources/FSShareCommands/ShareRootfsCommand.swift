@@ -14,10 +14,16 @@ struct RootfsOptions: ParsableArguments {
     @Option(name: .long, help: "Rootfs suffix under the device root.") var suffix: String = "rootfs"
     @Option(name: .long, help: "Image reference for guest pull.") var guestPull: String?
     @Option(name: .long, help: "key=value annotation passed as guest-pull metadata (repeatable).") var annotation: [String] = []
+    @Option(name: .long, help: "A rootfs image file (squashfs, ext2/3/4, erofs or SIF), recognised from its bytes; attached to the VM read-only, never mounted on the host.") var image: String?
+    @Option(name: .long, help: "With --image: the guest address the attached disk got (PCI path, SCSI address, /dev/vdX or CCW devno).") var deviceAddress: String?
 
     func validate() throws {
-        let kinds = [dir != nil, blockDevice != nil, guestPull != nil].filter { $0 }.count
-        guard kinds == 1 else { throw ValidationError("give exactly one of --dir, --block-device or --guest-pull") }
+        let kinds = [dir != nil, blockDevice != nil, guestPull != nil, image != nil].filter { $0 }.count
+        guard kinds == 1 else { throw ValidationError("give exactly one of --dir, --block-device, --guest-pull or --image") }
+        if image != nil && deviceAddress == nil {
+            throw ValidationError("--image needs --device-address: attach the image's byte range (fsshare inspect-image prints it) read-only to the VM first")
+        }
+        if deviceAddress != nil && image == nil { throw ValidationError("--device-address goes with --image") }
         if blockDevice != nil && fstype == nil { throw ValidationError("--block-device needs --fstype") }
         for a in annotation where !a.contains("=") { throw ValidationError("--annotation must be key=value") }
     }
@@ -25,6 +31,7 @@ struct RootfsOptions: ParsableArguments {
     var rootfs: Rootfs {
         if let dir { return .hostMounted(FilePath(dir)) }
         if let blockDevice { return .blockDevice(BlockDevice(address: blockDevice, fstype: fstype ?? ""), suffix: suffix) }
+        if let image { return .image(FilePath(image), deviceAddress: deviceAddress ?? "") }
         var meta: [String: String] = [:]
         for a in annotation {
             let kv = a.split(separator: "=", maxSplits: 1)
@@ -40,7 +47,9 @@ struct ShareRootfs: AsyncParsableCommand {
         abstract: "Share a container's root filesystem and print its storages.",
         discussion: """
             --dir binds a host-mounted rootfs at mounts/<container>/rootfs; --block-device emits a \
-            blk/scsi/mmioblk/blk-ccw storage (xfs gets nouuid); --guest-pull emits image_guest_pull.
+            blk/scsi/mmioblk/blk-ccw storage (xfs gets nouuid); --guest-pull emits image_guest_pull; \
+            --image checks a rootfs image (squashfs, ext2/3/4, erofs, SIF) and emits the block storage \
+            of the disk it was attached as, read-only, with the detected filesystem.
 
             Examples:
               fsshare share-rootfs --root /run/fsshare --sandbox pod1 --container web --dir /run/containerd/web/rootfs
@@ -59,7 +68,12 @@ struct ShareRootfs: AsyncParsableCommand {
             sandboxID: sandbox, configuration: sourceOptions.apply(hypervisor.configuration(root: common.root, recorded: recorded(common, sandbox))))
         let shared = try await sharer.shareRootFilesystem(container: Container(id: container, rootfs: rootfsOptions.rootfs))
         let resolved = resolvedLines(shared, source: rootfsOptions.dir ?? "")
-        try emit(common, format: format, fields: [("guest_path", .string(shared.guestPath))] + resolved.fields,
-                 storages: shared.containerStorages, text: [shared.guestPath] + resolved.text)
+        var fields: [(String, JSON)] = [("guest_path", .string(shared.guestPath))] + resolved.fields
+        var text = [shared.guestPath] + resolved.text
+        if let image = shared.rootfsImage {
+            fields.append(("image", ImageFields.json(image)))
+            text.append("image: \(image.summary)")
+        }
+        try emit(common, format: format, fields: fields, storages: shared.containerStorages, text: text)
     }
 }

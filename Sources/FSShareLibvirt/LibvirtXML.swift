@@ -97,6 +97,25 @@ public enum LibvirtXML {
             """
     }
 
+    /// The `<disk>` that hands a root filesystem image to the VM: a raw file disk limited to the
+    /// image's byte range (a storage `<slice>`: for a SIF file only its root partition, so the
+    /// guest never sees the rest of the file), read-only, on `bus` as `target`. Attach it live
+    /// with ``LibvirtDomain/attachLive(deviceXML:)``; the guest address it gets (the PCI slot for
+    /// virtio, the SCSI address for scsi) is what `Rootfs.image(_:deviceAddress:)` takes.
+    ///
+    /// - Parameters:
+    ///   - imagePath: the image file.
+    ///   - image: what `RootfsImage.inspect` recognised (its extent).
+    ///   - target: the guest device name (`vdb`, `sdb`).
+    ///   - bus: `virtio` or `scsi`.
+    ///   - alias: names the device for detaching (`ua-` prefixed).
+    /// - Returns: the device XML.
+    public static func imageDisk(imagePath: FilePath, image: RootfsImage, target: String, bus: String = "virtio", alias: String) -> String {
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            + "<source file='\(escape(imagePath.string))'><slices><slice type='storage' offset='\(image.offset)' size='\(image.size)'/></slices></source>"
+            + "<target dev='\(escape(target))' bus='\(escape(bus))'/><readonly/><alias name='ua-\(escape(alias))'/></disk>"
+    }
+
     /// A direct-kernel-boot domain for a sandbox VM: shared guest memory (memfd, which
     /// virtio-fs needs), ACPI (without it libvirt passes -no-acpi and PCI hot-plug of the
     /// share fails), the agent's virtio-serial channels as unix sockets libvirt binds, the

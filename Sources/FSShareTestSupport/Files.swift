@@ -25,3 +25,17 @@ public func readFile(_ path: String) -> String? {
 public func mkdirs(_ path: String) {
     try? Sys.makeDirectories(FilePath(path), mode: 0o755)
 }
+
+/// The file's bytes, or empty if it cannot be read.
+public func readBytes(_ path: String) -> [UInt8] {
+    guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY) else { return [] }
+    defer { Sys.close(fd) }
+    return (try? Sys.readAll(fd, path: FilePath(path))) ?? []
+}
+
+/// Writes `bytes` to `path` (created or truncated, mode 0644); failures are ignored.
+public func writeBytes(_ path: String, _ bytes: [UInt8]) {
+    guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644) else { return }
+    defer { Sys.close(fd) }
+    try? Sys.writeAll(fd, bytes, path: FilePath(path))
+}

@@ -38,6 +38,7 @@ struct ScenarioMain {
         case "no-delete-through-mounts": s.requireFaultInjection(); s.noDeleteThroughMounts()
         case "status-leaks": s.statusLeaks()
         case "watchable": s.watchable()
+        case "image-rootfs": s.imageRootfs()
         default:
             print("unknown scenario \(args[1])")
             exit(2)

@@ -26,6 +26,12 @@ struct LibvirtTests {
         #expect(odd.contains("dir='/tmp/a&apos;b&lt;c&gt;&amp;d'") && odd.contains("dir='t&quot;x'"))
     }
 
+    @Test func imageDiskXMLIsReadOnlyAndSliced() {
+        let sif = RootfsImage(format: .squashfs, offset: 36864, size: 4096, sifPartitionID: 2)
+        let xml = LibvirtXML.imageDisk(imagePath: "/images/a'pp.sif", image: sif, target: "vdb", alias: "app-rootfs")
+        #expect(xml == "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/images/a&apos;pp.sif'><slices><slice type='storage' offset='36864' size='4096'/></slices></source><target dev='vdb' bus='virtio'/><readonly/><alias name='ua-app-rootfs'/></disk>")
+    }
+
     @Test func capabilitiesChooseTheMode() {
         func caps(fs: [String], memory: [String]) -> String {
             let fsValues = fs.map { "<value>\($0)</value>" }.joined()
