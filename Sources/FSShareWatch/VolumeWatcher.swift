@@ -114,8 +114,9 @@ public final class VolumeWatcher: Sendable {
     ///     which is only written through an agent that has `fsshare.GuestFiles`; a Kata agent
     ///     keeps that mirror itself, and mirroring stops with that reason.
     /// - Throws: `notPrepared` if the watcher is not started; `limitExceeded` when
-    ///   `fs.inotify.max_user_watches` is reached; `conflict` when the directory is already
-    ///   watched under another key.
+    ///   `fs.inotify.max_user_watches` is reached; `conflict` when the directory is observed
+    ///   (``observe(_:mask:_:)``). The same directory may be watched under several keys (one
+    ///   configmap mounted into two containers): each key's guest copy is kept in sync.
     public func watch(sandboxID: String, name: String, volume: FilePath, guestPath: String, agent: AgentClient, watchable: Bool = false) throws(FSShareError) {
         try engine.watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: nil, watchable: watchable)
     }

@@ -98,7 +98,9 @@ final class WatcherEngine: Sendable {
         var reader: OSThread?
         var stopping = false
         var volumes: [String: Volume] = [:]
-        var byWD: [Int32: String] = [:]
+        /// The volumes on each watch: usually one, several when one directory is shared more than
+        /// once (a configmap mounted into two containers), each mirrored to its own guest path.
+        var byWD: [Int32: [String]] = [:]
         var workers: [String: Worker] = [:]
         /// Directories observed through ``VolumeWatcher/observe(_:mask:_:)``, by watch.
         var observers: [Int32: Observer] = [:]
@@ -125,9 +127,12 @@ final class WatcherEngine: Sendable {
         @discardableResult
         mutating func drop(_ key: String, releaseWatch: Bool = true, reason: String? = nil) -> Volume? {
             guard let v = volumes.removeValue(forKey: key) else { return nil }
-            byWD[v.wd] = nil
+            var sharing = byWD[v.wd] ?? []
+            sharing.removeAll { $0 == key }
+            byWD[v.wd] = sharing.isEmpty ? nil : sharing
             failing[v.sandboxID]?.remove(key)
-            if releaseWatch, let fd = inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
+            // The watch goes with the last volume on it.
+            if releaseWatch, sharing.isEmpty, let fd = inotify { Sys.inotifyRemoveWatch(fd, v.wd) }
             stats.watchedVolumes = volumes.count
             if let reason { stats.stopped[key] = reason }
             return v
@@ -268,7 +273,9 @@ final class WatcherEngine: Sendable {
             // IN_DELETE_SELF until it is closed, hiding a deleted volume.
             let wd: Int32
             do throws(SystemCallError) {
-                wd = try Sys.inotifyAddWatch(inotify, volume, mask: WatcherEngine.volumeMask | UInt32(IN_DONT_FOLLOW))
+                // IN_MASK_ADD: a directory watched already (another volume on it, or an
+                // observation) keeps the events it was watched for.
+                wd = try Sys.inotifyAddWatch(inotify, volume, mask: WatcherEngine.volumeMask | UInt32(IN_DONT_FOLLOW) | UInt32(IN_MASK_ADD))
             } catch {
                 if error.errno == .noSpace {
                     throw FSShareError(
@@ -282,15 +289,12 @@ final class WatcherEngine: Sendable {
             let v = Volume(
                 sandboxID: sandboxID, name: name, hostPath: volume, guestPath: guestPath, agent: agent, watchable: watchable,
                 generation: c.generation, wd: wd, state: state)
-            // A second volume on the same inode shares the wd: keep one entry per wd.
-            if let other = c.byWD[wd], other != key {
-                throw FSShareError(.conflict, "\(volume) is already watched as \(other)")
-            }
+            // A second volume on the same directory shares the watch: both are mirrored.
             if c.observers[wd] != nil {
                 throw FSShareError(.conflict, "\(volume) is already observed for another purpose")
             }
             c.volumes[key] = v
-            c.byWD[wd] = key
+            c.byWD[wd, default: []].append(key)
             if state == nil && firstSync { c.markDirty(key, force: true) }
             c.stats.watchedVolumes = c.volumes.count
             metrics.volumes.record(c.volumes.count)
@@ -343,8 +347,10 @@ final class WatcherEngine: Sendable {
             }
             let wd: Int32
             do throws(SystemCallError) {
-                wd = try Sys.inotifyAddWatch(inotify, directory, mask: mask | UInt32(IN_ONLYDIR))
+                // IN_MASK_CREATE: a directory watched already (a volume) is refused, its watch untouched.
+                wd = try Sys.inotifyAddWatch(inotify, directory, mask: mask | UInt32(IN_ONLYDIR) | UInt32(IN_MASK_CREATE))
             } catch {
+                if error.errno == .fileExists { throw FSShareError(.conflict, "\(directory) is already watched") }
                 throw FSShareError.system("cannot watch \(directory)", error)
             }
             if c.observers[wd] != nil || c.byWD[wd] != nil {
@@ -434,18 +440,20 @@ final class WatcherEngine: Sendable {
                     observed.append((o.handler, e))
                     continue
                 }
-                guard let key = c.byWD[e.wd], let v = c.volumes[key] else { continue }
-                if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT) != 0 {
-                    c.drop(key, releaseWatch: e.mask & UInt32(IN_IGNORED) == 0, reason: "the volume directory \(v.hostPath) went away")
-                    metrics.volumes.record(c.volumes.count)
-                    lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
-                    continue
+                for key in c.byWD[e.wd] ?? [] {
+                    guard let v = c.volumes[key] else { continue }
+                    if e.mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT) != 0 {
+                        c.drop(key, releaseWatch: e.mask & UInt32(IN_IGNORED) == 0, reason: "the volume directory \(v.hostPath) went away")
+                        metrics.volumes.record(c.volumes.count)
+                        lines.append("\(v.hostPath) went away: stopped mirroring it (the guest copy at \(v.guestPath) is left)")
+                        continue
+                    }
+                    // The swap itself, or a key link added or removed after it.
+                    let relevant = e.name == "..data" ? e.mask & UInt32(IN_MOVED_TO) != 0 : !e.name.hasPrefix("..")
+                    guard relevant, !v.dirty else { continue }
+                    c.markDirty(key)
+                    wakeSandboxes.insert(v.sandboxID)
                 }
-                // The swap itself, or a key link added or removed after it.
-                let relevant = e.name == "..data" ? e.mask & UInt32(IN_MOVED_TO) != 0 : !e.name.hasPrefix("..")
-                guard relevant, !v.dirty else { continue }
-                c.markDirty(key)
-                wakeSandboxes.insert(v.sandboxID)
             }
             for s in wakeSandboxes { c.workers[s]?.wake() }
         }

@@ -71,6 +71,29 @@ import Testing
         #expect(lines.all.contains { $0.contains("synced") })
     }
 
+    /// One configmap mounted into two containers: the same directory under two keys, each with
+    /// its own guest copy, both kept in sync; unwatching one leaves the other mirrored. (Before,
+    /// the second registration was refused and its guest copy went stale.)
+    @Test func oneDirectoryUnderTwoKeys() throws {
+        let (agent, kubelet, watcher, guest) = try rig("watch-two-keys")
+        let second = guest + "-second"
+        kubelet.write(["a": "1"])
+        try watcher.start()
+        defer { watcher.stop() }
+        try watcher.watch(sandboxID: "s1", name: "web-cfg", volume: FilePath(kubelet.volume), guestPath: guest, agent: agent.client())
+        try watcher.watch(sandboxID: "s1", name: "sidecar-cfg", volume: FilePath(kubelet.volume), guestPath: second, agent: agent.client())
+        #expect(watcher.watchedVolumes(in: "s1") == ["sidecar-cfg", "web-cfg"])
+        kubelet.write(["a": "2", "b": "3"])
+        #expect(waitForMirror(host: kubelet.volume, guest: guest) == nil, "the first copy")
+        #expect(waitForMirror(host: kubelet.volume, guest: second) == nil, "the second copy")
+        watcher.unwatch(sandboxID: "s1", name: "web-cfg")
+        kubelet.write(["a": "4"])
+        #expect(waitForMirror(host: kubelet.volume, guest: second) == nil, "the second copy after the first was unwatched")
+        #expect(readFile(guest + "/a") == "2", "the unwatched copy is left as it was")
+        watcher.unwatch(sandboxID: "s1", name: "sidecar-cfg")
+        #expect(watcher.watchedVolumes.isEmpty)
+    }
+
     /// 1,000 rapid kubelet updates while a reader in the guest dir checks, continuously, that
     /// `..data` never dangles, no key is ever missing, and no file is ever torn.
     @Test func readerNeverSeesAnInconsistentGuest() throws {
