@@ -270,6 +270,8 @@ public final class SandboxFollower: Sendable {
         }
         var firstError: FSShareError?
         for r in wanted {
+            // Stopped or unfollowed while this reload ran: register nothing more.
+            guard state.withLock({ !$0.stopped && $0.followed[key] != nil }) else { return }
             do {
                 if r.kind == .volume {
                     try watcher.watch(sandboxID: f.sandboxID, name: r.name, volume: FilePath(r.source), guestPath: layout.watchableGuestPath(r.name), agent: agent, watchable: true)

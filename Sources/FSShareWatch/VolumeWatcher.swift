@@ -130,7 +130,9 @@ public final class VolumeWatcher: Sendable {
         try engine.watch(sandboxID: sandboxID, name: name, volume: volume, guestPath: guestPath, agent: agent, state: state, watchable: watchable, firstSync: firstSync)
     }
 
-    /// Stops mirroring a volume (its guest copy is left alone). Unknown volumes are ignored.
+    /// Stops mirroring a volume (its guest copy is left alone). Unknown volumes are ignored. A
+    /// sync of it already under way is waited for: once this returns, nothing more is written
+    /// for the volume.
     ///
     /// - Parameters:
     ///   - sandboxID: the volume's sandbox.

@@ -108,6 +108,8 @@ final class WatcherEngine: Sendable {
         /// error), which the sandbox's worker retries every second until they work.
         var queues: [String: DirtyQueue] = [:]
         var failing: [String: Set<String>] = [:]
+        /// Volumes whose sync is running now (``WatcherEngine/unwatch(sandboxID:name:)`` waits for them).
+        var syncing: Set<String> = []
         var stats = VolumeWatcher.Statistics()
 
         /// Queues `key` for a sync (once, however many events arrive before it runs).
@@ -239,6 +241,7 @@ final class WatcherEngine: Sendable {
             c.queues = [:]
             c.failing = [:]
             c.byWD = [:]
+            c.syncing = []
             c.workers = [:]
             if let fd = c.inotify { Sys.close(fd) }
             Sys.close(wake.0)
@@ -314,6 +317,10 @@ final class WatcherEngine: Sendable {
         core.withLock { c in
             if c.drop(key) != nil { metrics.volumes.record(c.volumes.count) }
         }
+        // A sync of it already under way may still be writing (it reads the host when it
+        // starts, perhaps after this call began): wait for it, so that once unwatch returns
+        // nothing more is written for this volume. Never from the volume's own worker thread.
+        while core.withLock({ $0.syncing.contains(key) && !$0.stopping }) { usleep(1000) }
     }
 
     /// The volumes being mirrored, as `sandbox/name` keys.
@@ -499,15 +506,21 @@ final class WatcherEngine: Sendable {
                         taken.dirty = false
                         taken.force = false
                         c.volumes[k] = taken
+                        c.syncing.insert(k)
                         return (k, v)
                     }
                     return nil
                 }
                 guard let (key, v) = job else { break }
-                if core.withLock({ $0.stopping }) { return }
+                if core.withLock({ $0.stopping }) {
+                    core.withLock { _ = $0.syncing.remove(key) }
+                    return
+                }
                 // With the agent away, the rest of the queue waits for the next retry round
                 // (one attempt per second, not one per volume).
-                if !sync(key, v) {
+                let reached = sync(key, v)
+                core.withLock { _ = $0.syncing.remove(key) }
+                if !reached {
                     pausedUntil = Sys.monotonicNanoseconds() + pause
                     pause = min(pause * 2, 1_000_000_000)
                     break
