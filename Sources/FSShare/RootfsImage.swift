@@ -155,10 +155,8 @@ public struct RootfsImage: Sendable, Equatable {
 
     /// A SIF global header's fields fsshare uses.
     struct SIFHeader {
-        var descriptorsFree: Int64
         var descriptorsTotal: Int64
         var descriptorsOffset: Int64
-        var descriptorsSize: Int64
     }
 
     /// SIF layout: a 128-byte global header, then packed 585-byte descriptors (little endian).
@@ -259,10 +257,8 @@ public struct RootfsImage: Sendable, Equatable {
         func sifHeader() throws(FSShareError) -> SIFHeader? {
             guard let h = try bytes(at: 0, count: RootfsImage.sifHeaderSize),
                   Array(h[32..<42]) == Array("SIF_MAGIC".utf8) + [0] else { return nil }
-            // launch 32, magic 10, version 3, arch 3, id 16, ctime 8, mtime 8, then the counts.
-            return SIFHeader(
-                descriptorsFree: Int64(bitPattern: le64(h, 80)), descriptorsTotal: Int64(bitPattern: le64(h, 88)),
-                descriptorsOffset: Int64(bitPattern: le64(h, 96)), descriptorsSize: Int64(bitPattern: le64(h, 104)))
+            // launch 32, magic 10, version 3, arch 3, id 16, ctime 8, mtime 8, free 8, then the count and offset.
+            return SIFHeader(descriptorsTotal: Int64(bitPattern: le64(h, 88)), descriptorsOffset: Int64(bitPattern: le64(h, 96)))
         }
     }
 

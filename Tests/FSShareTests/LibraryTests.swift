@@ -63,7 +63,7 @@ struct LibraryTests {
         let m = Mount(source: FilePath(source), destination: "/big")
         let task = Task { try await sharer.shareFile(container: c, mount: m) }
         // Cancel once the copy is under way (the guest file has grown).
-        let started = await Self.eventually(30) {
+        let started = await eventually(30) {
             ((try? Sys.listDirectory(nil, FilePath(agent.shareDir))) ?? []).contains { !$0.name.hasPrefix(".") }
         }
         #expect(started, "the copy never started")
@@ -92,18 +92,6 @@ struct LibraryTests {
         }
         #expect(try await sharer.shares().isEmpty)
         try await sharer.cleanup()
-    }
-
-    /// Polls `condition` every 10 ms until it holds or `seconds` pass, suspending between polls:
-    /// these tests are async, and a blocking poll would hold one of the cooperative pool's two
-    /// threads (a ServiceGroup task waited 10 s behind one in CI).
-    static func eventually(_ seconds: Double, _ condition: () -> Bool) async -> Bool {
-        let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
-        while !condition() {
-            if ContinuousClock.now > deadline { return false }
-            try? await Task.sleep(for: .milliseconds(10))
-        }
-        return true
     }
 
     /// inotify instances this process holds.
@@ -159,9 +147,9 @@ struct LibraryTests {
 
         try await runtime.startFileEventWatcher()
         try await runtime.startFileEventWatcher()
-        #expect(await Self.eventually(10) { watcher.watchedVolumes(in: "pod").count == 1 }, "the share made elsewhere is watched")
+        #expect(await eventually(10) { watcher.watchedVolumes(in: "pod").count == 1 }, "the share made elsewhere is watched")
         kubelet.write(["key": "v1"])
-        #expect(await Self.eventually(20) { readFile(guestKey) == "v1" }, "the update reached the guest")
+        #expect(await eventually(20) { readFile(guestKey) == "v1" }, "the update reached the guest")
 
         await runtime.stopFileEventWatcher()
         #expect(watcher.watchedVolumes(in: "pod").isEmpty)
@@ -184,7 +172,7 @@ struct LibraryTests {
         let service = VolumeWatcherService(watcher: watcher, following: .root(FilePath(base + "/root")))
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [.init(service: service)], logger: Logger(label: "test")))
         let running = Task { try await group.run() }
-        #expect(await Self.eventually(10) { watcher.statistics.inotifyInstances == 1 }, "the service did not start the watcher")
+        #expect(await eventually(10) { watcher.statistics.inotifyInstances == 1 }, "the service did not start the watcher")
         await group.triggerGracefulShutdown()
         try await running.value
         #expect(watcher.statistics.inotifyInstances == 0, "graceful shutdown left the watcher running")
@@ -220,7 +208,7 @@ struct LibraryTests {
             await #expect(throws: FSShareError.self) { _ = try await sharer.shareFile(container: c, mount: missing) }
             try await sharer.startFileEventWatcher()
             kubelet.write(["key": "v1"])
-            #expect(await Self.eventually(20) { readFile(shared.guestPath + "/key") == "v1" })
+            #expect(await eventually(20) { readFile(shared.guestPath + "/key") == "v1" })
             try await sharer.unshareFile(container: c, mount: volume)
             try await sharer.cleanup()
             return span.context.inMemorySpanContext?.traceID ?? ""

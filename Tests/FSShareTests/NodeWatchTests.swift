@@ -27,16 +27,6 @@ struct NodeWatchTests {
         }.count
     }
 
-    /// Polls `condition` every 10 ms until it holds or `seconds` pass.
-    static func waitUntil(_ seconds: Double, _ condition: () -> Bool) -> Bool {
-        let deadline = Sys.monotonicNanoseconds() + UInt64(seconds * 1e9)
-        while !condition() {
-            if Sys.monotonicNanoseconds() > deadline { return false }
-            usleep(10_000)
-        }
-        return true
-    }
-
     @Test("300 sandboxes × 3 volumes, one fsshare watch, one inotify instance, every pod updated")
     func nodeWideWatch() throws {
         let base = TestEnvironment.scratch("node-watch")
@@ -68,7 +58,7 @@ struct NodeWatchTests {
         let watch = try ChildProcess([fsshare, "watch", "--root", root], logPath: log)
         defer { watch.stop(signal: SIGKILL) }
         func watching() -> Int { Sys.run(["grep", "-c", "^fsshare watch: watching ", log]).output.split(separator: "\n").first.flatMap { Int($0) } ?? 0 }
-        _ = Self.waitUntil(60) { watching() >= sandboxes * perSandbox }
+        _ = waitUntil(60) { watching() >= sandboxes * perSandbox }
         let registerSeconds = Double(Sys.monotonicNanoseconds() - t1) / 1e9
         #expect(watching() == sandboxes * perSandbox, "\(watching()) volumes watched:\n\(Sys.run(["tail", "-5", log]).output)")
         #expect(Self.inotifyInstances(watch.pid) == 1, "the node's watcher holds one inotify instance")
@@ -79,7 +69,7 @@ struct NodeWatchTests {
         }
         let t2 = Sys.monotonicNanoseconds()
         for v in volumes { v.kubelet.write(["key": "\(v.sid)-\(v.kubelet.volume.split(separator: "/").last ?? "")-1", "other": "o"]) }
-        _ = Self.waitUntil(120) { volumes.allSatisfy { current($0, 1) } }
+        _ = waitUntil(120) { volumes.allSatisfy { current($0, 1) } }
         let updateSeconds = Double(Sys.monotonicNanoseconds() - t2) / 1e9
         let stale = volumes.filter { !current($0, 1) }
         #expect(stale.isEmpty, "\(stale.count) of \(volumes.count) guest copies are stale, first \(stale.first?.guest ?? "")")
@@ -87,18 +77,18 @@ struct NodeWatchTests {
         // A sandbox prepared while the watcher runs is picked up.
         try share("late")
         let late = try #require(volumes.last)
-        _ = Self.waitUntil(30) { Sys.run(["cat", log]).output.contains("watching \(late.kubelet.volume)") }
+        _ = waitUntil(30) { Sys.run(["cat", log]).output.contains("watching \(late.kubelet.volume)") }
         late.kubelet.write(["key": "late-v2-1", "other": "o"])
-        _ = Self.waitUntil(30) { current(late, 1) }
+        _ = waitUntil(30) { current(late, 1) }
         #expect(current(late, 1), "the sandbox prepared later is mirrored")
 
         // A sandbox cleaned up is dropped, the others go on.
         try LinuxFilesystemSharer(sandboxID: "pod0", configuration: SharerConfiguration(root: FilePath(root), sharedFilesystem: .none)).cleanupSync()
-        _ = Self.waitUntil(30) { Sys.run(["cat", log]).output.contains("sandbox pod0 is gone") }
+        _ = waitUntil(30) { Sys.run(["cat", log]).output.contains("sandbox pod0 is gone") }
         #expect(Sys.run(["cat", log]).output.contains("sandbox pod0 is gone"))
         let survivor = volumes[perSandbox]
         survivor.kubelet.write(["key": "\(survivor.sid)-v0-2", "other": "o"])
-        _ = Self.waitUntil(30) { current(survivor, 2) }
+        _ = waitUntil(30) { current(survivor, 2) }
         #expect(current(survivor, 2))
         #expect(watch.stop(signal: SIGTERM) == 0)
         func r(_ x: Double) -> Double { (x * 100).rounded() / 100 }
@@ -150,12 +140,12 @@ struct NodeWatchTests {
         let (late, lateGuest) = try share("late")
         try LinuxFilesystemSharer(sandboxID: "early", configuration: SharerConfiguration(root: FilePath(root), sharedFilesystem: .none)).cleanupSync()
         watcher.pauseReadingForTesting(false)
-        #expect(Self.waitUntil(10) { watcher.statistics.overflows > 0 }, "no overflow (queue limit \(limit))")
-        #expect(Self.waitUntil(10) { follower?.followedSandboxes == [root + "/late"] }, "followed: \(follower?.followedSandboxes ?? [])")
+        #expect(waitUntil(10) { watcher.statistics.overflows > 0 }, "no overflow (queue limit \(limit))")
+        #expect(waitUntil(10) { follower?.followedSandboxes == [root + "/late"] }, "followed: \(follower?.followedSandboxes ?? [])")
         #expect(watcher.watchedVolumes(in: "early").isEmpty, "the sandbox cleaned up during the overflow is dropped")
-        #expect(Self.waitUntil(10) { watcher.watchedVolumes(in: "late").count == 1 }, "the sandbox prepared during the overflow is followed")
+        #expect(waitUntil(10) { watcher.watchedVolumes(in: "late").count == 1 }, "the sandbox prepared during the overflow is followed")
         late.write(["key": "late-1"])
-        #expect(Self.waitUntil(20) { readFile(lateGuest + "/key") == "late-1" }, "the late sandbox's update reached the guest")
+        #expect(waitUntil(20) { readFile(lateGuest + "/key") == "late-1" }, "the late sandbox's update reached the guest")
 
         // Dropping the follower ends its observations: a sandbox prepared now is not followed.
         follower = nil
