@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 #include <linux/mount.h>
 #include <linux/openat2.h>
@@ -281,3 +282,11 @@ int fsshare_open_pty(char *slave_name, size_t capacity) {
 }
 
 void fsshare_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
+
+int fsshare_lsetxattr(const char *path, const char *name, const void *value, size_t size) {
+    return lsetxattr(path, name, value, size, 0);
+}
+
+long fsshare_lgetxattr(const char *path, const char *name, void *value, size_t size) {
+    return (long)lgetxattr(path, name, value, size);
+}

@@ -77,6 +77,8 @@ extension LinuxFilesystemSharer {
             var shared = SharedFile(guestPath: Storages.joinGuest(configuration.guestSharedDir, cid), containerStorages: [storage])
             shared.rootfsImage = image
             return shared
+        case .layers(let lowers, let upper):
+            return try shareLayeredRootfs(cid, lowers: lowers, upper: upper)
         case .hostMounted(let path):
             let record = ShareRecord(
                 name: "\(cid)/rootfs", kind: .rootfs, containerID: cid, source: path.string, destination: "/",
@@ -117,7 +119,7 @@ extension LinuxFilesystemSharer {
         try Identifier.validate(container.id, what: "container")
         switch container.rootfs {
         case .guestPull: return
-        case .blockDevice, .image: try unshareSync(name: container.id)
+        case .blockDevice, .image, .layers: try unshareSync(name: container.id)
         case .hostMounted: try unshareSync(name: "\(container.id)/rootfs")
         }
     }

@@ -533,7 +533,20 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         return try h.locked { () throws(FSShareError) -> UnshareOutcome in
             try h.manifest.refresh()
-            if let record = h.manifest.shares[name], record.kind == .copy { return try removeCopy(record, handle: h) }
+            if let record = h.manifest.shares[name] {
+                switch record.kind {
+                case .copy: return try removeCopy(record, handle: h)
+                case .rootfsLayers:
+                    try removeLayeredRootfs(record, handle: h)
+                    return .removed
+                case .layer:
+                    let users = LinuxFilesystemSharer.layerUsers(name, in: h.manifest)
+                    guard users.isEmpty else {
+                        throw FSShareError(.conflict, "layer \(name) (\(record.source)) is in use by the rootfs of \(users.joined(separator: ", ")); unshare those first")
+                    }
+                default: break
+                }
+            }
             if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
             try removeShare(name, handle: h)
             return .removed
@@ -616,7 +629,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     /// Unmounts and removes a share and forgets it. Missing pieces are fine (idempotent).
-    private func removeShare(_ name: String, handle h: SandboxHandle) throws(FSShareError) {
+    func removeShare(_ name: String, handle h: SandboxHandle) throws(FSShareError) {
         let record = h.manifest.shares[name]
         let path = FilePath(name)
         let components = Array(path.components)

@@ -19,6 +19,15 @@ public struct ShareRecord: Sendable, Equatable {
         /// An image rootfs attached to the VM as a read-only disk: only the directory
         /// `mounts/<cid>` (the guest's mount point), no mount; `source` is the image file.
         case rootfsImage = "rootfs-image"
+        /// One read-only layer directory of layered rootfs, at `mounts/.layers/<id>` (the id
+        /// is derived from the layer's device and inode, so one layer is one share however
+        /// it is spelled). Sandbox-owned: `containerID` is empty; its users are the
+        /// ``rootfsLayers`` records that list it.
+        case layer
+        /// A layered rootfs: no mount on the host; `source` lists its layer shares
+        /// (`.layers/<id>`, lowest first, `:`-separated), `destination` the upper share's name
+        /// or is empty when the upper layer lives in the guest.
+        case rootfsLayers = "rootfs-layers"
     }
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
     public var name: String

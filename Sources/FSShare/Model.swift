@@ -69,6 +69,15 @@ public enum Rootfs: Sendable, Equatable {
     /// and passes the guest address the block driver gives it (PCI path, SCSI address, ...). The
     /// storage is Kata's block rootfs storage, with the detected filesystem type and `ro`.
     case image(FilePath, deviceAddress: String)
+    /// A stack of layer directories, **lowest first** (as a graph driver or containerd's overlay
+    /// snapshotter lays them out; whiteouts and opaque directories in overlayfs's own format).
+    /// Each layer is shared read-only once per sandbox, however many containers use it (the
+    /// manifest counts its users), and an `overlayfs` storage tells the agent to assemble the
+    /// rootfs in the guest. The writable upper layer lives in the guest (Kata's
+    /// `io.katacontainers.fs-opt.overlay-rw`: the agent makes it on its own `/run`) unless
+    /// `upper` names a host directory for it: that is shared read-write, and fsshare makes
+    /// `fs/` and `work/` in it for overlayfs's upper and work directories.
+    case layers([FilePath], upper: FilePath? = nil)
 }
 
 /// A container as the sharer sees it: its id and its rootfs.

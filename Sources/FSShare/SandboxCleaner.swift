@@ -62,7 +62,7 @@ struct SandboxCleaner {
         }
         defer { Sys.close(topFD) }
         let top = DirFD(fd: topFD, path: sandboxPath)
-        let recorded = manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .rootfsImage && $0.kind != .copy }
+        let recorded = manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .rootfsImage && $0.kind != .rootfsLayers && $0.kind != .copy }
         for record in recorded.sorted(by: { $0.name.split(separator: "/").count > $1.name.split(separator: "/").count }) {
             let path = manifest.style.mountsPath.appending(record.name)
             guard path.components.allSatisfy({ (c: FilePath.Component) in c.kind == .regular }) else { continue }

@@ -70,6 +70,36 @@ public enum Storages {
             mountPoint: joinGuest(guestSharedDir, containerID))
     }
 
+    /// Kata's option asking its agent for a writable overlay whose upper and work directories it
+    /// makes on the guest's own `/run` (`/run/kata-containers/<cid>/upper`, `work`).
+    public static let overlayRWOption = "io.katacontainers.fs-opt.overlay-rw"
+
+    /// The storage for a layered rootfs: Kata's `overlayfs` storage as its runtimes send it
+    /// for layer rootfs (driver `overlayfs`, fstype `overlay`), mounted at
+    /// `/run/kata-containers/<cid>/rootfs`. Without `upper` the agent makes the writable layer
+    /// in the guest (``overlayRWOption``, the tardev-snapshotter form); with it, the upper and
+    /// work directories are named as in Kata's nydus form (`index=off`: the work directory's
+    /// index would pin inode numbers a shared filesystem does not keep stable).
+    ///
+    /// - Parameters:
+    ///   - containerID: the container.
+    ///   - lowerGuestPaths: the layers' guest paths, **lowest first**.
+    ///   - upper: the guest paths of the upper and work directories, or nil for a guest-side upper.
+    /// - Returns: the `overlayfs` storage.
+    public static func layeredRootfs(containerID: String, lowerGuestPaths: [String], upper: (upperdir: String, workdir: String)?) -> Storage {
+        // overlayfs lists the topmost layer first.
+        let lowerdir = "lowerdir=" + lowerGuestPaths.reversed().joined(separator: ":")
+        let options = upper.map { ["upperdir=\($0.upperdir)", "workdir=\($0.workdir)", lowerdir, "index=off"] } ?? [overlayRWOption, lowerdir]
+        return make(driver: "overlayfs", source: "none", fstype: "overlay", options: options, mountPoint: layeredRootfsPath(containerID))
+    }
+
+    /// `/run/kata-containers/<cid>/rootfs`: where a layered rootfs is assembled in the guest.
+    ///
+    /// - Parameter containerID: the container.
+    public static func layeredRootfsPath(_ containerID: String) -> String {
+        "\(guestContainersRoot)/\(containerID)/rootfs"
+    }
+
     /// The storage for a guest-pulled rootfs (Kata's case 1).
     ///
     /// - Parameters:

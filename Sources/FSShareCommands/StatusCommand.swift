@@ -71,7 +71,7 @@ struct Status: AsyncParsableCommand {
                              r.leftInGuest ? "unshared, left in the guest (the agent cannot remove)" : nil,
                              r.watched && r.kind == .volume ? "watchable mirror" : nil].compactMap { $0 }
                 let source = r.resolvedSource.map { "\(r.source) (resolves to \($0))" } ?? r.source
-                print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory || r.kind == .rootfsImage || r.kind == .copy ? "" : "NOT MOUNTED")")
+                print("  \(r.name)  \(r.kind.rawValue) \(flags.joined(separator: ","))  \(source) -> \(r.destination)  \(share.mounted || r.kind == .rootfsDirectory || r.kind == .rootfsImage || r.kind == .rootfsLayers || r.kind == .copy ? "" : "NOT MOUNTED")")
             }
         }
         for leak in inventory.leakedMounts { print("leaked mount: \(leak)") }

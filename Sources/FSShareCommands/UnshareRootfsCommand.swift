@@ -9,7 +9,7 @@ import SystemPackage
 struct UnshareRootfs: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "unshare-rootfs",
-        abstract: "Undo share-rootfs for a container (bound or block-device). Twice is not an error.",
+        abstract: "Undo share-rootfs for a container (any kind; a layer goes with its last user). Twice is not an error.",
         discussion: """
             Example:
               fsshare unshare-rootfs --root /run/fsshare --sandbox pod1 --container web

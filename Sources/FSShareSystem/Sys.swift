@@ -346,6 +346,35 @@ public enum Sys {
         return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
+    /// `lsetxattr(2)`: sets the extended attribute `name` of `path` (a symlink itself, not
+    /// its target).
+    ///
+    /// - Parameters:
+    ///   - path: the file.
+    ///   - name: the attribute (`trusted.overlay.opaque`).
+    ///   - value: its bytes.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func lsetxattr(_ path: FilePath, name: String, value: [UInt8]) throws(SystemCallError) {
+        try FaultInjection.check("lsetxattr", path)
+        let rc = path.withPlatformString { p in value.withUnsafeBytes { fsshare_lsetxattr(p, name, $0.baseAddress, $0.count) } }
+        if rc != 0 { throw fail("lsetxattr", path) }
+    }
+
+    /// `lgetxattr(2)`: the extended attribute `name` of `path` (not following a symlink).
+    ///
+    /// - Parameters:
+    ///   - path: the file.
+    ///   - name: the attribute.
+    /// - Returns: its bytes (at most 4 KiB are read).
+    /// - Throws: ``SystemCallError`` (`ENODATA` when there is no such attribute).
+    public static func lgetxattr(_ path: FilePath, name: String) throws(SystemCallError) -> [UInt8] {
+        try FaultInjection.check("lgetxattr", path)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = path.withPlatformString { p in buffer.withUnsafeMutableBytes { fsshare_lgetxattr(p, name, $0.baseAddress, $0.count) } }
+        if n < 0 { throw fail("lgetxattr", path) }
+        return Array(buffer[0..<n])
+    }
+
     /// `fstatfs(2)`'s `f_type` (the filesystem magic).
     ///
     /// - Parameters:

@@ -39,6 +39,53 @@ public enum GuestShare: Sendable, Equatable {
     case none
 }
 
+/// A read-only raw disk handed to the guest at boot: the byte range `offset ..< offset + size`
+/// of `path` (QEMU's raw driver limits the guest to it: for a SIF file only its root partition).
+public struct GuestDisk: Sendable, Equatable {
+    /// Where the disk sits in the guest.
+    public enum Bus: Sendable, Equatable {
+        /// virtio-blk-pci on the root bus at `slot` (the PCI path is that slot).
+        case virtioBlk(slot: UInt8)
+        /// scsi-hd on a virtio-scsi controller, channel 0.
+        case scsi(target: UInt32, lun: UInt32)
+    }
+    public var path: FilePath
+    public var offset: Int64
+    public var size: Int64
+    public var bus: Bus
+
+    public init(path: FilePath, offset: Int64, size: Int64, bus: Bus) {
+        self.path = path
+        self.offset = offset
+        self.size = size
+        self.bus = bus
+    }
+
+    /// The address Kata's block storages name the disk by: the PCI path (`10`) for
+    /// virtio-blk, `target:lun` for SCSI.
+    public var deviceAddress: String {
+        switch bus {
+        case .virtioBlk(let slot): (slot < 16 ? "0" : "") + String(slot, radix: 16)
+        case .scsi(let target, let lun): "\(target):\(lun)"
+        }
+    }
+
+    /// QEMU's arguments for disk number `index` (`-blockdev` + `-device`).
+    func qemuArguments(index: Int) -> [String] {
+        // QEMU option strings escape a comma by doubling it.
+        let file = path.string.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,")
+        var args = [
+            "-blockdev",
+            "driver=raw,node-name=disk\(index),read-only=on,offset=\(offset),size=\(size),file.driver=file,file.filename=\(file),file.read-only=on",
+        ]
+        switch bus {
+        case .virtioBlk(let slot): args += ["-device", "virtio-blk-pci,drive=disk\(index),addr=0x\(String(slot, radix: 16))"]
+        case .scsi(let target, let lun): args += ["-device", "scsi-hd,bus=scsi0.0,channel=0,scsi-id=\(target),lun=\(lun),drive=disk\(index)"]
+        }
+        return args
+    }
+}
+
 /// QEMU's accelerator.
 public enum Accelerator: String, Sendable {
     case kvm, tcg
@@ -96,7 +143,10 @@ public final class QEMUGuest: Sendable {
 
     /// Starts the guest (and virtiofsd first, for virtio-fs). Returns once QEMU runs; use
     /// ``waitForAgent(timeout:)`` for the guest to be up.
-    public init(image: GuestImage, share: GuestShare, workDir: FilePath, memoryMiB: Int = 512, accelerator: Accelerator = .detect()) throws(GuestError) {
+    public init(
+        image: GuestImage, share: GuestShare, workDir: FilePath, memoryMiB: Int = 512, disks: [GuestDisk] = [],
+        accelerator: Accelerator = .detect()
+    ) throws(GuestError) {
         self.workDir = workDir
         self.accelerator = accelerator
         do { try Sys.makeDirectories(workDir, mode: 0o700) } catch { throw GuestError("cannot make \(workDir): \(error)") }
@@ -120,16 +170,21 @@ public final class QEMUGuest: Sendable {
             "-chardev", "socket,id=check,path=\(checkSocket),server=on,wait=off",
             "-device", "virtserialport,chardev=check,name=\(QEMUGuest.checkPortName)",
         ]
+        if disks.contains(where: { if case .scsi = $0.bus { true } else { false } }) {
+            argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+        }
+        for (i, disk) in disks.enumerated() { argv += disk.qemuArguments(index: i) }
         var daemon: ChildProcess?
         switch share {
         case .virtioFS(let source, let tag):
             guard let binary = QEMUGuest.virtiofsdPath() else { throw GuestError("virtiofsd is not installed (Debian: qemu-system-common)") }
             let socket = workDir.appending("virtiofsd.sock")
             // cache=auto: later binds and unmounts on the host reach the guest (cache=always
-            // would hide them for up to a day).
+            // would hide them for up to a day). xattr: an overlay layer's opaque directories
+            // are marked by an xattr (trusted.overlay.opaque) the guest's overlayfs must read.
             do {
                 daemon = try ChildProcess(
-                    [binary.string, "--socket-path=\(socket)", "-o", "source=\(source)", "-o", "cache=auto", "-o", "sandbox=namespace"],
+                    [binary.string, "--socket-path=\(socket)", "-o", "source=\(source)", "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "xattr"],
                     logPath: workDir.appending("virtiofsd.log").string)
             } catch { throw GuestError("cannot start virtiofsd: \(error)") }
             // QEMU needs the socket to exist when it starts.

@@ -39,6 +39,7 @@ struct ScenarioMain {
         case "status-leaks": s.statusLeaks()
         case "watchable": s.watchable()
         case "image-rootfs": s.imageRootfs()
+        case "layered-rootfs": s.layeredRootfs()
         default:
             print("unknown scenario \(args[1])")
             exit(2)
@@ -59,13 +60,18 @@ struct Scenarios {
         SharerConfiguration(root: FilePath(root), shmSize: 1 << 20, mountMethod: method, sourceSymlinks: policy, layoutStyle: style)
     }
 
-    func sources() -> (rw: String, ro: String, file: String, rec: String) {
+    func sources() -> (rw: String, ro: String, file: String, rec: String, image: String) {
         let rw = work + "/src/rw", ro = work + "/src/ro", rec = work + "/src/rec"
         mkdirs(rw); mkdirs(ro); mkdirs(rec + "/sub")
         writeFile(ro + "/key", "value")
         writeFile(work + "/src/file.txt", "single")
         writeFile(rec + "/top", "top")
-        return (rw, ro, work + "/src/file.txt", rec)
+        // A squashfs rootfs image (made once: the crash runs must not spend their time here).
+        let image = work + "/src/app.sqfs"
+        if (try? Sys.statx(nil, FilePath(image))) == nil {
+            _ = Sys.run(["mksquashfs", ro, image, "-noappend", "-quiet", "-no-progress"])
+        }
+        return (rw, ro, work + "/src/file.txt", rec, image)
     }
 
     /// Mounts a tmpfs at `rec/sub` holding `deep`: the submount a recursive share must carry.
@@ -417,6 +423,10 @@ struct Scenarios {
             _ = try sharer.shareRootFilesystemSync(container: c)
             _ = try sharer.shareRootFilesystemSync(container: Container(id: "b", rootfs: .blockDevice(BlockDevice(address: "/dev/vdb", fstype: "ext4"))))
             _ = try legacy.shareFileSync(container: c, mount: Mount(source: FilePath(src.ro), destination: "/legacy", options: ["ro"]))
+            // An image rootfs and two layered rootfs sharing a layer.
+            _ = try sharer.shareRootFilesystemSync(container: Container(id: "img", rootfs: .image(FilePath(src.image), deviceAddress: "05")))
+            _ = try sharer.shareRootFilesystemSync(container: Container(id: "l1", rootfs: .layers([FilePath(src.ro), FilePath(src.rec)])))
+            _ = try sharer.shareRootFilesystemSync(container: Container(id: "l2", rootfs: .layers([FilePath(src.ro)])))
         } catch {
             print("child error: \(error)")
             exit(4)
@@ -448,8 +458,9 @@ struct Scenarios {
             checks.check(false, "\(what): shares can be listed")
             return
         }
-        let unmounted = shares.filter { !$0.mounted && $0.record.kind != .rootfsDirectory }.map(\.record.name)
-        checks.check(shares.count == 7 && unmounted.isEmpty, "\(what): 7 shares recorded, all mounted (\(shares.count), unmounted: \(unmounted))")
+        let unmounted = shares.filter { !$0.mounted && ![.rootfsDirectory, .rootfsLayers, .rootfsImage].contains($0.record.kind) }.map(\.record.name)
+        // 7 volume/rootfs shares, the image rootfs, two layered rootfs and their two layers.
+        checks.check(shares.count == 12 && unmounted.isEmpty, "\(what): 12 shares recorded, all that are mounts mounted (\(shares.count), unmounted: \(unmounted))")
     }
 
     func crash() {

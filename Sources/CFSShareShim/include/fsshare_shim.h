@@ -114,6 +114,12 @@ int fsshare_open_pty(char *slave_name, size_t capacity);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t fsshare_monotonic_ns(void);
 
+/// lsetxattr(2) (sys/xattr.h is not part of Glibc's Swift module). 0 or -1 with errno.
+int fsshare_lsetxattr(const char *path, const char *name, const void *value, size_t size);
+
+/// lgetxattr(2): the value's length, or -1 with errno.
+long fsshare_lgetxattr(const char *path, const char *name, void *value, size_t size);
+
 extern const unsigned FSSHARE_RENAME_NOREPLACE;
 extern const unsigned FSSHARE_RENAME_EXCHANGE;
 extern const unsigned FSSHARE_VMADDR_CID_HOST;
