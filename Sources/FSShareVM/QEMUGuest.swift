@@ -180,11 +180,14 @@ public final class QEMUGuest: Sendable {
             guard let binary = QEMUGuest.virtiofsdPath() else { throw GuestError("virtiofsd is not installed (Debian: qemu-system-common)") }
             let socket = workDir.appending("virtiofsd.sock")
             // cache=auto: later binds and unmounts on the host reach the guest (cache=always
-            // would hide them for up to a day). xattr: an overlay layer's opaque directories
-            // are marked by an xattr (trusted.overlay.opaque) the guest's overlayfs must read.
+            // would hide them for up to a day). xattr and CAP_SYS_ADMIN: an overlay layer marks
+            // opaque directories with trusted.overlay.opaque, which the guest's overlayfs must
+            // read (and a host upper directory needs trusted.* set); without sys_admin the
+            // daemon sees no trusted.* attribute at all.
             do {
                 daemon = try ChildProcess(
-                    [binary.string, "--socket-path=\(socket)", "-o", "source=\(source)", "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "xattr"],
+                    [binary.string, "--socket-path=\(socket)", "-o", "source=\(source)", "-o", "cache=auto", "-o", "sandbox=namespace",
+                     "-o", "xattr", "-o", "modcaps=+sys_admin"],
                     logPath: workDir.appending("virtiofsd.log").string)
             } catch { throw GuestError("cannot start virtiofsd: \(error)") }
             // QEMU needs the socket to exist when it starts.

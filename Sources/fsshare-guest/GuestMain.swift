@@ -6,7 +6,7 @@ import FSShareTestSupport
 import FSShareVM
 import SystemPackage
 
-/// `fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|watchable|libvirt DIR` — boots a real guest and checks every sharing
+/// `fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|watchable|libvirt|rootfs DIR` — boots a real guest and checks every sharing
 /// claim from inside it (prints `ok:` / `FAIL:` lines, `figure:` lines and a summary).
 /// `fsshare-guest demo DIR` — the same, narrated, as `hack/demo` shows it.
 ///
@@ -19,7 +19,7 @@ enum GuestMain {
         Sys.lineBufferStdout()
         let args = CommandLine.arguments
         func usage() -> Never {
-            print("usage: fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|watchable|libvirt DIR | demo DIR")
+            print("usage: fsshare-guest check virtio-fs|virtio-fs-runtime-rs|9p|copy|watchable|libvirt|rootfs DIR | demo DIR")
             exit(2)
         }
         guard args.count >= 3 else { usage() }
@@ -39,6 +39,7 @@ enum GuestMain {
             case "copy": CopyModeRun(dir: dir, image: image, checks: checks, narrate: false, updates: 30).run()
             case "watchable": WatchableRun(dir: dir, image: image, checks: checks, narrate: false, updates: 20).run()
             case "libvirt": LibvirtRun(dir: dir, image: image, checks: checks).run()
+            case "rootfs": RootfsRun(dir: dir, image: image, checks: checks, narrate: false).run()
             default: usage()
             }
         case ("demo", 3):

@@ -33,7 +33,7 @@ struct GuestTests {
     @Test(
         "guest check",
         .enabled(if: GuestTests.image != nil, "needs root, QEMU and a guest image (see the SKIP line)"),
-        arguments: ["virtio-fs", "virtio-fs-runtime-rs", "9p", "copy", "watchable", "libvirt"])
+        arguments: ["virtio-fs", "virtio-fs-runtime-rs", "9p", "copy", "watchable", "libvirt", "rootfs"])
     func guest(_ transport: String) {
         guard let image = GuestTests.image else { return }
         let dir = TestEnvironment.scratch("guest-\(transport)")
