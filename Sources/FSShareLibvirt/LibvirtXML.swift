@@ -116,6 +116,43 @@ public enum LibvirtXML {
             + "<target dev='\(escape(target))' bus='\(escape(bus))'/><readonly/><alias name='ua-\(escape(alias))'/></disk>"
     }
 
+    /// The guest address a live `<disk>` got, in the form Kata's block storages name it: the
+    /// PCI path (the slot, two hex digits) of a virtio disk on the root bus, or `target:unit` of
+    /// a SCSI disk. Read from the live domain XML (libvirt writes the `<address>` it assigned).
+    ///
+    /// - Parameters:
+    ///   - alias: the disk's alias as given to ``imageDisk(imagePath:image:target:bus:alias:)`` (without `ua-`).
+    ///   - domainXML: the live domain XML (``LibvirtDomain/xml()``).
+    /// - Returns: the address, or nil when the disk is not there or sits behind a bridge (a
+    ///   PCI path through bridges needs each bridge's slot, which a flat address does not give).
+    public static func diskAddress(alias: String, in domainXML: String) -> String? {
+        var rest = domainXML[...]
+        while let open = rest.firstRange(of: "<disk "), let close = rest[open.upperBound...].firstRange(of: "</disk>") {
+            let disk = rest[open.lowerBound..<close.upperBound]
+            rest = rest[close.upperBound...]
+            guard disk.contains("<alias name='ua-\(escape(alias))'/>") else { continue }
+            func attribute(_ name: String, in element: Substring) -> String? {
+                guard let a = element.firstRange(of: " \(name)='"), let end = element[a.upperBound...].firstIndex(of: "'") else { return nil }
+                return String(element[a.upperBound..<end])
+            }
+            guard let addr = disk.firstRange(of: "<address "), let end = disk[addr.upperBound...].firstIndex(of: ">") else { return nil }
+            let element = disk[addr.lowerBound..<end]
+            switch attribute("type", in: element) {
+            case "pci":
+                guard let bus = attribute("bus", in: element).flatMap({ UInt32($0.dropFirst(2), radix: 16) }), bus == 0,
+                      let slot = attribute("slot", in: element).flatMap({ UInt32($0.dropFirst(2), radix: 16) }), slot < 32
+                else { return nil }
+                return (slot < 16 ? "0" : "") + String(slot, radix: 16)
+            case "drive":
+                guard let target = attribute("target", in: element), let unit = attribute("unit", in: element) else { return nil }
+                return "\(target):\(unit)"
+            default:
+                return nil
+            }
+        }
+        return nil
+    }
+
     /// A direct-kernel-boot domain for a sandbox VM: shared guest memory (memfd, which
     /// virtio-fs needs), ACPI (without it libvirt passes -no-acpi and PCI hot-plug of the
     /// share fails), the agent's virtio-serial channels as unix sockets libvirt binds, the

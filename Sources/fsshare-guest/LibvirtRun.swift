@@ -48,7 +48,8 @@ struct LibvirtRun {
         let mode = support.preferred
         checks.check(mode == .virtioFS(), "libvirt: the capabilities choose virtio-fs (\(mode.name))")
 
-        let config = SharerConfiguration(root: FilePath(dir + "/sandboxes"), sharedFilesystem: mode)
+        var config = SharerConfiguration(root: FilePath(dir + "/sandboxes"), sharedFilesystem: mode)
+        config.blockDeviceDriver = .virtioBlk
         let sandbox = "pod-libvirt"
         guard let sharer = checks.must("libvirt: create the sharer", { try LinuxFilesystemSharer(sandboxID: sandbox, configuration: config) }),
               checks.must("libvirt: prepare", { try sharer.prepareSync() }) != nil
@@ -111,6 +112,8 @@ struct LibvirtRun {
             _ = checks.must("libvirt: unshare the volume") { try sharer.unshareFileSync(container: web, mount: mount) }
         }
 
+        imageRootfs(domain: domain, sharer: sharer, agent: agent, probe: probe)
+
         // Unmount in the guest, then unplug live.
         _ = checks.must("libvirt: DestroySandbox") { try agent.destroySandbox() }
         let d0 = Sys.monotonicNanoseconds()
@@ -131,5 +134,57 @@ struct LibvirtRun {
         _ = checks.must("libvirt: cleanup") { try sharer.cleanupSync() }
         let leaks = (try? Inventory.mountPoints(under: config.root)) ?? ["?"]
         checks.check(leaks.isEmpty, "libvirt: no mount left under the root (\(leaks))")
+    }
+
+    /// A SIF file's root partition attached live as a read-only virtio disk (a libvirt storage
+    /// slice: the guest never sees the rest of the file), found by the agent from the PCI path
+    /// libvirt assigned, read in the guest, refused writes, then detached live.
+    func imageRootfs(domain: LibvirtDomain, sharer: LinuxFilesystemSharer, agent: AgentClient, probe: GuestCheckClient) {
+        let tree = dir + "/image-tree"
+        mkdirs(tree + "/etc")
+        writeFile(tree + "/etc/os-release", "ID=sif-over-libvirt\n")
+        let squash = dir + "/job.sqfs", sif = dir + "/job.sif"
+        let made = Sys.run(["mksquashfs", tree, squash, "-noappend", "-quiet", "-no-progress"])
+        checks.check(made.status == 0, "libvirt: mksquashfs (\(made.output.suffix(200)))")
+        guard made.status == 0 else { return }
+        writeBytes(sif, SIFWriter(objects: [
+            SIFWriter.Object(datatype: 0x4001, data: Array("Bootstrap: scratch\n".utf8), name: "deffile"), .partition(readBytes(squash)),
+        ]).bytes())
+        guard let image = checks.must("libvirt: inspect the SIF file", { try RootfsImage.inspect(FilePath(sif)) }) else { return }
+        let diskXML = LibvirtXML.imageDisk(imagePath: FilePath(sif), image: image, target: "vdb", alias: "job-rootfs")
+        let a0 = Sys.monotonicNanoseconds()
+        guard checks.must("libvirt: attach the SIF partition live as a read-only disk", { try domain.attachLive(deviceXML: diskXML) }) != nil else { return }
+        figure("libvirt.image.attach", ms(Sys.monotonicNanoseconds() - a0))
+        let live = (try? domain.xml()) ?? ""
+        guard let address = LibvirtXML.diskAddress(alias: "job-rootfs", in: live) else {
+            checks.check(false, "libvirt: the live XML gives the disk's PCI path")
+            return
+        }
+        checks.check(live.contains("<slice type='storage' offset='\(image.offset)' size='\(image.size)'/>") && live.contains("<readonly/>"),
+                     "libvirt: the live disk is the partition's slice, read-only")
+        let job = Container(id: "job", rootfs: .image(FilePath(sif), deviceAddress: address))
+        guard let shared = checks.must("libvirt: share the SIF rootfs at PCI path \(address)", { try sharer.shareRootFilesystemSync(container: job) }) else { return }
+        let m0 = Sys.monotonicNanoseconds()
+        guard checks.must("libvirt: CreateContainer mounts the hot-plugged disk", { try agent.createContainer(id: "job", storages: shared.containerStorages) }) != nil else { return }
+        figure("libvirt.image.mount", ms(Sys.monotonicNanoseconds() - m0))
+        let r0 = Sys.monotonicNanoseconds()
+        let read = try? probe.probe(.read, shared.guestPath + "/etc/os-release")
+        figure("libvirt.image.first-read", ms(Sys.monotonicNanoseconds() - r0))
+        checks.check(read?.text == "ID=sif-over-libvirt\n", "libvirt: the guest reads the SIF partition's rootfs (\(read?.description ?? "no answer"))")
+        let w = try? probe.probe(.create, shared.guestPath + "/etc/new", data: Array("x".utf8))
+        checks.check(w?.errno == EROFS, "libvirt: a write to it gets EROFS (\(w?.description ?? "no answer"))")
+        _ = checks.must("libvirt: RemoveContainer job") { try agent.removeContainer(id: "job") }
+        _ = checks.must("libvirt: unshare the SIF rootfs") { try sharer.unshareRootFilesystemSync(container: job) }
+        let d0 = Sys.monotonicNanoseconds()
+        _ = checks.must("libvirt: detach the disk live") { try domain.detachLive(deviceXML: diskXML) }
+        var detached = false
+        while Sys.monotonicNanoseconds() - d0 < 20_000_000_000 {
+            if let x = try? domain.xml(), !x.contains("ua-job-rootfs") {
+                detached = true
+                break
+            }
+            usleep(50_000)
+        }
+        checks.check(detached, "libvirt: the disk left the live domain")
     }
 }

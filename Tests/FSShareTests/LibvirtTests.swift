@@ -32,6 +32,23 @@ struct LibvirtTests {
         #expect(xml == "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/images/a&apos;pp.sif'><slices><slice type='storage' offset='36864' size='4096'/></slices></source><target dev='vdb' bus='virtio'/><readonly/><alias name='ua-app-rootfs'/></disk>")
     }
 
+    @Test func diskAddressFromTheLiveXML() {
+        let live = """
+            <domain><devices><disk type='file' device='disk'><source file='/a.sqfs'/><target dev='vdb' bus='virtio'/><alias name='ua-other'/>\
+            <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/></disk>\
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/b.sif'/><target dev='vdc' bus='virtio'/><readonly/>\
+            <alias name='ua-job'/><address type='pci' domain='0x0000' bus='0x00' slot='0x1a' function='0x0'/></disk>\
+            <disk type='file' device='disk'><target dev='sdb' bus='scsi'/><alias name='ua-db'/><address type='drive' controller='0' bus='0' target='0' unit='3'/></disk>\
+            <disk type='file' device='disk'><target dev='vdd' bus='virtio'/><alias name='ua-bridged'/><address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></disk>\
+            </devices></domain>
+            """
+        #expect(LibvirtXML.diskAddress(alias: "job", in: live) == "1a")
+        #expect(LibvirtXML.diskAddress(alias: "other", in: live) == "04")
+        #expect(LibvirtXML.diskAddress(alias: "db", in: live) == "0:3")
+        #expect(LibvirtXML.diskAddress(alias: "bridged", in: live) == nil, "behind a bridge: no flat PCI path")
+        #expect(LibvirtXML.diskAddress(alias: "missing", in: live) == nil)
+    }
+
     @Test func capabilitiesChooseTheMode() {
         func caps(fs: [String], memory: [String]) -> String {
             let fsValues = fs.map { "<value>\($0)</value>" }.joined()
