@@ -9,6 +9,9 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <sys/ioctl.h>
+#include <linux/loop.h>
+#include <linux/mount.h>
 #include <unistd.h>
 #include <linux/mount.h>
 #include <linux/openat2.h>
@@ -289,4 +292,38 @@ int fsshare_lsetxattr(const char *path, const char *name, const void *value, siz
 
 long fsshare_lgetxattr(const char *path, const char *name, void *value, size_t size) {
     return (long)lgetxattr(path, name, value, size);
+}
+
+int fsshare_loop_get_free(int control_fd) {
+    return ioctl(control_fd, LOOP_CTL_GET_FREE);
+}
+
+int fsshare_loop_configure(int loop_fd, int backing_fd, uint64_t offset, uint64_t size, const char *name) {
+    struct loop_config config;
+    memset(&config, 0, sizeof config);
+    config.fd = (unsigned)backing_fd;
+    config.info.lo_offset = offset;
+    config.info.lo_sizelimit = size;
+    config.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+    if (name) strncpy((char *)config.info.lo_file_name, name, LO_NAME_SIZE - 1);
+    return ioctl(loop_fd, LOOP_CONFIGURE, &config);
+}
+
+int fsshare_loop_clear(int loop_fd) {
+    return ioctl(loop_fd, LOOP_CLR_FD, 0);
+}
+
+int fsshare_fsopen(const char *fstype) {
+    return (int)syscall(SYS_fsopen, fstype, FSOPEN_CLOEXEC);
+}
+
+int fsshare_fsconfig(int fs_fd, const char *key, const char *value) {
+    if (key == NULL) return (int)syscall(SYS_fsconfig, fs_fd, FSCONFIG_CMD_CREATE, NULL, NULL, 0);
+    if (value == NULL) return (int)syscall(SYS_fsconfig, fs_fd, FSCONFIG_SET_FLAG, key, NULL, 0);
+    return (int)syscall(SYS_fsconfig, fs_fd, FSCONFIG_SET_STRING, key, value, 0);
+}
+
+int fsshare_fsmount(int fs_fd, int read_only) {
+    unsigned attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (read_only ? MOUNT_ATTR_RDONLY : 0);
+    return (int)syscall(SYS_fsmount, fs_fd, FSMOUNT_CLOEXEC, attrs);
 }

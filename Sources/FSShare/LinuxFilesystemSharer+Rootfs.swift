@@ -79,6 +79,8 @@ extension LinuxFilesystemSharer {
             return shared
         case .layers(let lowers, let upper):
             return try shareLayeredRootfs(cid, lowers: lowers, upper: upper)
+        case .imageOnHost(let path):
+            return try shareImageOnHost(cid, path)
         case .hostMounted(let path):
             let record = ShareRecord(
                 name: "\(cid)/rootfs", kind: .rootfs, containerID: cid, source: path.string, destination: "/",
@@ -120,7 +122,7 @@ extension LinuxFilesystemSharer {
         switch container.rootfs {
         case .guestPull: return
         case .blockDevice, .image, .layers: try unshareSync(name: container.id)
-        case .hostMounted: try unshareSync(name: "\(container.id)/rootfs")
+        case .hostMounted, .imageOnHost: try unshareSync(name: "\(container.id)/rootfs")
         }
     }
 }

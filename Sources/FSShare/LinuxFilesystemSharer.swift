@@ -673,6 +673,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             return
         }
         try sys("cannot unmount \(parent.display(leaf))") { () throws(SystemCallError) in _ = try MountOps.unmountAll(parent, leaf) }
+        if let record, record.kind == .rootfsHostImage { try HostImageLoop.release(record) }
         try MountOps.removeMountPoint(parent, leaf)
         if components.count == 2 {
             // The per-container directory goes when its last entry does.

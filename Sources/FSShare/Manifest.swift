@@ -28,6 +28,10 @@ public struct ShareRecord: Sendable, Equatable {
         /// (`.layers/<id>`, lowest first, `:`-separated), `destination` the upper share's name
         /// or is empty when the upper layer lives in the guest.
         case rootfsLayers = "rootfs-layers"
+        /// An image mounted on the host through a loop device at `mounts/<cid>/rootfs`
+        /// (``Rootfs/imageOnHost(_:)``); `destination` is the loop device (`/dev/loopN`), freed
+        /// when the mount goes (autoclear) and checked again by unshare and cleanup.
+        case rootfsHostImage = "rootfs-host-image"
     }
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
     public var name: String

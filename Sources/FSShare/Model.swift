@@ -78,6 +78,12 @@ public enum Rootfs: Sendable, Equatable {
     /// `upper` names a host directory for it: that is shared read-write, and fsshare makes
     /// `fs/` and `work/` in it for overlayfs's upper and work directories.
     case layers([FilePath], upper: FilePath? = nil)
+    /// An image file mounted **on the host** and shared like a host-mounted rootfs (at
+    /// `mounts/<cid>/rootfs`, read-only): the fallback for hypervisors that cannot hot-plug a
+    /// disk. The image (or a SIF file's root partition) is bound to a read-only loop device with
+    /// autoclear and mounted detached (`fsmount`) before it is moved into place. This trusts the
+    /// image: the host kernel parses its filesystem. ``image(_:deviceAddress:)`` does not.
+    case imageOnHost(FilePath)
 }
 
 /// A container as the sharer sees it: its id and its rootfs.

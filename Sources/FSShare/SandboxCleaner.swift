@@ -87,6 +87,11 @@ struct SandboxCleaner {
         guard problems.isEmpty else {
             throw FSShareError(.incompleteCleanup, "cleanup of sandbox \(sandboxID) left mounts behind; nothing was deleted: " + problems.joined(separator: "; "))
         }
+        // Loop devices of host-mounted images: freed by autoclear with their mount; a device
+        // some other opener still holds is unbound so it goes with that opener.
+        for record in manifest.orderedShares where record.kind == .rootfsHostImage {
+            do throws(FSShareError) { try HostImageLoop.release(record) } catch { problems.append(error.message) }
+        }
         // 4. Delete entry by entry, never crossing a mount: a mount still found in the tree (one
         //    made on the parent mount, outside the self-bind) is unmounted first, deepest first,
         //    and what cannot be unmounted is neither entered nor deleted.

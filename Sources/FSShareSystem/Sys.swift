@@ -601,6 +601,70 @@ public enum Sys {
         if rc != 0 { throw fail("mount_setattr", display) }
     }
 
+    /// `ioctl(LOOP_CTL_GET_FREE)`: the number of a free loop device.
+    ///
+    /// - Parameter control: `/dev/loop-control`, open.
+    /// - Returns: N of `/dev/loopN`.
+    /// - Throws: ``SystemCallError``.
+    public static func loopGetFree(_ control: FileDescriptor) throws(SystemCallError) -> Int32 {
+        try FaultInjection.check("loop_get_free", "/dev/loop-control")
+        let n = fsshare_loop_get_free(control.rawValue)
+        if n < 0 { throw fail("ioctl(LOOP_CTL_GET_FREE)", "/dev/loop-control") }
+        return n
+    }
+
+    /// `ioctl(LOOP_CONFIGURE)`: binds `backing` to the loop device read-only with autoclear,
+    /// limited to `offset ..< offset + size` (0 = to the end).
+    ///
+    /// - Parameters:
+    ///   - loop: the loop device, open.
+    ///   - backing: the file it reads.
+    ///   - offset: where the device starts in the file.
+    ///   - size: its length.
+    ///   - name: recorded as the device's file name (shown by losetup).
+    ///   - display: the loop device's path, for errors.
+    /// - Throws: ``SystemCallError`` (`EBUSY` when another process took the device first).
+    public static func loopConfigure(_ loop: FileDescriptor, backing: FileDescriptor, offset: UInt64, size: UInt64, name: String, display: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("loop_configure", display)
+        if fsshare_loop_configure(loop.rawValue, backing.rawValue, offset, size, name) != 0 { throw fail("ioctl(LOOP_CONFIGURE)", display) }
+    }
+
+    /// `ioctl(LOOP_CLR_FD)`: unbinds a loop device (with autoclear, once its last user goes).
+    ///
+    /// - Parameters:
+    ///   - loop: the loop device, open.
+    ///   - display: its path, for errors.
+    /// - Throws: ``SystemCallError``.
+    public static func loopClear(_ loop: FileDescriptor, display: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("loop_clear", display)
+        if fsshare_loop_clear(loop.rawValue) != 0 { throw fail("ioctl(LOOP_CLR_FD)", display) }
+    }
+
+    /// Mounts a block device's filesystem detached (`fsopen`, `fsconfig` source and `ro`,
+    /// create, `fsmount`): the mount exists only as the returned descriptor until it is moved
+    /// into place, so it is never reachable at a path half-made. Always nosuid and nodev.
+    ///
+    /// - Parameters:
+    ///   - fstype: the filesystem (`squashfs`, `ext4`, `erofs`).
+    ///   - source: the block device.
+    ///   - readOnly: read-only superblock and mount.
+    /// - Returns: the detached mount.
+    /// - Throws: ``SystemCallError`` naming the step that failed.
+    public static func fsmountBlock(fstype: String, source: FilePath, readOnly: Bool) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("fsopen", source)
+        let ctx = fsshare_fsopen(fstype)
+        if ctx < 0 { throw fail("fsopen", source) }
+        defer { _ = Glibc.close(ctx) }
+        try FaultInjection.check("fsconfig", source)
+        if source.withPlatformString({ fsshare_fsconfig(ctx, "source", $0) }) != 0 { throw fail("fsconfig(source)", source) }
+        if readOnly, fsshare_fsconfig(ctx, "ro", nil) != 0 { throw fail("fsconfig(ro)", source) }
+        if fsshare_fsconfig(ctx, nil, nil) != 0 { throw fail("fsconfig(create)", source) }
+        try FaultInjection.check("fsmount", source)
+        let fd = fsshare_fsmount(ctx, readOnly ? 1 : 0)
+        if fd < 0 { throw fail("fsmount", source) }
+        return FileDescriptor(rawValue: fd)
+    }
+
     /// `move_mount(2)` of a detached mount fd onto the object `target` refers to (an `O_PATH` fd):
     /// the attach point is pinned by descriptor, so no path is re-resolved.
     ///

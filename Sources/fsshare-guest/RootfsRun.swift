@@ -103,6 +103,8 @@ struct RootfsRun {
                 continue
             }
             let mounted = Sys.monotonicNanoseconds() - t0
+            let hostNow = ((try? Sys.mountTable()) ?? []).count
+            checks.check(hostNow == hostMountsBefore, "rootfs: the \(d.name) image is mounted in the guest only, never on the host (\(hostNow) host mounts, \(hostMountsBefore) before)")
             let t1 = Sys.monotonicNanoseconds()
             let read = try? probe.probe(.read, shared.guestPath + "/etc/os-release")
             let firstRead = Sys.monotonicNanoseconds() - t1
@@ -125,8 +127,19 @@ struct RootfsRun {
             checks.check(gone.isEmpty, "rootfs: the \(d.name) rootfs is unmounted in the guest (\(gone))")
             _ = checks.must("rootfs: unshare \(cid)") { try s.unshareRootFilesystemSync(container: Container(id: cid, rootfs: .image(FilePath(d.path), deviceAddress: d.disk.deviceAddress))) }
         }
+        // --host-mount: the ext4 image on a host loop device, reaching the guest over virtio-fs.
+        if let ext4 = images.first(where: { $0.name == "ext4" }) {
+            let h = Container(id: "img-on-host", rootfs: .imageOnHost(FilePath(ext4.path)))
+            if let shared = checks.must("rootfs: share the ext4 image mounted on the host", { try sharer.shareRootFilesystemSync(container: h) }) {
+                let r = try? probe.await(.read, shared.guestPath + "/etc/os-release", timeout: .seconds(10)) { $0.errno == 0 }
+                checks.check(r?.0.text == RootfsRun.osRelease, "rootfs: the guest reads the host-mounted image over virtio-fs (\(r?.0.description ?? "no answer"))")
+                let w = try? probe.probe(.create, shared.guestPath + "/etc/new", data: Array("x".utf8))
+                checks.check(w?.errno == EROFS, "rootfs: writes to it get EROFS in the guest (\(w?.description ?? "?"))")
+                _ = checks.must("rootfs: unshare the host-mounted image") { try sharer.unshareRootFilesystemSync(container: h) }
+            }
+        }
         let hostMountsAfter = ((try? Sys.mountTable()) ?? []).count
-        checks.check(hostMountsAfter == hostMountsBefore, "rootfs: no image was ever mounted on the host (\(hostMountsBefore) mounts before, \(hostMountsAfter) after)")
+        checks.check(hostMountsAfter == hostMountsBefore, "rootfs: no image is left mounted on the host (\(hostMountsBefore) mounts before, \(hostMountsAfter) after)")
         // A storage naming a disk that is not there: a clear error in time, nothing mounted.
         let missing = Storages.imageRootfs(containerID: "nodisk", deviceAddress: "1f", image: disks.first?.inspected ?? RootfsImage(format: .squashfs, offset: 0, size: 0),
                                            driver: .virtioBlk, guestSharedDir: config.guestSharedDir)

@@ -40,6 +40,7 @@ struct ScenarioMain {
         case "watchable": s.watchable()
         case "image-rootfs": s.imageRootfs()
         case "layered-rootfs": s.layeredRootfs()
+        case "image-on-host": s.imageOnHost()
         default:
             print("unknown scenario \(args[1])")
             exit(2)
@@ -427,6 +428,7 @@ struct Scenarios {
             _ = try sharer.shareRootFilesystemSync(container: Container(id: "img", rootfs: .image(FilePath(src.image), deviceAddress: "05")))
             _ = try sharer.shareRootFilesystemSync(container: Container(id: "l1", rootfs: .layers([FilePath(src.ro), FilePath(src.rec)])))
             _ = try sharer.shareRootFilesystemSync(container: Container(id: "l2", rootfs: .layers([FilePath(src.ro)])))
+            _ = try sharer.shareRootFilesystemSync(container: Container(id: "hi", rootfs: .imageOnHost(FilePath(src.image))))
         } catch {
             print("child error: \(error)")
             exit(4)
@@ -459,12 +461,14 @@ struct Scenarios {
             return
         }
         let unmounted = shares.filter { !$0.mounted && ![.rootfsDirectory, .rootfsLayers, .rootfsImage].contains($0.record.kind) }.map(\.record.name)
-        // 7 volume/rootfs shares, the image rootfs, two layered rootfs and their two layers.
-        checks.check(shares.count == 12 && unmounted.isEmpty, "\(what): 12 shares recorded, all that are mounts mounted (\(shares.count), unmounted: \(unmounted))")
+        // 7 volume/rootfs shares, the image rootfs, two layered rootfs and their two layers, a
+        // host-mounted image.
+        checks.check(shares.count == 13 && unmounted.isEmpty, "\(what): 13 shares recorded, all that are mounts mounted (\(shares.count), unmounted: \(unmounted))")
     }
 
     func crash() {
         let points = crashPoints()
+        let image = sources().image
         _ = checks.must("cleanup after the traced run") { try LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync() }
         checks.check(points.count > 100, "the child makes \(points.count) checked syscalls, each a kill point")
         var rerunFailures: [String] = [], leftovers: [String] = []
@@ -482,6 +486,7 @@ struct Scenarios {
             }
             _ = try? LinuxFilesystemSharer(sandboxID: "cr", configuration: config()).cleanupSync()
             if !mountsUnder(root).isEmpty || !listTree(root).isEmpty { leftovers.append("\(point) + re-run: \(mountsUnder(root)) \(listTree(root).prefix(3))") }
+            if !eventuallyTrue({ loopDevices(backedBy: image).isEmpty }) { leftovers.append("\(point) + re-run: loop devices \(loopDevices(backedBy: image)) still bound") }
             // Killed, then cleaned up directly.
             _ = run([selfPath, "crash-child", work], environment: ["FSSHARE_FAULTS": point])
             do {
@@ -490,9 +495,10 @@ struct Scenarios {
                 leftovers.append("\(point): cleanup failed: \(error)")
             }
             if !mountsUnder(root).isEmpty || !listTree(root).isEmpty { leftovers.append("\(point): \(mountsUnder(root)) \(listTree(root).prefix(3))") }
+            if !eventuallyTrue({ loopDevices(backedBy: image).isEmpty }) { leftovers.append("\(point): loop devices \(loopDevices(backedBy: image)) still bound") }
         }
         checks.check(rerunFailures.isEmpty, "after a kill at each of \(points.count) points, re-running the same operations completes them (\(rerunFailures.prefix(5)))")
-        checks.check(leftovers.isEmpty, "after a kill at each of \(points.count) points, cleanup (with or without a re-run first) leaves no mount and no entry (\(leftovers.prefix(5)))")
+        checks.check(leftovers.isEmpty, "after a kill at each of \(points.count) points, cleanup (with or without a re-run first) leaves no mount, no entry and no loop device (\(leftovers.prefix(5)))")
         print("figure: crash kill points \(points.count)")
     }
 

@@ -12,7 +12,7 @@ struct MountScenarioTests {
         .enabled(if: TestEnvironment.canMount, "needs root with CAP_SYS_ADMIN to make mount namespaces"),
         arguments: [
             "lifecycle", "guest-view-new-api", "guest-view-legacy", "guest-view-runtime-rs", "refusals", "rollback", "crash",
-            "no-delete-through-mounts", "status-leaks", "adversary", "foreign", "mount-probe", "watchable", "image-rootfs", "layered-rootfs",
+            "no-delete-through-mounts", "status-leaks", "adversary", "foreign", "mount-probe", "watchable", "image-rootfs", "layered-rootfs", "image-on-host",
         ])
     func scenario(_ name: String) {
         let dir = TestEnvironment.scratch(name)

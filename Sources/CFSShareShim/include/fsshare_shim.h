@@ -114,6 +114,28 @@ int fsshare_open_pty(char *slave_name, size_t capacity);
 /// CLOCK_MONOTONIC in nanoseconds.
 uint64_t fsshare_monotonic_ns(void);
 
+/// ioctl(LOOP_CTL_GET_FREE) on /dev/loop-control: a free loop device number, or -1 with errno.
+int fsshare_loop_get_free(int control_fd);
+
+/// ioctl(LOOP_CONFIGURE) (Linux 5.8): binds `backing_fd` to the loop device `loop_fd` in one
+/// step, limited to offset ..< offset + size, read-only, with autoclear (the device frees
+/// itself when its last user — an open descriptor or a mount — goes). 0 or -1 with errno.
+int fsshare_loop_configure(int loop_fd, int backing_fd, uint64_t offset, uint64_t size, const char *name);
+
+/// ioctl(LOOP_CLR_FD). 0 or -1 with errno.
+int fsshare_loop_clear(int loop_fd);
+
+/// fsopen(2) (Linux 5.2): a filesystem context, or -1 with errno.
+int fsshare_fsopen(const char *fstype);
+
+/// fsconfig(2) FSCONFIG_SET_STRING (value non-NULL), FSCONFIG_SET_FLAG (value NULL) or, with
+/// key NULL, FSCONFIG_CMD_CREATE. 0 or -1 with errno.
+int fsshare_fsconfig(int fs_fd, const char *key, const char *value);
+
+/// fsmount(2): a detached mount of the created superblock (read-only, nosuid, nodev when
+/// `read_only`; nosuid and nodev always), or -1 with errno.
+int fsshare_fsmount(int fs_fd, int read_only);
+
 /// lsetxattr(2) (sys/xattr.h is not part of Glibc's Swift module). 0 or -1 with errno.
 int fsshare_lsetxattr(const char *path, const char *name, const void *value, size_t size);
 
