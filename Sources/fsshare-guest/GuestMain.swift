@@ -47,6 +47,7 @@ enum GuestMain {
             SharedFilesystemRun(transport: .virtioFS, dir: dir + "/virtio-fs", image: image, checks: checks, narrate: true).run()
             CopyModeRun(dir: dir + "/copy", image: image, checks: checks, narrate: true, updates: 10).run()
             WatchableRun(dir: dir + "/watchable", image: image, checks: checks, narrate: true, updates: 5).run()
+            RootfsRun(dir: dir + "/rootfs", image: image, checks: checks, narrate: true).run()
         default:
             usage()
         }

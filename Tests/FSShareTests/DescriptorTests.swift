@@ -87,6 +87,29 @@ struct DescriptorTests {
         }
     }
 
+    @Test("image rootfs: the block storage, detected fstype, ro")
+    func imageRootfs() throws {
+        let s = Storages.imageRootfs(
+            containerID: "c1", deviceAddress: "05", image: RootfsImage(format: .erofs, offset: 0, size: 4096), driver: .virtioBlk,
+            guestSharedDir: SharerConfiguration.defaultGuestSharedDir)
+        #expect(s.driver == "blk" && s.source == "05" && s.fstype == "erofs" && s.options == ["ro"])
+        #expect(s.mountPoint == "/run/kata-containers/shared/containers/c1")
+        try roundTrip(s)
+    }
+
+    @Test("layered rootfs: Kata's overlayfs storage, guest upper (overlay-rw) or a shared one (index=off)")
+    func layeredRootfs() throws {
+        let lowers = ["/g/.layers/base", "/g/.layers/mid", "/g/.layers/app"]
+        let s = Storages.layeredRootfs(containerID: "c1", lowerGuestPaths: lowers, upper: nil)
+        #expect(s.driver == "overlayfs" && s.source == "none" && s.fstype == "overlay")
+        #expect(s.options == ["io.katacontainers.fs-opt.overlay-rw", "lowerdir=/g/.layers/app:/g/.layers/mid:/g/.layers/base"], "overlayfs lists the top layer first")
+        #expect(s.mountPoint == "/run/kata-containers/c1/rootfs")
+        try roundTrip(s)
+        let u = Storages.layeredRootfs(containerID: "c1", lowerGuestPaths: lowers, upper: ("/g/c1/upper/fs", "/g/c1/upper/work"))
+        #expect(u.options == ["upperdir=/g/c1/upper/fs", "workdir=/g/c1/upper/work", "lowerdir=/g/.layers/app:/g/.layers/mid:/g/.layers/base", "index=off"])
+        try roundTrip(u)
+    }
+
     @Test("guest pull rootfs: Kata's image_guest_pull option with Go-escaped metadata")
     func guestPull() throws {
         let s = Storages.guestPullRootfs(

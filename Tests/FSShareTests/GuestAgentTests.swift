@@ -38,9 +38,11 @@ struct GuestAgentTests {
         let hostType = try fstype(dir)
 
         // Refused before anything is mounted: unknown driver, relative or ".." mount points,
-        // fstype not matching the driver.
+        // fstype not matching the driver (a block storage's filesystem must be one the agent
+        // mounts from a disk).
         for bad in [
-            Self.storage("blk", "/dev/vda", "ext4", shm),
+            Self.storage("nvdimm", "/dev/pmem0", "ext4", shm),
+            Self.storage("blk", "/dev/vda", "nfs", shm),
             Self.storage("ephemeral", "shm", "tmpfs", "run/shm"),
             Self.storage("ephemeral", "shm", "tmpfs", dir + "/run/../etc"),
             Self.storage("virtio-fs", "kataShared", "ext4", shm),
@@ -148,6 +150,62 @@ struct GuestAgentTests {
         let deadline = Sys.monotonicNanoseconds() + 10_000_000_000
         while readFile(mirror + "/a") != "1\n" && Sys.monotonicNanoseconds() < deadline { usleep(20_000) }
         #expect(readFile(mirror + "/a") == "1\n", "mirrored once writable: \(lines.withLock { $0 })")
+    }
+
+    /// Kata's block storage addresses, and what the agent refuses before anything is mounted.
+    @Test func blockAndOverlayStoragesAreCheckedFirst() throws {
+        #expect(try BlockDevices.parsePCIPath("02/00") == [2, 0])
+        #expect(try BlockDevices.parsePCIPath("1f") == [31])
+        for bad in ["", "20", "g0", "02//00", "002", "02/", "/02"] {
+            #expect(throws: GuestAgentError.self, "PCI path \(bad)") { try BlockDevices.parsePCIPath(bad) }
+        }
+        #expect(try BlockDevices.parseSCSIAddress("0:1") == (0, 1))
+        for bad in ["0", "a:b", "0:1:2", ":1", "0:-1", "0:+1"] {
+            #expect(throws: GuestAgentError.self, "SCSI address \(bad)") { try BlockDevices.parseSCSIAddress(bad) }
+        }
+        func storage(_ driver: String, _ fstype: String, _ options: [String] = [], source: String = "02/00") -> Grpc_Storage {
+            var s = Grpc_Storage()
+            s.driver = driver
+            s.fstype = fstype
+            s.source = source
+            s.options = options
+            s.mountPoint = "/run/kata-containers/c1/rootfs"
+            return s
+        }
+        try StorageMounter.validate(storage("blk", "squashfs", ["ro"]))
+        try StorageMounter.validate(storage("scsi", "erofs", ["ro"], source: "0:1"))
+        try StorageMounter.validate(storage("overlayfs", "overlay", ["io.katacontainers.fs-opt.overlay-rw", "lowerdir=/a/b:/c"], source: "none"))
+        let refused: [(Grpc_Storage, String)] = [
+            (storage("blk", "nfs"), "a filesystem the agent does not mount from a disk"),
+            (storage("nvme", "ext4"), "an unknown driver"),
+            (storage("overlayfs", "ext4", ["lowerdir=/a"]), "overlayfs with another fstype"),
+            (storage("overlayfs", "overlay", ["io.katacontainers.fs-opt.overlay-rw"]), "overlayfs without lowerdir"),
+            (storage("overlayfs", "overlay", ["lowerdir=/a", "lowerdir=/b"]), "two lowerdir options"),
+            (storage("overlayfs", "overlay", ["lowerdir=a/b"]), "a relative layer"),
+            (storage("overlayfs", "overlay", ["lowerdir=/a/../etc"]), "a layer with .."),
+            (storage("overlayfs", "overlay", ["lowerdir=/a,upperdir=/etc"]), "a layer smuggling another option"),
+            (storage("overlayfs", "overlay", ["lowerdir=/a", "upperdir=/x/./y"]), "a non-canonical upper"),
+        ]
+        for (s, why) in refused {
+            #expect(throws: GuestAgentError.self, "\(why) is refused") { try StorageMounter.validate(s) }
+        }
+    }
+
+    /// A writable overlay's upper directory holds what the container wrote: removing it never
+    /// follows a link planted there.
+    @Test func scratchRemovalFollowsNoLink() throws {
+        let dir = TestEnvironment.scratch("scratch")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        mkdirs(dir + "/outside")
+        writeFile(dir + "/outside/keep", "keep\n")
+        mkdirs(dir + "/upper/a/b")
+        writeFile(dir + "/upper/a/b/f", "x")
+        try Sys.symlinkat(dir + "/outside", nil, FilePath(dir + "/upper/a/link"))
+        try Sys.symlinkat(dir + "/outside/keep", nil, FilePath(dir + "/upper/filelink"))
+        try StorageMounter.removeTree(FilePath(dir + "/upper"))
+        #expect((try? Sys.statx(nil, FilePath(dir + "/upper"))) == nil)
+        #expect(readFile(dir + "/outside/keep") == "keep\n")
+        try StorageMounter.removeTree(FilePath(dir + "/upper"))  // gone already: not an error
     }
 
     @Test func mountOptionsSplitIntoFlagsAndData() {
