@@ -86,9 +86,7 @@ extension LinuxFilesystemSharer {
     func shareImageOnHost(_ cid: String, _ path: FilePath) throws(FSShareError) -> SharedFile {
         let name = "\(cid)/rootfs"
         let policy = configuration.sourceSymlinks
-        let h = try preparedHandle()
-        return try h.locked { () throws(FSShareError) -> SharedFile in
-            try h.manifest.refresh()
+        return try withPreparedHandle { (h) throws(FSShareError) -> SharedFile in
             let existing = h.manifest.shares[name]
             if let existing {
                 guard existing.kind == .rootfsHostImage, existing.source == path.string else {

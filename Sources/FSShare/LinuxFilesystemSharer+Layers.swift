@@ -37,9 +37,7 @@ extension LinuxFilesystemSharer {
         guard lowers.count <= 500 else { throw FSShareError(.invalidArgument, "\(lowers.count) layers are more than overlayfs takes (500)") }
         let method = configuration.mountMethod
         let policy = configuration.sourceSymlinks
-        let h = try preparedHandle()
-        return try h.locked { () throws(FSShareError) -> SharedFile in
-            try h.manifest.refresh()
+        return try withPreparedHandle { (h) throws(FSShareError) -> SharedFile in
             // Name every layer first (open, check it is a directory, read its identity):
             // nothing is recorded or mounted before all of them are known good.
             var names: [String] = []

@@ -45,9 +45,7 @@ extension LinuxFilesystemSharer {
             let record = ShareRecord(
                 name: cid, kind: .rootfsDirectory, containerID: cid, source: device.address, destination: suffix,
                 readOnly: false, recursive: false, isFile: false)
-            let h = try preparedHandle()
-            try h.locked { () throws(FSShareError) in
-                try h.manifest.refresh()
+            try withPreparedHandle { (h) throws(FSShareError) in
                 try makeBlockRootfsDirectories(record, suffix: suffix, handle: h)
             }
             let storage = Storages.blockRootfs(
@@ -63,9 +61,7 @@ extension LinuxFilesystemSharer {
             let record = ShareRecord(
                 name: cid, kind: .rootfsImage, containerID: cid, source: path.string, destination: "",
                 readOnly: true, recursive: false, isFile: false)
-            let h = try preparedHandle()
-            try h.locked { () throws(FSShareError) in
-                try h.manifest.refresh()
+            try withPreparedHandle { (h) throws(FSShareError) in
                 if let existing = h.manifest.shares[cid], existing != record {
                     throw FSShareError(.conflict, "container \(cid)'s rootfs is already shared from \(existing.source); unshare it first")
                 }
@@ -87,9 +83,7 @@ extension LinuxFilesystemSharer {
                 readOnly: false, recursive: false, isFile: false)
             let method = configuration.mountMethod
             let policy = configuration.sourceSymlinks
-            let h = try preparedHandle()
-            let made = try h.locked { () throws(FSShareError) -> ShareRecord in
-                try h.manifest.refresh()
+            let made = try withPreparedHandle { (h) throws(FSShareError) -> ShareRecord in
                 let (dirFD, created) = try MountOps.ownEntry(h.mounts, FilePath(cid), directory: true, mode: 0o750)
                 defer { Sys.close(dirFD) }
                 do throws(FSShareError) {

@@ -145,14 +145,32 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         return try result.get()
     }
 
+    /// Runs `body` on the prepared sandbox with its lock held and its manifest read (see
+    /// ``SandboxHandle/locked(_:)``). A handle whose sandbox another process cleaned up is
+    /// noticed there, under the lock, from the manifest's own status (no extra check per
+    /// operation); then the sandbox is looked up once more — it may have been prepared again —
+    /// before `notPrepared` is thrown. `body` has not run when that happens.
+    func withPreparedHandle<T>(_ body: (SandboxHandle) throws(FSShareError) -> T) throws(FSShareError) -> T {
+        let h = try preparedHandle()
+        do {
+            return try h.locked { () throws(FSShareError) -> T in try body(h) }
+        } catch {
+            guard h.isStale else { throw error }
+            let again = try preparedHandle()
+            return try again.locked { () throws(FSShareError) -> T in try body(again) }
+        }
+    }
+
     /// The open sandbox tree, opened (and kept) if needed; throws `notPrepared` without one.
-    /// Opening happens outside the mutex (it takes the sandbox's `flock` briefly).
+    /// Opening happens outside the mutex (it takes the sandbox's `flock` briefly). A kept
+    /// handle is not re-checked here: ``SandboxHandle/locked(_:)`` finds out, under the lock,
+    /// whether its sandbox is gone.
     func preparedHandle() throws(FSShareError) -> SandboxHandle {
-        if let h = handleState.withLock({ $0 }), h.isAlive { return h }
+        if let h = handleState.withLock({ $0 }), !h.isStale { return h }
         let opened = try openPrepared()
         return handleState.withLock { current in
             // Another thread may have opened it meanwhile: keep one (ours closes on deinit).
-            if let other = current, other.isAlive { return other }
+            if let other = current, !other.isStale { return other }
             current = opened
             return opened
         }
@@ -429,9 +447,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let method = configuration.mountMethod
         let policy = configuration.sourceSymlinks
         let copyMode = configuration.sharedFilesystem == .none
-        let h = try preparedHandle()
-        return try h.locked { () throws(FSShareError) -> SharedFile in
-                try h.manifest.refresh()
+        return try withPreparedHandle { (h) throws(FSShareError) -> SharedFile in
                 if copyMode { return try copyShare(record, handle: h, policy: policy, cancellation: cancellation) }
                 var proposed = record
                 var fallback: String?
@@ -524,33 +540,33 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// - Throws: as ``unshare(name:)``, except `cancelled`.
     @_spi(Blocking) @discardableResult
     public func unshareSync(name: String) throws(FSShareError) -> UnshareOutcome {
-        let h: SandboxHandle
         do throws(FSShareError) {
-            h = try preparedHandle()
+            return try withPreparedHandle { (h) throws(FSShareError) -> UnshareOutcome in try unshareLocked(name, handle: h) }
         } catch {
+            // No sandbox (never prepared, or cleaned up meanwhile): nothing is shared.
             if error.code == .notPrepared { return .removed }
             throw error
         }
-        return try h.locked { () throws(FSShareError) -> UnshareOutcome in
-            try h.manifest.refresh()
-            if let record = h.manifest.shares[name] {
-                switch record.kind {
-                case .copy: return try removeCopy(record, handle: h)
-                case .rootfsLayers:
-                    try removeLayeredRootfs(record, handle: h)
-                    return .removed
-                case .layer:
-                    let users = LinuxFilesystemSharer.layerUsers(name, in: h.manifest)
-                    guard users.isEmpty else {
-                        throw FSShareError(.conflict, "layer \(name) (\(record.source)) is in use by the rootfs of \(users.joined(separator: ", ")); unshare those first")
-                    }
-                default: break
+    }
+
+    private func unshareLocked(_ name: String, handle h: SandboxHandle) throws(FSShareError) -> UnshareOutcome {
+        if let record = h.manifest.shares[name] {
+            switch record.kind {
+            case .copy: return try removeCopy(record, handle: h)
+            case .rootfsLayers:
+                try removeLayeredRootfs(record, handle: h)
+                return .removed
+            case .layer:
+                let users = LinuxFilesystemSharer.layerUsers(name, in: h.manifest)
+                guard users.isEmpty else {
+                    throw FSShareError(.conflict, "layer \(name) (\(record.source)) is in use by the rootfs of \(users.joined(separator: ", ")); unshare those first")
                 }
+            default: break
             }
-            if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
-            try removeShare(name, handle: h)
-            return .removed
         }
+        if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
+        try removeShare(name, handle: h)
+        return .removed
     }
 
     /// The shares the manifest records, with whether each is mounted right now (read on the
@@ -567,9 +583,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// - Returns: as ``shares()``.
     /// - Throws: as ``shares()``, except `cancelled`.
     @_spi(Blocking) public func sharesSync() throws(FSShareError) -> [ShareState] {
-        let h = try preparedHandle()
-        return try h.locked { () throws(FSShareError) in
-            try h.manifest.refresh()
+        return try withPreparedHandle { (h) throws(FSShareError) in
             return h.manifest.orderedShares.map { r in
                 ShareState(record: r, mounted: (try? MountOps.statBeneath(h.mounts, FilePath(r.name)).isMountRoot) ?? false)
             }
@@ -672,9 +686,15 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             try h.manifest.recordRemoval(name)
             return
         }
-        try sys("cannot unmount \(parent.display(leaf))") { () throws(SystemCallError) in _ = try MountOps.unmountAll(parent, leaf) }
+        let left = try sys("cannot unmount \(parent.display(leaf))") { () throws(SystemCallError) in try MountOps.unmountAllReporting(parent, leaf) }
         if let record, record.kind == .rootfsHostImage { try HostImageLoop.release(record) }
-        try MountOps.removeMountPoint(parent, leaf)
+        if components.count == 1, let status = left.status {
+            // A volume sits directly in mounts/: what unmountAll saw last, and the mount id of
+            // mounts/ the handle keeps, are all removeMountPoint needs.
+            try MountOps.removeMountPoint(parent, leaf, status: status, parentMountID: h.mountsMountID)
+        } else if components.count == 2 {
+            try MountOps.removeMountPoint(parent, leaf)
+        }
         if components.count == 2 {
             // The per-container directory goes when its last entry does.
             do {

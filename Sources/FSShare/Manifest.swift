@@ -190,13 +190,22 @@ final class Manifest {
     /// was replaced by a compaction).
     func refresh() throws(FSShareError) {
         let st = try sys("cannot stat the sandbox manifest") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
-        if let onDisk = try? Sys.statx(directory, Manifest.fileName), onDisk.inode != st.inode {
-            // Compacted by another process: reopen the new file and parse it from the start.
-            let newFD = try sys("cannot reopen the sandbox manifest") { () throws(SystemCallError) in
-                try Sys.openat(directory, Manifest.fileName, flags: O_RDWR | O_APPEND | Sys.oNoFollow)
+        if st.linkCount == 0 {
+            // No longer linked: a compaction by another process renamed a new file over it, or
+            // the sandbox was cleaned up (the manifest goes last). One fstatx tells both apart
+            // from "unchanged" without looking the name up on every operation.
+            let newFD: FileDescriptor
+            do {
+                newFD = try Sys.openat(directory, Manifest.fileName, flags: O_RDWR | O_APPEND | Sys.oNoFollow | O_NONBLOCK)
+            } catch {
+                if error.errno == .noSuchFileOrDirectory {
+                    throw FSShareError(.notPrepared, "sandbox \(sandboxID) was cleaned up (its manifest is gone)")
+                }
+                throw FSShareError.system("cannot reopen the sandbox manifest", error)
             }
             Sys.close(fd)
             fd = newFD
+            try checkIdentity()
             reset()
             try refresh()
             return

@@ -153,6 +153,16 @@ enum MountOps {
             let created = try sys("cannot create \(shown)") { () throws(SystemCallError) in
                 directory ? try Sys.mkdirat(dir, name, mode: mode) : try Sys.mkfileat(dir, name, mode: mode)
             }
+            if directory {
+                // O_DIRECTORY with O_NOFOLLOW opens only a real directory (a symlink to one is
+                // ENOTDIR): the common case needs no fstatx to know what it opened.
+                do {
+                    return (try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow | Sys.oDirectory), created)
+                } catch {
+                    if error.errno == .noSuchFileOrDirectory { continue }  // removed meanwhile: make it again
+                    if error.errno != .notDirectory { throw FSShareError.system("cannot open \(shown)", error) }
+                }
+            }
             let fd: FileDescriptor
             do {
                 fd = try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow)
@@ -205,16 +215,23 @@ enum MountOps {
     /// statx after each round. Returns how many mounts were removed; a missing path is 0.
     @discardableResult
     static func unmountAll(_ dir: DirFD, _ name: FilePath) throws(SystemCallError) -> Int {
+        try unmountAllReporting(dir, name).count
+    }
+
+    /// ``unmountAll(_:_:)``, also returning what the last statx saw of `dir/name` once it was no
+    /// longer a mount root (nil when it does not exist), so the caller need not look again.
+    @discardableResult
+    static func unmountAllReporting(_ dir: DirFD, _ name: FilePath) throws(SystemCallError) -> (count: Int, status: FileStatus?) {
         var count = 0
         while true {
             let st: FileStatus
             do {
                 st = try Sys.statx(dir, name)
             } catch {
-                if error.errno == .noSuchFileOrDirectory { return count }
+                if error.errno == .noSuchFileOrDirectory { return (count, nil) }
                 throw error
             }
-            if !st.isMountRoot { return count }
+            if !st.isMountRoot { return (count, st) }
             do {
                 try Sys.umount2(fdPath(dir.fd, name), flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
             } catch {
@@ -239,7 +256,15 @@ enum MountOps {
             if error.errno == .noSuchFileOrDirectory { return }
             throw FSShareError.system("cannot stat the mount point \(dir.display(name))", error)
         }
-        guard !st.isMountRoot, st.mountID == parent.mountID else {
+        try removeMountPoint(dir, name, status: st, parentMountID: parent.mountID)
+    }
+
+    /// ``removeMountPoint(_:_:)`` with the entry's status and its parent's mount id already
+    /// known (from ``unmountAllReporting(_:_:)`` and the sandbox handle). Removing an empty
+    /// directory or a file cannot delete through a mount; if something is mounted on it after
+    /// the status was taken, the kernel refuses the unlink (`EBUSY`).
+    static func removeMountPoint(_ dir: DirFD, _ name: FilePath, status st: FileStatus, parentMountID: UInt64) throws(FSShareError) {
+        guard !st.isMountRoot, st.mountID == parentMountID else {
             throw FSShareError(.systemCall, "\(dir.display(name)) is still a mount point; it was not removed")
         }
         do {

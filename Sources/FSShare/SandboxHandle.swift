@@ -40,22 +40,40 @@ final class SandboxHandle: @unchecked Sendable {
         for fd in [root.fd, lock, sandbox.fd, mounts.fd, staging.fd] { Sys.close(fd) }
     }
 
-    /// Holds the sandbox's lock around `body`: `flock` on a descriptor opened for this call
-    /// (reopened through `/proc/self/fd`, so the same directory however it was renamed). flock
-    /// belongs to an open file description, so a fresh one excludes other threads of this
-    /// process as it excludes other processes; the shared `lock` descriptor would not.
+    /// Threads of this process using this handle, one at a time: `flock` belongs to an open
+    /// file description, and they all share ``lock``'s, so it alone would not exclude them.
+    private let threads = ThreadLock()
+    private let staleFlag = Atomic<Bool>(false)
+
+    /// Another process cleaned the sandbox up (found by ``locked(_:)``): open it again.
+    var isStale: Bool { staleFlag.load(ordering: .acquiring) }
+
+    /// Holds the sandbox's lock around `body`, with the manifest brought up to date first:
+    /// this handle's threads one at a time (``threads``), other processes — and other handles
+    /// of this one, which have descriptions of their own — by `flock` on ``lock``. One `flock`
+    /// pair per operation: no descriptor is opened for it.
+    ///
+    /// The manifest's status, read under the lock anyway, says whether the sandbox is still
+    /// there: a cleanup removes the manifest last, so a manifest with no link left and no
+    /// successor means the sandbox is gone; then the handle is marked stale and `notPrepared`
+    /// is thrown before `body` runs.
     func locked<T>(_ body: () throws(FSShareError) -> T) throws(FSShareError) -> T {
         let shown = sandbox.path
-        let mine = try sys("cannot open the sandbox \(shown) to lock it") { () throws(SystemCallError) in
-            try Sys.openat(nil, MountOps.fdPath(lock), flags: O_RDONLY | Sys.oDirectory)
+        threads.lock()
+        defer { threads.unlock() }
+        try sys("cannot lock the sandbox \(shown)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: shown) }
+        defer { try? Sys.flock(lock, operation: LOCK_UN, path: shown) }
+        do {
+            try manifest.refresh()
+        } catch {
+            if error.code == .notPrepared { staleFlag.store(true, ordering: .releasing) }
+            throw error
         }
-        defer { Sys.close(mine) }
-        try sys("cannot lock the sandbox \(shown)") { () throws(SystemCallError) in try Sys.flock(mine, operation: LOCK_EX, path: shown) }
-        defer { try? Sys.flock(mine, operation: LOCK_UN, path: shown) }
         return try body()
     }
 
-    /// False once another process has cleaned the sandbox up (its directory is gone).
+    /// False once another process has cleaned the sandbox up (its directory is gone). One
+    /// statx: for the rare paths (prepare) that must know before taking the lock.
     var isAlive: Bool {
         guard let st = try? Sys.fstatx(lock, path: sandbox.path) else { return false }
         return st.linkCount > 0
@@ -71,4 +89,23 @@ struct Undo {
         for action in actions.reversed() { action() }
         actions.removeAll()
     }
+}
+
+/// A plain mutex for ``SandboxHandle/locked(_:)``: held across a body that throws and returns
+/// any type, which `Mutex.withLock` would require to be `sending`.
+final class ThreadLock: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    init() {
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    func lock() { pthread_mutex_lock(mutex) }
+    func unlock() { pthread_mutex_unlock(mutex) }
 }

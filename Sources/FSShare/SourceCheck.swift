@@ -109,20 +109,36 @@ enum SourceCheck {
             throw FSShareError(.invalidArgument, "share source \"\(raw)\" must be a non-empty absolute path")
         }
         if let problem = lexicalProblem(path) { throw refused(path, problem) }
+        // First without any symlink: then the path as given (already normal) is where the open
+        // went, and the kernel need not be asked for it (readlink of /proc/self/fd). Only a
+        // path with a symlink in it, which `follow` allows, is opened a second time.
+        let normal = path == path.lexicallyNormalized()
         var resolve = Sys.resolveNoMagicLinks
-        if policy == .refuse { resolve |= Sys.resolveNoSymlinks }
-        let fd: FileDescriptor
+        if policy == .refuse || normal { resolve |= Sys.resolveNoSymlinks }
+        var fd: FileDescriptor
+        var withoutSymlinks = resolve & Sys.resolveNoSymlinks != 0
         do {
             fd = try Sys.openat2(nil, path, flags: Sys.oPath, resolve: resolve)
         } catch {
-            if error.errno == .tooManySymbolicLinkLevels || error.errno == .improperLink {
+            if error.errno == .tooManySymbolicLinkLevels && policy == .follow && normal {
+                do {
+                    fd = try Sys.openat2(nil, path, flags: Sys.oPath, resolve: Sys.resolveNoMagicLinks)
+                    withoutSymlinks = false
+                } catch {
+                    if error.errno == .tooManySymbolicLinkLevels || error.errno == .improperLink {
+                        throw refused(path, "it resolves through a /proc magic link")
+                    }
+                    throw FSShareError.system("cannot open the share source \(path)", error)
+                }
+            } else if error.errno == .tooManySymbolicLinkLevels || error.errno == .improperLink {
                 throw refused(path, policy == .refuse ? "it contains a symbolic link (source symlinks are refused)" : "it resolves through a /proc magic link")
+            } else {
+                throw FSShareError.system("cannot open the share source \(path)", error)
             }
-            throw FSShareError.system("cannot open the share source \(path)", error)
         }
         do {
             let st = try Sys.fstatx(fd, path: path)
-            let resolved = (try? Sys.pathOf(fd)) ?? path
+            let resolved = withoutSymlinks && normal ? path : ((try? Sys.pathOf(fd)) ?? path)
             switch st.kind {
             case .regular, .directory: break
             default: throw refused(path, "it is a \(st.kind), which a shared filesystem cannot carry")
@@ -131,9 +147,13 @@ enum SourceCheck {
             if resolved.string.hasPrefix("/dev/"), st.kind != .regular {
                 throw refused(path, "it is a \(st.kind) under /dev (host devices are not shared)")
             }
-            let magic = try Sys.filesystemType(fd, path: path)
-            if let name = pseudoFilesystems[magic] {
-                throw refused(path, "it is on \(name), a kernel pseudo-filesystem")
+            // Kernel pseudo-filesystems all sit on anonymous devices (major 0): a filesystem on
+            // a real block device cannot be one, and needs no fstatfs.
+            if st.deviceMajor == 0 {
+                let magic = try Sys.filesystemType(fd, path: path)
+                if let name = pseudoFilesystems[magic] {
+                    throw refused(path, "it is on \(name), a kernel pseudo-filesystem")
+                }
             }
             if let problem = rootGuard?.problem(resolved: resolved, st) { throw refused(path, problem) }
             let viaSymlinks = resolved == path.lexicallyNormalized() ? nil : resolved
