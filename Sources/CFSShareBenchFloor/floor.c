@@ -114,25 +114,22 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
 
 int floor_share(floor_sandbox *sb, const char *source, const char *name, int read_only) {
     struct statx st;
-    struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_NO_MAGICLINKS };
+    struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS };
     struct statfs sfs;
-    char link[64], resolved[4096], line[512];
+    char line[512];
     CHECK(flock(sb->lock, LOCK_EX));
-    CHECK(sx(sb->lock, "", AT_EMPTY_PATH, &st));
     CHECK(sx(sb->manifest, "", AT_EMPTY_PATH, &st));
-    CHECK(sx(sb->lock, "manifest", 0, &st));
     int src = (int)syscall(SYS_openat2, AT_FDCWD, source, &how, sizeof how);
     CHECK(src);
     CHECK(sx(src, "", AT_EMPTY_PATH, &st));
-    snprintf(link, sizeof link, "/proc/self/fd/%d", src);
-    CHECK(readlink(link, resolved, sizeof resolved));
-    CHECK(fstatfs(src, &sfs));
+    // No symlink in the path (RESOLVE_NO_SYMLINKS): no readlink. fstatfs only on an
+    // anonymous-device filesystem, as the library does.
+    if (st.stx_dev_major == 0) CHECK(fstatfs(src, &sfs));
     int n = snprintf(line, sizeof line, "S\t%s\tvolume\t%s\tc\t%s\t/d\n", name, read_only ? "r" : "-", source);
     CHECK(write(sb->manifest, line, (size_t)n));
     CHECK(mkdirat(sb->mounts, name, 0755));
-    int target = openat(sb->mounts, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    int target = openat(sb->mounts, name, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
     CHECK(target);
-    CHECK(sx(target, "", AT_EMPTY_PATH, &st));
     int tree = (int)syscall(SYS_open_tree, src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
     CHECK(tree);
     struct mount_attr attr = { .attr_set = read_only ? MOUNT_ATTR_RDONLY : 0, .propagation = MS_PRIVATE };
@@ -147,14 +144,9 @@ int floor_unshare(floor_sandbox *sb, const char *name) {
     struct statx st;
     char p[512], line[512];
     CHECK(flock(sb->lock, LOCK_EX));
-    CHECK(sx(sb->lock, "", AT_EMPTY_PATH, &st));
     CHECK(sx(sb->manifest, "", AT_EMPTY_PATH, &st));
-    CHECK(sx(sb->lock, "manifest", 0, &st));
-    CHECK(sx(sb->mounts, name, 0, &st));
     snprintf(p, sizeof p, "/proc/self/fd/%d/%s", sb->mounts, name);
     CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
-    CHECK(sx(sb->mounts, name, 0, &st));
-    CHECK(sx(sb->mounts, "", AT_EMPTY_PATH, &st));
     CHECK(sx(sb->mounts, name, 0, &st));
     CHECK(unlinkat(sb->mounts, name, AT_REMOVEDIR));
     int n = snprintf(line, sizeof line, "U\t%s\n", name);
@@ -173,5 +165,45 @@ int floor_kata_rw_share(const char *source, const char *target) {
 int floor_kata_unshare(const char *target) {
     CHECK(umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW));
     CHECK(rmdir(target));
+    return 0;
+}
+
+int floor_kata_ro_share(const char *source, const char *private_target, const char *target) {
+    if (mkdir(private_target, 0755) != 0 && errno != EEXIST) return -errno;
+    CHECK(mount(source, private_target, NULL, MS_BIND, NULL));
+    CHECK(mount(NULL, private_target, NULL, MS_PRIVATE, NULL));
+    CHECK(mount(source, private_target, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL));
+    CHECK(mkdir(target, 0755));
+    CHECK(mount(private_target, target, NULL, MS_BIND, NULL));
+    CHECK(mount(NULL, target, NULL, MS_PRIVATE, NULL));
+    CHECK(umount2(private_target, MNT_DETACH | UMOUNT_NOFOLLOW));
+    return 0;
+}
+
+int floor_kata_prepare(const char *sandbox) {
+    char shared[512], mounts[512], priv[512];
+    snprintf(shared, sizeof shared, "%s/shared", sandbox);
+    snprintf(mounts, sizeof mounts, "%s/mounts", sandbox);
+    snprintf(priv, sizeof priv, "%s/private", sandbox);
+    CHECK(mkdir(sandbox, 0750));
+    CHECK(mkdir(shared, 0750));
+    CHECK(mkdir(mounts, 0750));
+    CHECK(mkdir(priv, 0750));
+    CHECK(mount(mounts, shared, NULL, MS_BIND, NULL));
+    CHECK(mount(NULL, shared, NULL, MS_SLAVE, NULL));
+    CHECK(mount(mounts, shared, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL));
+    return 0;
+}
+
+int floor_kata_cleanup(const char *sandbox) {
+    char shared[512], mounts[512], priv[512];
+    snprintf(shared, sizeof shared, "%s/shared", sandbox);
+    snprintf(mounts, sizeof mounts, "%s/mounts", sandbox);
+    snprintf(priv, sizeof priv, "%s/private", sandbox);
+    CHECK(umount2(shared, MNT_DETACH | UMOUNT_NOFOLLOW));
+    CHECK(rmdir(shared));
+    CHECK(rmdir(mounts));
+    CHECK(rmdir(priv));
+    CHECK(rmdir(sandbox));
     return 0;
 }

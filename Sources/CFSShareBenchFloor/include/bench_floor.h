@@ -28,4 +28,14 @@ int floor_unshare(floor_sandbox *sb, const char *name);
 int floor_kata_rw_share(const char *source, const char *target);
 /// Kata's unshare: umount2(MNT_DETACH|UMOUNT_NOFOLLOW) + rmdir. 0 or -errno.
 int floor_kata_unshare(const char *target);
+/// Kata's ro share (fs_share_linux.go): a private ro bind at `private_target` (mkdir, bind,
+/// MS_PRIVATE, remount ro), bound again at `target` (mkdir, bind, MS_PRIVATE), then the
+/// private one unmounted (its directory stays, as Kata leaves it). 0 or -errno.
+int floor_kata_ro_share(const char *source, const char *private_target, const char *target);
+/// Kata's Prepare in `sandbox` (a directory under a shared mount): mkdir shared/ and mounts/,
+/// bind mounts/ onto shared/, MS_SLAVE, remount ro. 0 or -errno.
+int floor_kata_prepare(const char *sandbox);
+/// Kata's Cleanup: umount shared/ (MNT_DETACH), then remove the tree (shared, mounts, private,
+/// the sandbox directory). 0 or -errno.
+int floor_kata_cleanup(const char *sandbox);
 #endif
