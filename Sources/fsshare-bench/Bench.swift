@@ -82,7 +82,9 @@ struct Bench {
         let solo: String? = getenv("FSSHARE_BENCH_SOLO").map { String(cString: $0) }
         let root = t + "/root-\(existing)"
         mkdir(root, 0o755)
-        let config = SharerConfiguration(root: FilePath(root))
+        // FSSHARE_BENCH_METHOD=legacy|new-api compares the attach methods (default: automatic).
+        let method = getenv("FSSHARE_BENCH_METHOD").flatMap { MountMethod(rawValue: String(cString: $0)) } ?? .automatic
+        let config = SharerConfiguration(root: FilePath(root), mountMethod: method)
         guard let sharer = try? LinuxFilesystemSharer(sandboxID: "fs", configuration: config),
               (try? sharer.prepareSync()) != nil else { fail("prepare fs") }
         let rootFD = open(root, Sys.oPath | O_DIRECTORY | O_CLOEXEC)

@@ -97,8 +97,46 @@ struct Scenarios {
 
     // MARK: lifecycle
 
+    /// A sharer keeps its sandbox open between operations. When someone else cleans the
+    /// sandbox up, its next operation finds out under the lock (from the manifest's link count)
+    /// and fails with `notPrepared` having changed nothing; once the sandbox is prepared again,
+    /// the same sharer reopens it and works.
+    func staleHandle(_ source: String) {
+        guard let a = try? LinuxFilesystemSharer(sandboxID: "st", configuration: config()),
+              let b = try? LinuxFilesystemSharer(sandboxID: "st", configuration: config()) else { return }
+        let c = Container(id: "c", rootfs: .hostMounted("/"))
+        let m = Mount(source: FilePath(source), destination: "/etc/app", options: ["ro"])
+        _ = checks.must("stale: prepare and share through A") {
+            try a.prepareSync()
+            _ = try a.shareFileSync(container: c, mount: m)
+        }
+        _ = checks.must("stale: B cleans the sandbox up") { try b.cleanupSync() }
+        let e = checks.mustFail("stale: A's next share fails") { _ = try a.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: "/x")) }
+        checks.check((e as? FSShareError)?.code == .notPrepared, "stale: with notPrepared (\(e.map { "\($0)" } ?? "no error"))")
+        checks.check((try? a.unshareFileSync(container: c, mount: m)) == .removed, "stale: unshare of a share the cleanup removed is .removed")
+        checks.check(listTree(root + "/st").isEmpty && mountsUnder(root + "/st").isEmpty, "stale: the failed operations made nothing")
+        _ = checks.must("stale: B prepares the sandbox again") { try b.prepareSync() }
+        if let shared = checks.must("stale: A shares again (it reopens the new sandbox)", { try a.shareFileSync(container: c, mount: m) }), let shared {
+            checks.check(readFile(b.layout.sharedDirectory.string + "/" + (shared.guestPath.split(separator: "/").last.map(String.init) ?? "") + "/key") == "value",
+                         "stale: the new share is in the new sandbox's export")
+        }
+        // B compacts the journal (over 256 removals) while A holds the old file open: A's next
+        // look sees a manifest with no link left and a successor, and reads the new one.
+        let other = Mount(source: FilePath(source), destination: "/churn")
+        _ = checks.must("stale: B shares and unshares 300 times (a compaction)") {
+            for _ in 0..<300 {
+                _ = try b.shareFileSync(container: c, mount: other)
+                _ = try b.unshareFileSync(container: c, mount: other)
+            }
+        }
+        let seen = (try? a.sharesSync())?.map(\.record.destination)
+        checks.check(seen == ["/etc/app"], "stale: after B's compaction A reads the new journal (\(seen ?? []))")
+        _ = checks.must("stale: cleanup") { try a.cleanupSync() }
+    }
+
     func lifecycle() async {
         let src = sources()
+        staleHandle(src.ro)
         guard let sharer = checks.must("create sharer", { try LinuxFilesystemSharer(sandboxID: "sb1", configuration: config()) }) else { return }
         let storages = checks.must("prepare") { try sharer.prepareSync(); return sharer.sandboxStorages }
         checks.check(storages?.map(\.driver) == ["virtio-fs", "ephemeral"], "sandbox storages are virtio-fs + shm")
