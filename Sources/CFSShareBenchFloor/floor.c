@@ -180,11 +180,20 @@ int floor_kata_ro_share(const char *source, const char *private_target, const ch
     return 0;
 }
 
+/// Kata's sandbox paths: <sandbox>/shared, mounts, private.
+typedef struct { char shared[512], mounts[512], priv[512]; } kata_paths;
+
+static kata_paths kata_paths_of(const char *sandbox) {
+    kata_paths p;
+    snprintf(p.shared, sizeof p.shared, "%s/shared", sandbox);
+    snprintf(p.mounts, sizeof p.mounts, "%s/mounts", sandbox);
+    snprintf(p.priv, sizeof p.priv, "%s/private", sandbox);
+    return p;
+}
+
 int floor_kata_prepare(const char *sandbox) {
-    char shared[512], mounts[512], priv[512];
-    snprintf(shared, sizeof shared, "%s/shared", sandbox);
-    snprintf(mounts, sizeof mounts, "%s/mounts", sandbox);
-    snprintf(priv, sizeof priv, "%s/private", sandbox);
+    kata_paths k = kata_paths_of(sandbox);
+    const char *shared = k.shared, *mounts = k.mounts, *priv = k.priv;
     CHECK(mkdir(sandbox, 0750));
     CHECK(mkdir(shared, 0750));
     CHECK(mkdir(mounts, 0750));
@@ -196,10 +205,8 @@ int floor_kata_prepare(const char *sandbox) {
 }
 
 int floor_kata_cleanup(const char *sandbox) {
-    char shared[512], mounts[512], priv[512];
-    snprintf(shared, sizeof shared, "%s/shared", sandbox);
-    snprintf(mounts, sizeof mounts, "%s/mounts", sandbox);
-    snprintf(priv, sizeof priv, "%s/private", sandbox);
+    kata_paths k = kata_paths_of(sandbox);
+    const char *shared = k.shared, *mounts = k.mounts, *priv = k.priv;
     CHECK(umount2(shared, MNT_DETACH | UMOUNT_NOFOLLOW));
     CHECK(rmdir(shared));
     CHECK(rmdir(mounts));

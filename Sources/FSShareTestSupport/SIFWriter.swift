@@ -34,6 +34,16 @@ public struct SIFWriter {
         }
     }
 
+    /// A SIF file laid out as a simple Apptainer one: a definition file first (so the root
+    /// partition does not start where the data area does), then `partition` as the primary
+    /// system partition.
+    ///
+    /// - Parameter partition: the root filesystem image (squashfs).
+    /// - Returns: the writer (``bytes()``, ``dataOffsets()``).
+    public static func withRootPartition(_ partition: [UInt8]) -> SIFWriter {
+        SIFWriter(objects: [Object(datatype: 0x4001, data: Array("Bootstrap: scratch\n".utf8), name: "deffile"), .partition(partition)])
+    }
+
     public var objects: [Object]
     /// Descriptor slots (used and free).
     public var descriptorSlots = 48

@@ -118,14 +118,7 @@ struct LibvirtRun {
         _ = checks.must("libvirt: DestroySandbox") { try agent.destroySandbox() }
         let d0 = Sys.monotonicNanoseconds()
         _ = checks.must("libvirt: detach the <filesystem> live") { try domain.detachLive(deviceXML: fsXML) }
-        var detached = false
-        while Sys.monotonicNanoseconds() - d0 < 20_000_000_000 {
-            if let x = try? domain.xml(), !x.contains("<target dir='\(config.mountTag)'/>") {
-                detached = true
-                break
-            }
-            usleep(50_000)
-        }
+        let detached = LibvirtRun.waitUntilGone(domain, "<target dir='\(config.mountTag)'/>")
         checks.check(detached, "libvirt: the filesystem left the live domain")
         if detached { figure("libvirt.detach", ms(Sys.monotonicNanoseconds() - d0)) }
         agent.disconnect()
@@ -147,9 +140,7 @@ struct LibvirtRun {
         let made = Sys.run(["mksquashfs", tree, squash, "-noappend", "-quiet", "-no-progress"])
         checks.check(made.status == 0, "libvirt: mksquashfs (\(made.output.suffix(200)))")
         guard made.status == 0 else { return }
-        writeBytes(sif, SIFWriter(objects: [
-            SIFWriter.Object(datatype: 0x4001, data: Array("Bootstrap: scratch\n".utf8), name: "deffile"), .partition(readBytes(squash)),
-        ]).bytes())
+        writeBytes(sif, SIFWriter.withRootPartition(readBytes(squash)).bytes())
         guard let image = checks.must("libvirt: inspect the SIF file", { try RootfsImage.inspect(FilePath(sif)) }) else { return }
         let diskXML = LibvirtXML.imageDisk(imagePath: FilePath(sif), image: image, target: "vdb", alias: "job-rootfs")
         let a0 = Sys.monotonicNanoseconds()
@@ -175,16 +166,18 @@ struct LibvirtRun {
         checks.check(w?.errno == EROFS, "libvirt: a write to it gets EROFS (\(w?.description ?? "no answer"))")
         _ = checks.must("libvirt: RemoveContainer job") { try agent.removeContainer(id: "job") }
         _ = checks.must("libvirt: unshare the SIF rootfs") { try sharer.unshareRootFilesystemSync(container: job) }
-        let d0 = Sys.monotonicNanoseconds()
         _ = checks.must("libvirt: detach the disk live") { try domain.detachLive(deviceXML: diskXML) }
-        var detached = false
-        while Sys.monotonicNanoseconds() - d0 < 20_000_000_000 {
-            if let x = try? domain.xml(), !x.contains("ua-job-rootfs") {
-                detached = true
-                break
-            }
+        checks.check(LibvirtRun.waitUntilGone(domain, "ua-job-rootfs"), "libvirt: the disk left the live domain")
+    }
+
+    /// Polls the live domain XML until `marker` is gone from it (a live detach completes when
+    /// the guest acknowledges the unplug), for up to 20 s.
+    static func waitUntilGone(_ domain: LibvirtDomain, _ marker: String) -> Bool {
+        let start = Sys.monotonicNanoseconds()
+        while Sys.monotonicNanoseconds() - start < 20_000_000_000 {
+            if let x = try? domain.xml(), !x.contains(marker) { return true }
             usleep(50_000)
         }
-        checks.check(detached, "libvirt: the disk left the live domain")
+        return false
     }
 }

@@ -43,9 +43,7 @@ struct RootfsRun {
         make("erofs", ["mkfs.erofs", "--quiet", dir + "/app.erofs", tree], dir + "/app.erofs")
         if let squash = images.first(where: { $0.name == "squashfs" }) {
             // A SIF file whose root partition does not start at offset 0: a definition file first.
-            let sif = SIFWriter(objects: [
-                SIFWriter.Object(datatype: 0x4001, data: Array("Bootstrap: scratch\n".utf8), name: "deffile"), .partition(readBytes(squash.path)),
-            ])
+            let sif = SIFWriter.withRootPartition(readBytes(squash.path))
             writeBytes(dir + "/app.sif", sif.bytes())
             images.append(("sif", dir + "/app.sif"))
         }

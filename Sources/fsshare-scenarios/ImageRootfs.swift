@@ -8,24 +8,29 @@ import FSShareTestSupport
 import SystemPackage
 
 extension Scenarios {
+    /// A tree with `etc/os-release`, its squashfs image and a SIF file wrapping it, under the
+    /// work directory; nil (with a failed check) when mksquashfs fails.
+    func squashfsAndSIF(osRelease: String) -> (tree: String, squash: String, sif: String, writer: SIFWriter, squashBytes: [UInt8])? {
+        let tree = work + "/tree"
+        mkdirs(tree + "/etc")
+        writeFile(tree + "/etc/os-release", osRelease)
+        let squash = work + "/app.sqfs"
+        let made = Sys.run(["mksquashfs", tree, squash, "-noappend", "-quiet", "-no-progress"])
+        checks.check(made.status == 0, "mksquashfs made the image (\(made.output))")
+        guard made.status == 0 else { return nil }
+        let sif = work + "/app.sif"
+        let squashBytes = readBytes(squash)
+        let writer = SIFWriter.withRootPartition(squashBytes)
+        writeBytes(sif, writer.bytes())
+        return (tree, squash, sif, writer, squashBytes)
+    }
+
     /// Image rootfs on the host side: a squashfs image and a SIF file are recognised, never
     /// mounted, and get Kata's block storage with the detected filesystem and `ro`; the sandbox
     /// holds only the guest's mount-point directory; refusals change nothing; unshare and
     /// cleanup leave nothing.
     func imageRootfs() {
-        let tree = work + "/tree"
-        mkdirs(tree + "/etc")
-        writeFile(tree + "/etc/os-release", "ID=image-test\n")
-        let squash = work + "/app.sqfs"
-        let made = Sys.run(["mksquashfs", tree, squash, "-noappend", "-quiet", "-no-progress"])
-        checks.check(made.status == 0, "mksquashfs made the image (\(made.output))")
-        guard made.status == 0 else { return }
-        let sif = work + "/app.sif"
-        let squashBytes = readBytes(squash)
-        let writer = SIFWriter(objects: [
-            SIFWriter.Object(datatype: 0x4001, data: Array("Bootstrap: scratch\n".utf8), name: "deffile"), .partition(squashBytes),
-        ])
-        writeBytes(sif, writer.bytes())
+        guard let (_, squash, sif, writer, squashBytes) = squashfsAndSIF(osRelease: "ID=image-test\n") else { return }
         let notImage = work + "/notes.ext4"
         writeFile(notImage, String(repeating: "not an image\n", count: 400))
 
@@ -82,18 +87,7 @@ extension Scenarios {
     /// device, mounted detached and bound at mounts/<cid>/rootfs read-only; unshare and cleanup
     /// free the device; refusals bind no device.
     func imageOnHost() {
-        let tree = work + "/tree"
-        mkdirs(tree + "/etc")
-        writeFile(tree + "/etc/os-release", "ID=host-mounted\n")
-        let squash = work + "/app.sqfs"
-        let made = Sys.run(["mksquashfs", tree, squash, "-noappend", "-quiet", "-no-progress"])
-        checks.check(made.status == 0, "mksquashfs made the image (\(made.output))")
-        guard made.status == 0 else { return }
-        let sif = work + "/app.sif"
-        let writer = SIFWriter(objects: [
-            SIFWriter.Object(datatype: 0x4001, data: Array("Bootstrap: scratch\n".utf8), name: "deffile"), .partition(readBytes(squash)),
-        ])
-        writeBytes(sif, writer.bytes())
+        guard let (tree, squash, sif, writer, _) = squashfsAndSIF(osRelease: "ID=host-mounted\n") else { return }
         guard let sharer = checks.must("sharer", { try LinuxFilesystemSharer(sandboxID: "hm", configuration: config()) }),
               checks.must("prepare", { try sharer.prepareSync() }) != nil else { return }
         let shared = sharer.layout.sharedDirectory.string
