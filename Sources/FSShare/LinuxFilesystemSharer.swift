@@ -380,7 +380,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             }
         }
         let mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
-        let rootGuard = try SourceCheck.RootGuard(root: root)
+        let rootGuard = try SourceCheck.RootGuard.cached(root: root)
         Sys.close(export.fd)
         if style != .go { Sys.close(exportSource.fd) }
         let handle = SandboxHandle(

@@ -294,6 +294,25 @@ enum MountOps {
     /// unmounted first (children before their parents, since the walk unmounts on the way
     /// down only what is mounted on top of an entry). What it cannot remove is listed in `problems`.
     static func removeTree(_ dir: DirFD, _ name: FilePath, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
+        // An empty directory or a plain entry goes in one call: rmdir and unlink never cross a
+        // mount (on a mount point in this namespace they fail with EBUSY) and never follow a
+        // link. Anything else (not empty, busy) takes the careful walk below.
+        do {
+            try Sys.unlinkat(dir, name, directory: true)
+            return
+        } catch {
+            switch error.errno {
+            case .noSuchFileOrDirectory: return
+            case .notDirectory:
+                do {
+                    try Sys.unlinkat(dir, name, directory: false)
+                    return
+                } catch {
+                    if error.errno == .noSuchFileOrDirectory { return }
+                }
+            default: break
+            }
+        }
         let shown = dir.display(name)
         var st: FileStatus
         do {

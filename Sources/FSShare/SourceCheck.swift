@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import FSShareSystem
+import Synchronization
 import SystemPackage
 
 /// Opens a share source once (`O_PATH`) and decides whether it may be shared. The share is then
@@ -29,6 +30,22 @@ enum SourceCheck {
         var root: Identity
         /// The root's ancestors up to `/`, by identity: a bind-mount alias of one is caught too.
         var ancestors: Set<Identity>
+
+        /// The guard for `root`, from a process-wide cache when the root is still the same
+        /// directory at the same place (its identity and the path the kernel gives for it, one
+        /// fstatx and one readlink), else walked afresh. Every sandbox of a node shares its
+        /// root: the walk up to `/` (two syscalls per level) is done once per process.
+        static func cached(root: DirFD) throws(FSShareError) -> RootGuard {
+            let path = (try? Sys.pathOf(root.fd)) ?? root.path
+            let st = try sys("cannot stat \(root.path)") { () throws(SystemCallError) in try Sys.fstatx(root.fd, path: root.path) }
+            let key = path.string
+            if let known = cache.withLock({ $0[key] }), known.root == Identity(st) { return known }
+            let fresh = try RootGuard(root: root)
+            cache.withLock { $0[key] = fresh }
+            return fresh
+        }
+
+        private static let cache = Mutex<[String: RootGuard]>([:])
 
         /// Walks from the root (an open directory) up to `/`.
         init(root: DirFD) throws(FSShareError) {
