@@ -253,29 +253,40 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let sandboxPath = root.display(sid)
         // A new sandbox directory appears with its manifest already inside (built aside and
         // renamed into place), so a directory without one is never fsshare's.
-        let created = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID, style: configuration.layoutStyle)
+        let made = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID, style: configuration.layoutStyle)
+        let created = made != nil
         let lock: FileDescriptor
-        do {
-            lock = try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
-        } catch {
-            if error.errno == .tooManySymbolicLinkLevels || error.errno == .notDirectory {
-                throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it is not a directory (a symbolic link or a file); it was left alone")
+        if let made {
+            lock = made.directory
+        } else {
+            do {
+                lock = try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            } catch {
+                if error.errno == .tooManySymbolicLinkLevels || error.errno == .notDirectory {
+                    throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it is not a directory (a symbolic link or a file); it was left alone")
+                }
+                throw FSShareError.system("cannot open \(sandboxPath)", error)
             }
-            throw FSShareError.system("cannot open \(sandboxPath)", error)
         }
         undo.add { Sys.close(lock) }
         try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
         defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath) }
 
         // Adopt the directory only if a manifest proves it is ours: an operator's folder of the
-        // same name, even an empty one, is never touched.
-        let plain = DirFD(fd: lock, path: sandboxPath)
+        // same name, even an empty one, is never touched. One this call made is proven already,
+        // and its manifest is current (it was written under the lock on the root); refreshed
+        // under the sandbox lock all the same, in case another process got there in between.
         let manifest: Manifest
-        switch SandboxOwnership.inspect(plain, sandboxID: sandboxID) {
-        case .sandbox(let existing):
-            manifest = existing
-        case .foreign(let why):
-            throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it exists and is not an fsshare sandbox (\(why)); it was left alone")
+        if let made {
+            manifest = made.manifest
+            try manifest.refresh()
+        } else {
+            switch SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
+            case .sandbox(let existing):
+                manifest = existing
+            case .foreign(let why):
+                throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it exists and is not an fsshare sandbox (\(why)); it was left alone")
+            }
         }
         if created {
             // Rolled back after the subdirectories (undo runs newest first).

@@ -102,30 +102,36 @@ enum SandboxOwnership {
     }
 
     /// Creates `root/sandboxID` with its manifest already inside, or finds that it exists.
-    /// Returns true when this call made it. Serialised with other prepares by `flock` on the root.
-    static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle) throws(FSShareError) -> Bool {
+    /// Returns the new directory (open `O_RDONLY`, for its lock) and its manifest when this call
+    /// made it, nil when it existed. Serialised with other prepares by `flock` on the root.
+    static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle) throws(FSShareError) -> (directory: FileDescriptor, manifest: Manifest)? {
         let sid = FilePath(sandboxID)
         let rootLock = try lockRoot(root)
         defer { Sys.close(rootLock) }
-        if (try? Sys.statx(root, sid)) != nil { return false }
+        if (try? Sys.statx(root, sid)) != nil { return nil }
         try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
         let name = preparingName(sandboxID)
         let shown = root.display(name)
         try sys("cannot create \(shown)") { () throws(SystemCallError) in _ = try Sys.mkdirat(root, name, mode: 0o700) }
+        var opened: FileDescriptor?
         do throws(FSShareError) {
             let fd = try sys("cannot open \(shown)") { () throws(SystemCallError) in
                 try Sys.openat(root, name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             }
-            defer { Sys.close(fd) }
-            _ = try Manifest.create(in: DirFD(fd: fd, path: shown), sandboxID: sandboxID, style: style)
+            opened = fd
+            // The directory descriptor and the manifest stay valid across the rename (same
+            // inode): the caller keeps both instead of opening and reading them again.
+            let sandboxPath = root.display(sid)
+            let manifest = try Manifest.create(in: DirFD(fd: fd, path: sandboxPath), sandboxID: sandboxID, style: style)
             try sys("cannot move \(shown) into place") { () throws(SystemCallError) in
                 try Sys.renameat(root, name, root, sid, noReplace: true)
             }
+            return (fd, manifest)
         } catch {
+            if let opened { Sys.close(opened) }
             _ = try? removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
             throw error
         }
-        return true
     }
 
     /// An exclusive `flock` on the sandbox root (released when the descriptor is closed): held
