@@ -16,18 +16,13 @@ extension LinuxFilesystemSharer {
     /// The share name of a layer: `.layers/` and 16 hex digits of FNV-1a over the layer
     /// directory's device and inode (one layer, one share, however its path is spelled).
     static func layerName(_ st: FileStatus) -> String {
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in "\(st.deviceMajor):\(st.deviceMinor):\(st.inode)".utf8 {
-            hash ^= UInt64(byte)
-            hash = hash &* 0x100_0000_01b3
-        }
-        let hex = String(hash, radix: 16)
-        return layersDirectory + "/" + String(repeating: "0", count: 16 - hex.count) + hex
+        layersDirectory + "/" + ShareNaming.hex16(ShareNaming.fnv1a64(Array("\(st.deviceMajor):\(st.deviceMinor):\(st.inode)".utf8)))
     }
 
     /// The containers whose layered rootfs lists the layer share `name`.
     static func layerUsers(_ name: String, in manifest: Manifest) -> [String] {
-        manifest.orderedShares.filter { $0.kind == .rootfsLayers && $0.source.split(separator: ":").contains { $0 == name } }.map(\.containerID)
+        // Unordered (no sort): called for every layer of a share or unshare.
+        manifest.shares.values.filter { $0.kind == .rootfsLayers && $0.source.split(separator: ":").contains { $0 == name } }.map(\.containerID).sorted()
     }
 
     /// Shares `lowers` (lowest first) and `upper` for `cid`; see ``Rootfs/layers(_:upper:)``.
@@ -137,7 +132,7 @@ extension LinuxFilesystemSharer {
             do throws(FSShareError) { try removeShare(record.destination, handle: h) } catch { problems.append(error.message) }
         }
         // Every layer with no user left: this container's, and any a crash orphaned.
-        let orphans = h.manifest.orderedShares.filter { $0.kind == .layer && LinuxFilesystemSharer.layerUsers($0.name, in: h.manifest).isEmpty }
+        let orphans = h.manifest.shares.values.filter { $0.kind == .layer && LinuxFilesystemSharer.layerUsers($0.name, in: h.manifest).isEmpty }
         for layer in orphans {
             do throws(FSShareError) { try removeShare(layer.name, handle: h) } catch { problems.append(error.message) }
         }

@@ -87,7 +87,6 @@ final class Manifest {
     private var nextSequence = 0
     private var parsedBytes = 0
     private var removals = 0
-    private var inode: UInt64 = 0
     /// The first line named this sandbox: the file proves the directory is fsshare's.
     private(set) var hasHeader = false
     /// The layout the sandbox was prepared with (from the header).
@@ -210,7 +209,6 @@ final class Manifest {
             try refresh()
             return
         }
-        inode = st.inode
         if Int(st.size) == parsedBytes { return }
         if Int(st.size) < parsedBytes { reset() }
         let bytes = try sys("cannot read the sandbox manifest") { () throws(SystemCallError) in try Sys.readAll(fd, path: path) }

@@ -129,7 +129,8 @@ enum SourceCheck {
         // First without any symlink: then the path as given (already normal) is where the open
         // went, and the kernel need not be asked for it (readlink of /proc/self/fd). Only a
         // path with a symlink in it, which `follow` allows, is opened a second time.
-        let normal = path == path.lexicallyNormalized()
+        // The byte check ShareNaming uses; lexicallyNormalized() would build a new path per share.
+        let normal = ShareNaming.isNormal(raw)
         var resolve = Sys.resolveNoMagicLinks
         if policy == .refuse || normal { resolve |= Sys.resolveNoSymlinks }
         var fd: FileDescriptor
@@ -173,7 +174,7 @@ enum SourceCheck {
                 }
             }
             if let problem = rootGuard?.problem(resolved: resolved, st) { throw refused(path, problem) }
-            let viaSymlinks = resolved == path.lexicallyNormalized() ? nil : resolved
+            let viaSymlinks = resolved == (normal ? path : path.lexicallyNormalized()) ? nil : resolved
             return Opened(fd: fd, path: resolved, kind: st.kind, resolvedThroughSymlinks: viaSymlinks)
         } catch let error as FSShareError {
             Sys.close(fd)
