@@ -243,11 +243,15 @@ public final class AgentClient: Sendable {
                 do throws(AgentError) {
                     return try exchange(stream, &s, service, method, payload)
                 } catch {
+                    // A remote status is an answer read whole: the stream is in step and stays
+                    // (closing it would make a Kata agent's UNIMPLEMENTED GetInfo cost a
+                    // reconnect and a new GetInfo on every pipeline).
+                    if error.code == .remote { throw error }
                     stream.close()
                     s.stream = nil
-                    // A remote status is an answer, not a transport failure; a timeout may
-                    // mean the agent is busy applying the request, so do not resend it.
-                    if error.code == .remote || error.code == .protocolError || error.code == .timeout || adopted { throw error }
+                    // A timeout may mean the agent is busy applying the request, so do not
+                    // resend it.
+                    if error.code == .protocolError || error.code == .timeout || adopted { throw error }
                     if fresh || attempt > 1 { throw error }
                     s.reconnects += 1
                 }
@@ -288,6 +292,29 @@ public final class AgentClient: Sendable {
         }
         do {
             return try request.serializedBytes()
+        } catch {
+            throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
+        }
+    }
+
+    /// The envelope without its payload, split where the payload goes: the fields before it
+    /// (service, method) and after it (timeout, batch metadata), each encoded by swift-protobuf.
+    /// With the payload field between them, the bytes are exactly ``envelope(_:_:_:batch:)``'s
+    /// (swift-protobuf writes fields in number order; the payload is field 3 of 5).
+    func envelopeParts(_ service: String, _ method: String, batch: String?) throws(AgentError) -> (head: [UInt8], tail: [UInt8]) {
+        var head = Ttrpc_Request()
+        head.service = service
+        head.method = method
+        var tail = Ttrpc_Request()
+        tail.timeoutNano = callTimeoutNanos
+        if let batch {
+            var kv = Ttrpc_KeyValue()
+            kv.key = TTRPC.batchMetadataKey
+            kv.value = batch
+            tail.metadata = [kv]
+        }
+        do {
+            return (try head.serializedBytes(), try tail.serializedBytes())
         } catch {
             throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
         }
@@ -530,6 +557,71 @@ extension AgentClient {
             if stream.queuedBytes >= Pipeline.burstBytes { try stream.flushOutput(deadline: client.deadline()) }
             pending.append((id, payload.count, onError))
             pendingBytes += payload.count
+        }
+
+        /// Sends one request whose last field, length-delimited field `field` (a CopyFile
+        /// chunk's `data`), holds the first `count` bytes of `buffer`'s ``BulkFrame/data``,
+        /// already in place: `message` (its other fields, `field` unset) and the envelope are
+        /// written around them and the frame goes out in one write, with no copy of the content.
+        /// The bytes on the wire are those ``send(_:_:_:onError:)`` would write with the field set.
+        ///
+        /// - Parameters:
+        ///   - service: the ttrpc service.
+        ///   - method: the method name.
+        ///   - message: the request without `field`.
+        ///   - field: the number of the request's last field, a `bytes` field.
+        ///   - buffer: holds the field's content.
+        ///   - count: bytes of content.
+        ///   - onError: sees this request's refusal; nil tolerates it.
+        /// - Throws: `AgentError`: a transport failure (`unreachable`, `timeout`, `disconnected`, `protocol`) or the agent's refusal (`remote`, with its gRPC status).
+        public mutating func sendBulk(
+            _ service: String, _ method: String, _ message: some SwiftProtobuf.Message, field: UInt32,
+            in buffer: BulkFrame, count: Int, onError: ((AgentError) -> AgentError?)? = nil
+        ) throws(AgentError) {
+            guard count >= 0, count <= buffer.capacity else {
+                throw AgentError(.protocolError, "\(count) bytes of content in a \(buffer.capacity)-byte buffer")
+            }
+            var inner: [UInt8]
+            do {
+                inner = try message.serializedBytes()
+            } catch {
+                throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
+            }
+            // proto3 leaves an empty field out (as swift-protobuf does): same bytes either way.
+            if count > 0 { ProtoWire.appendBytesHeader(field: field, length: count, to: &inner) }
+            let (head, tail) = try client.envelopeParts(service, method, batch: batch)
+            // The frame header (length and stream id filled in below), the envelope up to its
+            // payload, the request up to the content.
+            var prefix = [UInt8](repeating: 0, count: TTRPC.headerLength)
+            prefix.reserveCapacity(TTRPC.headerLength + head.count + 16 + inner.count)
+            prefix[8] = TTRPC.typeRequest
+            prefix += head
+            if inner.count + count > 0 { ProtoWire.appendBytesHeader(field: TTRPC.requestPayloadField, length: inner.count + count, to: &prefix) }
+            prefix += inner
+            let length = prefix.count - TTRPC.headerLength + count + tail.count
+            guard length <= TTRPC.maxMessageLength else {
+                throw AgentError(.protocolError, "a \(length)-byte message exceeds ttrpc's \(TTRPC.maxMessageLength)-byte limit")
+            }
+            while pending.count >= maxInFlight || (pendingBytes + length > maxBytes && !pending.isEmpty) {
+                try receiveOne()
+            }
+            let id = nextStreamID
+            nextStreamID &+= 2
+            for i in 0..<4 {
+                prefix[i] = UInt8(truncatingIfNeeded: UInt32(length) >> (24 - 8 * i))
+                prefix[4 + i] = UInt8(truncatingIfNeeded: id >> (24 - 8 * i))
+            }
+            if let frame = buffer.frame(prefix: prefix, count: count, suffix: tail) {
+                try stream.writeEncodedFrame(frame, deadline: client.deadline())
+            } else {
+                // Fields too large for the buffer's room (a very long path): copied, as send does.
+                var payload = Array(prefix[TTRPC.headerLength...])
+                payload += UnsafeRawBufferPointer(rebasing: buffer.data[0..<count])
+                payload += tail
+                try stream.queue(TTRPCFrame(streamID: id, type: TTRPC.typeRequest, payload: payload))
+            }
+            pending.append((id, length, onError))
+            pendingBytes += length
         }
 
         /// Waits for every outstanding reply; throws the first refusal not tolerated.

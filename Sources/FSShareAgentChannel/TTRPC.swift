@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import FSShareSystem
 import SystemPackage
 
@@ -15,11 +18,15 @@ public enum TTRPC {
     public static let typeResponse: UInt8 = 2
     /// A streaming data frame (not used by the agent's unary methods).
     public static let typeData: UInt8 = 3
+    /// `ttrpc.Request.payload`'s field number.
+    public static let requestPayloadField: UInt32 = 3
 
     /// Kata's agent service and the one method of it fsshare calls.
     public static let agentService = "grpc.AgentService"
     /// `grpc.AgentService/CopyFile`.
     public static let copyFileMethod = "CopyFile"
+    /// `CopyFileRequest.data`'s field number (its last field).
+    public static let copyFileDataField: UInt32 = 8
     /// `grpc.AgentService/CreateSandbox`.
     public static let createSandboxMethod = "CreateSandbox"
     /// `grpc.AgentService/DestroySandbox`.
@@ -91,6 +98,19 @@ public struct TTRPCFrame: Sendable, Equatable {
     }
 }
 
+/// One frame read by ``FrameStream/readFrameView(deadline:wake:)``: its payload points into the
+/// stream's buffer and is valid only until the next read from that stream.
+public struct TTRPCFrameView {
+    /// The stream: odd for client requests; a reply carries its request's.
+    public let streamID: UInt32
+    /// ``TTRPC/typeRequest``, ``TTRPC/typeResponse`` or ``TTRPC/typeData``.
+    public let type: UInt8
+    /// Frame flags (0 for unary calls).
+    public let flags: UInt8
+    /// The protobuf-encoded `Request` or `Response`, in the stream's buffer.
+    public let payload: UnsafeRawBufferPointer
+}
+
 /// A byte stream (socket or character device) carrying ttrpc frames, with deadlines.
 /// Not thread-safe: it is owned by one thread at a time (a client holds it under its lock; the
 /// agent hands each accepted connection to the thread that serves it), hence `@unchecked`.
@@ -100,9 +120,13 @@ public final class FrameStream: @unchecked Sendable {
     /// Shown in errors: the address or path.
     public let name: String
     private let isSocket: Bool
-    private var buffer: [UInt8] = []
+    /// Bytes read and not yet consumed are `input[start..<end]`. A frame is always read into one
+    /// contiguous run (the buffer grows to the largest frame seen, at most ttrpc's limit, and is
+    /// freed with the stream), so a large request's payload is handed on without a copy.
+    private var input = UnsafeMutableRawBufferPointer.allocate(byteCount: FrameStream.initialInput, alignment: 8)
     private var start = 0
-    private let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+    private var end = 0
+    static let initialInput = 64 << 10
 
     /// Takes ownership of `fd` (closed by ``close()`` or deinit).
     ///
@@ -125,15 +149,15 @@ public final class FrameStream: @unchecked Sendable {
 
     deinit {
         close()
-        scratch.deallocate()
+        input.deallocate()
     }
 
     /// Forgets buffered input and unsent output: the peer behind a character device went away
     /// and a new one starts with a fresh ttrpc stream (a half frame of the old one must not
     /// prefix it).
     public func discardBuffers() {
-        buffer.removeAll(keepingCapacity: true)
         start = 0
+        end = 0
         output.removeAll(keepingCapacity: true)
     }
 
@@ -159,34 +183,55 @@ public final class FrameStream: @unchecked Sendable {
     ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
     /// - Throws: `timeout` or `disconnected`.
     public func write(_ bytes: [UInt8], deadline: UInt64?) throws(AgentError) {
+        var failure: AgentError?
+        bytes.withUnsafeBytes { all in
+            do throws(AgentError) { try write(raw: all, deadline: deadline) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Writes all of `bytes` before `deadline`.
+    ///
+    /// - Parameters:
+    ///   - bytes: what to write, all of it.
+    ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    /// - Throws: `timeout` or `disconnected`.
+    public func write(raw bytes: UnsafeRawBufferPointer, deadline: UInt64?) throws(AgentError) {
         var done = 0
         while done < bytes.count {
-            do {
+            var timedOut = false
+            do throws(SystemCallError) {
+                let rest = UnsafeRawBufferPointer(rebasing: bytes[done...])
                 // Sockets: try first, wait only when the buffer is full (one syscall, not two).
-                if isSocket, let n = try bytes.withUnsafeBytes({ (all) throws(SystemCallError) -> Int? in
-                    try Sys.sendNoWait(fd, UnsafeRawBufferPointer(rebasing: all[done...]), path: shown)
-                }) {
+                if isSocket, let n = try Sys.sendNoWait(fd, rest, path: shown) {
                     done += n
                     continue
                 }
                 if deadline != nil || isSocket {
-                    guard try Sys.pollOut(fd, timeoutMilliseconds: remaining(deadline), path: shown) else {
-                        throw AgentError(.timeout, "timed out writing to the agent at \(name)")
+                    if try !Sys.pollOut(fd, timeoutMilliseconds: remaining(deadline), path: shown) {
+                        timedOut = true
+                    } else if isSocket {
+                        continue
                     }
-                    if isSocket { continue }
                 }
-                let n = try bytes.withUnsafeBytes { (all) throws(SystemCallError) -> Int in
-                    try Sys.send(fd, UnsafeRawBufferPointer(rebasing: all[done...]), isSocket: isSocket, path: shown)
-                }
-                done += n
-            } catch let e as SystemCallError {
-                throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(e)")
-            } catch let e as AgentError {
-                throw e
+                if !timedOut { done += try Sys.send(fd, rest, isSocket: isSocket, path: shown) }
             } catch {
                 throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(error)")
             }
+            if timedOut { throw AgentError(.timeout, "timed out writing to the agent at \(name)") }
         }
+    }
+
+    /// Writes one frame already encoded in `bytes` (header and payload), after any queued ones:
+    /// a large request assembled in place (``BulkFrame``) goes out without another copy.
+    ///
+    /// - Parameters:
+    ///   - bytes: the whole frame.
+    ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    /// - Throws: `timeout` or `disconnected`.
+    public func writeEncodedFrame(_ bytes: UnsafeRawBufferPointer, deadline: UInt64?) throws(AgentError) {
+        try flushOutput(deadline: deadline)
+        try write(raw: bytes, deadline: deadline)
     }
 
     /// Writes one frame (after any queued ones).
@@ -224,26 +269,44 @@ public final class FrameStream: @unchecked Sendable {
 
     /// Whether a whole frame is already buffered (reading it will not block).
     public var hasBufferedFrame: Bool {
-        let available = buffer.count - start
+        let available = end - start
         guard available >= TTRPC.headerLength else { return false }
-        return available - TTRPC.headerLength >= FrameStream.length(buffer[start..<start + 4])
+        return available - TTRPC.headerLength >= bigEndian32(at: start)
     }
 
-    /// Reads more bytes into the buffer. False at end of stream.
-    private func fill(deadline: UInt64?, wake: FileDescriptor?) throws(AgentError) -> Bool {
+    private func bigEndian32(at offset: Int) -> Int {
+        Int(input[offset]) << 24 | Int(input[offset + 1]) << 16 | Int(input[offset + 2]) << 8 | Int(input[offset + 3])
+    }
+
+    /// Reads more bytes, making room first so that `need` bytes from `start` fit in one run.
+    /// False at end of stream.
+    private func fill(need: Int, deadline: UInt64?, wake: FileDescriptor?) throws(AgentError) -> Bool {
         do {
-            if start > 0 && start == buffer.count {
-                buffer.removeAll(keepingCapacity: true)
+            if start == end {
                 start = 0
+                end = 0
+            }
+            if input.count - start < need || end == input.count {
+                let unread = end - start
+                let wanted = max(need, unread + 1)
+                if input.count < wanted {
+                    let grown = UnsafeMutableRawBufferPointer.allocate(byteCount: max(wanted, min(input.count * 2, TTRPC.maxMessageLength + TTRPC.headerLength)), alignment: 8)
+                    grown.copyMemory(from: UnsafeRawBufferPointer(rebasing: input[start..<end]))
+                    input.deallocate()
+                    input = grown
+                } else if start > 0, let base = input.baseAddress {
+                    memmove(base, base + start, unread)
+                }
+                start = 0
+                end = unread
             }
             if deadline != nil || wake != nil {
                 let ready = try Sys.pollIn(fd, wake: wake, timeoutMilliseconds: remaining(deadline), path: shown)
                 if ready & 2 != 0 { throw AgentError(.disconnected, "stopped") }
                 if ready == 0 { throw AgentError(.timeout, "timed out waiting for the agent at \(name)") }
             }
-            // Read into a fixed scratch buffer and append only what arrived (no per-read zeroing).
-            let n = try Sys.read(fd, into: scratch, path: shown)
-            buffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+            let n = try Sys.read(fd, into: UnsafeMutableRawBufferPointer(rebasing: input[end...]), path: shown)
+            end += n
             return n > 0
         } catch let e as SystemCallError {
             throw AgentError(.disconnected, "lost the connection to the agent at \(name): \(e)")
@@ -254,22 +317,16 @@ public final class FrameStream: @unchecked Sendable {
         }
     }
 
-    /// Reads exactly `count` bytes. Nil if the stream ends cleanly before the first byte.
-    private func take(_ count: Int, deadline: UInt64?, wake: FileDescriptor?, atBoundary: Bool) throws(AgentError) -> ArraySlice<UInt8>? {
-        while buffer.count - start < count {
-            if try !fill(deadline: deadline, wake: wake) {
-                if atBoundary && buffer.count == start { return nil }
+    /// Buffers `count` contiguous bytes from `start`. False if the stream ends cleanly before
+    /// the first byte (only allowed `atBoundary`).
+    private func ensure(_ count: Int, deadline: UInt64?, wake: FileDescriptor?, atBoundary: Bool) throws(AgentError) -> Bool {
+        while end - start < count {
+            if try !fill(need: count, deadline: deadline, wake: wake) {
+                if atBoundary && end == start { return false }
                 throw AgentError(.disconnected, "the agent at \(name) closed the connection mid-message")
             }
         }
-        let slice = buffer[start..<start + count]
-        start += count
-        return slice
-    }
-
-    /// The big-endian payload length at the start of a ttrpc header.
-    static func length(_ header: ArraySlice<UInt8>) -> Int {
-        header.reduce(0) { $0 << 8 | Int($1) }
+        return true
     }
 
     /// Reads one frame; nil when the peer closed the stream between frames.
@@ -280,21 +337,31 @@ public final class FrameStream: @unchecked Sendable {
     /// - Returns: the next frame; nil when the peer closed the stream cleanly.
     /// - Throws: `timeout`, `disconnected`, or `protocol` for a malformed frame.
     public func readFrame(deadline: UInt64?, wake: FileDescriptor? = nil) throws(AgentError) -> TTRPCFrame? {
-        guard let h = try take(TTRPC.headerLength, deadline: deadline, wake: wake, atBoundary: true) else { return nil }
-        let b = Array(h)
-        let length = FrameStream.length(b[0..<4])
-        let stream = UInt32(b[4]) << 24 | UInt32(b[5]) << 16 | UInt32(b[6]) << 8 | UInt32(b[7])
+        guard let view = try readFrameView(deadline: deadline, wake: wake) else { return nil }
+        return TTRPCFrame(streamID: view.streamID, type: view.type, flags: view.flags, payload: Array(view.payload))
+    }
+
+    /// Reads one frame without copying its payload out of the stream's buffer: the view is
+    /// valid until the next read from this stream (the agent decodes a request in place and
+    /// writes a CopyFile chunk straight from it). Nil when the peer closed between frames.
+    ///
+    /// - Parameters:
+    ///   - deadline: a `CLOCK_MONOTONIC` deadline in ns; nil waits forever.
+    ///   - wake: a descriptor whose readability ends the wait.
+    /// - Returns: the next frame; nil when the peer closed the stream cleanly.
+    /// - Throws: `timeout`, `disconnected`, or `protocol` for a malformed frame.
+    public func readFrameView(deadline: UInt64?, wake: FileDescriptor? = nil) throws(AgentError) -> TTRPCFrameView? {
+        guard try ensure(TTRPC.headerLength, deadline: deadline, wake: wake, atBoundary: true) else { return nil }
+        let length = bigEndian32(at: start)
         guard length <= TTRPC.maxMessageLength else {
             throw AgentError(.protocolError, "\(name) sent a \(length)-byte ttrpc message (limit \(TTRPC.maxMessageLength))")
         }
-        guard let payload = try take(length, deadline: deadline, wake: wake, atBoundary: false) else {
-            throw AgentError(.disconnected, "the agent at \(name) closed the connection mid-message")
-        }
-        if start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.capacity <= 1 << 20)
-            start = 0
-        }
-        return TTRPCFrame(streamID: stream, type: b[8], flags: b[9], payload: Array(payload))
+        _ = try ensure(TTRPC.headerLength + length, deadline: deadline, wake: wake, atBoundary: false)
+        let h = start
+        start += TTRPC.headerLength + length
+        return TTRPCFrameView(
+            streamID: UInt32(bigEndian32(at: h + 4)), type: input[h + 8], flags: input[h + 9],
+            payload: UnsafeRawBufferPointer(rebasing: input[(h + TTRPC.headerLength)..<start]))
     }
 
     /// Reads one `\n`-terminated line (the hybrid-vsock handshake), at most 512 bytes.
@@ -304,13 +371,13 @@ public final class FrameStream: @unchecked Sendable {
     /// - Throws: `timeout` or `disconnected`.
     public func readLine(deadline: UInt64?) throws(AgentError) -> String {
         while true {
-            if let nl = buffer[start...].firstIndex(of: 0x0A) {
-                let line = String(decoding: buffer[start..<nl], as: UTF8.self)
+            if let nl = input[start..<end].firstIndex(of: 0x0A) {
+                let line = String(decoding: UnsafeRawBufferPointer(rebasing: input[start..<nl]), as: UTF8.self)
                 start = nl + 1
                 return line
             }
-            guard buffer.count - start < 512 else { throw AgentError(.protocolError, "\(name) sent an over-long handshake line") }
-            if try !fill(deadline: deadline, wake: nil) {
+            guard end - start < 512 else { throw AgentError(.protocolError, "\(name) sent an over-long handshake line") }
+            if try !fill(need: end - start + 1, deadline: deadline, wake: nil) {
                 throw AgentError(.unreachable, "\(name) closed the connection during the handshake")
             }
         }

@@ -23,17 +23,18 @@ public enum TTRPCServer {
     /// - Parameters:
     ///   - stream: the connection.
     ///   - wake: a descriptor whose readability ends serving.
-    ///   - handler: answers one request (service, method, encoded request).
+    ///   - handler: answers one request (service, method, encoded request). The payload points
+    ///     into the stream's buffer and is valid only during the call.
     public static func serve(
         _ stream: FrameStream, wake: FileDescriptor? = nil,
-        handler: (_ service: String, _ method: String, _ payload: [UInt8]) -> Reply
+        handler: (_ service: String, _ method: String, _ payload: UnsafeRawBufferPointer) -> Reply
     ) -> AgentError? {
         // The batch whose requests are refused from now on (one of its requests failed).
         var abortedBatch: String?
         while true {
-            let frame: TTRPCFrame
+            let frame: TTRPCFrameView
             do {
-                guard let f = try stream.readFrame(deadline: nil, wake: wake) else { return nil }
+                guard let f = try stream.readFrameView(deadline: nil, wake: wake) else { return nil }
                 frame = f
             } catch {
                 return error
@@ -44,12 +45,16 @@ public enum TTRPCServer {
             }
             let reply: Reply
             do {
-                let request = try Ttrpc_Request(serializedBytes: frame.payload)
+                // The payload (up to 4 MiB) stays where it was read; the rest of the envelope is
+                // decoded by swift-protobuf.
+                let (envelope, payloadRange) = try ProtoWire.separate(frame.payload, field: TTRPC.requestPayloadField)
+                let request = try Ttrpc_Request(serializedBytes: envelope)
+                let payload = payloadRange.map { UnsafeRawBufferPointer(rebasing: frame.payload[$0]) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
                 let batch = request.metadata.first { $0.key == TTRPC.batchMetadataKey }?.value
                 if let batch, batch == abortedBatch {
                     reply = .failure(GRPCStatus.aborted, "not applied: an earlier request of batch \(batch) failed")
                 } else {
-                    reply = handler(request.service, request.method, Array(request.payload))
+                    reply = handler(request.service, request.method, payload)
                     if case .failure = reply, let batch { abortedBatch = batch }
                 }
             } catch {

@@ -58,14 +58,20 @@ public final class GuestAgent: Sendable {
         self.log = log
     }
 
-    /// Handles one request.
-    public func handle(_ service: String, _ method: String, _ payload: [UInt8]) -> TTRPCServer.Reply {
+    /// Handles one request (`body`: the encoded request, valid during the call).
+    public func handle(_ service: String, _ method: String, _ body: UnsafeRawBufferPointer) -> TTRPCServer.Reply {
         do {
-            switch (service, method) {
-            case (TTRPC.agentService, TTRPC.copyFileMethod):
-                let r = try Grpc_CopyFileRequest(serializedBytes: payload)
-                try files.locked(r.path) { (f) throws(GuestAgentError) in try f.copyFile(r) }
+            if service == TTRPC.agentService && method == TTRPC.copyFileMethod {
+                // A chunk's data (up to 4 MiB) is written from where it was read; swift-protobuf
+                // decodes (and checks) the other fields.
+                let (fields, dataRange) = try ProtoWire.separate(body, field: TTRPC.copyFileDataField)
+                let r = try Grpc_CopyFileRequest(serializedBytes: fields)
+                let data = dataRange.map { UnsafeRawBufferPointer(rebasing: body[$0]) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
+                try files.locked(r.path) { (f) throws(GuestAgentError) in try f.copyFile(r, data: data) }
                 return .ok([])
+            }
+            let payload = [UInt8](body)
+            switch (service, method) {
             case (TTRPC.agentService, TTRPC.createSandboxMethod):
                 let r = try Grpc_CreateSandboxRequest(serializedBytes: payload)
                 try mounter.withLock { (h) throws(GuestAgentError) in try h.mounter.createSandbox(r) }

@@ -116,6 +116,16 @@ final class GuestFiles {
 
     /// Kata's `CopyFile` semantics (directories, symlinks, chunked files) with atomic replace.
     func copyFile(_ r: Grpc_CopyFileRequest) throws(GuestAgentError) {
+        var failure: GuestAgentError?
+        r.data.withUnsafeBytes { data in
+            do throws(GuestAgentError) { try copyFile(r, data: data) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// ``copyFile(_:)`` with the request's `data` given apart (`r.data` is ignored): a chunk is
+    /// written straight from the connection's buffer.
+    func copyFile(_ r: Grpc_CopyFileRequest, data: UnsafeRawBufferPointer) throws(GuestAgentError) {
         let p = try GuestPath(r.path, shareDir: shareDir)
         let type = r.fileMode & UInt32(S_IFMT)
         let perm = mode_t(r.fileMode & 0o7777)
@@ -133,7 +143,7 @@ final class GuestFiles {
                 try Sys.fchmod(fd, mode: perm, path: parent.display(leaf))
                 try fchown(fd, uid, gid, parent.display(leaf))
             case UInt32(S_IFLNK):
-                let target = String(decoding: r.data, as: UTF8.self)
+                let target = String(decoding: data, as: UTF8.self)
                 try GuestPath.checkSymlinkTarget(target, at: p)
                 // Create under a temp name and rename over the old link: never a moment without it.
                 let tmp = GuestAgent.temporaryName(for: p.leaf)
@@ -148,7 +158,7 @@ final class GuestFiles {
                 if uid != euid || gid != egid { try chown(parent, tmp, uid, gid) }
                 try replace(parent, tmp, leaf)
             case UInt32(S_IFREG):
-                try writeChunk(r, parent: parent, leaf: leaf, perm: perm, uid: uid, gid: gid)
+                try writeChunk(r, data: data, parent: parent, leaf: leaf, perm: perm, uid: uid, gid: gid)
             default:
                 throw GuestAgentError(.invalid, "\(r.path): file mode \(String(r.fileMode, radix: 8)) is not a file, directory or symlink")
             }
@@ -170,9 +180,9 @@ final class GuestFiles {
         }
     }
 
-    private func writeChunk(_ r: Grpc_CopyFileRequest, parent: DirFD, leaf: FilePath, perm: mode_t, uid: UInt32, gid: UInt32) throws(GuestAgentError) {
-        guard r.fileSize >= 0, r.offset >= 0, r.offset + Int64(r.data.count) <= r.fileSize else {
-            throw GuestAgentError(.invalid, "\(r.path): chunk at \(r.offset) of \(r.data.count) bytes does not fit a \(r.fileSize)-byte file")
+    private func writeChunk(_ r: Grpc_CopyFileRequest, data: UnsafeRawBufferPointer, parent: DirFD, leaf: FilePath, perm: mode_t, uid: UInt32, gid: UInt32) throws(GuestAgentError) {
+        guard r.fileSize >= 0, r.offset >= 0, r.offset <= r.fileSize - Int64(data.count) else {
+            throw GuestAgentError(.invalid, "\(r.path): chunk at \(r.offset) of \(data.count) bytes does not fit a \(r.fileSize)-byte file")
         }
         let tmp = GuestAgent.temporaryName(for: leaf.string)
         do {
@@ -192,16 +202,11 @@ final class GuestFiles {
                 fd = try Sys.openat2(parent, tmp, flags: O_WRONLY | Sys.oNoFollow, resolve: GuestFiles.resolve)
             }
             defer { Sys.close(fd) }
-            if !r.data.isEmpty {
-                // Data.withUnsafeBytes only rethrows untyped errors; carry the typed one out.
-                var failure: SystemCallError?
-                r.data.withUnsafeBytes { b in
-                    do throws(SystemCallError) { try Sys.pwriteAll(fd, b, offset: r.offset, path: parent.display(tmp)) } catch { failure = error }
-                }
-                if let failure { throw failure }
+            if !data.isEmpty {
+                try Sys.pwriteAll(fd, data, offset: r.offset, path: parent.display(tmp))
             }
             // A file sent in one chunk is complete now; otherwise the size says so.
-            if r.offset != 0 || Int64(r.data.count) != r.fileSize {
+            if r.offset != 0 || Int64(data.count) != r.fileSize {
                 let st = try Sys.fstatx(fd, path: parent.display(tmp))
                 guard Int64(st.size) >= r.fileSize else { return }
             }

@@ -223,7 +223,8 @@ package struct GuestCopier {
         if let limits, report.bytes + Int64(st.size) > limits.maxBytes {
             throw FSShareError(.limitExceeded, "more than \(limits.maxBytes) bytes")
         }
-        var buffer = [UInt8](repeating: 0, count: max(1, min(chunkSize, Int(st.size))))
+        // The chunk is read straight into the frame that carries it (no copy in user space).
+        var buffer = BulkFrame(capacity: max(1, min(chunkSize, Int(st.size))))
         try claim(&pipeline, [guestPath, GuestCopier.kataTemporaryPath(guestPath)], path: path)
         for attempt in 0..<2 {
             let size = Int64(st.size)
@@ -231,19 +232,12 @@ package struct GuestCopier {
             var shrank = false
             repeat {
                 try cancellation?.check("copying \(path) into the guest")
-                let want = Int(min(Int64(buffer.count), size - offset))
+                let want = Int(min(Int64(buffer.capacity), size - offset))
                 var got = 0
                 if want > 0 {
-                    var failure: SystemCallError?
-                    got = buffer.withUnsafeMutableBytes { b in
-                        do throws(SystemCallError) {
-                            return try Sys.pread(fd, into: UnsafeMutableRawBufferPointer(rebasing: b[0..<want]), offset: offset, path: path)
-                        } catch {
-                            failure = error
-                            return 0
-                        }
+                    got = try sys("cannot read \(path)") { () throws(SystemCallError) in
+                        try Sys.pread(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer.data[0..<want]), offset: offset, path: path)
                     }
-                    if let failure { throw FSShareError.system("cannot read \(path)", failure) }
                     if got == 0 {
                         shrank = true
                         break
@@ -252,8 +246,11 @@ package struct GuestCopier {
                 var r = request(guestPath, st, mode: UInt32(S_IFREG))
                 r.fileSize = size
                 r.offset = offset
-                r.data = Data(buffer[0..<got])
-                try send(&pipeline, r, path: path)
+                do {
+                    try pipeline.sendBulk(TTRPC.agentService, TTRPC.copyFileMethod, r, field: TTRPC.copyFileDataField, in: buffer, count: got)
+                } catch {
+                    throw FSShareError.agent("cannot copy \(path) into the guest", error)
+                }
                 offset += Int64(got)
                 // A chunk must land before the next: the agent renames the file into place
                 // once it has its full size.
@@ -266,7 +263,7 @@ package struct GuestCopier {
             }
             try barrier(&pipeline, path: path)
             st = try sys("cannot stat \(path)") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
-            if attempt == 0 { buffer = [UInt8](repeating: 0, count: max(1, min(chunkSize, Int(st.size)))) }
+            if attempt == 0 { buffer = BulkFrame(capacity: max(1, min(chunkSize, Int(st.size)))) }
         }
         throw FSShareError(.conflict, "\(path) kept changing size while it was copied into the guest")
     }

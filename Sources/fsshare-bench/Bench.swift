@@ -36,9 +36,12 @@ struct Bench {
     }
 
     static func main() async {
-        let usage = "usage: fsshare-bench mounts|api|watch|scale WORKDIR [N]"
+        let usage = "usage: fsshare-bench mounts|api|watch|scale|copy WORKDIR [N]"
         let args = CommandLine.arguments
         guard args.count >= 3 else { fail(usage) }
+        // The raw copy's two ends, started by `copy` as processes of their own.
+        if args[1] == "raw-sink", args.count == 4 { CopyBench.rawSink(socket: args[2], dir: args[3]) }
+        if args[1] == "raw-send", args.count == 4 { CopyBench.rawSend(socket: args[2], file: args[3]) }
         let work = args[2]
         let n = args.count > 3 ? Int(args[3]) : nil
         switch args[1] {
@@ -49,6 +52,7 @@ struct Bench {
             let counts = getenv("FSSHARE_BENCH_VOLUMES").map { String(cString: $0).split(separator: ",").compactMap { Int($0) } }
             WatchBench.run(work: work, trials: n ?? 1000, counts: counts ?? [1, 100, 1000])
         case "scale": WatchBench.scale(work: work, volumes: n ?? 10_000)
+        case "copy": CopyBench.run(work: work, runs: n ?? 7)
         default: fail(usage)
         }
     }

@@ -5,6 +5,7 @@
 #define FSSHARE_BENCH_FLOOR_H
 #include <stdint.h>
 #include "watch_floor.h"
+#include "copy_floor.h"
 
 typedef struct {
     int root;      // O_PATH root directory
