@@ -127,15 +127,14 @@ int floor_share(floor_sandbox *sb, const char *source, const char *name, int rea
     if (st.stx_dev_major == 0) CHECK(fstatfs(src, &sfs));
     int n = snprintf(line, sizeof line, "S\t%s\tvolume\t%s\tc\t%s\t/d\n", name, read_only ? "r" : "-", source);
     CHECK(write(sb->manifest, line, (size_t)n));
+    // A mount point this call created is attached by name (no symlink followed), not opened.
     CHECK(mkdirat(sb->mounts, name, 0755));
-    int target = openat(sb->mounts, name, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
-    CHECK(target);
     int tree = (int)syscall(SYS_open_tree, src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
     CHECK(tree);
     struct mount_attr attr = { .attr_set = read_only ? MOUNT_ATTR_RDONLY : 0, .propagation = MS_PRIVATE };
     CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr));
-    CHECK(syscall(SYS_move_mount, tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH));
-    close(tree); close(target); close(src);
+    CHECK(syscall(SYS_move_mount, tree, "", sb->mounts, name, MOVE_MOUNT_F_EMPTY_PATH));
+    close(tree); close(src);
     CHECK(flock(sb->lock, LOCK_UN));
     return 0;
 }
@@ -146,8 +145,8 @@ int floor_unshare(floor_sandbox *sb, const char *name) {
     CHECK(flock(sb->lock, LOCK_EX));
     CHECK(sx(sb->manifest, "", AT_EMPTY_PATH, &st));
     snprintf(p, sizeof p, "/proc/self/fd/%d/%s", sb->mounts, name);
+    // umount then rmdir: neither can delete through a mount, so nothing is looked at first.
     CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
-    CHECK(sx(sb->mounts, name, 0, &st));
     CHECK(unlinkat(sb->mounts, name, AT_REMOVEDIR));
     int n = snprintf(line, sizeof line, "U\t%s\n", name);
     CHECK(write(sb->manifest, line, (size_t)n));

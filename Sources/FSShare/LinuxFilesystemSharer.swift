@@ -303,8 +303,33 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         // group: then binds under mounts/ propagate to shared/ and to virtiofsd's slave
         // namespace even where / is private (this machine; Kata's Prepare propagates nothing
         // there), and they propagate nowhere else on hosts where /run is shared.
+        // The self-bind's root, when made here with the new mount API: it is the `top` below.
+        var selfBindTop: FileDescriptor?
         if !copyMode {
-            if !(try isMountRoot(root, sid)) {
+            // A directory this call created (under the root's lock, now held under the sandbox's)
+            // cannot be a mount point yet: no statx to ask.
+            var needsSelfBind = created
+            if !created { needsSelfBind = try !isMountRoot(root, sid) }
+            if needsSelfBind && MountOps.hasNewMountAPI() {
+                // A detached private copy of the directory attached onto itself, then made shared
+                // there: a peer group of its own. By descriptor and name (no /proc/self/fd path
+                // lookups), and its root is kept as the sandbox's `top`.
+                let tree = try sys("cannot clone the sandbox directory \(sandboxPath)") { () throws(SystemCallError) in
+                    try Sys.openTreeClone(DirFD(fd: lock, path: sandboxPath), "", recursive: false, display: sandboxPath)
+                }
+                defer { Sys.close(tree) }
+                try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_PRIVATE), display: sandboxPath)
+                    try Sys.moveMount(tree, onto: root, sid, display: sandboxPath)
+                }
+                undo.add { _ = try? MountOps.unmountAll(root, sid) }
+                let selfBind = try MountOps.mountRoot(root, sid)
+                undo.add { Sys.close(selfBind) }
+                selfBindTop = selfBind
+                try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(selfBind, readOnly: false, recursive: false, propagation: UInt(MS_SHARED), display: sandboxPath)
+                }
+            } else if needsSelfBind {
                 try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
                     try Sys.mount(source: MountOps.fdPath(lock), target: MountOps.fdPath(lock), flags: UInt(MS_BIND))
                 }
@@ -325,10 +350,15 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             }
         }
         // Re-open through the self-bind: descriptors opened before it point below it.
-        let top = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
-            try Sys.openat(root, sid, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+        let top: FileDescriptor
+        if let selfBindTop {
+            top = selfBindTop
+        } else {
+            top = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
+                try Sys.openat(root, sid, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+            }
+            undo.add { Sys.close(top) }
         }
-        undo.add { Sys.close(top) }
         let sandbox = DirFD(fd: top, path: sandboxPath)
         // What later commands and the node's watcher need to know without being told. Copy mode
         // and a shared filesystem are different trees: a sharer configured for the other one is
@@ -448,12 +478,15 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     func shareFileSync(container: Container, mount: Mount, cancellation: CancellationFlag?) throws(FSShareError) -> SharedFile? {
         guard mount.type == "bind" else { return nil }
-        guard mount.destination.lexicallyNormalized() != "/dev/shm" else { return nil }
+        // Normalised once, and only when it is not normal already (the common case).
+        let given = mount.destination.string
+        let destination = ShareNaming.isNormal(given) ? given : mount.destination.lexicallyNormalized().string
+        guard destination != "/dev/shm" else { return nil }
         try Identifier.validate(container.id, what: "container")
         let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination, style: configuration.layoutStyle)
         let record = ShareRecord(
             name: name, kind: .volume, containerID: container.id, source: mount.source.string,
-            destination: mount.destination.lexicallyNormalized().string, readOnly: mount.isReadOnly,
+            destination: destination, readOnly: mount.isReadOnly,
             recursive: mount.isRecursive, isFile: false)
         let method = configuration.mountMethod
         let policy = configuration.sourceSymlinks
@@ -488,7 +521,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         // The path as given (as Kata matches it); resolving every source to look again would
         // cost each share an extra open. A symlinked kubelet root still matches once the
         // opened path is checked below.
-        guard KubeletVolume.match(source) != nil || source.components.contains(where: { KubeletVolume.plugins.contains($0.string) }) else {
+        guard KubeletVolume.mayName(source.string),
+              KubeletVolume.match(source) != nil || source.components.contains(where: { KubeletVolume.plugins.contains($0.string) }) else {
             return (false, nil)
         }
         guard let limits = configuration.watchableLimits else {
@@ -561,7 +595,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     }
 
     private func unshareLocked(_ name: String, handle h: SandboxHandle) throws(FSShareError) -> UnshareOutcome {
-        if let record = h.manifest.shares[name] {
+        let record = h.manifest.shares[name]
+        if let record {
             switch record.kind {
             case .copy: return try removeCopy(record, handle: h)
             case .rootfsLayers:
@@ -575,8 +610,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             default: break
             }
         }
-        if h.manifest.shares[name]?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
-        try removeShare(name, handle: h)
+        if record?.watched == true { watcher?.unwatch(sandboxID: sandboxID, name: name) }
+        try removeShare(name, record: record, handle: h)
         return .removed
     }
 
@@ -606,7 +641,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Shares `record.source` at `dir/<last component of record.name>`; idempotent, and a
     /// share recorded by a process that died before finishing it is finished.
     func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
-        let leaf = FilePath(record.name).lastComponent.map { FilePath($0.string) } ?? FilePath(record.name)
+        // A volume's name is one component already; only `<cid>/rootfs` needs splitting.
+        let leaf = !record.name.utf8.contains(UInt8(ascii: "/")) ? FilePath(record.name)
+            : FilePath(record.name).lastComponent.map { FilePath($0.string) } ?? FilePath(record.name)
         var record = record
         if let existing = h.manifest.shares[record.name] {
             guard existing.source == record.source, existing.readOnly == record.readOnly,
@@ -625,18 +662,20 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         if h.manifest.shares[record.name] != record {
             try h.manifest.recordShare(record)
         }
-        var undo = Undo()
-        undo.add { try? h.manifest.recordRemoval(record.name) }
+        // Rolled back newest first on failure: the mount point if this call made it, then the record.
         do throws(FSShareError) {
-            let (target, created) = try MountOps.ownEntry(dir, leaf, directory: !record.isFile, mode: 0o755)
-            defer { Sys.close(target) }
-            if created { undo.add { try? MountOps.removeMountPoint(dir, leaf) } }
-            try MountOps.attach(
-                source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: h.staging,
-                isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
-            undo.commit()
+            let (target, created) = try MountOps.ownMountPoint(dir, leaf, directory: !record.isFile, mode: 0o755)
+            defer { if let target { Sys.close(target) } }
+            do throws(FSShareError) {
+                try MountOps.attach(
+                    source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: h.staging,
+                    isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
+            } catch {
+                if created { try? MountOps.removeMountPoint(dir, leaf) }
+                throw error
+            }
         } catch {
-            undo.run()
+            try? h.manifest.recordRemoval(record.name)
             throw error
         }
         return record
@@ -655,10 +694,23 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     /// Unmounts and removes a share and forgets it. Missing pieces are fine (idempotent).
     func removeShare(_ name: String, handle h: SandboxHandle) throws(FSShareError) {
-        let record = h.manifest.shares[name]
-        let path = FilePath(name)
-        let components = Array(path.components)
+        try removeShare(name, record: h.manifest.shares[name], handle: h)
+    }
+
+    /// ``removeShare(_:handle:)`` with the manifest's record of `name` (or nil) already looked up.
+    func removeShare(_ name: String, record: ShareRecord?, handle h: SandboxHandle) throws(FSShareError) {
         // Volumes are one component below mounts/; rootfs is <cid>/rootfs; block rootfs <cid>[/suffix].
+        // A volume's name (no slash, not a dot name) needs no path parsing.
+        let plain = !name.isEmpty && name != "." && name != ".." && !name.utf8.contains(where: { $0 == UInt8(ascii: "/") || $0 == 0 })
+        if plain, record?.kind != .rootfsHostImage,
+           try sys("cannot unmount \(h.mounts.display(FilePath(name)))", { () throws(SystemCallError) in
+               try MountOps.unmountAndRemove(h.mounts, FilePath(name), isFile: record?.isFile ?? false)
+           }) {
+            // The common case: one umount2 and one rmdir (anything unusual takes the path below).
+            try h.manifest.recordRemoval(name)
+            return
+        }
+        let components = Array(FilePath(name).components)
         guard !components.isEmpty, components.count <= 2, components.allSatisfy({ $0.kind == .regular }) else {
             throw FSShareError(.invalidArgument, "\"\(name)\" is not a share name")
         }

@@ -138,36 +138,23 @@ final class Manifest {
         return manifest.hasHeader ? manifest : nil
     }
 
-    /// Creates the manifest of a new sandbox, header included, so that it appears complete or
-    /// not at all: an unnamed `O_TMPFILE` is written and then linked in (where the filesystem
-    /// lacks `O_TMPFILE`, a `manifest.new` temp file is renamed). It is made in the directory
-    /// ``SandboxOwnership/createSandboxDirectory(_:sandboxID:)`` builds aside.
+    /// Creates the manifest of a new sandbox, header included, in the directory
+    /// ``SandboxOwnership/createSandboxDirectory(_:sandboxID:style:)`` builds aside. That
+    /// directory appears under the sandbox's name (renamed into place) only once the manifest is
+    /// complete, and a crash before leaves an interrupted prepare, which is removed: so the file
+    /// is written under its own name directly (`O_CREAT|O_EXCL`, kept open for appending), and
+    /// what was written is parsed from memory, not read back.
     static func create(in directory: DirFD, sandboxID: String, style: SandboxLayoutStyle = .go) throws(FSShareError) -> Manifest {
-        let header = Array(headerLine(sandboxID, style: style).utf8)
+        let line = headerLine(sandboxID, style: style)
+        let header = Array(line.utf8)
         let shown = directory.display(fileName)
-        try sys("cannot create the sandbox manifest \(shown)") { () throws(SystemCallError) in
-            var unnamed: FileDescriptor?
-            do throws(SystemCallError) {
-                unnamed = try Sys.openUnnamed(directory, mode: 0o600)
-            } catch {
-                let missing: [Errno] = [.notSupported, .isDirectory, .invalidArgument]
-                guard missing.contains(error.errno) else { throw error }
-            }
-            if let unnamed {
-                defer { Sys.close(unnamed) }
-                try Sys.writeAll(unnamed, header, path: shown)
-                try Sys.linkat(unnamed, directory, fileName)
-            } else {
-                try? Sys.unlinkat(directory, temporaryName, directory: false)
-                let tmp = try Sys.openat(directory, temporaryName, flags: O_WRONLY | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600)
-                defer { Sys.close(tmp) }
-                try Sys.writeAll(tmp, header, path: directory.display(temporaryName))
-                try Sys.renameat(directory, temporaryName, fileName)
-            }
+        let fd = try sys("cannot create the sandbox manifest \(shown)") { () throws(SystemCallError) in
+            try Sys.openat(directory, fileName, flags: O_RDWR | O_APPEND | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600)
         }
-        guard let manifest = try open(in: directory, sandboxID: sandboxID) else {
-            throw FSShareError(.manifest, "\(shown) was created but has no header")
-        }
+        let manifest = Manifest(fd: fd, directory: directory, sandboxID: sandboxID)
+        try sys("cannot write the sandbox manifest \(shown)") { () throws(SystemCallError) in try Sys.writeAll(fd, header, path: shown) }
+        try manifest.apply(line: String(line.dropLast()))
+        manifest.parsedBytes = header.count
         return manifest
     }
 
@@ -284,15 +271,20 @@ final class Manifest {
     /// Records a setting of the sandbox (appended only when it changes).
     func recordSetting(_ key: String, _ value: String) throws(FSShareError) {
         guard settings[key] != value else { return }
-        try append(["A", key, value].map(Manifest.escape).joined(separator: "\t") + "\n")
+        try append(Array((["A", key, value].map(Manifest.escape).joined(separator: "\t") + "\n").utf8))
         settings[key] = value
     }
 
     /// Records a share before it is mounted.
     func recordShare(_ r: ShareRecord) throws(FSShareError) {
-        try append(Manifest.line(for: r))
+        scratch.removeAll(keepingCapacity: true)
+        Manifest.appendLine(for: r, to: &scratch)
+        try append(scratch)
         insert(r)
     }
+
+    /// The journal line being written (kept to reuse its storage).
+    private var scratch: [UInt8] = []
 
     private func insert(_ r: ShareRecord) {
         if shares[r.name] == nil {
@@ -304,9 +296,19 @@ final class Manifest {
 
     /// Records that a share is gone (after its mount and mount point were removed).
     func recordRemoval(_ name: String) throws(FSShareError) {
-        guard shares[name] != nil else { return }
-        try append("U\t\(Manifest.escape(name))\n")
-        shares[name] = nil
+        // One lookup: taken out first, put back if the journal cannot be written.
+        guard let removed = shares.removeValue(forKey: name) else { return }
+        scratch.removeAll(keepingCapacity: true)
+        scratch.append(UInt8(ascii: "U"))
+        scratch.append(0x09)
+        Manifest.appendEscaped(name, to: &scratch)
+        scratch.append(0x0A)
+        do {
+            try append(scratch)
+        } catch {
+            shares[name] = removed
+            throw error
+        }
         sequence[name] = nil
         removals += 1
         if removals > 256 && removals > 2 * shares.count { try compact() }
@@ -314,13 +316,55 @@ final class Manifest {
 
     /// The journal line that records `r`.
     static func line(for r: ShareRecord) -> String {
-        var flags = (r.readOnly ? "r" : "") + (r.recursive ? "R" : "") + (r.isFile ? "f" : "") + (r.copied ? "c" : "") + (r.watched ? "w" : "")
-            + (r.leftInGuest ? "o" : "")
-        if flags.isEmpty { flags = "-" }
-        var fields = ["S", r.name, r.kind.rawValue, flags, r.containerID, r.source, r.destination]
-        if r.guestPath != nil || r.resolvedSource != nil { fields.append(r.guestPath ?? "") }
-        if let resolved = r.resolvedSource { fields.append(resolved) }
-        return fields.map(escape).joined(separator: "\t") + "\n"
+        var bytes: [UInt8] = []
+        appendLine(for: r, to: &bytes)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Appends the journal line that records `r` (bytes built in place: one per share).
+    static func appendLine(for r: ShareRecord, to out: inout [UInt8]) {
+        let tab: UInt8 = 0x09
+        out.append(UInt8(ascii: "S"))
+        out.append(tab)
+        appendEscaped(r.name, to: &out)
+        out.append(tab)
+        out.append(contentsOf: r.kind.rawValue.utf8)
+        out.append(tab)
+        let flagsStart = out.count
+        if r.readOnly { out.append(UInt8(ascii: "r")) }
+        if r.recursive { out.append(UInt8(ascii: "R")) }
+        if r.isFile { out.append(UInt8(ascii: "f")) }
+        if r.copied { out.append(UInt8(ascii: "c")) }
+        if r.watched { out.append(UInt8(ascii: "w")) }
+        if r.leftInGuest { out.append(UInt8(ascii: "o")) }
+        if out.count == flagsStart { out.append(UInt8(ascii: "-")) }
+        out.append(tab)
+        appendEscaped(r.containerID, to: &out)
+        out.append(tab)
+        appendEscaped(r.source, to: &out)
+        out.append(tab)
+        appendEscaped(r.destination, to: &out)
+        if r.guestPath != nil || r.resolvedSource != nil {
+            out.append(tab)
+            appendEscaped(r.guestPath ?? "", to: &out)
+        }
+        if let resolved = r.resolvedSource {
+            out.append(tab)
+            appendEscaped(resolved, to: &out)
+        }
+        out.append(0x0A)
+    }
+
+    /// Appends `s` with `%`, tab and newline escaped (``escape(_:)`` as bytes).
+    static func appendEscaped(_ s: String, to out: inout [UInt8]) {
+        for b in s.utf8 {
+            switch b {
+            case 0x25: out.append(contentsOf: [0x25, 0x32, 0x35])  // %25
+            case 0x09: out.append(contentsOf: [0x25, 0x30, 0x39])  // %09
+            case 0x0A: out.append(contentsOf: [0x25, 0x30, 0x41])  // %0A
+            default: out.append(b)
+            }
+        }
     }
 
     /// The shares in the order they were first recorded.
@@ -328,8 +372,7 @@ final class Manifest {
         shares.values.sorted { (sequence[$0.name] ?? 0) < (sequence[$1.name] ?? 0) }
     }
 
-    private func append(_ text: String) throws(FSShareError) {
-        let bytes = Array(text.utf8)
+    private func append(_ bytes: [UInt8]) throws(FSShareError) {
         try sys("cannot write the sandbox manifest") { () throws(SystemCallError) in try Sys.writeAll(fd, bytes, path: path) }
         parsedBytes += bytes.count
     }

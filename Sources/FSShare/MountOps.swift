@@ -23,18 +23,7 @@ enum MountOps {
     static func hasNewMountAPI() -> Bool {
         let s = newAPIState.load(ordering: .relaxed)
         if s >= 0 { return s == 1 }
-        // Clone "/" detached and drop it: ENOSYS means no open_tree (Linux < 5.2); a
-        // mount_setattr of nothing tells whether mount_setattr exists (Linux 5.12).
-        var ok = false
-        if let fd = try? Sys.openTreeClone(nil, "/", recursive: false) {
-            do {
-                try Sys.mountSetattr(fd, readOnly: false, recursive: false, propagation: 0, display: "/")
-                ok = true
-            } catch {
-                ok = error.errno != .noFunction
-            }
-            Sys.close(fd)
-        }
+        let ok = Sys.probeNewMountAPI()
         newAPIState.store(ok ? 1 : 0, ordering: .relaxed)
         return ok
     }
@@ -45,8 +34,11 @@ enum MountOps {
     /// With the new mount API the copy is made detached, set read-only (recursively when asked)
     /// and private, and only then attached by descriptor: no window in which a writable copy
     /// exists under `mounts/`, and no propagated writable copy in virtiofsd's namespace.
+    ///
+    /// `target` nil: `dir/name` is a mount point this operation has just created (see
+    /// ``ownMountPoint(_:_:directory:mode:)``), named in `dir` rather than opened.
     static func attach(
-        source: FileDescriptor, sourcePath: FilePath, target: FileDescriptor, dir: DirFD, name: FilePath,
+        source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name: FilePath,
         staging: DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
     ) throws(FSShareError) {
         let shown = dir.display(name)
@@ -69,10 +61,24 @@ enum MountOps {
                 try Sys.mountSetattr(tree, readOnly: readOnly, recursive: recursive, propagation: UInt(MS_PRIVATE), display: shown)
             }
             try sys("cannot attach the share at \(shown)") { () throws(SystemCallError) in
-                try Sys.moveMount(tree, onto: target, display: shown)
+                if let given {
+                    try Sys.moveMount(tree, onto: given, display: shown)
+                } else {
+                    try Sys.moveMount(tree, onto: dir, name, display: shown)
+                }
             }
             return
         }
+        // The legacy mount(2) names its target through a descriptor.
+        let target: FileDescriptor
+        if let given {
+            target = given
+        } else {
+            target = try sys("cannot open \(shown)") { () throws(SystemCallError) in
+                try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow | (isFile ? 0 : Sys.oDirectory))
+            }
+        }
+        defer { if given == nil { Sys.close(target) } }
         if readOnly && recursive {
             throw FSShareError(.unsupported, "a recursive read-only share needs mount_setattr (Linux 5.12); the legacy method cannot make submounts read-only before they are attached")
         }
@@ -191,6 +197,20 @@ enum MountOps {
         throw FSShareError(.conflict, "\(shown) kept being replaced while fsshare made it; refusing")
     }
 
+    /// ``ownEntry(_:_:directory:mode:)`` for a mount point that is about to be attached to. When
+    /// this call creates the entry nothing is opened (`fd` nil): it is fsshare's fresh entry, made
+    /// under the sandbox lock in a directory only root can write, and `move_mount` names it in
+    /// `dir` without following a symlink (one open and close fewer per share). An entry that
+    /// already exists is checked and opened as ``ownEntry(_:_:directory:mode:)`` does.
+    static func ownMountPoint(_ dir: DirFD, _ name: FilePath, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor?, created: Bool) {
+        let created = try sys("cannot create \(dir.display(name))") { () throws(SystemCallError) in
+            directory ? try Sys.mkdirat(dir, name, mode: mode) : try Sys.mkfileat(dir, name, mode: mode)
+        }
+        if created { return (nil, true) }
+        let (fd, madeNow) = try ownEntry(dir, name, directory: directory, mode: mode)
+        return (fd, madeNow)
+    }
+
     /// statx of `path` below `dir` without following any symlink on the way (the parent is
     /// resolved with `RESOLVE_NO_SYMLINKS|RESOLVE_BENEATH`, the leaf is not followed).
     static func statBeneath(_ dir: DirFD, _ path: FilePath) throws(SystemCallError) -> FileStatus {
@@ -211,6 +231,30 @@ enum MountOps {
         }
     }
 
+    /// The common unshare of a mount point fsshare made: one `umount2` (`MNT_DETACH|UMOUNT_NOFOLLOW`),
+    /// then one `rmdir` (`unlink` for a file). True when `dir/name` is gone. Neither call can
+    /// delete through a mount (rmdir/unlink of a mount point is `EBUSY`; of a non-empty
+    /// directory `ENOTEMPTY`), so nothing needs looking at first. False when anything is
+    /// unusual — not a mount, mounts stacked, another kind of entry — and nothing was removed:
+    /// the caller then takes the careful path (``unmountAllReporting(_:_:)``), which looks.
+    static func unmountAndRemove(_ dir: DirFD, _ name: FilePath, isFile: Bool) throws(SystemCallError) -> Bool {
+        do {
+            try Sys.umount2(at: dir, name, flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
+        } catch {
+            switch error.errno {
+            case .noSuchFileOrDirectory: return true
+            case .invalidArgument: return false
+            default: throw SystemCallError(syscall: "umount2", path: dir.display(name), errno: error.errno)
+            }
+        }
+        do {
+            try Sys.unlinkat(dir, name, directory: !isFile)
+        } catch {
+            return error.errno == .noSuchFileOrDirectory
+        }
+        return true
+    }
+
     /// Unmounts everything stacked at `dir/name` (`MNT_DETACH|UMOUNT_NOFOLLOW`): one unmount
     /// first, then a statx after each round until it is no longer a mount root. Returns how many mounts were removed; a missing path is 0.
     @discardableResult
@@ -227,7 +271,7 @@ enum MountOps {
         // symlink planted at the name is not followed (EINVAL, then statx shows what it is).
         var count = 0
         do {
-            try Sys.umount2(fdPath(dir.fd, name), flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
+            try Sys.umount2(at: dir, name, flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
             count = 1
         } catch {
             switch error.errno {
@@ -246,7 +290,7 @@ enum MountOps {
             }
             if !st.isMountRoot { return (count, st) }
             do {
-                try Sys.umount2(fdPath(dir.fd, name), flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
+                try Sys.umount2(at: dir, name, flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
             } catch {
                 // EINVAL: raced with another unmount; the statx above will tell.
                 if error.errno != .invalidArgument { throw SystemCallError(syscall: "umount2", path: dir.display(name), errno: error.errno) }

@@ -18,13 +18,24 @@ public enum ShareNaming {
     /// - Throws: `invalidArgument` for a destination that is not an absolute path.
     public static func volumeName(containerID: String, destination: FilePath, style: SandboxLayoutStyle = .go) throws(FSShareError) -> String {
         let dest = try normalizedDestination(destination)
-        let base = dest.lastComponent?.string ?? ""
-        let hash = fnv1a64(Array(containerID.utf8) + [0] + Array(dest.string.utf8))
-        let prefix = "\(style == .go ? containerID : "sandbox")-\(hex16(hash))-"
+        let path = dest.string
+        // A normal absolute path's last component is what follows its last slash.
+        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/")) ?? path.utf8.startIndex
+        let base = Substring(path.utf8[path.utf8.index(after: slash)...])
+        var hash = fnv1a64Start
+        fnv1a64(&hash, containerID.utf8)
+        fnv1a64(&hash, CollectionOfOne(0))
+        fnv1a64(&hash, path.utf8)
+        var name = style == .go ? containerID : "sandbox"
+        name.reserveCapacity(name.utf8.count + 18 + base.utf8.count)
+        name.append("-")
+        name.append(hex16(hash))
+        name.append("-")
         // Keep the whole name within NAME_MAX; cut on a character boundary.
         var cut = base
-        while prefix.utf8.count + cut.utf8.count > nameMax { cut.removeLast() }
-        return prefix + cut
+        while name.utf8.count + cut.utf8.count > nameMax { cut.removeLast() }
+        name.append(contentsOf: cut)
+        return name
     }
 
     /// Checks a container destination: absolute, no NUL, a real last component.
@@ -66,18 +77,28 @@ public enum ShareNaming {
 
     /// 64-bit FNV-1a: stable across processes and versions (unlike Swift's `Hasher`).
     static func fnv1a64(_ bytes: [UInt8]) -> UInt64 {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        var h = fnv1a64Start
+        fnv1a64(&h, bytes)
+        return h
+    }
+
+    /// FNV-1a's offset basis: the hash of nothing.
+    static let fnv1a64Start: UInt64 = 0xcbf2_9ce4_8422_2325
+
+    /// Continues hash `h` over `bytes` (hashing parts one after the other equals hashing them
+    /// joined, without joining them).
+    static func fnv1a64(_ h: inout UInt64, _ bytes: some Sequence<UInt8>) {
         for b in bytes {
             h ^= UInt64(b)
             h = h &* 0x0000_0100_0000_01b3
         }
-        return h
     }
 
     static func hex16(_ v: UInt64) -> String {
-        let digits: StaticString = "0123456789abcdef"
-        var bytes = [UInt8](repeating: 0, count: 16)
-        for i in 0..<16 { bytes[i] = digits.utf8Start[Int((v >> UInt64(60 - 4 * i)) & 0xF)] }
-        return String(decoding: bytes, as: UTF8.self)
+        String(unsafeUninitializedCapacity: 16) { buffer in
+            let digits: StaticString = "0123456789abcdef"
+            for i in 0..<16 { buffer[i] = digits.utf8Start[Int((v >> UInt64(60 - 4 * i)) & 0xF)] }
+            return 16
+        }
     }
 }

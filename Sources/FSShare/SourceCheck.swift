@@ -27,6 +27,8 @@ enum SourceCheck {
         }
         /// The root as the kernel names it (symlinks in the configured path resolved).
         var path: FilePath
+        /// `path` as text, made once (compared with every source).
+        var pathText: String
         var root: Identity
         /// The root's ancestors up to `/`, by identity: a bind-mount alias of one is caught too.
         var ancestors: Set<Identity>
@@ -50,6 +52,7 @@ enum SourceCheck {
         /// Walks from the root (an open directory) up to `/`.
         init(root: DirFD) throws(FSShareError) {
             path = (try? Sys.pathOf(root.fd)) ?? root.path
+            pathText = path.string
             var current = try sys("cannot open \(root.path)") { () throws(SystemCallError) in
                 try Sys.openat(root, ".", flags: Sys.oPath | Sys.oDirectory)
             }
@@ -72,17 +75,28 @@ enum SourceCheck {
             ancestors = seen
         }
 
-        /// Why a source that resolved to `resolved` with status `st` may not be shared, or nil.
-        func problem(resolved: FilePath, _ st: FileStatus) -> String? {
+        /// Why a source that resolved to `resolved` (a normal absolute path) with status `st`
+        /// may not be shared, or nil.
+        func problem(resolved: String, _ st: FileStatus) -> String? {
             let id = Identity(st)
             if id == root { return "it is the sandbox root \(path)" }
-            if ancestors.contains(id) || path.starts(with: resolved) {
+            let rootPath = pathText
+            if ancestors.contains(id) || RootGuard.isPrefix(resolved, of: rootPath) {
                 return "it contains the sandbox root \(path); a guest could plant symlinks in fsshare's own directories"
             }
-            if resolved.starts(with: path) {
+            if RootGuard.isPrefix(rootPath, of: resolved) {
                 return "it is inside the sandbox root \(path), where fsshare keeps its own mounts"
             }
             return nil
+        }
+
+        /// `FilePath.starts(with:)` for two normal absolute paths, on their bytes: `prefix`'s
+        /// components begin `path`'s (`/a` begins `/a/b`, not `/ab`; `/` begins everything).
+        static func isPrefix(_ prefix: String, of path: String) -> Bool {
+            let p = prefix.utf8, s = path.utf8
+            if p.count == 1 && p.first == UInt8(ascii: "/") { return s.first == UInt8(ascii: "/") }
+            guard s.starts(with: p) else { return false }
+            return s.count == p.count || s[s.index(s.startIndex, offsetBy: p.count)] == UInt8(ascii: "/")
         }
     }
 
@@ -94,21 +108,31 @@ enum SourceCheck {
         0xf97c_ff8c: "selinuxfs", 0x4249_4e4d: "binfmt_misc", 0x6573_5543: "fusectl", 0x6e73_6673: "nsfs",
     ]
 
-    /// Why `path` (lexically) may not be shared, or nil. Byte-level: this runs on every share.
-    static func lexicalProblem(_ path: FilePath) -> String? {
-        var bytes = Array(path.string.utf8)
-        while bytes.count > 1 && bytes.last == 0x2F { bytes.removeLast() }
+    /// Why `path` (lexically) may not be shared, or nil. Byte-level, on the path's own bytes
+    /// (`text`, when the caller has it): this runs on every share.
+    static func lexicalProblem(_ path: FilePath, text: String? = nil) -> String? {
+        var raw = text ?? path.string
         // Only a path with "." or ".." components or doubled slashes needs normalising first.
-        var needsNormalising = false
-        var previous: UInt8 = 0
-        for (i, b) in bytes.enumerated() {
-            if b == 0x2F && previous == 0x2F { needsNormalising = true }
-            if b == 0x2E && previous == 0x2F && (i + 1 == bytes.count || bytes[i + 1] == 0x2F || bytes[i + 1] == 0x2E) {
-                needsNormalising = true
+        if let decided = raw.withUTF8({ b -> String?? in
+            var end = b.count
+            while end > 1 && b[end - 1] == 0x2F { end -= 1 }
+            var previous: UInt8 = 0
+            for i in 0..<end {
+                let c = b[i]
+                if c == 0x2F && previous == 0x2F { return nil }
+                if c == 0x2E && previous == 0x2F && (i + 1 == end || b[i + 1] == 0x2F || b[i + 1] == 0x2E) { return nil }
+                previous = c
             }
-            previous = b
+            return .some(kernelInterface(UnsafeBufferPointer(rebasing: b[0..<end])))
+        }) {
+            return decided
         }
-        if needsNormalising { bytes = Array(path.lexicallyNormalized().string.utf8) }
+        var normal = path.lexicallyNormalized().string
+        return normal.withUTF8 { kernelInterface($0) }
+    }
+
+    /// Why a normal path is a kernel interface (/proc, /sys, /dev itself), or nil.
+    private static func kernelInterface(_ bytes: UnsafeBufferPointer<UInt8>) -> String? {
         func under(_ prefix: StaticString) -> Bool {
             let p = UnsafeBufferPointer(start: prefix.utf8Start, count: prefix.utf8CodeUnitCount)
             guard bytes.count >= p.count, bytes[0..<p.count].elementsEqual(p) else { return false }
@@ -125,7 +149,7 @@ enum SourceCheck {
         guard !raw.isEmpty, !raw.utf8.contains(0), path.isAbsolute else {
             throw FSShareError(.invalidArgument, "share source \"\(raw)\" must be a non-empty absolute path")
         }
-        if let problem = lexicalProblem(path) { throw refused(path, problem) }
+        if let problem = lexicalProblem(path, text: raw) { throw refused(path, problem) }
         // First without any symlink: then the path as given (already normal) is where the open
         // went, and the kernel need not be asked for it (readlink of /proc/self/fd). Only a
         // path with a symlink in it, which `follow` allows, is opened a second time.
@@ -156,13 +180,19 @@ enum SourceCheck {
         }
         do {
             let st = try Sys.fstatx(fd, path: path)
-            let resolved = withoutSymlinks && normal ? path : ((try? Sys.pathOf(fd)) ?? path)
+            // Opened without a symlink from a normal path: the open went exactly where it says.
+            let asGiven = withoutSymlinks && normal
+            let resolved = asGiven ? path : ((try? Sys.pathOf(fd)) ?? path)
+            let resolvedText = asGiven ? raw : resolved.string
             switch st.kind {
             case .regular, .directory: break
             default: throw refused(path, "it is a \(st.kind), which a shared filesystem cannot carry")
             }
-            if let problem = lexicalProblem(resolved) { throw refused(path, "it resolves to \(resolved): \(problem.dropFirst(3))") }
-            if resolved.string.hasPrefix("/dev/"), st.kind != .regular {
+            // The path as given was checked above; a path reached through symlinks is checked too.
+            if !asGiven, let problem = lexicalProblem(resolved, text: resolvedText) {
+                throw refused(path, "it resolves to \(resolved): \(problem.dropFirst(3))")
+            }
+            if resolvedText.utf8.starts(with: "/dev/".utf8), st.kind != .regular {
                 throw refused(path, "it is a \(st.kind) under /dev (host devices are not shared)")
             }
             // Kernel pseudo-filesystems all sit on anonymous devices (major 0): a filesystem on
@@ -173,8 +203,8 @@ enum SourceCheck {
                     throw refused(path, "it is on \(name), a kernel pseudo-filesystem")
                 }
             }
-            if let problem = rootGuard?.problem(resolved: resolved, st) { throw refused(path, problem) }
-            let viaSymlinks = resolved == (normal ? path : path.lexicallyNormalized()) ? nil : resolved
+            if let problem = rootGuard?.problem(resolved: resolvedText, st) { throw refused(path, problem) }
+            let viaSymlinks = asGiven || resolved == (normal ? path : path.lexicallyNormalized()) ? nil : resolved
             return Opened(fd: fd, path: resolved, kind: st.kind, resolvedThroughSymlinks: viaSymlinks)
         } catch let error as FSShareError {
             Sys.close(fd)

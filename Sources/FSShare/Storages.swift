@@ -127,10 +127,13 @@ public enum Storages {
     ///   - parts: components to append.
     /// - Returns: the joined path, with single slashes.
     public static func joinGuest(_ base: String, _ parts: String...) -> String {
+        // On UTF-8 bytes (O(1) for native strings): no Character (grapheme) walk.
+        let slash = UInt8(ascii: "/")
         var result = base
-        while result.count > 1 && result.hasSuffix("/") { result.removeLast() }
+        while result.utf8.count > 1 && result.utf8.last == slash { result.removeLast() }
         for part in parts where !part.isEmpty {
-            result += (result.hasSuffix("/") ? "" : "/") + part
+            if result.utf8.last != slash { result.append("/") }
+            result.append(part)
         }
         return result
     }

@@ -551,6 +551,59 @@ public enum Sys {
         if rc != 0 { throw fail("mount", target) }
     }
 
+    /// `umount2(2)` of the entry `name` of the open directory `dir` (through
+    /// `/proc/self/fd/<dir>/<name>`: only `name` is looked up, and that lookup crosses any mount
+    /// stacked on it).
+    ///
+    /// - Parameters:
+    ///   - dir: the directory holding the mount point.
+    ///   - name: the mount point's name (a single component, or a relative path) in `dir`.
+    ///   - flags: the call's flags (`MNT_DETACH`, `UMOUNT_NOFOLLOW`, ...).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func umount2(at dir: DirFD, _ name: FilePath, flags: Int32) throws(SystemCallError) {
+        try FaultInjection.check("umount2", procPath(dir, name))
+        // "/proc/self/fd/<n>/<name>" built on the stack: one lookup of `name` from the open
+        // directory, no path object made per call.
+        let rc = name.withPlatformString { (n: UnsafePointer<CChar>) -> Int32 in
+            let prefix: StaticString = "/proc/self/fd/"
+            let nameLength = strlen(n)
+            return withUnsafeTemporaryAllocation(of: CChar.self, capacity: prefix.utf8CodeUnitCount + 12 + nameLength) { buf -> Int32 in
+                var i = 0
+                for k in 0..<prefix.utf8CodeUnitCount {
+                    buf[i] = CChar(bitPattern: prefix.utf8Start[k])
+                    i += 1
+                }
+                var digits = 0
+                var v = Int(dir.fd.rawValue)
+                repeat {
+                    digits += 1
+                    v /= 10
+                } while v > 0
+                v = Int(dir.fd.rawValue)
+                for k in stride(from: digits - 1, through: 0, by: -1) {
+                    buf[i + k] = CChar(48 + v % 10)
+                    v /= 10
+                }
+                i += digits
+                buf[i] = 0x2F
+                i += 1
+                for k in 0..<nameLength { buf[i + k] = n[k] }
+                buf[i + nameLength] = 0
+                guard let base = buf.baseAddress else {
+                    Glibc.errno = EINVAL
+                    return -1
+                }
+                return Glibc.umount2(base, flags)
+            }
+        }
+        if rc != 0 { throw fail("umount2", procPath(dir, name)) }
+    }
+
+    /// `/proc/self/fd/<dir>/<name>`: how ``umount2(at:_:flags:)`` names its target.
+    static func procPath(_ dir: DirFD, _ name: FilePath) -> FilePath {
+        FilePath("/proc/self/fd/\(dir.fd.rawValue)").pushing(name)
+    }
+
     /// `umount2(2)`.
     ///
     /// - Parameters:
@@ -582,6 +635,18 @@ public enum Sys {
         let fd = path.withPlatformString { fsshare_open_tree(dirfd(dir), $0, flags) }
         if fd < 0 { throw fail("open_tree", shownPath) }
         return FileDescriptor(rawValue: fd)
+    }
+
+    /// Whether the kernel has the new mount API fsshare uses (`open_tree`, Linux 5.2, and
+    /// `mount_setattr`, 5.12): "/" is cloned detached and given an empty `mount_setattr`, then
+    /// dropped. Raw calls, outside fault injection: a probe must not consume an injected fault
+    /// meant for the operation that triggered it.
+    public static func probeNewMountAPI() -> Bool {
+        let fd = fsshare_open_tree(AT_FDCWD, "/", FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { _ = Glibc.close(fd) }
+        let rc = fsshare_mount_setattr(fd, "", UInt32(FSSHARE_AT_EMPTY_PATH), 0, 0, 0)
+        return rc == 0 || Glibc.errno != ENOSYS
     }
 
     /// `mount_setattr(2)` on a (possibly detached) mount fd: set read-only and/or propagation.
@@ -663,6 +728,23 @@ public enum Sys {
         let fd = fsshare_fsmount(ctx, readOnly ? 1 : 0)
         if fd < 0 { throw fail("fsmount", source) }
         return FileDescriptor(rawValue: fd)
+    }
+
+    /// `move_mount(2)` of a detached mount fd onto the entry `name` of `dir`, a single component
+    /// looked up in `dir` without following a symlink there (for a mount point this process has
+    /// just created: no open of it is needed to pin it).
+    ///
+    /// - Parameters:
+    ///   - mount: a detached mount (from `openTreeClone`).
+    ///   - dir: the directory holding the mount point.
+    ///   - name: the mount point's name in `dir`.
+    ///   - display: the path shown in errors.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func moveMount(_ mount: FileDescriptor, onto dir: DirFD, _ name: FilePath, display: FilePath) throws(SystemCallError) {
+        try FaultInjection.check("move_mount", display)
+        // No MOVE_MOUNT_T_SYMLINKS: a symlink at `name` is not followed.
+        let rc = name.withPlatformString { fsshare_move_mount(mount.rawValue, "", dir.fd.rawValue, $0, FSSHARE_MOVE_MOUNT_F_EMPTY_PATH) }
+        if rc != 0 { throw fail("move_mount", display) }
     }
 
     /// `move_mount(2)` of a detached mount fd onto the object `target` refers to (an `O_PATH` fd):

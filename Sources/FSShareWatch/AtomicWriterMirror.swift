@@ -20,6 +20,25 @@ public enum KubeletVolume {
         "kubernetes.io~configmap", "kubernetes.io~secret", "kubernetes.io~projected", "kubernetes.io~downward-api",
     ]
 
+    /// False when `path` cannot name (or lie below) an atomic-writer volume: every plugin
+    /// directory contains `kubernetes.io~`, and most share sources do not. A byte search, far
+    /// cheaper than ``match(_:)``, for the hot path of sharing.
+    ///
+    /// - Parameter path: a path as given.
+    public static func mayName(_ path: String) -> Bool {
+        let marker = pluginMarker
+        let bytes = path.utf8
+        guard bytes.count >= marker.count else { return false }
+        var i = bytes.startIndex
+        while let hit = bytes[i...].firstIndex(of: marker[0]) {
+            if bytes[hit...].starts(with: marker) { return true }
+            i = bytes.index(after: hit)
+        }
+        return false
+    }
+
+    private static let pluginMarker = Array("kubernetes.io~".utf8)
+
     /// The plugin and volume name when `path` names an atomic-writer volume directory.
     ///
     /// - Parameter path: a directory path.

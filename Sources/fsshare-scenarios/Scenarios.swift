@@ -403,8 +403,11 @@ struct Scenarios {
     func rollback() {
         let src = sources()
         let c = Container(id: "c", rootfs: .hostMounted(FilePath(src.rw)))
-        // Prepare failing at each of its mount(2) calls and at directory creation leaves nothing.
-        for fault in ["mount#1=EPERM", "mount#2=EIO", "mount#3=EIO", "mount#4=EPERM", "mount#5=EIO", "mount#6=EIO", "mkdirat#3=EACCES", "write#1=ENOSPC"] {
+        // Prepare failing at each of its mount calls (the self-bind: open_tree, mount_setattr
+        // private, move_mount, mount_setattr shared; shared/: bind, slave, read-only) and at
+        // directory and manifest creation leaves nothing.
+        for fault in ["open_tree#1=ENOMEM", "mount_setattr#1=EINVAL", "move_mount#1=EPERM", "mount_setattr#2=EIO",
+                      "mount#1=EPERM", "mount#2=EIO", "mount#3=EIO", "mkdirat#3=EACCES", "openat#3=EACCES", "write#1=ENOSPC"] {
             FaultInjection.install(FaultInjection.parse(fault) ?? [])
             let sharer = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config())
             checks.mustFail("prepare fails under \(fault)") { try sharer?.prepareSync() }

@@ -52,8 +52,9 @@ struct LibraryTests {
         let agent = try AgentUnderTest(base + "/agent")
         let source = base + "/src"
         _ = Sys.run(["mkdir", "-p", source])
-        // Sparse: 2 GiB to stream, nothing to store on the host.
-        _ = Sys.run(["truncate", "-s", "2G", source + "/blob"])
+        // Sparse: 8 GiB to stream, nothing to store on the host (copy mode streams several
+        // GiB/s from a sparse file: the copy must still be under way when it is cancelled).
+        _ = Sys.run(["truncate", "-s", "8G", source + "/blob"])
         let sharer = try LinuxFilesystemSharer(
             sandboxID: "cancel",
             configuration: SharerConfiguration(root: FilePath(base + "/root"), sharedFilesystem: .none, guestSharedDir: agent.shareDir + "/"),
@@ -67,7 +68,6 @@ struct LibraryTests {
             ((try? Sys.listDirectory(nil, FilePath(agent.shareDir))) ?? []).contains { !$0.name.hasPrefix(".") }
         }
         #expect(started, "the copy never started")
-        try await Task.sleep(for: .milliseconds(100))
         task.cancel()
         let outcome = await task.result
         switch outcome {
