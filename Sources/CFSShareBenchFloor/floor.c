@@ -33,13 +33,17 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     CHECK(sx(out->manifest, "", AT_EMPTY_PATH, &st));
     CHECK(sx(out->lock, "manifest", 0, &st));
     CHECK(write(out->manifest, "fsshare-manifest 1\tsb\n", 22));
-    CHECK(sx(root, sid, 0, &st));
-    snprintf(a, sizeof a, "/proc/self/fd/%d", out->lock);
-    CHECK(mount(a, a, NULL, MS_BIND, NULL));
-    snprintf(b, sizeof b, "/proc/self/fd/%d/%s", root, sid);
-    CHECK(mount(NULL, b, NULL, MS_PRIVATE, NULL));
-    CHECK(mount(NULL, b, NULL, MS_SHARED, NULL));
-    CHECK(out->top = openat(root, sid, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    // The self-bind with the new mount API: a private detached clone moved onto the directory,
+    // then made shared through its root (kept as `top`).
+    int tree = (int)syscall(SYS_open_tree, out->lock, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    CHECK(tree);
+    struct mount_attr priv = { .propagation = MS_PRIVATE }, shared = { .propagation = MS_SHARED };
+    CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &priv, sizeof priv));
+    CHECK(syscall(SYS_move_mount, tree, "", root, sid, MOVE_MOUNT_F_EMPTY_PATH));
+    close(tree);
+    CHECK(out->top = openat(root, sid, O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    CHECK(sx(out->top, "", AT_EMPTY_PATH, &st));
+    CHECK(syscall(SYS_mount_setattr, out->top, "", AT_EMPTY_PATH, &shared, sizeof shared));
     CHECK(mkdirat(out->top, "mounts", 0750));
     CHECK(mkdirat(out->top, "shared", 0700));
     CHECK(mkdirat(out->top, "private", 0750));
