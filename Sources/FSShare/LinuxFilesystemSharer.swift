@@ -211,7 +211,16 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     private func openRoot(create: Bool) throws(FSShareError) -> DirFD? {
         let root = configuration.root
-        if create, (try? Sys.statx(nil, root, followSymlinks: true)) == nil {
+        // Opened first: it exists nearly always (no statx to ask).
+        for attempt in 0..<2 {
+            do {
+                let fd = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
+                return DirFD(fd: fd, path: root)
+            } catch {
+                guard error.errno == .noSuchFileOrDirectory else { throw FSShareError.system("cannot open the sandbox root \(root)", error) }
+                if !create { return nil }
+                if attempt > 0 { throw FSShareError.system("cannot open the sandbox root \(root)", error) }
+            }
             // The root is operator configuration, not guest-writable: create it like mkdir -p.
             var path = FilePath("/")
             for component in root.components {
@@ -219,13 +228,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 _ = try sys("cannot create the sandbox root \(root)") { () throws(SystemCallError) in try Sys.mkdirat(nil, path, mode: 0o755) }
             }
         }
-        do {
-            let fd = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
-            return DirFD(fd: fd, path: root)
-        } catch {
-            if error.errno == .noSuchFileOrDirectory && !create { return nil }
-            throw FSShareError.system("cannot open the sandbox root \(root)", error)
-        }
+        return nil
     }
 
     private func isMountRoot(_ dir: DirFD, _ name: FilePath) throws(FSShareError) -> Bool {
@@ -367,23 +370,25 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         if let recordedFS = manifest.settings[RecordedSandbox.sharedFilesystemKey], (recordedFS == "none") != copyMode {
             throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with shared filesystem \(recordedFS); this sharer is configured for \(fsName)")
         }
-        if manifest.settings[RecordedSandbox.sharedFilesystemKey] == nil {
-            try manifest.recordSetting(RecordedSandbox.sharedFilesystemKey, fsName)
-        }
-        // The agent: copy mode's channel; with a shared filesystem, where `fsshare watch`
-        // pushes the watchable mirrors.
-        try manifest.recordSetting(RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir)
-        if let agent { try manifest.recordSetting(RecordedSandbox.agentKey, agent.address.description) }
+        // One journal append for all of them. The agent: copy mode's channel; with a shared
+        // filesystem, where `fsshare watch` pushes the watchable mirrors.
+        var settings: [(key: String, value: String)] = []
+        if manifest.settings[RecordedSandbox.sharedFilesystemKey] == nil { settings.append((RecordedSandbox.sharedFilesystemKey, fsName)) }
+        settings.append((RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir))
+        if let agent { settings.append((RecordedSandbox.agentKey, agent.address.description)) }
+        try manifest.recordSettings(settings)
         let style = configuration.layoutStyle
         guard manifest.style == style else {
             throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with Kata's \(manifest.style.rawValue) layout; this sharer is configured for \(style.rawValue)")
         }
         /// fsshare's own directory `dir/name` (a symlink planted there is replaced), rolled
         /// back if this prepare made it and fails.
+        var exportCreated = false
         func ownDirectory(_ dir: DirFD, _ name: FilePath, mode: mode_t) throws(FSShareError) -> DirFD {
             let entry = try MountOps.ownEntry(dir, name, directory: true, mode: mode)
             undo.add { Sys.close(entry.fd) }
             if entry.created { undo.add { try? Sys.unlinkat(dir, name, directory: true) } }
+            if name == style.exportPath { exportCreated = entry.created }
             return DirFD(fd: entry.fd, path: dir.display(name))
         }
         // Go: mounts/ is exported through shared/. runtime-rs: rw/ is exported through ro/, and
@@ -394,8 +399,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let staging = try ownDirectory(sandbox, "private", mode: 0o750)
         let exportName = style.exportPath
         let sharedShown = export.path
+        var ownStatus: FileStatus?
         if !copyMode {
-            if !(try isMountRoot(sandbox, exportName)) {
+            // A directory this prepare just made is not a mount point: no statx to ask.
+            var needsBind = exportCreated
+            if !exportCreated { needsBind = try !isMountRoot(sandbox, exportName) }
+            if needsBind {
                 try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
                     try Sys.mount(source: MountOps.fdPath(exportSource.fd), target: MountOps.fdPath(export.fd), flags: UInt(MS_BIND))
                 }
@@ -416,11 +425,18 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             let own = try sys("cannot stat \(exportSource.path)") { () throws(SystemCallError) in
                 try Sys.fstatx(exportSource.fd, path: exportSource.path)
             }
+            ownStatus = own
             guard SourceCheck.RootGuard.Identity(exported) == SourceCheck.RootGuard.Identity(own) else {
                 throw FSShareError(.conflict, "\(sharedShown) does not export \(exportSource.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
             }
         }
-        let mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
+        // Go layout: mounts/ is the export's source, whose status was just taken.
+        let mountsID: UInt64
+        if style == .go, let ownStatus {
+            mountsID = ownStatus.mountID
+        } else {
+            mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
+        }
         let rootGuard = try SourceCheck.RootGuard.cached(root: root)
         Sys.close(export.fd)
         if style != .go { Sys.close(exportSource.fd) }

@@ -133,8 +133,9 @@ final class Manifest {
             }
         }
         let manifest = Manifest(fd: fd, directory: directory, sandboxID: sandboxID)
-        try manifest.checkIdentity()
-        try manifest.refresh()
+        // One fstatx serves the identity check and the first read.
+        let st = try manifest.checkIdentity()
+        try manifest.refresh(status: st)
         return manifest.hasHeader ? manifest : nil
     }
 
@@ -159,7 +160,8 @@ final class Manifest {
     }
 
     /// Refuses a file fsshare cannot have made: only a regular file with one link, owned by us.
-    private func checkIdentity() throws(FSShareError) {
+    @discardableResult
+    private func checkIdentity() throws(FSShareError) -> FileStatus {
         let st = try sys("cannot stat the sandbox manifest") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
         if st.kind != .regular {
             throw FSShareError(.refused, "\(path) is a \(st.kind), not an fsshare manifest")
@@ -170,12 +172,18 @@ final class Manifest {
         if st.uid != geteuid() {
             throw FSShareError(.refused, "\(path) belongs to uid \(st.uid), not to this process's uid \(geteuid()); it is not trusted")
         }
+        return st
     }
 
     /// Reads what other processes appended since the last look (or everything, if the file
     /// was replaced by a compaction).
-    func refresh() throws(FSShareError) {
-        let st = try sys("cannot stat the sandbox manifest") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
+    func refresh(status known: FileStatus? = nil) throws(FSShareError) {
+        let st: FileStatus
+        if let known {
+            st = known
+        } else {
+            st = try sys("cannot stat the sandbox manifest") { () throws(SystemCallError) in try Sys.fstatx(fd, path: path) }
+        }
         if st.linkCount == 0 {
             // No longer linked: a compaction by another process renamed a new file over it, or
             // the sandbox was cleaned up (the manifest goes last). One fstatx tells both apart
@@ -198,15 +206,15 @@ final class Manifest {
         }
         if Int(st.size) == parsedBytes { return }
         if Int(st.size) < parsedBytes { reset() }
-        let bytes = try sys("cannot read the sandbox manifest") { () throws(SystemCallError) in try Sys.readAll(fd, path: path) }
-        guard bytes.count > parsedBytes else { return }
-        var tail = Array(bytes[parsedBytes...])
-        // Only whole lines count; a torn last line is left for later (or forever).
-        if let lastNewline = tail.lastIndex(of: 0x0A) {
-            tail = Array(tail[...lastNewline])
-        } else {
-            return
+        // Only what was appended since the last look, up to the size just seen (more appended
+        // since is read next time).
+        let from = parsedBytes
+        var tail = try sys("cannot read the sandbox manifest") { () throws(SystemCallError) in
+            try Sys.readRange(fd, offset: from, count: Int(st.size) - from, path: path)
         }
+        // Only whole lines count; a torn last line is left for later (or forever).
+        guard let lastNewline = tail.lastIndex(of: 0x0A) else { return }
+        tail.removeSubrange((lastNewline + 1)...)
         parsedBytes += tail.count
         for line in tail.split(separator: 0x0A) { try apply(line: String(decoding: line, as: UTF8.self)) }
     }
@@ -270,9 +278,26 @@ final class Manifest {
 
     /// Records a setting of the sandbox (appended only when it changes).
     func recordSetting(_ key: String, _ value: String) throws(FSShareError) {
-        guard settings[key] != value else { return }
-        try append(Array((["A", key, value].map(Manifest.escape).joined(separator: "\t") + "\n").utf8))
-        settings[key] = value
+        try recordSettings([(key, value)])
+    }
+
+    /// Records several settings with one append (those already recorded with the same value
+    /// are left out; nothing is written when none changed).
+    func recordSettings(_ pairs: [(key: String, value: String)]) throws(FSShareError) {
+        scratch.removeAll(keepingCapacity: true)
+        var changed: [(key: String, value: String)] = []
+        for (key, value) in pairs where settings[key] != value && !changed.contains(where: { $0.key == key }) {
+            scratch.append(UInt8(ascii: "A"))
+            scratch.append(0x09)
+            Manifest.appendEscaped(key, to: &scratch)
+            scratch.append(0x09)
+            Manifest.appendEscaped(value, to: &scratch)
+            scratch.append(0x0A)
+            changed.append((key, value))
+        }
+        guard !changed.isEmpty else { return }
+        try append(scratch)
+        for (key, value) in changed { settings[key] = value }
     }
 
     /// Records a share before it is mounted.

@@ -337,19 +337,23 @@ enum MountOps {
     /// `RemoveAll` does, kata-behavior §2.2). With `unmountStrays`, a mount met on the way is
     /// unmounted first (children before their parents, since the walk unmounts on the way
     /// down only what is mounted on top of an entry). What it cannot remove is listed in `problems`.
-    static func removeTree(_ dir: DirFD, _ name: FilePath, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
+    ///
+    /// `kind` is what the directory listing said the entry is (its `d_type`), if it said: a
+    /// hint for which of rmdir and unlink to try first, never trusted for anything else.
+    static func removeTree(_ dir: DirFD, _ name: FilePath, kind: FileKind? = nil, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
         // An empty directory or a plain entry goes in one call: rmdir and unlink never cross a
         // mount (on a mount point in this namespace they fail with EBUSY) and never follow a
         // link. Anything else (not empty, busy) takes the careful walk below.
+        let fileFirst = kind != nil && kind != .directory
         do {
-            try Sys.unlinkat(dir, name, directory: true)
+            try Sys.unlinkat(dir, name, directory: !fileFirst)
             return
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory: return
-            case .notDirectory:
+            case .notDirectory where !fileFirst, .isDirectory where fileFirst:
                 do {
-                    try Sys.unlinkat(dir, name, directory: false)
+                    try Sys.unlinkat(dir, name, directory: fileFirst)
                     return
                 } catch {
                     if error.errno == .noSuchFileOrDirectory { return }

@@ -81,8 +81,10 @@ struct SandboxCleaner {
         }
         // 2. The export.
         do { try MountOps.unmountAll(top, manifest.style.exportPath) } catch { problems.append("\(error)") }
-        // 3. The sandbox self-bind (detaching it also detaches anything left below it).
-        do { try MountOps.unmountAll(rootDir, sid) } catch { problems.append("\(error)") }
+        // 3. The sandbox self-bind (detaching it also detaches anything left below it). What
+        //    the last look saw of the directory serves the check before deleting.
+        var sandboxStatus: FileStatus?
+        do { sandboxStatus = try MountOps.unmountAllReporting(rootDir, sid).status } catch { problems.append("\(error)") }
 
         guard problems.isEmpty else {
             throw FSShareError(.incompleteCleanup, "cleanup of sandbox \(sandboxID) left mounts behind; nothing was deleted: " + problems.joined(separator: "; "))
@@ -99,7 +101,8 @@ struct SandboxCleaner {
         // The manifest goes after everything else in the sandbox: if deletion stops early, the
         // next cleanup still finds it.
         do throws(SystemCallError) {
-            let st = try Sys.statx(rootDir, sid)
+            let st: FileStatus
+            if let sandboxStatus { st = sandboxStatus } else { st = try Sys.statx(rootDir, sid) }
             guard !st.isMountRoot, st.mountID == rootStat.mountID else {
                 throw SystemCallError(syscall: "umount2", path: sandboxPath, errno: .resourceBusy)
             }
@@ -107,10 +110,10 @@ struct SandboxCleaner {
             defer { Sys.close(sandboxFD) }
             let sandboxDir = DirFD(fd: sandboxFD, path: sandboxPath)
             for entry in try Sys.listDirectory(sandboxFD, path: sandboxPath) where entry.name != Manifest.fileName.string {
-                MountOps.removeTree(sandboxDir, FilePath(entry.name), mountID: rootStat.mountID, unmountStrays: true, problems: &problems)
+                MountOps.removeTree(sandboxDir, FilePath(entry.name), kind: entry.kind, mountID: rootStat.mountID, unmountStrays: true, problems: &problems)
             }
             if problems.isEmpty {
-                MountOps.removeTree(sandboxDir, Manifest.fileName, mountID: rootStat.mountID, unmountStrays: false, problems: &problems)
+                MountOps.removeTree(sandboxDir, Manifest.fileName, kind: .regular, mountID: rootStat.mountID, unmountStrays: false, problems: &problems)
             }
             if problems.isEmpty { try Sys.unlinkat(rootDir, sid, directory: true) }
         } catch {

@@ -502,6 +502,38 @@ public enum Sys {
         }
     }
 
+    /// Up to `count` bytes at `offset` (`pread(2)` until they are read or the file ends): the
+    /// part of a file known to be there, read in one call instead of to end of file.
+    ///
+    /// - Parameters:
+    ///   - fd: an open file.
+    ///   - offset: where to start.
+    ///   - count: how many bytes at most.
+    ///   - path: what errors show for the descriptor.
+    /// - Returns: the bytes read (fewer than `count` at end of file).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func readRange(_ fd: FileDescriptor, offset: Int, count: Int, path: FilePath) throws(SystemCallError) -> [UInt8] {
+        try FaultInjection.check("read", path)
+        guard count > 0 else { return [] }
+        var failed = false
+        let result = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            var done = 0
+            while done < count {
+                let n = Glibc.pread(fd.rawValue, buffer.baseAddress.map { $0 + done }, count - done, off_t(offset + done))
+                if n < 0 {
+                    if Glibc.errno == EINTR { continue }
+                    failed = true
+                    break
+                }
+                if n == 0 { break }
+                done += n
+            }
+            initialized = done
+        }
+        if failed { throw fail("read", path) }
+        return result
+    }
+
     /// `ftruncate(2)`.
     ///
     /// - Parameters:
