@@ -279,22 +279,11 @@ public final class AgentClient: Sendable {
 
     /// The `ttrpc.Request` bytes for one call.
     func envelope(_ service: String, _ method: String, _ payload: Data, batch: String? = nil) throws(AgentError) -> [UInt8] {
-        var request = Ttrpc_Request()
-        request.service = service
-        request.method = method
+        var (request, after) = envelopeFields(service, method, batch: batch)
         request.payload = payload
-        request.timeoutNano = callTimeoutNanos
-        if let batch {
-            var kv = Ttrpc_KeyValue()
-            kv.key = TTRPC.batchMetadataKey
-            kv.value = batch
-            request.metadata = [kv]
-        }
-        do {
-            return try request.serializedBytes()
-        } catch {
-            throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
-        }
+        request.timeoutNano = after.timeoutNano
+        request.metadata = after.metadata
+        return try encode(request, service, method)
     }
 
     /// The envelope without its payload, split where the payload goes: the fields before it
@@ -302,19 +291,29 @@ public final class AgentClient: Sendable {
     /// With the payload field between them, the bytes are exactly ``envelope(_:_:_:batch:)``'s
     /// (swift-protobuf writes fields in number order; the payload is field 3 of 5).
     func envelopeParts(_ service: String, _ method: String, batch: String?) throws(AgentError) -> (head: [UInt8], tail: [UInt8]) {
-        var head = Ttrpc_Request()
-        head.service = service
-        head.method = method
-        var tail = Ttrpc_Request()
-        tail.timeoutNano = callTimeoutNanos
+        let (head, tail) = envelopeFields(service, method, batch: batch)
+        return (try encode(head, service, method), try encode(tail, service, method))
+    }
+
+    /// The envelope's fields other than the payload: those before it and those after it.
+    private func envelopeFields(_ service: String, _ method: String, batch: String?) -> (before: Ttrpc_Request, after: Ttrpc_Request) {
+        var before = Ttrpc_Request()
+        before.service = service
+        before.method = method
+        var after = Ttrpc_Request()
+        after.timeoutNano = callTimeoutNanos
         if let batch {
             var kv = Ttrpc_KeyValue()
             kv.key = TTRPC.batchMetadataKey
             kv.value = batch
-            tail.metadata = [kv]
+            after.metadata = [kv]
         }
+        return (before, after)
+    }
+
+    private func encode(_ request: Ttrpc_Request, _ service: String, _ method: String) throws(AgentError) -> [UInt8] {
         do {
-            return (try head.serializedBytes(), try tail.serializedBytes())
+            return try request.serializedBytes()
         } catch {
             throw AgentError(.protocolError, "cannot encode \(service)/\(method): \(error)")
         }
