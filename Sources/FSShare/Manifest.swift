@@ -110,7 +110,8 @@ final class Manifest {
         "\(header)\t\(escape(sandboxID))" + (style == .go ? "" : "\tlayout=\(style.rawValue)") + "\n"
     }
 
-    /// The temp name of the `O_TMPFILE` fallback in ``create(in:sandboxID:)``.
+    /// The temp name earlier versions wrote a new manifest through (where `O_TMPFILE` was
+    /// missing); still recognised in what an interrupted prepare leaves.
     static let temporaryName: FilePath = "manifest.new"
 
     /// Opens the manifest of a sandbox directory. Returns nil if there is none, or only the

@@ -41,7 +41,8 @@ enum MountOps {
         source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name: FilePath,
         staging: DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
     ) throws(FSShareError) {
-        let shown = dir.display(name)
+        // Shown only in errors: built when one is thrown, not on every share.
+        func shown() -> FilePath { dir.display(name) }
         let useNew: Bool
         switch method {
         case .newAPI:
@@ -57,14 +58,14 @@ enum MountOps {
                 try Sys.openTreeClone(DirFD(fd: source, path: sourcePath), "", recursive: recursive, display: sourcePath)
             }
             defer { Sys.close(tree) }
-            try sys("cannot set the attributes of the share \(shown)") { () throws(SystemCallError) in
-                try Sys.mountSetattr(tree, readOnly: readOnly, recursive: recursive, propagation: UInt(MS_PRIVATE), display: shown)
+            try sys("cannot set the attributes of the share \(shown())") { () throws(SystemCallError) in
+                try Sys.mountSetattr(tree, readOnly: readOnly, recursive: recursive, propagation: UInt(MS_PRIVATE), display: shown())
             }
-            try sys("cannot attach the share at \(shown)") { () throws(SystemCallError) in
+            try sys("cannot attach the share at \(shown())") { () throws(SystemCallError) in
                 if let given {
-                    try Sys.moveMount(tree, onto: given, display: shown)
+                    try Sys.moveMount(tree, onto: given, display: shown())
                 } else {
-                    try Sys.moveMount(tree, onto: dir, name, display: shown)
+                    try Sys.moveMount(tree, onto: dir, name, display: shown())
                 }
             }
             return
@@ -74,7 +75,7 @@ enum MountOps {
         if let given {
             target = given
         } else {
-            target = try sys("cannot open \(shown)") { () throws(SystemCallError) in
+            target = try sys("cannot open \(shown())") { () throws(SystemCallError) in
                 try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow | (isFile ? 0 : Sys.oDirectory))
             }
         }
@@ -87,10 +88,10 @@ enum MountOps {
         // symlink planted there is never followed.
         let bindFlags = UInt(MS_BIND) | (recursive ? UInt(MS_REC) : 0)
         if !readOnly {
-            try sys("cannot bind \(sourcePath) at \(shown)") { () throws(SystemCallError) in
+            try sys("cannot bind \(sourcePath) at \(shown())") { () throws(SystemCallError) in
                 try Sys.mount(source: fdPath(source), target: fdPath(target), flags: bindFlags)
             }
-            try makePrivate(dir, name, shown: shown)
+            try makePrivate(dir, name, shown: shown())
             return
         }
         // Legacy read-only: bind into private/ (not exported), make that read-only, then bind
@@ -114,10 +115,10 @@ enum MountOps {
             try Sys.mount(source: nil, target: fdPath(staged), flags: UInt(MS_PRIVATE))
             try Sys.mount(source: nil, target: fdPath(staged), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
         }
-        try sys("cannot bind the read-only staging mount at \(shown)") { () throws(SystemCallError) in
+        try sys("cannot bind the read-only staging mount at \(shown())") { () throws(SystemCallError) in
             try Sys.mount(source: fdPath(staged), target: fdPath(target), flags: UInt(MS_BIND))
         }
-        try makePrivate(dir, name, shown: shown)
+        try makePrivate(dir, name, shown: shown())
     }
 
     /// Makes the share just attached at `dir/name` private (it must not propagate back), or

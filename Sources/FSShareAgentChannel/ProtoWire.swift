@@ -11,6 +11,9 @@ public enum ProtoWire {
     static let lengthDelimited: UInt64 = 2
 
     /// Bytes of `value` as a varint.
+    ///
+    /// - Parameter value: the number.
+    /// - Returns: how many bytes its varint takes (1–10).
     public static func varintLength(_ value: UInt64) -> Int {
         var v = value
         var n = 1
@@ -22,6 +25,10 @@ public enum ProtoWire {
     }
 
     /// Appends `value` as a varint.
+    ///
+    /// - Parameters:
+    ///   - value: the number.
+    ///   - out: the buffer it is appended to.
     public static func appendVarint(_ value: UInt64, to out: inout [UInt8]) {
         var v = value
         while v >= 0x80 {
@@ -32,6 +39,11 @@ public enum ProtoWire {
     }
 
     /// Appends the tag and length of length-delimited field `field` holding `length` bytes.
+    ///
+    /// - Parameters:
+    ///   - field: the field number.
+    ///   - length: the bytes the field holds.
+    ///   - out: the buffer they are appended to.
     public static func appendBytesHeader(field: UInt32, length: Int, to out: inout [UInt8]) {
         appendVarint(UInt64(field) << 3 | lengthDelimited, to: &out)
         appendVarint(UInt64(length), to: &out)

@@ -113,8 +113,11 @@ public enum Sys {
     public static let resolveNoXDev = FSSHARE_RESOLVE_NO_XDEV
 
     @inline(__always)
-    static func fail(_ call: StaticString, _ path: FilePath?) -> SystemCallError {
-        SystemCallError(syscall: call.description, path: path, errno: Errno(rawValue: Glibc.errno))
+    static func fail(_ call: StaticString, _ path: @autoclosure () -> FilePath?) -> SystemCallError {
+        // errno first: building the path allocates, and nothing may run between the failed
+        // call and this read.
+        let code = Glibc.errno
+        return SystemCallError(syscall: call.description, path: path(), errno: Errno(rawValue: code))
     }
 
     @inline(__always)
@@ -248,41 +251,6 @@ public enum Sys {
         try FaultInjection.check("unlinkat", shown(dir, path))
         let rc = path.withPlatformString { Glibc.unlinkat(dirfd(dir), $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
         if rc != 0 { throw fail("unlinkat", shown(dir, path)) }
-    }
-
-    /// Opens an unnamed file in `dir` (`O_TMPFILE|O_RDWR`): it has no name until ``linkat(_:_:_:)``
-    /// gives it one, so a crash before that leaves nothing behind. EOPNOTSUPP on filesystems
-    /// without it.
-    ///
-    /// - Parameters:
-    ///   - dir: the directory the file will live in.
-    ///   - mode: permission bits for what is created.
-    /// - Returns: the unnamed file's descriptor.
-    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func openUnnamed(_ dir: DirFD, mode: mode_t) throws(SystemCallError) -> FileDescriptor {
-        try FaultInjection.check("open_tmpfile", dir.path)
-        while true {
-            let fd = Glibc.openat(dir.fd.rawValue, ".", FSSHARE_O_TMPFILE | O_RDWR | FSSHARE_O_CLOEXEC, mode)
-            if fd >= 0 { return FileDescriptor(rawValue: fd) }
-            if Glibc.errno == EINTR { continue }
-            throw fail("openat", dir.path)
-        }
-    }
-
-    /// Gives an open file (an unnamed ``openUnnamed(_:mode:)`` file) the name `dir/name`, through
-    /// `/proc/self/fd` (no CAP_DAC_READ_SEARCH needed). EEXIST if the name is taken.
-    ///
-    /// - Parameters:
-    ///   - fd: an unnamed file (`O_TMPFILE`) to give a name.
-    ///   - dir: the directory the name goes in.
-    ///   - name: the entry name in `dir`.
-    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func linkat(_ fd: FileDescriptor, _ dir: DirFD, _ name: FilePath) throws(SystemCallError) {
-        try FaultInjection.check("linkat", dir.display(name))
-        let rc = FilePath("/proc/self/fd/\(fd.rawValue)").withPlatformString { from in
-            name.withPlatformString { to in Glibc.linkat(AT_FDCWD, from, dir.fd.rawValue, to, AT_SYMLINK_FOLLOW) }
-        }
-        if rc != 0 { throw fail("linkat", dir.display(name)) }
     }
 
     /// Why this kernel cannot tell whether a path is a mount point, or nil if it can. fsshare
@@ -690,12 +658,12 @@ public enum Sys {
     ///   - propagation: the propagation to set (`MS_SLAVE`, ...), or 0 to leave it.
     ///   - display: the path shown in errors.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func mountSetattr(_ fd: FileDescriptor, readOnly: Bool, recursive: Bool, propagation: UInt, display: FilePath) throws(SystemCallError) {
-        try FaultInjection.check("mount_setattr", display)
+    public static func mountSetattr(_ fd: FileDescriptor, readOnly: Bool, recursive: Bool, propagation: UInt, display: @autoclosure () -> FilePath) throws(SystemCallError) {
+        try FaultInjection.check("mount_setattr", display())
         var flags = UInt32(FSSHARE_AT_EMPTY_PATH)
         if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
         let rc = fsshare_mount_setattr(fd.rawValue, "", flags, readOnly ? FSSHARE_MOUNT_ATTR_RDONLY : 0, 0, UInt64(propagation))
-        if rc != 0 { throw fail("mount_setattr", display) }
+        if rc != 0 { throw fail("mount_setattr", display()) }
     }
 
     /// `ioctl(LOOP_CTL_GET_FREE)`: the number of a free loop device.
@@ -772,11 +740,11 @@ public enum Sys {
     ///   - name: the mount point's name in `dir`.
     ///   - display: the path shown in errors.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func moveMount(_ mount: FileDescriptor, onto dir: DirFD, _ name: FilePath, display: FilePath) throws(SystemCallError) {
-        try FaultInjection.check("move_mount", display)
+    public static func moveMount(_ mount: FileDescriptor, onto dir: DirFD, _ name: FilePath, display: @autoclosure () -> FilePath) throws(SystemCallError) {
+        try FaultInjection.check("move_mount", display())
         // No MOVE_MOUNT_T_SYMLINKS: a symlink at `name` is not followed.
         let rc = name.withPlatformString { fsshare_move_mount(mount.rawValue, "", dir.fd.rawValue, $0, FSSHARE_MOVE_MOUNT_F_EMPTY_PATH) }
-        if rc != 0 { throw fail("move_mount", display) }
+        if rc != 0 { throw fail("move_mount", display()) }
     }
 
     /// `move_mount(2)` of a detached mount fd onto the object `target` refers to (an `O_PATH` fd):
@@ -787,10 +755,10 @@ public enum Sys {
     ///   - target: the mount point (an `O_PATH` descriptor).
     ///   - display: the path shown in errors.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func moveMount(_ mount: FileDescriptor, onto target: FileDescriptor, display: FilePath) throws(SystemCallError) {
-        try FaultInjection.check("move_mount", display)
+    public static func moveMount(_ mount: FileDescriptor, onto target: FileDescriptor, display: @autoclosure () -> FilePath) throws(SystemCallError) {
+        try FaultInjection.check("move_mount", display())
         let rc = fsshare_move_mount(mount.rawValue, "", target.rawValue, "", FSSHARE_MOVE_MOUNT_F_EMPTY_PATH | FSSHARE_MOVE_MOUNT_T_EMPTY_PATH)
-        if rc != 0 { throw fail("move_mount", display) }
+        if rc != 0 { throw fail("move_mount", display()) }
     }
 }
 

@@ -61,7 +61,6 @@ extern const int FSSHARE_O_PATH;
 extern const int FSSHARE_O_NOFOLLOW;
 extern const int FSSHARE_O_DIRECTORY;
 extern const int FSSHARE_O_CLOEXEC;
-extern const int FSSHARE_O_TMPFILE;
 extern const int FSSHARE_AT_EMPTY_PATH;
 extern const int FSSHARE_AT_RECURSIVE;
 extern const int FSSHARE_AT_SYMLINK_NOFOLLOW;
