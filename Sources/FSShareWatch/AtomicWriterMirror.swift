@@ -75,7 +75,10 @@ public struct WatchLimits: Sendable, Equatable {
 /// 1. copy the new timestamped directory `..<ts>` completely (files land by temp + rename);
 /// 2. point `..data` at it atomically (`..data_tmp` symlink, then rename over `..data`);
 /// 3. add the user-visible key links (`key -> ..data/key`) that are new;
-/// 4. remove keys that are gone and every other timestamped directory.
+/// 4. remove keys that are gone and every timestamped directory older than the one `..data`
+///    named before this sync. That one stays until the next sync: a reader that resolved
+///    `..data` just before the switch (a lookup of `key -> ..data/key` is several steps) still
+///    finds its files, where pruning it at once would fail that open with ENOENT.
 ///
 /// A reader in the guest therefore sees the old complete content or the new complete content,
 /// never a dangling `..data`, a missing key (before its deletion) or a torn file. Nested items
@@ -318,7 +321,9 @@ package struct AtomicWriterMirror {
                     if canPrune {
                         var prune = Fsshare_PruneDirectoryRequest()
                         prune.path = guestDir
-                        prune.keep = ["..data", guestTarget] + keys.keys.sorted()
+                        // The directory ..data named until now is kept one sync longer (above).
+                        let before = previous.map { $0.timestampDir == guestTarget ? [] : [$0.timestampDir] } ?? []
+                        prune.keep = ["..data", guestTarget] + before + keys.keys.sorted()
                         try p.send(TTRPC.guestFilesService, "PruneDirectory", prune)
                     } else if let previous {
                         let gone = Set(previous.keys.keys).subtracting(keys.keys).sorted()
