@@ -383,20 +383,18 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         /// fsshare's own directory `dir/name` (a symlink planted there is replaced), rolled
         /// back if this prepare made it and fails.
-        var exportCreated = false
-        func ownDirectory(_ dir: DirFD, _ name: FilePath, mode: mode_t) throws(FSShareError) -> DirFD {
+        func ownDirectory(_ dir: DirFD, _ name: FilePath, mode: mode_t) throws(FSShareError) -> (dir: DirFD, created: Bool) {
             let entry = try MountOps.ownEntry(dir, name, directory: true, mode: mode)
             undo.add { Sys.close(entry.fd) }
             if entry.created { undo.add { try? Sys.unlinkat(dir, name, directory: true) } }
-            if name == style.exportPath { exportCreated = entry.created }
-            return DirFD(fd: entry.fd, path: dir.display(name))
+            return (DirFD(fd: entry.fd, path: dir.display(name)), entry.created)
         }
         // Go: mounts/ is exported through shared/. runtime-rs: rw/ is exported through ro/, and
         // shares go to rw/passthrough/.
-        let exportSource = try ownDirectory(sandbox, style.exportSourcePath, mode: 0o750)
-        let mounts = style == .go ? exportSource : try ownDirectory(exportSource, "passthrough", mode: 0o750)
-        let export = try ownDirectory(sandbox, style.exportPath, mode: 0o700)
-        let staging = try ownDirectory(sandbox, "private", mode: 0o750)
+        let exportSource = try ownDirectory(sandbox, style.exportSourcePath, mode: 0o750).dir
+        let mounts = style == .go ? exportSource : try ownDirectory(exportSource, "passthrough", mode: 0o750).dir
+        let (export, exportCreated) = try ownDirectory(sandbox, style.exportPath, mode: 0o700)
+        let staging = try ownDirectory(sandbox, "private", mode: 0o750).dir
         let exportName = style.exportPath
         let sharedShown = export.path
         var ownStatus: FileStatus?

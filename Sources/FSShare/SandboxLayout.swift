@@ -53,20 +53,7 @@ public struct SandboxLayout: Sendable, Equatable {
     /// The guest path of a share named `name` (a path below the mounts directory).
     ///
     /// - Parameter name: the share's name below the mounts directory.
-    public func guestPath(_ name: String) -> String {
-        // Storages.joinGuest(guestSharedDir, prefix + name), built in one string: this runs on
-        // every share.
-        let prefix = style.guestPrefix
-        guard !(prefix.isEmpty && name.isEmpty) else { return Storages.joinGuest(guestSharedDir) }
-        let slash = UInt8(ascii: "/")
-        var path = guestSharedDir
-        while path.utf8.count > 1 && path.utf8.last == slash { path.removeLast() }
-        path.reserveCapacity(path.utf8.count + 1 + prefix.utf8.count + name.utf8.count)
-        if path.utf8.last != slash { path.append("/") }
-        path.append(prefix)
-        path.append(name)
-        return path
-    }
+    public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, style.guestPrefix, name) }
     /// The guest path of the `watchable-bind` mirror of a share named `name`
     /// (`…/containers/watchable/<name>`; runtime-rs `…/containers/passthrough/watchable/<name>`).
     ///

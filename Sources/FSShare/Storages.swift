@@ -131,6 +131,8 @@ public enum Storages {
         let slash = UInt8(ascii: "/")
         var result = base
         while result.utf8.count > 1 && result.utf8.last == slash { result.removeLast() }
+        // One allocation: this runs on every share (the guest path it returns).
+        result.reserveCapacity(parts.reduce(result.utf8.count) { $0 + 1 + $1.utf8.count })
         for part in parts where !part.isEmpty {
             if result.utf8.last != slash { result.append("/") }
             result.append(part)
