@@ -49,6 +49,8 @@ int fsshare_statx(int dirfd, const char *path, int flags, fsshare_statx_t *out) 
     out->ino = stx.stx_ino;
     out->dev_major = stx.stx_dev_major;
     out->dev_minor = stx.stx_dev_minor;
+    out->rdev_major = stx.stx_rdev_major;
+    out->rdev_minor = stx.stx_rdev_minor;
     out->uid = stx.stx_uid;
     out->gid = stx.stx_gid;
     out->nlink = stx.stx_nlink;

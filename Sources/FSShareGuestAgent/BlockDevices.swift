@@ -17,27 +17,41 @@ enum BlockDevices {
     static let wait: UInt64 = 10_000_000_000
     static let sysfsRoot = "/sys"
 
+    /// What a lookup found: the `/dev` node to use and, when sysfs named the disk, the device
+    /// number sysfs gives it (`major:minor` from its `dev` file).
+    struct Found: Equatable {
+        var node: String
+        var device: (major: UInt32, minor: UInt32)?
+        static func == (a: Found, b: Found) -> Bool {
+            a.node == b.node && a.device?.major == b.device?.major && a.device?.minor == b.device?.minor
+        }
+    }
+
     /// The `/dev` node for `source` under `driver`, once the kernel has it.
+    ///
+    /// sysfs shows a hot-plugged disk (`…/block/vda`) before devtmpfs has made `/dev/vda`:
+    /// the kernel creates the node on its own thread. So a disk found in sysfs is ready only
+    /// when its node exists and stands for the device number sysfs reports.
     static func resolve(driver: String, source: String) throws(GuestAgentError) -> String {
-        let lookup: () throws(GuestAgentError) -> String?
+        let lookup: () throws(GuestAgentError) -> Found?
         switch driver {
         case "blk":
             if source.hasPrefix("/dev/") {
-                lookup = { () throws(GuestAgentError) in try existingNode(source) }
+                lookup = { () throws(GuestAgentError) in try existingNode(source).map { Found(node: $0) } }
             } else {
                 let slots = try parsePCIPath(source)
-                lookup = { () throws(GuestAgentError) in try virtioBlockName(pciSlots: slots).map { "/dev/" + $0 } }
+                lookup = { () throws(GuestAgentError) in try virtioBlock(pciSlots: slots) }
             }
         case "mmioblk":
             guard source.hasPrefix("/dev/") else {
                 throw GuestAgentError(.invalid, "an mmioblk storage names its device by /dev path, not \"\(source)\"")
             }
-            lookup = { () throws(GuestAgentError) in try existingNode(source) }
+            lookup = { () throws(GuestAgentError) in try existingNode(source).map { Found(node: $0) } }
         case "scsi":
             let (target, lun) = try parseSCSIAddress(source)
             var scanned = false
             lookup = { () throws(GuestAgentError) in
-                if let name = scsiBlockName(target: target, lun: lun) { return "/dev/" + name }
+                if let found = scsiBlock(target: target, lun: lun) { return found }
                 if !scanned {
                     // What Kata's agent does: ask every host to scan for that target and LUN.
                     scanned = true
@@ -48,18 +62,48 @@ enum BlockDevices {
         default:
             throw GuestAgentError(.invalid, "\(driver) is not a block storage driver")
         }
+        return try waitForNode(lookup, missing: "no block device appeared for \(driver) \(source)", wait: wait)
+    }
+
+    /// Runs `lookup` every 20 ms until what it finds is ready (``nodeState(_:)``) or `wait`
+    /// nanoseconds pass; the error says what was still missing.
+    static func waitForNode(_ lookup: () throws(GuestAgentError) -> Found?, missing: String, wait: UInt64) throws(GuestAgentError) -> String {
         let deadline = Sys.monotonicNanoseconds() + wait
+        var waitingFor = missing
         while true {
-            if let node = try lookup() {
-                try requireBlockDevice(node)
-                return node
+            if let found = try lookup() {
+                switch try nodeState(found) {
+                case .ready: return found.node
+                case .pending(let why): waitingFor = why
+                }
             }
             guard Sys.monotonicNanoseconds() < deadline else {
-                throw GuestAgentError(.notFound, "no block device appeared for \(driver) \(source) within \(wait / 1_000_000_000) s")
+                throw GuestAgentError(.notFound, "\(waitingFor) within \(Double(wait) / 1e9) s")
             }
             var pause = timespec(tv_sec: 0, tv_nsec: 20_000_000)
             nanosleep(&pause, nil)
         }
+    }
+
+    enum NodeState: Equatable { case ready, pending(String) }
+
+    /// Whether `found.node` is usable now. A node not there yet, or one that stands for another
+    /// device than sysfs reports, is worth waiting for; anything but a block device is an error.
+    static func nodeState(_ found: Found) throws(GuestAgentError) -> NodeState {
+        let st: FileStatus
+        do { st = try Sys.statx(nil, FilePath(found.node), followSymlinks: false) } catch {
+            if error.errno == .noSuchFileOrDirectory {
+                return .pending("the kernel made no \(found.node) for the disk it found")
+            }
+            throw GuestAgentError(.notFound, "\(found.node): \(error)")
+        }
+        guard st.kind == .blockDevice else {
+            throw GuestAgentError(.invalid, "\(found.node) is a \(st.kind), not a block device")
+        }
+        if let want = found.device, (st.specialMajor, st.specialMinor) != (want.major, want.minor) {
+            return .pending("\(found.node) is device \(st.specialMajor):\(st.specialMinor), not the disk's \(want.major):\(want.minor)")
+        }
+        return .ready
     }
 
     /// `"02/00"` → `[2, 0]`: one or more slots, hex, each below 32 (Kata's `pci::Path`).
@@ -101,22 +145,47 @@ enum BlockDevices {
         return dir
     }
 
-    static func virtioBlockName(pciSlots: [UInt8]) throws(GuestAgentError) -> String? {
+    static func virtioBlock(pciSlots: [UInt8]) throws(GuestAgentError) -> Found? {
         guard let dir = try pciDeviceDirectory(pciSlots), let entries = list(dir) else { return nil }
         for virtio in entries.sorted() where virtio.hasPrefix("virtio") {
-            if let names = list("\(dir)/\(virtio)/block"), names.count == 1 { return names[0] }
+            if let found = blockIn("\(dir)/\(virtio)/block") { return found }
         }
         return nil
     }
 
-    static func scsiBlockName(target: UInt32, lun: UInt32) -> String? {
+    static func scsiBlock(target: UInt32, lun: UInt32) -> Found? {
         guard let devices = list(sysfsRoot + "/bus/scsi/devices") else { return nil }
         for d in devices.sorted() {
             let f = d.split(separator: ":")
             guard f.count == 4, f[1] == "0", f[2] == "\(target)", f[3] == "\(lun)" else { continue }
-            if let names = list("\(sysfsRoot)/bus/scsi/devices/\(d)/block"), names.count == 1 { return names[0] }
+            if let found = blockIn("\(sysfsRoot)/bus/scsi/devices/\(d)/block") { return found }
         }
         return nil
+    }
+
+    /// The one disk in a sysfs `block` directory, with the device number from its `dev` file
+    /// (nil until the kernel has written it).
+    static func blockIn(_ blockDir: String) -> Found? {
+        guard let names = list(blockDir), names.count == 1,
+              let device = deviceNumber(try? readSmall("\(blockDir)/\(names[0])/dev")) else { return nil }
+        return Found(node: "/dev/" + names[0], device: device)
+    }
+
+    /// `"254:0\n"` → (254, 0).
+    static func deviceNumber(_ bytes: [UInt8]?) -> (major: UInt32, minor: UInt32)? {
+        guard let bytes else { return nil }
+        var text = Substring(decoding: bytes, as: UTF8.self)
+        while text.last == "\n" { text = text.dropLast() }
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else { return nil }
+        return (major, minor)
+    }
+
+    static func readSmall(_ path: String) throws(SystemCallError) -> [UInt8] {
+        let fp = FilePath(path)
+        let fd = try Sys.openat(nil, fp, flags: O_RDONLY | O_CLOEXEC | Sys.oNoFollow)
+        defer { Sys.close(fd) }
+        return try Sys.readAll(fd, path: fp)
     }
 
     static func scanSCSIHosts(target: UInt32, lun: UInt32) {
@@ -134,14 +203,6 @@ enum BlockDevices {
             throw GuestAgentError(.invalid, "\"\(path)\" is not a canonical /dev path")
         }
         return (try? Sys.statx(nil, FilePath(path), followSymlinks: false)) == nil ? nil : path
-    }
-
-    static func requireBlockDevice(_ node: String) throws(GuestAgentError) {
-        let st: FileStatus
-        do { st = try Sys.statx(nil, FilePath(node), followSymlinks: false) } catch {
-            throw GuestAgentError(.notFound, "\(node): \(error)")
-        }
-        guard st.kind == .blockDevice else { throw GuestAgentError(.invalid, "\(node) is a \(st.kind), not a block device") }
     }
 
     static func list(_ path: String) -> [String]? {

@@ -78,6 +78,10 @@ public struct FileStatus: Sendable, Equatable {
     public var deviceMajor: UInt32
     /// Minor number of the filesystem's device.
     public var deviceMinor: UInt32
+    /// For a device node: major number of the device it stands for (`stx_rdev_major`).
+    public var specialMajor: UInt32 = 0
+    /// For a device node: minor number of the device it stands for (`stx_rdev_minor`).
+    public var specialMinor: UInt32 = 0
     /// Owner.
     public var uid: UInt32
     /// Group.
@@ -185,7 +189,8 @@ public enum Sys {
         if rc != 0 { throw fail("statx", shown(dir, path)) }
         return FileStatus(
             mode: raw.mode, mountID: raw.mount_id, isMountRoot: raw.is_mount_root != 0, size: raw.size,
-            inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor, uid: raw.uid, gid: raw.gid,
+            inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor,
+            specialMajor: raw.rdev_major, specialMinor: raw.rdev_minor, uid: raw.uid, gid: raw.gid,
             linkCount: raw.nlink, mountAnswersKnown: raw.mount_root_known != 0 && raw.mount_id_known != 0)
     }
 

@@ -191,6 +191,56 @@ struct GuestAgentTests {
         }
     }
 
+    /// sysfs names a hot-plugged disk before devtmpfs has made its node (the CI run that found
+    /// this saw `statx(/dev/vda): ENOENT` right after the attach). The agent waits until the node
+    /// exists and stands for the device number sysfs gives, and says which of the two it missed.
+    @Test func aDiskIsUsedOnlyOnceItsNodeStandsForIt() throws {
+        // Linux's dev_t for major < 4096 and minor < 256 (glibc's makedev is a macro).
+        @Sendable func blockDev(_ major: UInt32, _ minor: UInt32) -> dev_t { dev_t(major << 8 | minor) }
+        let dir = TestEnvironment.scratch("blocknode")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        mkdirs(dir)
+        guard mknod(dir + "/probe", S_IFBLK | 0o600, blockDev(7, 200)) == 0 else {
+            print("SKIP: block-node test needs CAP_MKNOD: mknod: \(String(cString: strerror(errno)))")
+            return
+        }
+        #expect(BlockDevices.deviceNumber(Array("254:16\n".utf8))! == (254, 16))
+        for bad in ["", "254", "254:", "a:1", "1:2:3"] {
+            #expect(BlockDevices.deviceNumber(Array(bad.utf8)) == nil, "dev file \(bad)")
+        }
+        let found = BlockDevices.Found(node: dir + "/vdz", device: (7, 201))
+        #expect(try BlockDevices.nodeState(found) != .ready, "no node yet")
+        #expect(mknod(dir + "/vdz", S_IFBLK | 0o600, blockDev(7, 202)) == 0)
+        guard case .pending(let why) = try BlockDevices.nodeState(found) else {
+            Issue.record("a node for another device is not the disk")
+            return
+        }
+        #expect(why.contains("7:202") && why.contains("7:201"), "\(why)")
+        unlink(dir + "/vdz")
+
+        // The node appears 150 ms after sysfs showed the disk: the wait takes it.
+        let maker = try OSThread { usleep(150_000); _ = mknod(dir + "/vdz", S_IFBLK | 0o600, blockDev(7, 201)) }
+        defer { maker.join() }
+        let started = Sys.monotonicNanoseconds()
+        let node = try BlockDevices.waitForNode({ found }, missing: "none", wait: 5_000_000_000)
+        #expect(node == dir + "/vdz")
+        #expect(Sys.monotonicNanoseconds() - started >= 100_000_000, "it waited for the node")
+
+        // Never appearing: the error names what was missing, not "no block device".
+        let absent = BlockDevices.Found(node: dir + "/vdy", device: (7, 203))
+        do {
+            _ = try BlockDevices.waitForNode({ absent }, missing: "none", wait: 100_000_000)
+            Issue.record("a node that never appears is an error")
+        } catch {
+            #expect(error.message.contains("made no \(dir)/vdy"), "\(error.message)")
+        }
+        // Something other than a block device at the node is refused at once.
+        writeFile(dir + "/vdx", "x")
+        #expect(throws: GuestAgentError.self) {
+            try BlockDevices.waitForNode({ .init(node: dir + "/vdx", device: nil) }, missing: "none", wait: 5_000_000_000)
+        }
+    }
+
     /// A writable overlay's upper directory holds what the container wrote: removing it never
     /// follows a link planted there.
     @Test func scratchRemovalFollowsNoLink() throws {

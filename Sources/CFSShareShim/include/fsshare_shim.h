@@ -21,6 +21,7 @@ typedef struct {
     uint64_t size;
     uint64_t ino;
     uint32_t dev_major, dev_minor;
+    uint32_t rdev_major, rdev_minor; // the device a device node stands for
     uint32_t uid, gid;
     uint32_t nlink;
 } fsshare_statx_t;
