@@ -34,27 +34,27 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     CHECK(sx(out->lock, "manifest", 0, &st));
     CHECK(write(out->manifest, "fsshare-manifest 1\tsb\n", 22));
     // The self-bind with the new mount API: a private detached clone moved onto the directory,
-    // then made shared through its root (kept as `top`).
+    // then made shared through its root (the clone's descriptor, kept as `top`).
     int tree = (int)syscall(SYS_open_tree, out->lock, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
     CHECK(tree);
     struct mount_attr priv = { .propagation = MS_PRIVATE }, shared = { .propagation = MS_SHARED };
     CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &priv, sizeof priv));
     CHECK(syscall(SYS_move_mount, tree, "", root, sid, MOVE_MOUNT_F_EMPTY_PATH));
-    close(tree);
-    CHECK(out->top = openat(root, sid, O_PATH | O_NOFOLLOW | O_CLOEXEC));
-    CHECK(sx(out->top, "", AT_EMPTY_PATH, &st));
+    out->top = tree;
     CHECK(syscall(SYS_mount_setattr, out->top, "", AT_EMPTY_PATH, &shared, sizeof shared));
     CHECK(mkdirat(out->top, "mounts", 0750));
+    CHECK(out->mounts = openat(out->top, "mounts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     CHECK(mkdirat(out->top, "shared", 0700));
     CHECK(mkdirat(out->top, "private", 0750));
-    CHECK(sx(out->top, "shared", 0, &st));
-    snprintf(a, sizeof a, "/proc/self/fd/%d/mounts", out->top);
-    snprintf(b, sizeof b, "/proc/self/fd/%d/shared", out->top);
-    CHECK(mount(a, b, NULL, MS_BIND, NULL));
-    CHECK(mount(NULL, b, NULL, MS_SLAVE, NULL));
-    CHECK(mount(NULL, b, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL));
-    CHECK(out->mounts = openat(out->top, "mounts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     CHECK(out->private_dir = openat(out->top, "private", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    // shared/: a clone of mounts/, read-only before it is attached by name, then a slave.
+    int exp = (int)syscall(SYS_open_tree, out->mounts, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    CHECK(exp);
+    struct mount_attr ro = { .attr_set = MOUNT_ATTR_RDONLY }, slave = { .propagation = MS_SLAVE };
+    CHECK(syscall(SYS_mount_setattr, exp, "", AT_EMPTY_PATH, &ro, sizeof ro));
+    CHECK(syscall(SYS_move_mount, exp, "", out->top, "shared", MOVE_MOUNT_F_EMPTY_PATH));
+    CHECK(syscall(SYS_mount_setattr, exp, "", AT_EMPTY_PATH, &slave, sizeof slave));
+    close(exp);
     CHECK(sx(out->mounts, "", AT_EMPTY_PATH, &st));
     CHECK(flock(out->lock, LOCK_UN));
     return 0;
@@ -92,11 +92,8 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
     CHECK(sx(lock, "manifest", 0, &st));
     CHECK(pread(manifest, buf, sizeof buf, 0));
     CHECK(pread(manifest, buf, sizeof buf, 22));
-    CHECK(sx(top, "shared", 0, &st));
-    snprintf(p, sizeof p, "/proc/self/fd/%d/shared", top);
-    CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
-    CHECK(sx(top, "shared", 0, &st));
-    CHECK(sx(root, sid, 0, &st));
+    // The self-bind is there: detaching it detaches shared/ and every share below it.
+    CHECK(sx(top, "", AT_EMPTY_PATH, &st));
     snprintf(p, sizeof p, "/proc/self/fd/%d/%s", root, sid);
     CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
     CHECK(sx(root, sid, 0, &st));

@@ -308,29 +308,32 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         // there), and they propagate nowhere else on hosts where /run is shared.
         // The self-bind's root, when made here with the new mount API: it is the `top` below.
         var selfBindTop: FileDescriptor?
+        // The new mount API unless the configuration asks for mount(2) only (the fallback for
+        // kernels without it, kept tested that way).
+        let prepareWithNewAPI = !copyMode && configuration.mountMethod != .legacy && MountOps.hasNewMountAPI()
         if !copyMode {
             // A directory this call created (under the root's lock, now held under the sandbox's)
             // cannot be a mount point yet: no statx to ask.
             var needsSelfBind = created
             if !created { needsSelfBind = try !isMountRoot(root, sid) }
-            if needsSelfBind && MountOps.hasNewMountAPI() {
+            if needsSelfBind && prepareWithNewAPI {
                 // A detached private copy of the directory attached onto itself, then made shared
                 // there: a peer group of its own. By descriptor and name (no /proc/self/fd path
                 // lookups), and its root is kept as the sandbox's `top`.
                 let tree = try sys("cannot clone the sandbox directory \(sandboxPath)") { () throws(SystemCallError) in
                     try Sys.openTreeClone(DirFD(fd: lock, path: sandboxPath), "", recursive: false, display: sandboxPath)
                 }
-                defer { Sys.close(tree) }
+                undo.add { Sys.close(tree) }
                 try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
                     try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_PRIVATE), display: sandboxPath)
                     try Sys.moveMount(tree, onto: root, sid, display: sandboxPath)
                 }
                 undo.add { _ = try? MountOps.unmountAll(root, sid) }
-                let selfBind = try MountOps.mountRoot(root, sid)
-                undo.add { Sys.close(selfBind) }
-                selfBindTop = selfBind
+                // Once attached, the clone's descriptor is the root of the very mount just made
+                // there: nothing to reopen and check (it cannot be a substitute).
+                selfBindTop = tree
                 try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
-                    try Sys.mountSetattr(selfBind, readOnly: false, recursive: false, propagation: UInt(MS_SHARED), display: sandboxPath)
+                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_SHARED), display: sandboxPath)
                 }
             } else if needsSelfBind {
                 try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
@@ -393,16 +396,51 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         // shares go to rw/passthrough/.
         let exportSource = try ownDirectory(sandbox, style.exportSourcePath, mode: 0o750).dir
         let mounts = style == .go ? exportSource : try ownDirectory(exportSource, "passthrough", mode: 0o750).dir
-        let (export, exportCreated) = try ownDirectory(sandbox, style.exportPath, mode: 0o700)
-        let staging = try ownDirectory(sandbox, "private", mode: 0o750).dir
         let exportName = style.exportPath
-        let sharedShown = export.path
+        let sharedShown = sandbox.display(exportName)
+        // With the new mount API the export is attached by name (no descriptor of it needed).
+        let newAPI = prepareWithNewAPI
+        var export: DirFD?
+        let exportCreated: Bool
+        if newAPI {
+            let made = try MountOps.ownMountPoint(sandbox, exportName, directory: true, mode: 0o700)
+            if made.created { undo.add { try? Sys.unlinkat(sandbox, exportName, directory: true) } }
+            if let fd = made.fd {
+                undo.add { Sys.close(fd) }
+                export = DirFD(fd: fd, path: sharedShown)
+            }
+            exportCreated = made.created
+        } else {
+            let made = try ownDirectory(sandbox, exportName, mode: 0o700)
+            export = made.dir
+            exportCreated = made.created
+        }
+        let staging = try ownDirectory(sandbox, "private", mode: 0o750).dir
         var ownStatus: FileStatus?
         if !copyMode {
             // A directory this prepare just made is not a mount point: no statx to ask.
             var needsBind = exportCreated
             if !exportCreated { needsBind = try !isMountRoot(sandbox, exportName) }
-            if needsBind {
+            // True when the export was bound here from mounts/' own descriptor.
+            var boundFromDescriptor = false
+            if needsBind && newAPI {
+                // A clone of mounts/ (a peer of the sandbox's group), read-only before it is
+                // attached, then made a slave once there: the same propagation as the bind,
+                // slave and remount below, by descriptor and name, no /proc/self/fd lookups.
+                let tree = try sys("cannot clone \(exportSource.path)") { () throws(SystemCallError) in
+                    try Sys.openTreeClone(exportSource, "", recursive: false, display: exportSource.path)
+                }
+                defer { Sys.close(tree) }
+                try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(tree, readOnly: true, recursive: false, propagation: 0, display: sharedShown)
+                    try Sys.moveMount(tree, onto: sandbox, exportName, display: sharedShown)
+                }
+                undo.add { _ = try? MountOps.unmountAll(sandbox, exportName) }
+                try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_SLAVE), display: sharedShown)
+                }
+                boundFromDescriptor = true
+            } else if needsBind, let export {
                 try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
                     try Sys.mount(source: MountOps.fdPath(exportSource.fd), target: MountOps.fdPath(export.fd), flags: UInt(MS_BIND))
                 }
@@ -417,15 +455,18 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                     try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
                 }
             }
-            // The export must show this very directory: if it was swapped for another one,
-            // new shares would silently never reach the guest.
-            let exported = try sys("cannot stat \(sharedShown)") { () throws(SystemCallError) in try Sys.statx(sandbox, exportName) }
             let own = try sys("cannot stat \(exportSource.path)") { () throws(SystemCallError) in
                 try Sys.fstatx(exportSource.fd, path: exportSource.path)
             }
             ownStatus = own
-            guard SourceCheck.RootGuard.Identity(exported) == SourceCheck.RootGuard.Identity(own) else {
-                throw FSShareError(.conflict, "\(sharedShown) does not export \(exportSource.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
+            // The export must show this very directory: if it was swapped for another one,
+            // new shares would silently never reach the guest. One cloned from mounts/' own
+            // descriptor just now shows it by construction.
+            if !boundFromDescriptor {
+                let exported = try sys("cannot stat \(sharedShown)") { () throws(SystemCallError) in try Sys.statx(sandbox, exportName) }
+                guard SourceCheck.RootGuard.Identity(exported) == SourceCheck.RootGuard.Identity(own) else {
+                    throw FSShareError(.conflict, "\(sharedShown) does not export \(exportSource.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
+                }
             }
         }
         // Go layout: mounts/ is the export's source, whose status was just taken.
@@ -436,7 +477,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
         }
         let rootGuard = try SourceCheck.RootGuard.cached(root: root)
-        Sys.close(export.fd)
+        if let export { Sys.close(export.fd) }
         if style != .go { Sys.close(exportSource.fd) }
         let handle = SandboxHandle(
             root: root, lock: lock, sandbox: sandbox, mounts: mounts, staging: staging, manifest: manifest,

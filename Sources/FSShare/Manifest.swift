@@ -155,7 +155,7 @@ final class Manifest {
         }
         let manifest = Manifest(fd: fd, directory: directory, sandboxID: sandboxID)
         try sys("cannot write the sandbox manifest \(shown)") { () throws(SystemCallError) in try Sys.writeAll(fd, header, path: shown) }
-        try manifest.apply(line: String(line.dropLast()))
+        try manifest.apply(line: header.dropLast())
         manifest.parsedBytes = header.count
         return manifest
     }
@@ -217,7 +217,7 @@ final class Manifest {
         guard let lastNewline = tail.lastIndex(of: 0x0A) else { return }
         tail.removeSubrange((lastNewline + 1)...)
         parsedBytes += tail.count
-        for line in tail.split(separator: 0x0A) { try apply(line: String(decoding: line, as: UTF8.self)) }
+        for line in tail.split(separator: 0x0A) { try apply(line: line) }
     }
 
     private func reset() {
@@ -229,12 +229,26 @@ final class Manifest {
         settings = [:]
     }
 
-    private func apply(line: String) throws(FSShareError) {
-        let fields = line.split(separator: "\t", omittingEmptySubsequences: false).map { Manifest.unescape(String($0)) }
+    /// One journal line (without its newline), split on tabs as bytes: strings are made for
+    /// the fields only (splitting a `String` walks grapheme clusters, which showed up in
+    /// cleanup's profile).
+    private func apply(line bytes: ArraySlice<UInt8>) throws(FSShareError) {
+        var fields: [String] = []
+        fields.reserveCapacity(9)
+        var start = bytes.startIndex
+        var i = start
+        while true {
+            if i == bytes.endIndex || bytes[i] == 0x09 {
+                fields.append(Manifest.unescape(bytes[start..<i]))
+                if i == bytes.endIndex { break }
+                start = i + 1
+            }
+            i += 1
+        }
         guard let tag = fields.first else { return }
         if !hasHeader {
             // The first line must be this sandbox's header; anything else is not our manifest.
-            guard tag.hasPrefix("fsshare-manifest") else { throw corrupt(line) }
+            guard tag.hasPrefix("fsshare-manifest") else { throw corrupt(bytes) }
             guard tag == Manifest.header else {
                 throw FSShareError(.manifest, "\(path): unsupported manifest version \"\(tag)\"")
             }
@@ -252,7 +266,7 @@ final class Manifest {
         }
         switch tag {
         case "S" where (7...9).contains(fields.count):
-            guard let kind = ShareRecord.Kind(rawValue: fields[2]) else { throw corrupt(line) }
+            guard let kind = ShareRecord.Kind(rawValue: fields[2]) else { throw corrupt(bytes) }
             let flags = fields[3]
             let record = ShareRecord(
                 name: fields[1], kind: kind, containerID: fields[4], source: fields[5], destination: fields[6],
@@ -269,12 +283,12 @@ final class Manifest {
                 removals += 1
             }
         default:
-            throw corrupt(line)
+            throw corrupt(bytes)
         }
     }
 
-    private func corrupt(_ line: String) -> FSShareError {
-        FSShareError(.manifest, "\(path): unreadable manifest line \"\(line.prefix(120))\"")
+    private func corrupt(_ line: ArraySlice<UInt8>) -> FSShareError {
+        FSShareError(.manifest, "\(path): unreadable manifest line \"\(String(decoding: line, as: UTF8.self).prefix(120))\"")
     }
 
     /// Records a setting of the sandbox (appended only when it changes).
@@ -440,6 +454,13 @@ final class Manifest {
             }
         }
         return out
+    }
+
+    /// ``unescape(_:)`` of a field's bytes.
+    static func unescape(_ bytes: ArraySlice<UInt8>) -> String {
+        let s = String(decoding: bytes, as: UTF8.self)
+        guard bytes.contains(0x25) else { return s }
+        return unescape(s)
     }
 
     static func unescape(_ s: String) -> String {

@@ -10,10 +10,10 @@ import SystemPackage
 /// (``SandboxOwnership``); any other is refused and left exactly as it is, except the empty
 /// directory an interrupted prepare leaves.
 ///
-/// Order: unmount the shares the manifest lists (deepest first), then any other mount found
-/// below `mounts/` and `private/` (statx per entry, no mountinfo), then `shared/`, then the
-/// sandbox self-bind; verify nothing is mounted; then delete entry by entry, never crossing a
-/// mount. Every unmount is `MNT_DETACH|UMOUNT_NOFOLLOW` through a descriptor-anchored path.
+/// Order: unmount the shares the manifest lists (deepest first), then `shared/`, then the
+/// sandbox self-bind — when the self-bind is there, detaching it detaches everything below it
+/// and the first two steps are skipped; verify nothing is mounted; then delete entry by entry,
+/// never crossing a mount (a stray mount found on the way is unmounted first). Every unmount is `MNT_DETACH|UMOUNT_NOFOLLOW` through a descriptor-anchored path.
 struct SandboxCleaner {
     var root: FilePath
     var sandboxID: String
@@ -62,7 +62,13 @@ struct SandboxCleaner {
         }
         defer { Sys.close(topFD) }
         let top = DirFD(fd: topFD, path: sandboxPath)
-        let recorded = manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .rootfsImage && $0.kind != .rootfsLayers && $0.kind != .copy }
+        // The sandbox's own mount (prepare's self-bind) is there: every share and the export
+        // were attached below it, and detaching it in step 3 detaches them all (MNT_DETACH is
+        // recursive and propagates like one unmount each): steps 1 and 2 are skipped, one
+        // unmount and its RCU grace period per mount fewer. Anything mounted elsewhere (on
+        // the directory below the self-bind) is still found and unmounted by step 4.
+        let selfBound = (try? Sys.fstatx(topFD, path: sandboxPath)).map { $0.mountAnswersKnown && $0.isMountRoot } ?? false
+        let recorded = selfBound ? [] : manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .rootfsImage && $0.kind != .rootfsLayers && $0.kind != .copy }
         for record in recorded.sorted(by: { $0.name.split(separator: "/").count > $1.name.split(separator: "/").count }) {
             let path = manifest.style.mountsPath.appending(record.name)
             guard path.components.allSatisfy({ (c: FilePath.Component) in c.kind == .regular }) else { continue }
@@ -80,7 +86,9 @@ struct SandboxCleaner {
             }
         }
         // 2. The export.
-        do { try MountOps.unmountAll(top, manifest.style.exportPath) } catch { problems.append("\(error)") }
+        if !selfBound {
+            do { try MountOps.unmountAll(top, manifest.style.exportPath) } catch { problems.append("\(error)") }
+        }
         // 3. The sandbox self-bind (detaching it also detaches anything left below it). What
         //    the last look saw of the directory serves the check before deleting.
         var sandboxStatus: FileStatus?

@@ -104,7 +104,9 @@ struct Bench {
                   floor_kata_rw_share(source, kataSandbox + "/mounts/v\(i)") == 0 else { fail("existing share \(i)") }
         }
         let floorName = "c-0123456789abcdef-bench"
-        for readOnly in [false, true] {
+        // FSSHARE_BENCH_ONLY=rw|ro|pc runs one operation (for profiling one op at a time).
+        let only: String? = getenv("FSSHARE_BENCH_ONLY").map { String(cString: $0) }
+        for readOnly in [false, true] where only == nil || only == (readOnly ? "ro" : "rw") {
             var mine = Stats(), raw = Stats(), kata = Stats()
             let mount = Mount(source: FilePath(source), destination: "/bench", options: readOnly ? ["ro"] : [])
             for i in 0..<(iterations + iterations / 10) {
@@ -133,9 +135,10 @@ struct Bench {
         }
         // prepare + cleanup of another sandbox while the N shares exist.
         var mine = Stats(), raw = Stats(), kata = Stats()
+        let pcIterations = only == nil || only == "pc" ? iterations : 0
         guard let pc = try? LinuxFilesystemSharer(sandboxID: "pc", configuration: config) else { fail("pc") }
-        for i in 0..<(iterations / 2 + iterations / 20) {
-            let record = i >= iterations / 20
+        for i in 0..<(pcIterations / 2 + pcIterations / 20) {
+            let record = i >= pcIterations / 20
             func measureMine() {
                 let a = now()
                 guard (try? pc.prepareSync()) != nil, (try? pc.cleanupSync()) != nil else { fail("fsshare prepare/cleanup") }
@@ -152,7 +155,7 @@ struct Bench {
             guard floor_kata_prepare(t + "/kata/pc") == 0, floor_kata_cleanup(t + "/kata/pc") == 0 else { fail("kata-min prepare/cleanup") }
             if record { kata.add(now() - a) }
         }
-        report("prepare+cleanup", existing, mine, raw, kata)
+        if pcIterations > 0 { report("prepare+cleanup", existing, mine, raw, kata) }
         for i in 0..<existing {
             _ = floor_unshare(&floor, "c-0000000000000000-v\(i)")
             _ = floor_kata_unshare(kataSandbox + "/mounts/v\(i)")

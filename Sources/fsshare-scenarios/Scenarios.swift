@@ -403,17 +403,22 @@ struct Scenarios {
     func rollback() {
         let src = sources()
         let c = Container(id: "c", rootfs: .hostMounted(FilePath(src.rw)))
-        // Prepare failing at each of its mount calls (the self-bind: open_tree, mount_setattr
-        // private, move_mount, mount_setattr shared; shared/: bind, slave, read-only) and at
-        // directory and manifest creation leaves nothing.
-        for fault in ["open_tree#1=ENOMEM", "mount_setattr#1=EINVAL", "move_mount#1=EPERM", "mount_setattr#2=EIO",
-                      "mount#1=EPERM", "mount#2=EIO", "mount#3=EIO", "mkdirat#3=EACCES", "openat#3=EACCES", "write#1=ENOSPC"] {
+        // Prepare failing at each of its mount calls (new API — the self-bind: open_tree,
+        // mount_setattr private, move_mount, mount_setattr shared; shared/: open_tree,
+        // mount_setattr read-only, move_mount, mount_setattr slave — and mount(2) only — the
+        // self-bind: bind, private, shared; shared/: bind, slave, read-only) and at directory
+        // and manifest creation leaves nothing.
+        let newAPIFaults = ["open_tree#1=ENOMEM", "mount_setattr#1=EINVAL", "move_mount#1=EPERM", "mount_setattr#2=EIO",
+                            "open_tree#2=ENOMEM", "mount_setattr#3=EINVAL", "move_mount#2=EPERM", "mount_setattr#4=EIO",
+                            "mkdirat#3=EACCES", "openat#3=EACCES", "write#1=ENOSPC"]
+        let legacyFaults = ["mount#1=EPERM", "mount#2=EIO", "mount#3=EIO", "mount#4=EPERM", "mount#5=EIO", "mount#6=EIO", "mkdirat#3=EACCES"]
+        for (method, fault) in newAPIFaults.map({ (MountMethod.automatic, $0) }) + legacyFaults.map({ (MountMethod.legacy, $0) }) {
             FaultInjection.install(FaultInjection.parse(fault) ?? [])
-            let sharer = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config())
-            checks.mustFail("prepare fails under \(fault)") { try sharer?.prepareSync() }
+            let sharer = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config(method))
+            checks.mustFail("prepare (\(method)) fails under \(fault)") { try sharer?.prepareSync() }
             FaultInjection.install([])
-            checks.check(mountsUnder(root).isEmpty, "prepare rolled back its mounts (\(fault))")
-            checks.check(!exists(root + "/rb"), "prepare rolled back its directories (\(fault))")
+            checks.check(mountsUnder(root).isEmpty, "prepare (\(method)) rolled back its mounts (\(fault))")
+            checks.check(!exists(root + "/rb"), "prepare (\(method)) rolled back its directories (\(fault))")
         }
         guard let sharer = try? LinuxFilesystemSharer(sandboxID: "rb", configuration: config()) else { return }
         _ = checks.must("prepare") { try sharer.prepareSync() }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import FSShare
 import FSShareSystem
 import SystemPackage
@@ -37,6 +40,46 @@ struct NamingTests {
         for s in ["plain", "a\tb", "line\nbreak", "100%", "%09", "%2509\t\n%"] {
             #expect(Manifest.unescape(Manifest.escape(s)) == s)
             #expect(!Manifest.escape(s).contains("\t") && !Manifest.escape(s).contains("\n"))
+        }
+    }
+
+    /// The journal is parsed as bytes: awkward fields survive a write and a fresh read, empty
+    /// fields stay empty, removals apply, and a line of the wrong shape is refused by name.
+    @Test("the manifest journal reads back what it recorded")
+    func journalRoundTrip() throws {
+        let dir = TestEnvironment.scratch("journal")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        _ = Sys.run(["mkdir", "-p", dir])
+        let fd = try Sys.openat(nil, FilePath(dir), flags: O_RDONLY | Sys.oDirectory)
+        defer { Sys.close(fd) }
+        let d = DirFD(fd: fd, path: FilePath(dir))
+        let m = try Manifest.create(in: d, sandboxID: "sb", style: .runtimeRS)
+        let awkward = ShareRecord(
+            name: "c-1-é\tx", kind: .volume, containerID: "c", source: "/src/a\tb\nc%09%é",
+            destination: "/d\t", readOnly: true, recursive: false, isFile: false, watched: true,
+            guestPath: "/guest/é\tp", resolvedSource: "/real/ü\t")
+        let plain = ShareRecord(name: "c-2-v", kind: .volume, containerID: "c", source: "/s", destination: "/v",
+                                readOnly: false, recursive: true, isFile: true)
+        try m.recordShare(awkward)
+        try m.recordShare(plain)
+        try m.recordSettings([("k\t1", "v%\n"), ("k2", "")])
+        try m.recordRemoval(plain.name)
+        guard let back = try Manifest.open(in: d, sandboxID: "sb") else {
+            Issue.record("the manifest is not found again")
+            return
+        }
+        #expect(back.style == .runtimeRS)
+        #expect(back.orderedShares == [awkward])
+        #expect(back.settings == ["k\t1": "v%\n", "k2": ""])
+        // A line of the wrong shape: the whole manifest is refused, naming the line.
+        let raw = try Sys.openat(d, Manifest.fileName, flags: O_WRONLY | O_APPEND)
+        try Sys.writeAll(raw, Array("S\tonly\tthree\n".utf8), path: "manifest")
+        Sys.close(raw)
+        do {
+            _ = try Manifest.open(in: d, sandboxID: "sb")
+            Issue.record("a malformed line is refused")
+        } catch {
+            #expect(error.message.contains("unreadable manifest line \"S\tonly\tthree\""), "\(error.message)")
         }
     }
 
