@@ -46,7 +46,7 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     CHECK(out->mounts = openat(out->top, "mounts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     CHECK(mkdirat(out->top, "shared", 0700));
     CHECK(mkdirat(out->top, "private", 0750));
-    CHECK(out->private_dir = openat(out->top, "private", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    out->private_dir = -1;  // private/ is opened by the first legacy read-only share only
     // shared/: a clone of mounts/, read-only before it is attached by name, then a slave.
     int exp = (int)syscall(SYS_open_tree, out->mounts, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
     CHECK(exp);
@@ -78,14 +78,13 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
     struct statx st;
     char p[64], buf[32768];
     // What fsshare's cleaner does: fresh descriptors, read the manifest, unmount, walk, delete.
-    close(sb->manifest); close(sb->mounts); close(sb->private_dir); close(sb->top); close(sb->lock); close(sb->rootfd_own);
+    close(sb->manifest); close(sb->mounts); close(sb->top); close(sb->lock); close(sb->rootfd_own);
     int root = openat(sb->root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
     CHECK(root);
     int lock = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     CHECK(lock);
     CHECK(flock(lock, LOCK_EX));
-    int top = openat(root, sid, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    CHECK(top);
+    int top = lock;  // the lock's descriptor anchors what follows
     int manifest = openat(lock, "manifest", O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC);
     CHECK(manifest);
     CHECK(sx(manifest, "", AT_EMPTY_PATH, &st));
@@ -109,7 +108,7 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
     CHECK(sx(dir, "manifest", 0, &st));
     CHECK(unlinkat(dir, "manifest", 0));
     CHECK(unlinkat(root, sid, AT_REMOVEDIR));
-    close(dir); close(manifest); close(top); close(lock); close(root);
+    close(dir); close(manifest); close(lock); close(root);
     return 0;
 }
 

@@ -94,7 +94,7 @@ extension LinuxFilesystemSharer {
                 }
             }
             // The image as one open file: what is inspected is what the loop device reads.
-            let opened = try SourceCheck.open(path, policy: policy, rootGuard: h.rootGuard)
+            let opened = try SourceCheck.open(path, policy: policy, rootGuard: try h.rootGuard())
             defer { Sys.close(opened.fd) }
             guard opened.kind == .regular else { throw FSShareError(.refused, "\(path) is a \(opened.kind), not an image file") }
             let file = try sys("cannot open the image \(path)") { () throws(SystemCallError) in

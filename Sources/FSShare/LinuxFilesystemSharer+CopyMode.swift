@@ -33,7 +33,7 @@ extension LinuxFilesystemSharer {
                 return SharedFile(guestPath: guestPath)
             }
         }
-        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: h.rootGuard)
+        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: try h.rootGuard())
         defer { Sys.close(source.fd) }
         record.isFile = source.kind == .regular
         record.resolvedSource = source.resolvedThroughSymlinks?.string

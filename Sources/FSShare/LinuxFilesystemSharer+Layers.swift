@@ -37,7 +37,7 @@ extension LinuxFilesystemSharer {
             // nothing is recorded or mounted before all of them are known good.
             var names: [String] = []
             for layer in lowers {
-                let opened = try SourceCheck.open(layer, policy: policy, rootGuard: h.rootGuard)
+                let opened = try SourceCheck.open(layer, policy: policy, rootGuard: try h.rootGuard())
                 defer { Sys.close(opened.fd) }
                 guard opened.kind == .directory else {
                     throw FSShareError(.invalidArgument, "layer \(layer) is a \(opened.kind), not a directory")
@@ -76,7 +76,7 @@ extension LinuxFilesystemSharer {
                     if !hadUsers { undo.add { try? self.removeShare(name, handle: h) } }
                 }
                 if let upper, let upperName {
-                    try prepareUpperDirectory(upper, policy: policy, rootGuard: h.rootGuard)
+                    try prepareUpperDirectory(upper, policy: policy, rootGuard: try h.rootGuard())
                     let upperRecord = ShareRecord(
                         name: upperName, kind: .rootfs, containerID: cid, source: upper.string, destination: "upper",
                         readOnly: false, recursive: false, isFile: false)

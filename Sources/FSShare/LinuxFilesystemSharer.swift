@@ -415,7 +415,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             export = made.dir
             exportCreated = made.created
         }
-        let staging = try ownDirectory(sandbox, "private", mode: 0o750).dir
+        // private/ is only entered by legacy read-only shares: made here, opened on first use.
+        let staging = try MountOps.ownMountPoint(sandbox, SandboxHandle.stagingName, directory: true, mode: 0o750)
+        if staging.created { undo.add { try? Sys.unlinkat(sandbox, SandboxHandle.stagingName, directory: true) } }
+        if let fd = staging.fd { Sys.close(fd) }
         var ownStatus: FileStatus?
         if !copyMode {
             // A directory this prepare just made is not a mount point: no statx to ask.
@@ -476,12 +479,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         } else {
             mountsID = try sys("cannot stat \(mounts.path)") { () throws(SystemCallError) in try Sys.statx(mounts, "").mountID }
         }
-        let rootGuard = try SourceCheck.RootGuard.cached(root: root)
         if let export { Sys.close(export.fd) }
         if style != .go { Sys.close(exportSource.fd) }
         let handle = SandboxHandle(
-            root: root, lock: lock, sandbox: sandbox, mounts: mounts, staging: staging, manifest: manifest,
-            mountsMountID: mountsID, rootGuard: rootGuard)
+            root: root, lock: lock, sandbox: sandbox, mounts: mounts, manifest: manifest,
+            mountsMountID: mountsID)
         undo.commit()
         return handle
     }
@@ -583,7 +585,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         guard let limits = configuration.watchableLimits else {
             return (false, "watchable mirrors are turned off: the guest sees the plain share, where updates raise no inotify event")
         }
-        let opened = try SourceCheck.open(source, policy: policy, rootGuard: h.rootGuard)
+        let opened = try SourceCheck.open(source, policy: policy, rootGuard: try h.rootGuard())
         defer { Sys.close(opened.fd) }
         guard opened.kind == .directory, KubeletVolume.match(source) != nil || KubeletVolume.match(opened.path) != nil else { return (false, nil) }
         if let over = try WatchableVolumes.overLimit(DirFD(fd: opened.fd, path: opened.path), limits: limits) {
@@ -710,7 +712,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             if let st = try? Sys.statx(dir, leaf), st.isMountRoot { return existing }
             record = existing  // recorded but not mounted: the process died in between; finish it.
         }
-        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: h.rootGuard)
+        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: try h.rootGuard())
         defer { Sys.close(source.fd) }
         record.isFile = source.kind == .regular
         record.resolvedSource = source.resolvedThroughSymlinks?.string
@@ -723,7 +725,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             defer { if let target { Sys.close(target) } }
             do throws(FSShareError) {
                 try MountOps.attach(
-                    source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: h.staging,
+                    source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: { () throws(FSShareError) in try h.staging() },
                     isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
             } catch {
                 if created { try? MountOps.removeMountPoint(dir, leaf) }

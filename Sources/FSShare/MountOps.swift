@@ -39,7 +39,7 @@ enum MountOps {
     /// ``ownMountPoint(_:_:directory:mode:)``), named in `dir` rather than opened.
     static func attach(
         source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name: FilePath,
-        staging: DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
+        staging stagingDirectory: () throws(FSShareError) -> DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
     ) throws(FSShareError) {
         // Shown only in errors: built when one is thrown, not on every share.
         func shown() -> FilePath { dir.display(name) }
@@ -97,6 +97,7 @@ enum MountOps {
         // Legacy read-only: bind into private/ (not exported), make that read-only, then bind
         // the read-only mount into mounts/. A bind of a read-only mount is read-only, so every
         // copy that propagates from mounts/ is read-only too. Remounting in place would not be.
+        let staging = try stagingDirectory()
         let stageShown = staging.display(name)
         // A staging mount left by a process killed here is ours: drop it and start again.
         _ = try? unmountAll(staging, name)

@@ -56,11 +56,9 @@ struct SandboxCleaner {
         }
         var problems: [String] = []
 
-        // 1. Shares the manifest knows, deepest first.
-        let topFD = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
-            try Sys.openat(rootDir, sid, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
-        }
-        defer { Sys.close(topFD) }
+        // 1. Shares the manifest knows, deepest first. The lock's descriptor is the sandbox
+        //    directory as its top mount shows it: the anchor for what follows.
+        let topFD = lock
         let top = DirFD(fd: topFD, path: sandboxPath)
         // The sandbox's own mount (prepare's self-bind) is there: every share and the export
         // were attached below it, and detaching it in step 3 detaches them all (MNT_DETACH is

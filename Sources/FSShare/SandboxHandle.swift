@@ -19,25 +19,51 @@ final class SandboxHandle: @unchecked Sendable {
     /// `<root>/<sid>` as seen through its self-bind (the top mount).
     let sandbox: DirFD
     let mounts: DirFD
-    let staging: DirFD
+    /// `private/`, opened on first use (see ``staging()``).
+    private let stagingStorage = Mutex<DirFD?>(nil)
+    static let stagingName: FilePath = "private"
+
+    /// `private/` (legacy read-only shares stage there), opened `O_PATH|O_NOFOLLOW|O_DIRECTORY`
+    /// the first time one needs it: a symlink there is refused, not followed.
+    func staging() throws(FSShareError) -> DirFD {
+        if let known = stagingStorage.withLock({ $0 }) { return known }
+        let name = SandboxHandle.stagingName
+        let fd = try sys("cannot open \(sandbox.display(name))") { () throws(SystemCallError) in
+            try Sys.openat(sandbox, name, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
+        }
+        let opened = DirFD(fd: fd, path: sandbox.display(name))
+        return stagingStorage.withLock { stored in
+            if let stored { Sys.close(fd); return stored }
+            stored = opened
+            return opened
+        }
+    }
     let manifest: Manifest
     let mountsMountID: UInt64
-    /// What share sources must stay clear of (the root, its ancestors, its inside).
-    let rootGuard: SourceCheck.RootGuard
+    /// What share sources must stay clear of (the root, its ancestors, its inside): worked out
+    /// on the first share, not at prepare (a prepare and cleanup alone never need it).
+    private let guardStorage = Mutex<SourceCheck.RootGuard?>(nil)
 
-    init(root: DirFD, lock: FileDescriptor, sandbox: DirFD, mounts: DirFD, staging: DirFD, manifest: Manifest, mountsMountID: UInt64, rootGuard: SourceCheck.RootGuard) {
+    /// The root guard (see ``guardStorage``).
+    func rootGuard() throws(FSShareError) -> SourceCheck.RootGuard {
+        if let known = guardStorage.withLock({ $0 }) { return known }
+        let fresh = try SourceCheck.RootGuard.cached(root: root)
+        guardStorage.withLock { $0 = fresh }
+        return fresh
+    }
+
+    init(root: DirFD, lock: FileDescriptor, sandbox: DirFD, mounts: DirFD, manifest: Manifest, mountsMountID: UInt64) {
         self.root = root
         self.lock = lock
         self.sandbox = sandbox
         self.mounts = mounts
-        self.staging = staging
         self.manifest = manifest
         self.mountsMountID = mountsMountID
-        self.rootGuard = rootGuard
     }
 
     deinit {
-        for fd in [root.fd, lock, sandbox.fd, mounts.fd, staging.fd] { Sys.close(fd) }
+        for fd in [root.fd, lock, sandbox.fd, mounts.fd] { Sys.close(fd) }
+        if let staging = stagingStorage.withLock({ $0 }) { Sys.close(staging.fd) }
     }
 
     /// Threads of this process using this handle, one at a time: `flock` belongs to an open
