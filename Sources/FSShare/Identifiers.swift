@@ -24,7 +24,7 @@ public enum Identifier {
     /// - Parameter id: the id to check.
     /// - Returns: a sentence fragment (`it contains "/"`), or nil for a valid id.
     public static func problem(_ id: String) -> String? {
-        let bytes = Array(id.utf8)
+        let bytes = id.utf8  // walked in place: no copy of the id per operation
         if bytes.isEmpty { return "it is empty" }
         if bytes.count > maximumLength { return "it is longer than \(maximumLength) bytes" }
         func alnum(_ b: UInt8) -> Bool {

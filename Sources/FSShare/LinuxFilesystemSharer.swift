@@ -540,7 +540,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let destination = ShareNaming.isNormal(given) ? given : mount.destination.lexicallyNormalized().string
         guard destination != "/dev/shm" else { return nil }
         try Identifier.validate(container.id, what: "container")
-        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination, style: configuration.layoutStyle)
+        let name = try ShareNaming.volumeName(containerID: container.id, destination: mount.destination, text: given, style: configuration.layoutStyle)
         let record = ShareRecord(
             name: name, kind: .volume, containerID: container.id, source: mount.source.string,
             destination: destination, readOnly: mount.isReadOnly,

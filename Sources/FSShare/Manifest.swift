@@ -420,12 +420,16 @@ final class Manifest {
     /// Rewrites the journal with only the live records, atomically (temp file + rename).
     private func compact() throws(FSShareError) {
         let tmpName: FilePath = "manifest.tmp"
-        var text = Manifest.headerLine(sandboxID, style: style)
+        var bytes = Array(Manifest.headerLine(sandboxID, style: style).utf8)
         for (key, value) in settings.sorted(by: { $0.key < $1.key }) {
-            text += ["A", key, value].map(Manifest.escape).joined(separator: "\t") + "\n"
+            bytes.append(UInt8(ascii: "A"))
+            bytes.append(0x09)
+            Manifest.appendEscaped(key, to: &bytes)
+            bytes.append(0x09)
+            Manifest.appendEscaped(value, to: &bytes)
+            bytes.append(0x0A)
         }
-        for r in orderedShares { text += Manifest.line(for: r) }
-        let bytes = Array(text.utf8)
+        for r in orderedShares { Manifest.appendLine(for: r, to: &bytes) }
         let dir = directory
         try sys("cannot compact the sandbox manifest") { () throws(SystemCallError) in
             let tmp = try Sys.openat(dir, tmpName, flags: O_WRONLY | O_CREAT | O_TRUNC | Sys.oNoFollow, mode: 0o600)

@@ -17,8 +17,21 @@ public enum ShareNaming {
     /// - Returns: the share's name below the mounts directory.
     /// - Throws: `invalidArgument` for a destination that is not an absolute path.
     public static func volumeName(containerID: String, destination: FilePath, style: SandboxLayoutStyle = .go) throws(FSShareError) -> String {
-        let dest = try normalizedDestination(destination)
-        let path = dest.string
+        try volumeName(containerID: containerID, destination: destination, text: destination.string, style: style)
+    }
+
+    /// ``volumeName(containerID:destination:style:)`` with the destination's text already at
+    /// hand. A destination that is absolute and normal already (nearly all) is used as it is:
+    /// no `FilePath` parsing.
+    static func volumeName(containerID: String, destination: FilePath, text: String, style: SandboxLayoutStyle) throws(FSShareError) -> String {
+        let path: String
+        if text.utf8.first == UInt8(ascii: "/") && isNormal(text) && !text.utf8.contains(0) {
+            // Normal and absolute, and not "/" (isNormal refuses a trailing slash): its last
+            // component is a real name.
+            path = text
+        } else {
+            path = try normalizedDestination(destination).string
+        }
         // A normal absolute path's last component is what follows its last slash.
         let slash = path.utf8.lastIndex(of: UInt8(ascii: "/")) ?? path.utf8.startIndex
         let base = Substring(path.utf8[path.utf8.index(after: slash)...])

@@ -71,6 +71,19 @@ struct NamingTests {
         #expect(back.style == .runtimeRS)
         #expect(back.orderedShares == [awkward])
         #expect(back.settings == ["k\t1": "v%\n", "k2": ""])
+        // Past 256 removals the journal is rewritten (compacted): the same state reads back.
+        let before = try Sys.fstatx(m.fd, path: "manifest").inode
+        for _ in 0..<300 {
+            try m.recordShare(plain)
+            try m.recordRemoval(plain.name)
+        }
+        #expect(try Sys.fstatx(m.fd, path: "manifest").inode != before, "the journal was compacted")
+        guard let compacted = try Manifest.open(in: d, sandboxID: "sb") else {
+            Issue.record("the compacted manifest is not found")
+            return
+        }
+        #expect(compacted.style == .runtimeRS && compacted.orderedShares == [awkward])
+        #expect(compacted.settings == ["k\t1": "v%\n", "k2": ""])
         // A line of the wrong shape: the whole manifest is refused, naming the line.
         let raw = try Sys.openat(d, Manifest.fileName, flags: O_WRONLY | O_APPEND)
         try Sys.writeAll(raw, Array("S\tonly\tthree\n".utf8), path: "manifest")
