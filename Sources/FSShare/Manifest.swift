@@ -409,7 +409,8 @@ final class Manifest {
 
     /// The shares in the order they were first recorded.
     var orderedShares: [ShareRecord] {
-        shares.values.sorted { (sequence[$0.name] ?? 0) < (sequence[$1.name] ?? 0) }
+        // One sequence lookup per record, not two per comparison (compaction sorts them all).
+        shares.values.map { (sequence[$0.name] ?? 0, $0) }.sorted { $0.0 < $1.0 }.map(\.1)
     }
 
     private func append(_ bytes: [UInt8]) throws(FSShareError) {

@@ -53,7 +53,21 @@ public struct SandboxLayout: Sendable, Equatable {
     /// The guest path of a share named `name` (a path below the mounts directory).
     ///
     /// - Parameter name: the share's name below the mounts directory.
-    public func guestPath(_ name: String) -> String { Storages.joinGuest(guestSharedDir, style.guestPrefix, name) }
+    public func guestPath(_ name: String) -> String {
+        // Every share returns one: built in one allocation when the base has no trailing slash
+        // and the name no leading one (always, in practice); else as joinGuest does it.
+        let prefix = style.guestPrefix
+        let slash = UInt8(ascii: "/")
+        guard guestSharedDir.utf8.last != slash, name.utf8.first != slash, !name.isEmpty else {
+            return Storages.joinGuest(guestSharedDir, prefix, name)
+        }
+        var path = guestSharedDir
+        path.reserveCapacity(path.utf8.count + 1 + prefix.utf8.count + name.utf8.count)
+        path.append("/")
+        path.append(prefix)
+        path.append(name)
+        return path
+    }
     /// The guest path of the `watchable-bind` mirror of a share named `name`
     /// (`…/containers/watchable/<name>`; runtime-rs `…/containers/passthrough/watchable/<name>`).
     ///

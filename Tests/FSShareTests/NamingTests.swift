@@ -96,6 +96,19 @@ struct NamingTests {
         }
     }
 
+    @Test("a share's guest path is the guest shared dir, the layout's prefix and the name, joined once")
+    func guestPaths() {
+        for style in SandboxLayoutStyle.allCases {
+            for base in ["/run/kata-containers/shared/containers", "/run/x/", "/", "/a//"] {
+                let layout = SandboxLayout(root: "/r", sandboxID: "s", guestSharedDir: base, style: style)
+                for name in ["c-0123456789abcdef-vol", "c/rootfs", "é"] {
+                    #expect(layout.guestPath(name) == Storages.joinGuest(base, style.guestPrefix, name), "\(style) \(base) \(name)")
+                }
+            }
+        }
+        #expect(SandboxLayout(root: "/r", sandboxID: "s", style: .runtimeRS).guestPath("v") == "/run/kata-containers/shared/containers/passthrough/v")
+    }
+
     @Test("mountinfo octal escapes are decoded")
     func mountinfo() {
         #expect(Sys.unescapeMountinfo(Array(#"/a\040b\011c\134d"#.utf8)) == "/a b\tc\\d")
