@@ -699,8 +699,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// share recorded by a process that died before finishing it is finished.
     func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
         // A volume's name is one component already; only `<cid>/rootfs` needs splitting.
-        let leaf = !record.name.utf8.contains(UInt8(ascii: "/")) ? FilePath(record.name)
-            : FilePath(record.name).lastComponent.map { FilePath($0.string) } ?? FilePath(record.name)
+        let leaf = !record.name.utf8.contains(UInt8(ascii: "/")) ? record.name
+            : FilePath(record.name).lastComponent?.string ?? record.name
         var record = record
         if let existing = h.manifest.shares[record.name] {
             guard existing.source == record.source, existing.readOnly == record.readOnly,
@@ -709,10 +709,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 throw FSShareError(.conflict, "\(record.destination) of container \(record.containerID) is already shared from \(existing.source) (\(existing.readOnly ? "ro" : "rw")\(existing.recursive ? ", recursive" : "")); unshare it first")
             }
             // A missing mount point is a share recorded by a process that died before making it.
-            if let st = try? Sys.statx(dir, leaf), st.isMountRoot { return existing }
+            if let st = try? Sys.statx(dir, FilePath(leaf)), st.isMountRoot { return existing }
             record = existing  // recorded but not mounted: the process died in between; finish it.
         }
-        let source = try SourceCheck.open(FilePath(record.source), policy: policy, rootGuard: try h.rootGuard())
+        let source = try SourceCheck.open(text: record.source, policy: policy, rootGuard: try h.rootGuard())
         defer { Sys.close(source.fd) }
         record.isFile = source.kind == .regular
         record.resolvedSource = source.resolvedThroughSymlinks?.string
@@ -721,14 +721,14 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         // Rolled back newest first on failure: the mount point if this call made it, then the record.
         do throws(FSShareError) {
-            let (target, created) = try MountOps.ownMountPoint(dir, leaf, directory: !record.isFile, mode: 0o755)
+            let (target, created) = try MountOps.ownMountPoint(dir, named: leaf, directory: !record.isFile, mode: 0o755)
             defer { if let target { Sys.close(target) } }
             do throws(FSShareError) {
                 try MountOps.attach(
                     source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: { () throws(FSShareError) in try h.staging() },
                     isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
             } catch {
-                if created { try? MountOps.removeMountPoint(dir, leaf) }
+                if created { try? MountOps.removeMountPoint(dir, FilePath(leaf)) }
                 throw error
             }
         } catch {
@@ -761,7 +761,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let plain = !name.isEmpty && name != "." && name != ".." && !name.utf8.contains(where: { $0 == UInt8(ascii: "/") || $0 == 0 })
         if plain, record?.kind != .rootfsHostImage,
            try sys("cannot unmount \(h.mounts.display(FilePath(name)))", { () throws(SystemCallError) in
-               try MountOps.unmountAndRemove(h.mounts, FilePath(name), isFile: record?.isFile ?? false)
+               try MountOps.unmountAndRemove(h.mounts, named: name, isFile: record?.isFile ?? false)
            }) {
             // The common case: one umount2 and one rmdir (anything unusual takes the path below).
             try h.manifest.recordRemoval(name)

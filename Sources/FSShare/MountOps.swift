@@ -38,11 +38,11 @@ enum MountOps {
     /// `target` nil: `dir/name` is a mount point this operation has just created (see
     /// ``ownMountPoint(_:_:directory:mode:)``), named in `dir` rather than opened.
     static func attach(
-        source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name: FilePath,
+        source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name nameText: String,
         staging stagingDirectory: () throws(FSShareError) -> DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
     ) throws(FSShareError) {
         // Shown only in errors: built when one is thrown, not on every share.
-        func shown() -> FilePath { dir.display(name) }
+        func shown() -> FilePath { dir.display(FilePath(nameText)) }
         let useNew: Bool
         switch method {
         case .newAPI:
@@ -65,12 +65,13 @@ enum MountOps {
                 if let given {
                     try Sys.moveMount(tree, onto: given, display: shown())
                 } else {
-                    try Sys.moveMount(tree, onto: dir, name, display: shown())
+                    try Sys.moveMount(tree, onto: dir, named: nameText)
                 }
             }
             return
         }
         // The legacy mount(2) names its target through a descriptor.
+        let name = FilePath(nameText)
         let target: FileDescriptor
         if let given {
             target = given
@@ -213,6 +214,20 @@ enum MountOps {
         return (fd, madeNow)
     }
 
+    /// ``ownMountPoint(_:_:directory:mode:)`` of a one-component `name` given as text: a fresh
+    /// directory is made with no `FilePath` built (the share hot path).
+    static func ownMountPoint(_ dir: DirFD, named name: String, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor?, created: Bool) {
+        if directory {
+            let created = try sys("cannot create \(dir.display(FilePath(name)))") { () throws(SystemCallError) in
+                try Sys.mkdirat(dir, named: name, mode: mode)
+            }
+            if created { return (nil, true) }
+            let (fd, madeNow) = try ownEntry(dir, FilePath(name), directory: true, mode: mode)
+            return (fd, madeNow)
+        }
+        return try ownMountPoint(dir, FilePath(name), directory: false, mode: mode)
+    }
+
     /// statx of `path` below `dir` without following any symlink on the way (the parent is
     /// resolved with `RESOLVE_NO_SYMLINKS|RESOLVE_BENEATH`, the leaf is not followed).
     static func statBeneath(_ dir: DirFD, _ path: FilePath) throws(SystemCallError) -> FileStatus {
@@ -239,18 +254,18 @@ enum MountOps {
     /// directory `ENOTEMPTY`), so nothing needs looking at first. False when anything is
     /// unusual — not a mount, mounts stacked, another kind of entry — and nothing was removed:
     /// the caller then takes the careful path (``unmountAllReporting(_:_:)``), which looks.
-    static func unmountAndRemove(_ dir: DirFD, _ name: FilePath, isFile: Bool) throws(SystemCallError) -> Bool {
+    static func unmountAndRemove(_ dir: DirFD, named name: String, isFile: Bool) throws(SystemCallError) -> Bool {
         do {
-            try Sys.umount2(at: dir, name, flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
+            try Sys.umount2(at: dir, named: name, flags: Int32(MNT_DETACH) | Int32(UMOUNT_NOFOLLOW))
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory: return true
             case .invalidArgument: return false
-            default: throw SystemCallError(syscall: "umount2", path: dir.display(name), errno: error.errno)
+            default: throw SystemCallError(syscall: "umount2", path: dir.display(FilePath(name)), errno: error.errno)
             }
         }
         do {
-            try Sys.unlinkat(dir, name, directory: !isFile)
+            try Sys.unlinkat(dir, named: name, directory: !isFile)
         } catch {
             return error.errno == .noSuchFileOrDirectory
         }

@@ -145,8 +145,17 @@ enum SourceCheck {
     }
 
     static func open(_ path: FilePath, policy: SourceSymlinkPolicy, rootGuard: RootGuard? = nil) throws(FSShareError) -> Opened {
-        let raw = path.string
-        guard !raw.isEmpty, !raw.utf8.contains(0), path.isAbsolute else {
+        try open(text: path.string, path: path, policy: policy, rootGuard: rootGuard)
+    }
+
+    /// ``open(_:policy:rootGuard:)`` of a source recorded as text (the share hot path: the
+    /// text is checked and opened as it is; one `FilePath` is made, for what it returns).
+    static func open(text: String, policy: SourceSymlinkPolicy, rootGuard: RootGuard? = nil) throws(FSShareError) -> Opened {
+        try open(text: text, path: FilePath(text), policy: policy, rootGuard: rootGuard)
+    }
+
+    private static func open(text raw: String, path: FilePath, policy: SourceSymlinkPolicy, rootGuard: RootGuard?) throws(FSShareError) -> Opened {
+        guard !raw.isEmpty, !raw.utf8.contains(0), raw.utf8.first == UInt8(ascii: "/") else {
             throw FSShareError(.invalidArgument, "share source \"\(raw)\" must be a non-empty absolute path")
         }
         if let problem = lexicalProblem(path, text: raw) { throw refused(path, problem) }
@@ -160,7 +169,7 @@ enum SourceCheck {
         var fd: FileDescriptor
         var withoutSymlinks = resolve & Sys.resolveNoSymlinks != 0
         do {
-            fd = try Sys.openat2(nil, path, flags: Sys.oPath, resolve: resolve)
+            fd = try Sys.openat2(nil, text: raw, flags: Sys.oPath, resolve: resolve)
         } catch {
             if error.errno == .tooManySymbolicLinkLevels && policy == .follow && normal {
                 do {

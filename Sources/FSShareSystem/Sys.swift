@@ -569,39 +569,43 @@ public enum Sys {
         try FaultInjection.check("umount2", procPath(dir, name))
         // "/proc/self/fd/<n>/<name>" built on the stack: one lookup of `name` from the open
         // directory, no path object made per call.
-        let rc = name.withPlatformString { (n: UnsafePointer<CChar>) -> Int32 in
-            let prefix: StaticString = "/proc/self/fd/"
-            let nameLength = strlen(n)
-            return withUnsafeTemporaryAllocation(of: CChar.self, capacity: prefix.utf8CodeUnitCount + 12 + nameLength) { buf -> Int32 in
-                var i = 0
-                for k in 0..<prefix.utf8CodeUnitCount {
-                    buf[i] = CChar(bitPattern: prefix.utf8Start[k])
-                    i += 1
-                }
-                var digits = 0
-                var v = Int(dir.fd.rawValue)
-                repeat {
-                    digits += 1
-                    v /= 10
-                } while v > 0
-                v = Int(dir.fd.rawValue)
-                for k in stride(from: digits - 1, through: 0, by: -1) {
-                    buf[i + k] = CChar(48 + v % 10)
-                    v /= 10
-                }
-                i += digits
-                buf[i] = 0x2F
-                i += 1
-                for k in 0..<nameLength { buf[i + k] = n[k] }
-                buf[i + nameLength] = 0
-                guard let base = buf.baseAddress else {
-                    Glibc.errno = EINVAL
-                    return -1
-                }
-                return Glibc.umount2(base, flags)
-            }
-        }
+        let rc = name.withPlatformString { umount2(procFD: dir.fd.rawValue, name: $0, flags: flags) }
         if rc != 0 { throw fail("umount2", procPath(dir, name)) }
+    }
+
+    /// `umount2("/proc/self/fd/<dirFD>/<name>", flags)` with the path built on the stack: one
+    /// lookup of `name` from the open directory, no path object made per call.
+    static func umount2(procFD: Int32, name n: UnsafePointer<CChar>, flags: Int32) -> Int32 {
+        let prefix: StaticString = "/proc/self/fd/"
+        let nameLength = strlen(n)
+        return withUnsafeTemporaryAllocation(of: CChar.self, capacity: prefix.utf8CodeUnitCount + 12 + nameLength) { buf -> Int32 in
+            var i = 0
+            for k in 0..<prefix.utf8CodeUnitCount {
+                buf[i] = CChar(bitPattern: prefix.utf8Start[k])
+                i += 1
+            }
+            var digits = 0
+            var v = Int(procFD)
+            repeat {
+                digits += 1
+                v /= 10
+            } while v > 0
+            v = Int(procFD)
+            for k in stride(from: digits - 1, through: 0, by: -1) {
+                buf[i + k] = CChar(48 + v % 10)
+                v /= 10
+            }
+            i += digits
+            buf[i] = 0x2F
+            i += 1
+            for k in 0..<nameLength { buf[i + k] = n[k] }
+            buf[i + nameLength] = 0
+            guard let base = buf.baseAddress else {
+                Glibc.errno = EINVAL
+                return -1
+            }
+            return Glibc.umount2(base, flags)
+        }
     }
 
     /// `/proc/self/fd/<dir>/<name>`: how ``umount2(at:_:flags:)`` names its target.
