@@ -21,27 +21,35 @@ static int sx(int dir, const char *path, int flags, struct statx *st) {
 
 int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     struct statx st;
-    char a[64], b[64];
+    char aside[300];
+    // What fsshare's prepare issues (strace of `hack/bench syscalls`), in order.
+    snprintf(aside, sizeof aside, ".%s.fsshare-prepare", sid);
     out->root = root;
-    CHECK(statx(root, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, &st));
     CHECK(out->rootfd_own = openat(root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
-    CHECK(mkdirat(root, sid, 0700));
-    CHECK(out->lock = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    CHECK(flock(out->lock, LOCK_EX));
-    if (sx(out->lock, "manifest", 0, &st) == 0) return -EEXIST;
-    CHECK(out->manifest = openat(out->lock, "manifest", O_RDWR | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600));
-    CHECK(sx(out->manifest, "", AT_EMPTY_PATH, &st));
-    CHECK(sx(out->lock, "manifest", 0, &st));
+    // The sandbox directory is built aside under the root's lock, manifest inside, then renamed.
+    int rootLock = openat(out->rootfd_own, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    CHECK(rootLock);
+    CHECK(flock(rootLock, LOCK_EX));
+    if (sx(out->rootfd_own, sid, 0, &st) == 0) return -EEXIST;
+    if (sx(out->rootfd_own, aside, 0, &st) == 0) return -EEXIST;
+    CHECK(mkdirat(out->rootfd_own, aside, 0700));
+    CHECK(out->lock = openat(out->rootfd_own, aside, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    CHECK(out->manifest = openat(out->lock, "manifest", O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
     CHECK(write(out->manifest, "fsshare-manifest 1\tsb\n", 22));
+    CHECK(syscall(SYS_renameat2, out->rootfd_own, aside, out->rootfd_own, sid, RENAME_NOREPLACE));
+    close(rootLock);
+    CHECK(flock(out->lock, LOCK_EX));
+    CHECK(sx(out->manifest, "", AT_EMPTY_PATH, &st));
     // The self-bind with the new mount API: a private detached clone moved onto the directory,
     // then made shared through its root (the clone's descriptor, kept as `top`).
     int tree = (int)syscall(SYS_open_tree, out->lock, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
     CHECK(tree);
     struct mount_attr priv = { .propagation = MS_PRIVATE }, shared = { .propagation = MS_SHARED };
     CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &priv, sizeof priv));
-    CHECK(syscall(SYS_move_mount, tree, "", root, sid, MOVE_MOUNT_F_EMPTY_PATH));
+    CHECK(syscall(SYS_move_mount, tree, "", out->rootfd_own, sid, MOVE_MOUNT_F_EMPTY_PATH));
     out->top = tree;
     CHECK(syscall(SYS_mount_setattr, out->top, "", AT_EMPTY_PATH, &shared, sizeof shared));
+    CHECK(write(out->manifest, "A\tshared-fs\tvirtio-fs\nA\tguest-dir\t/run/kata-containers/shared/containers/\n", 74));
     CHECK(mkdirat(out->top, "mounts", 0750));
     CHECK(out->mounts = openat(out->top, "mounts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     CHECK(mkdirat(out->top, "shared", 0700));
@@ -60,52 +68,38 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     return 0;
 }
 
-/// Lists a directory the way fsshare does (openat O_RDONLY, getdents64 until 0), then removes it.
-static int remove_empty_dir(int parent, const char *name, uint64_t mnt_id) {
-    struct statx st;
-    char buf[32768];
-    CHECK(sx(parent, name, 0, &st));
-    if ((st.stx_attributes & STATX_ATTR_MOUNT_ROOT) || st.stx_mnt_id != mnt_id) return -EBUSY;
-    int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    CHECK(fd);
-    while (syscall(SYS_getdents64, fd, buf, sizeof buf) > 0) {}
-    close(fd);
-    CHECK(unlinkat(parent, name, AT_REMOVEDIR));
-    return 0;
-}
-
 int floor_cleanup(floor_sandbox *sb, const char *sid) {
     struct statx st;
-    char p[64], buf[32768];
-    // What fsshare's cleaner does: fresh descriptors, read the manifest, unmount, walk, delete.
-    close(sb->manifest); close(sb->mounts); close(sb->top); close(sb->lock); close(sb->rootfd_own);
+    char p[320], aside[300], buf[32768];
+    // What fsshare's cleaner does: fresh descriptors, read the manifest, one recursive detach of
+    // the self-bind, then delete entry by entry.
+    close(sb->rootfd_own); close(sb->lock); close(sb->top); close(sb->mounts); close(sb->manifest);
+    snprintf(aside, sizeof aside, ".%s.fsshare-prepare", sid);
     int root = openat(sb->root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
     CHECK(root);
+    if (sx(root, aside, 0, &st) == 0) return -EEXIST;
     int lock = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     CHECK(lock);
     CHECK(flock(lock, LOCK_EX));
-    int top = lock;  // the lock's descriptor anchors what follows
-    int manifest = openat(lock, "manifest", O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC);
+    int manifest = openat(lock, "manifest", O_RDWR | O_APPEND | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
     CHECK(manifest);
     CHECK(sx(manifest, "", AT_EMPTY_PATH, &st));
-    CHECK(sx(lock, "manifest", 0, &st));
-    CHECK(pread(manifest, buf, sizeof buf, 0));
-    CHECK(pread(manifest, buf, sizeof buf, 22));
-    // The self-bind is there: detaching it detaches shared/ and every share below it.
-    CHECK(sx(top, "", AT_EMPTY_PATH, &st));
+    CHECK(geteuid());
+    CHECK(pread(manifest, buf, st.stx_size < sizeof buf ? st.stx_size : sizeof buf, 0));
+    // The self-bind is there (the lock's descriptor is a mount root): detaching it detaches
+    // shared/ and every share below it.
+    CHECK(sx(lock, "", AT_EMPTY_PATH, &st));
     snprintf(p, sizeof p, "/proc/self/fd/%d/%s", root, sid);
     CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
     CHECK(sx(root, sid, 0, &st));
     CHECK(sx(root, "", AT_EMPTY_PATH, &st));
-    uint64_t mnt_id = st.stx_mnt_id;
-    CHECK(sx(root, sid, 0, &st));
     int dir = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     CHECK(dir);
     while (syscall(SYS_getdents64, dir, buf, sizeof buf) > 0) {}
-    CHECK(remove_empty_dir(dir, "private", mnt_id));
-    CHECK(remove_empty_dir(dir, "shared", mnt_id));
-    CHECK(remove_empty_dir(dir, "mounts", mnt_id));
-    CHECK(sx(dir, "manifest", 0, &st));
+    // Empty directories and the manifest go with one call each (d_type picks which).
+    CHECK(unlinkat(dir, "private", AT_REMOVEDIR));
+    CHECK(unlinkat(dir, "shared", AT_REMOVEDIR));
+    CHECK(unlinkat(dir, "mounts", AT_REMOVEDIR));
     CHECK(unlinkat(dir, "manifest", 0));
     CHECK(unlinkat(root, sid, AT_REMOVEDIR));
     close(dir); close(manifest); close(lock); close(root);

@@ -82,6 +82,19 @@ struct Bench {
         }
     }
 
+    /// `FSSHARE_BENCH_MARKERS=1` (set by `hack/bench syscalls`, which runs this under strace):
+    /// every measured operation is bracketed by a failing `write(-1, "fsshare-bench:begin
+    /// LABEL")` and `write(-1, "fsshare-bench:end")`, so the trace can be cut per operation.
+    static let markers = getenv("FSSHARE_BENCH_MARKERS") != nil
+
+    static func marked(_ label: @autoclosure () -> String, _ body: () -> Void) {
+        guard markers else { return body() }
+        let begin = "fsshare-bench:begin " + label()
+        _ = begin.withCString { write(-1, $0, strlen($0)) }
+        body()
+        _ = "fsshare-bench:end".withCString { write(-1, $0, strlen($0)) }
+    }
+
     static func run(existing: Int, iterations: Int, t: String, source: String) {
         let solo: String? = getenv("FSSHARE_BENCH_SOLO").map { String(cString: $0) }
         let root = t + "/root-\(existing)"
@@ -111,23 +124,30 @@ struct Bench {
             let mount = Mount(source: FilePath(source), destination: "/bench", options: readOnly ? ["ro"] : [])
             for i in 0..<(iterations + iterations / 10) {
                 let record = i >= iterations / 10  // the first 10% warm up
+                let op = readOnly ? "ro share+unshare" : "rw share+unshare"
                 func measureMine() {
                     let a = now()
-                    guard (try? sharer.shareFileSync(container: c, mount: mount)) != nil,
-                          (try? sharer.unshareFileSync(container: c, mount: mount)) != nil else { fail("fsshare share/unshare") }
+                    marked("\(op) \(existing) fsshare") {
+                        guard (try? sharer.shareFileSync(container: c, mount: mount)) != nil,
+                              (try? sharer.unshareFileSync(container: c, mount: mount)) != nil else { fail("fsshare share/unshare") }
+                    }
                     if record { mine.add(now() - a) }
                 }
                 func measureFloor() {
                     let a = now()
-                    guard floor_share(&floor, source, floorName, readOnly ? 1 : 0) == 0, floor_unshare(&floor, floorName) == 0 else { fail("floor share/unshare") }
+                    marked("\(op) \(existing) floor") {
+                        guard floor_share(&floor, source, floorName, readOnly ? 1 : 0) == 0, floor_unshare(&floor, floorName) == 0 else { fail("floor share/unshare") }
+                    }
                     if record { raw.add(now() - a) }
                 }
                 if solo == "mine" { measureMine() } else if solo == "floor" { measureFloor() } else if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
                 if solo == nil {
                     let target = kataSandbox + "/mounts/x"
                     let a = now()
-                    let shared = readOnly ? floor_kata_ro_share(source, kataSandbox + "/private/x", target) : floor_kata_rw_share(source, target)
-                    guard shared == 0, floor_kata_unshare(target) == 0 else { fail("kata floor") }
+                    marked("\(op) \(existing) kata-min") {
+                        let shared = readOnly ? floor_kata_ro_share(source, kataSandbox + "/private/x", target) : floor_kata_rw_share(source, target)
+                        guard shared == 0, floor_kata_unshare(target) == 0 else { fail("kata floor") }
+                    }
                     if record { kata.add(now() - a) }
                 }
             }
@@ -141,18 +161,24 @@ struct Bench {
             let record = i >= pcIterations / 20
             func measureMine() {
                 let a = now()
-                guard (try? pc.prepareSync()) != nil, (try? pc.cleanupSync()) != nil else { fail("fsshare prepare/cleanup") }
+                marked("prepare+cleanup \(existing) fsshare") {
+                    guard (try? pc.prepareSync()) != nil, (try? pc.cleanupSync()) != nil else { fail("fsshare prepare/cleanup") }
+                }
                 if record { mine.add(now() - a) }
             }
             func measureFloor() {
                 var sb = floor_sandbox()
                 let a = now()
-                guard floor_prepare(rootFD, "pf", &sb) == 0, floor_cleanup(&sb, "pf") == 0 else { fail("floor prepare/cleanup") }
+                marked("prepare+cleanup \(existing) floor") {
+                    guard floor_prepare(rootFD, "pf", &sb) == 0, floor_cleanup(&sb, "pf") == 0 else { fail("floor prepare/cleanup") }
+                }
                 if record { raw.add(now() - a) }
             }
             if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
             let a = now()
-            guard floor_kata_prepare(t + "/kata/pc") == 0, floor_kata_cleanup(t + "/kata/pc") == 0 else { fail("kata-min prepare/cleanup") }
+            marked("prepare+cleanup \(existing) kata-min") {
+                guard floor_kata_prepare(t + "/kata/pc") == 0, floor_kata_cleanup(t + "/kata/pc") == 0 else { fail("kata-min prepare/cleanup") }
+            }
             if record { kata.add(now() - a) }
         }
         if pcIterations > 0 { report("prepare+cleanup", existing, mine, raw, kata) }
