@@ -54,16 +54,20 @@ public struct SandboxLayout: Sendable, Equatable {
     ///
     /// - Parameter name: the share's name below the mounts directory.
     public func guestPath(_ name: String) -> String {
-        // Every share returns one: built in one allocation when the base has no trailing slash
-        // and the name no leading one (always, in practice); else as joinGuest does it.
+        // Every share returns one: built in one allocation when the base ends in at most one
+        // slash (Kata's default ends in one) and the name has no leading one (always, in
+        // practice); else as joinGuest does it.
         let prefix = style.guestPrefix
         let slash = UInt8(ascii: "/")
-        guard guestSharedDir.utf8.last != slash, name.utf8.first != slash, !name.isEmpty else {
+        let base = guestSharedDir.utf8
+        let oneTrailingSlash = base.last == slash
+        guard base.count > 1, !oneTrailingSlash || base[base.index(base.endIndex, offsetBy: -2)] != slash,
+              name.utf8.first != slash, !name.isEmpty else {
             return Storages.joinGuest(guestSharedDir, prefix, name)
         }
         var path = guestSharedDir
         path.reserveCapacity(path.utf8.count + 1 + prefix.utf8.count + name.utf8.count)
-        path.append("/")
+        if !oneTrailingSlash { path.append("/") }
         path.append(prefix)
         path.append(name)
         return path

@@ -99,7 +99,7 @@ struct NamingTests {
     @Test("a share's guest path is the guest shared dir, the layout's prefix and the name, joined once")
     func guestPaths() {
         for style in SandboxLayoutStyle.allCases {
-            for base in ["/run/kata-containers/shared/containers", "/run/x/", "/", "/a//"] {
+            for base in ["/run/kata-containers/shared/containers", "/run/kata-containers/shared/containers/", "/run/x/", "/", "/a//", "//", "a"] {
                 let layout = SandboxLayout(root: "/r", sandboxID: "s", guestSharedDir: base, style: style)
                 for name in ["c-0123456789abcdef-vol", "c/rootfs", "é"] {
                     #expect(layout.guestPath(name) == Storages.joinGuest(base, style.guestPrefix, name), "\(style) \(base) \(name)")
