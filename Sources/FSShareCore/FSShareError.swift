@@ -91,7 +91,8 @@ public struct FSShareError: Error, Sendable, Equatable, CustomStringConvertible 
 }
 
 /// Runs `body`, turning a ``SystemCallError`` into an ``FSShareError`` that says `what` failed.
-@inline(__always)
+/// Inlinable: specialised in every caller's module, not run as generic code per syscall.
+@inlinable @inline(__always)
 package func sys<T>(_ what: @autoclosure () -> String, _ body: () throws(SystemCallError) -> T) throws(FSShareError) -> T {
     do {
         return try body()
