@@ -302,17 +302,22 @@ final class Manifest {
         scratch.removeAll(keepingCapacity: true)
         var changed: [(key: String, value: String)] = []
         for (key, value) in pairs where settings[key] != value && !changed.contains(where: { $0.key == key }) {
-            scratch.append(UInt8(ascii: "A"))
-            scratch.append(0x09)
-            Manifest.appendEscaped(key, to: &scratch)
-            scratch.append(0x09)
-            Manifest.appendEscaped(value, to: &scratch)
-            scratch.append(0x0A)
+            Manifest.appendSettingLine(key, value, to: &scratch)
             changed.append((key, value))
         }
         guard !changed.isEmpty else { return }
         try append(scratch)
         for (key, value) in changed { settings[key] = value }
+    }
+
+    /// The journal line `A key value` (escaped), appended to `bytes`.
+    static func appendSettingLine(_ key: String, _ value: String, to bytes: inout [UInt8]) {
+        bytes.append(UInt8(ascii: "A"))
+        bytes.append(0x09)
+        appendEscaped(key, to: &bytes)
+        bytes.append(0x09)
+        appendEscaped(value, to: &bytes)
+        bytes.append(0x0A)
     }
 
     /// Records a share before it is mounted.
@@ -422,14 +427,7 @@ final class Manifest {
     private func compact() throws(FSShareError) {
         let tmpName: FilePath = "manifest.tmp"
         var bytes = Array(Manifest.headerLine(sandboxID, style: style).utf8)
-        for (key, value) in settings.sorted(by: { $0.key < $1.key }) {
-            bytes.append(UInt8(ascii: "A"))
-            bytes.append(0x09)
-            Manifest.appendEscaped(key, to: &bytes)
-            bytes.append(0x09)
-            Manifest.appendEscaped(value, to: &bytes)
-            bytes.append(0x0A)
-        }
+        for (key, value) in settings.sorted(by: { $0.key < $1.key }) { Manifest.appendSettingLine(key, value, to: &bytes) }
         for r in orderedShares { Manifest.appendLine(for: r, to: &bytes) }
         let dir = directory
         try sys("cannot compact the sandbox manifest") { () throws(SystemCallError) in
