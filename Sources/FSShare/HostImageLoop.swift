@@ -50,7 +50,7 @@ enum HostImageLoop {
         let device = record.destination
         guard device.hasPrefix("/dev/loop"), let n = Int(device.dropFirst("/dev/loop".count)) else { return }
         let sys = "/sys/block/loop\(n)/loop"
-        guard let backing = readSysfs(sys + "/backing_file") else { return }  // not bound
+        guard let backing = Sys.readSysfsAttribute(sys + "/backing_file") else { return }  // not bound
         let image = record.resolvedSource ?? record.source
         guard backing == image || backing == record.source else { return }
         let fd: FileDescriptor
@@ -69,15 +69,6 @@ enum HostImageLoop {
         }
     }
 
-    /// A sysfs attribute without its trailing newline; nil when absent or empty.
-    static func readSysfs(_ path: String) -> String? {
-        guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY | O_CLOEXEC) else { return nil }
-        defer { Sys.close(fd) }
-        guard let bytes = try? Sys.readAll(fd, path: FilePath(path)) else { return nil }
-        var s = String(decoding: bytes, as: UTF8.self)
-        while s.hasSuffix("\n") { s.removeLast() }
-        return s.isEmpty ? nil : s
-    }
 }
 
 /// ``Rootfs/imageOnHost(_:)``: the image bound to a loop device, its filesystem mounted

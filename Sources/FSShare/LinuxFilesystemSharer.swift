@@ -326,7 +326,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 undo.add { Sys.close(tree) }
                 try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
                     try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_PRIVATE), display: sandboxPath)
-                    try Sys.moveMount(tree, onto: root, sid, display: sandboxPath)
+                    try Sys.moveMount(tree, onto: root, named: sandboxID)
                 }
                 undo.add { _ = try? MountOps.unmountAll(root, sid) }
                 // Once attached, the clone's descriptor is the root of the very mount just made
@@ -399,11 +399,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let exportName = style.exportPath
         let sharedShown = sandbox.display(exportName)
         // With the new mount API the export is attached by name (no descriptor of it needed).
-        let newAPI = prepareWithNewAPI
         var export: DirFD?
         let exportCreated: Bool
-        if newAPI {
-            let made = try MountOps.ownMountPoint(sandbox, exportName, directory: true, mode: 0o700)
+        if prepareWithNewAPI {
+            let made = try MountOps.ownMountPoint(sandbox, named: exportName.string, directory: true, mode: 0o700)
             if made.created { undo.add { try? Sys.unlinkat(sandbox, exportName, directory: true) } }
             if let fd = made.fd {
                 undo.add { Sys.close(fd) }
@@ -416,7 +415,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             exportCreated = made.created
         }
         // private/ is only entered by legacy read-only shares: made here, opened on first use.
-        let staging = try MountOps.ownMountPoint(sandbox, SandboxHandle.stagingName, directory: true, mode: 0o750)
+        let staging = try MountOps.ownMountPoint(sandbox, named: SandboxHandle.stagingName.string, directory: true, mode: 0o750)
         if staging.created { undo.add { try? Sys.unlinkat(sandbox, SandboxHandle.stagingName, directory: true) } }
         if let fd = staging.fd { Sys.close(fd) }
         var ownStatus: FileStatus?
@@ -426,7 +425,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             if !exportCreated { needsBind = try !isMountRoot(sandbox, exportName) }
             // True when the export was bound here from mounts/' own descriptor.
             var boundFromDescriptor = false
-            if needsBind && newAPI {
+            if needsBind && prepareWithNewAPI {
                 // A clone of mounts/ (a peer of the sandbox's group), read-only before it is
                 // attached, then made a slave once there: the same propagation as the bind,
                 // slave and remount below, by descriptor and name, no /proc/self/fd lookups.
@@ -436,7 +435,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 defer { Sys.close(tree) }
                 try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
                     try Sys.mountSetattr(tree, readOnly: true, recursive: false, propagation: 0, display: sharedShown)
-                    try Sys.moveMount(tree, onto: sandbox, exportName, display: sharedShown)
+                    try Sys.moveMount(tree, onto: sandbox, named: exportName.string)
                 }
                 undo.add { _ = try? MountOps.unmountAll(sandbox, exportName) }
                 try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in

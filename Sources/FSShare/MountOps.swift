@@ -36,7 +36,7 @@ enum MountOps {
     /// exists under `mounts/`, and no propagated writable copy in virtiofsd's namespace.
     ///
     /// `target` nil: `dir/name` is a mount point this operation has just created (see
-    /// ``ownMountPoint(_:_:directory:mode:)``), named in `dir` rather than opened.
+    /// ``ownMountPoint(_:named:directory:mode:)``), named in `dir` rather than opened.
     static func attach(
         source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name nameText: String,
         staging stagingDirectory: () throws(FSShareError) -> DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
@@ -200,32 +200,19 @@ enum MountOps {
         throw FSShareError(.conflict, "\(shown) kept being replaced while fsshare made it; refusing")
     }
 
-    /// ``ownEntry(_:_:directory:mode:)`` for a mount point that is about to be attached to. When
-    /// this call creates the entry nothing is opened (`fd` nil): it is fsshare's fresh entry, made
-    /// under the sandbox lock in a directory only root can write, and `move_mount` names it in
-    /// `dir` without following a symlink (one open and close fewer per share). An entry that
-    /// already exists is checked and opened as ``ownEntry(_:_:directory:mode:)`` does.
-    static func ownMountPoint(_ dir: DirFD, _ name: FilePath, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor?, created: Bool) {
-        let created = try sys("cannot create \(dir.display(name))") { () throws(SystemCallError) in
-            directory ? try Sys.mkdirat(dir, name, mode: mode) : try Sys.mkfileat(dir, name, mode: mode)
+    /// ``ownEntry(_:_:directory:mode:)`` for a mount point that is about to be attached to, its
+    /// one-component `name` given as text. When this call creates the entry nothing is opened
+    /// (`fd` nil): it is fsshare's fresh entry, made under the sandbox lock in a directory only
+    /// root can write, and `move_mount` names it in `dir` without following a symlink (one open
+    /// and close fewer per share, no `FilePath` built). An entry that already exists is checked
+    /// and opened as ``ownEntry(_:_:directory:mode:)`` does.
+    static func ownMountPoint(_ dir: DirFD, named name: String, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor?, created: Bool) {
+        let created = try sys("cannot create \(dir.display(FilePath(name)))") { () throws(SystemCallError) in
+            directory ? try Sys.mkdirat(dir, named: name, mode: mode) : try Sys.mkfileat(dir, FilePath(name), mode: mode)
         }
         if created { return (nil, true) }
-        let (fd, madeNow) = try ownEntry(dir, name, directory: directory, mode: mode)
+        let (fd, madeNow) = try ownEntry(dir, FilePath(name), directory: directory, mode: mode)
         return (fd, madeNow)
-    }
-
-    /// ``ownMountPoint(_:_:directory:mode:)`` of a one-component `name` given as text: a fresh
-    /// directory is made with no `FilePath` built (the share hot path).
-    static func ownMountPoint(_ dir: DirFD, named name: String, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor?, created: Bool) {
-        if directory {
-            let created = try sys("cannot create \(dir.display(FilePath(name)))") { () throws(SystemCallError) in
-                try Sys.mkdirat(dir, named: name, mode: mode)
-            }
-            if created { return (nil, true) }
-            let (fd, madeNow) = try ownEntry(dir, FilePath(name), directory: true, mode: mode)
-            return (fd, madeNow)
-        }
-        return try ownMountPoint(dir, FilePath(name), directory: false, mode: mode)
     }
 
     /// statx of `path` below `dir` without following any symlink on the way (the parent is

@@ -58,14 +58,13 @@ struct SandboxCleaner {
 
         // 1. Shares the manifest knows, deepest first. The lock's descriptor is the sandbox
         //    directory as its top mount shows it: the anchor for what follows.
-        let topFD = lock
-        let top = DirFD(fd: topFD, path: sandboxPath)
+        let top = DirFD(fd: lock, path: sandboxPath)
         // The sandbox's own mount (prepare's self-bind) is there: every share and the export
         // were attached below it, and detaching it in step 3 detaches them all (MNT_DETACH is
         // recursive and propagates like one unmount each): steps 1 and 2 are skipped, one
         // unmount and its RCU grace period per mount fewer. Anything mounted elsewhere (on
         // the directory below the self-bind) is still found and unmounted by step 4.
-        let selfBound = (try? Sys.fstatx(topFD, path: sandboxPath)).map { $0.mountAnswersKnown && $0.isMountRoot } ?? false
+        let selfBound = (try? Sys.fstatx(lock, path: sandboxPath)).map { $0.mountAnswersKnown && $0.isMountRoot } ?? false
         let recorded = selfBound ? [] : manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .rootfsImage && $0.kind != .rootfsLayers && $0.kind != .copy }
         for record in recorded.sorted(by: { $0.name.split(separator: "/").count > $1.name.split(separator: "/").count }) {
             let path = manifest.style.mountsPath.appending(record.name)

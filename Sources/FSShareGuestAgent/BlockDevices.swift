@@ -167,25 +167,15 @@ enum BlockDevices {
     /// (nil until the kernel has written it).
     static func blockIn(_ blockDir: String) -> Found? {
         guard let names = list(blockDir), names.count == 1,
-              let device = deviceNumber(try? readSmall("\(blockDir)/\(names[0])/dev")) else { return nil }
+              let device = deviceNumber(Sys.readSysfsAttribute("\(blockDir)/\(names[0])/dev")) else { return nil }
         return Found(node: "/dev/" + names[0], device: device)
     }
 
-    /// `"254:0\n"` → (254, 0).
-    static func deviceNumber(_ bytes: [UInt8]?) -> (major: UInt32, minor: UInt32)? {
-        guard let bytes else { return nil }
-        var text = Substring(decoding: bytes, as: UTF8.self)
-        while text.last == "\n" { text = text.dropLast() }
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 2, let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else { return nil }
+    /// `"254:0"` (a sysfs `dev` attribute) → (254, 0).
+    static func deviceNumber(_ text: String?) -> (major: UInt32, minor: UInt32)? {
+        guard let parts = text?.split(separator: ":", omittingEmptySubsequences: false), parts.count == 2,
+              let major = UInt32(parts[0]), let minor = UInt32(parts[1]) else { return nil }
         return (major, minor)
-    }
-
-    static func readSmall(_ path: String) throws(SystemCallError) -> [UInt8] {
-        let fp = FilePath(path)
-        let fd = try Sys.openat(nil, fp, flags: O_RDONLY | O_CLOEXEC | Sys.oNoFollow)
-        defer { Sys.close(fd) }
-        return try Sys.readAll(fd, path: fp)
     }
 
     static func scanSCSIHosts(target: UInt32, lun: UInt32) {

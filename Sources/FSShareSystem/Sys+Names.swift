@@ -4,43 +4,42 @@ import Glibc
 import CFSShareShim
 import SystemPackage
 
-/// The `*at` calls of the share hot path with the entry named by a `String` (one component
-/// below an open directory) instead of a `FilePath`: a native Swift string hands the kernel its
+/// The `*at` calls with the path given as a `String`: a native Swift string hands the kernel its
 /// own NUL-terminated UTF-8, while a `FilePath` goes through several unspecialised conversion
 /// layers per call (measured: about a third of the user-space time of a share and unshare). The
-/// same fault injection, errors (the path built only when a call fails) and flags as the
-/// `FilePath` forms.
+/// share hot path calls these directly; the `FilePath` forms delegate here. Fault injection and
+/// errors as everywhere in ``Sys`` (the path shown is built only when a call fails).
 extension Sys {
     @inline(__always)
-    static func shown(_ dir: DirFD, _ name: String) -> FilePath { dir.display(FilePath(name)) }
+    static func shown(_ dir: DirFD?, _ name: String) -> FilePath { shown(dir, FilePath(name)) }
 
-    /// ``mkdirat(_:_:mode:)`` of `dir/name`.
+    /// `mkdirat(2)` of `name` below `dir`. Returns false when something already exists there.
     ///
     /// - Parameters:
-    ///   - dir: the directory.
-    ///   - name: the entry, one component.
+    ///   - dir: the directory `name` is relative to; nil: the current directory.
+    ///   - name: the path (one component on the hot path).
     ///   - mode: permission bits.
     /// - Returns: true if it was made, false if something existed there.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     @discardableResult
-    public static func mkdirat(_ dir: DirFD, named name: String, mode: mode_t) throws(SystemCallError) -> Bool {
+    public static func mkdirat(_ dir: DirFD?, named name: String, mode: mode_t) throws(SystemCallError) -> Bool {
         try FaultInjection.check("mkdirat", shown(dir, name))
-        let rc = name.withCString { Glibc.mkdirat(dir.fd.rawValue, $0, mode) }
+        let rc = name.withCString { Glibc.mkdirat(dirfd(dir), $0, mode) }
         if rc == 0 { return true }
         if Glibc.errno == EEXIST { return false }
         throw fail("mkdirat", shown(dir, name))
     }
 
-    /// ``unlinkat(_:_:directory:)`` of `dir/name`.
+    /// `unlinkat(2)` of `name` below `dir`.
     ///
     /// - Parameters:
-    ///   - dir: the directory.
-    ///   - name: the entry, one component.
+    ///   - dir: the directory `name` is relative to; nil: the current directory.
+    ///   - name: the path (one component on the hot path).
     ///   - directory: rmdir (`AT_REMOVEDIR`) rather than unlink.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func unlinkat(_ dir: DirFD, named name: String, directory: Bool) throws(SystemCallError) {
+    public static func unlinkat(_ dir: DirFD?, named name: String, directory: Bool) throws(SystemCallError) {
         try FaultInjection.check("unlinkat", shown(dir, name))
-        let rc = name.withCString { Glibc.unlinkat(dir.fd.rawValue, $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
+        let rc = name.withCString { Glibc.unlinkat(dirfd(dir), $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
         if rc != 0 { throw fail("unlinkat", shown(dir, name)) }
     }
 
@@ -57,7 +56,9 @@ extension Sys {
         if rc != 0 { throw fail("umount2", procPath(dir, FilePath(name))) }
     }
 
-    /// ``moveMount(_:onto:_:display:)`` onto `dir/name` (no symlink there is followed).
+    /// `move_mount(2)` of a detached mount onto the entry `name` of `dir`, a single component
+    /// looked up in `dir` without following a symlink there (no `MOVE_MOUNT_T_SYMLINKS`): for a
+    /// mount point this process has just created, no open of it is needed to pin it.
     ///
     /// - Parameters:
     ///   - mount: the detached mount (`open_tree` clone).
@@ -69,25 +70,38 @@ extension Sys {
         let rc = name.withCString { fsshare_move_mount(mount.rawValue, "", dir.fd.rawValue, $0, FSSHARE_MOVE_MOUNT_F_EMPTY_PATH) }
         if rc != 0 { throw fail("move_mount", shown(dir, name)) }
     }
-}
 
-extension Sys {
-    /// ``openat2(_:_:flags:mode:resolve:)`` of a path given as text (always `O_CLOEXEC`).
+    /// `openat2(2)` of a path given as text (always `O_CLOEXEC`; retried on `EINTR`/`EAGAIN`).
     ///
     /// - Parameters:
     ///   - dir: the directory `path` is relative to; nil: the current directory.
     ///   - path: the path.
     ///   - flags: open flags.
+    ///   - mode: permission bits for what is created.
     ///   - resolve: `RESOLVE_*` flags.
     /// - Returns: the new descriptor.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func openat2(_ dir: DirFD?, text path: String, flags: Int32, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
-        try FaultInjection.check("openat2", shown(dir, FilePath(path)))
+    public static func openat2(_ dir: DirFD?, text path: String, flags: Int32, mode: mode_t = 0, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("openat2", shown(dir, path))
         while true {
-            let fd = path.withCString { fsshare_openat2(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, 0, resolve) }
+            let fd = path.withCString { fsshare_openat2(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, UInt32(mode), resolve) }
             if fd >= 0 { return FileDescriptor(rawValue: fd) }
             if Glibc.errno == EINTR || Glibc.errno == EAGAIN { continue }
-            throw fail("openat2", shown(dir, FilePath(path)))
+            throw fail("openat2", shown(dir, path))
         }
+    }
+
+    /// A sysfs attribute (`/sys/...`) without its trailing newline; nil when absent, unreadable
+    /// or empty.
+    ///
+    /// - Parameter path: the attribute's path.
+    /// - Returns: its text, or nil.
+    public static func readSysfsAttribute(_ path: String) -> String? {
+        guard let fd = try? openat(nil, FilePath(path), flags: O_RDONLY | O_CLOEXEC) else { return nil }
+        defer { close(fd) }
+        guard let bytes = try? readAll(fd, path: FilePath(path)) else { return nil }
+        var s = String(decoding: bytes, as: UTF8.self)
+        while s.hasSuffix("\n") { s.removeLast() }
+        return s.isEmpty ? nil : s
     }
 }

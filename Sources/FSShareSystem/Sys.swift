@@ -162,13 +162,7 @@ public enum Sys {
     /// - Returns: the new descriptor.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openat2(_ dir: DirFD?, _ path: FilePath, flags: Int32, mode: mode_t = 0, resolve: UInt64) throws(SystemCallError) -> FileDescriptor {
-        try FaultInjection.check("openat2", shown(dir, path))
-        while true {
-            let fd = path.withPlatformString { fsshare_openat2(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, UInt32(mode), resolve) }
-            if fd >= 0 { return FileDescriptor(rawValue: fd) }
-            if Glibc.errno == EINTR || Glibc.errno == EAGAIN { continue }
-            throw fail("openat2", shown(dir, path))
-        }
+        try openat2(dir, text: path.string, flags: flags, mode: mode, resolve: resolve)
     }
 
     /// `statx(2)` of `path` below `dir`, never following a final symlink unless asked.
@@ -215,11 +209,7 @@ public enum Sys {
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     @discardableResult
     public static func mkdirat(_ dir: DirFD?, _ path: FilePath, mode: mode_t) throws(SystemCallError) -> Bool {
-        try FaultInjection.check("mkdirat", shown(dir, path))
-        let rc = path.withPlatformString { Glibc.mkdirat(dirfd(dir), $0, mode) }
-        if rc == 0 { return true }
-        if Glibc.errno == EEXIST { return false }
-        throw fail("mkdirat", shown(dir, path))
+        try mkdirat(dir, named: path.string, mode: mode)
     }
 
     /// Creates an empty regular file (a mount point for a single-file share) with
@@ -253,9 +243,7 @@ public enum Sys {
     ///   - directory: remove a directory (`AT_REMOVEDIR`) rather than a file.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func unlinkat(_ dir: DirFD?, _ path: FilePath, directory: Bool) throws(SystemCallError) {
-        try FaultInjection.check("unlinkat", shown(dir, path))
-        let rc = path.withPlatformString { Glibc.unlinkat(dirfd(dir), $0, directory ? FSSHARE_AT_REMOVEDIR : 0) }
-        if rc != 0 { throw fail("unlinkat", shown(dir, path)) }
+        try unlinkat(dir, named: path.string, directory: directory)
     }
 
     /// Why this kernel cannot tell whether a path is a mount point, or nil if it can. fsshare
@@ -737,23 +725,6 @@ public enum Sys {
         let fd = fsshare_fsmount(ctx, readOnly ? 1 : 0)
         if fd < 0 { throw fail("fsmount", source) }
         return FileDescriptor(rawValue: fd)
-    }
-
-    /// `move_mount(2)` of a detached mount fd onto the entry `name` of `dir`, a single component
-    /// looked up in `dir` without following a symlink there (for a mount point this process has
-    /// just created: no open of it is needed to pin it).
-    ///
-    /// - Parameters:
-    ///   - mount: a detached mount (from `openTreeClone`).
-    ///   - dir: the directory holding the mount point.
-    ///   - name: the mount point's name in `dir`.
-    ///   - display: the path shown in errors.
-    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func moveMount(_ mount: FileDescriptor, onto dir: DirFD, _ name: FilePath, display: @autoclosure () -> FilePath) throws(SystemCallError) {
-        try FaultInjection.check("move_mount", display())
-        // No MOVE_MOUNT_T_SYMLINKS: a symlink at `name` is not followed.
-        let rc = name.withPlatformString { fsshare_move_mount(mount.rawValue, "", dir.fd.rawValue, $0, FSSHARE_MOVE_MOUNT_F_EMPTY_PATH) }
-        if rc != 0 { throw fail("move_mount", display()) }
     }
 
     /// `move_mount(2)` of a detached mount fd onto the object `target` refers to (an `O_PATH` fd):
