@@ -552,7 +552,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 var proposed = record
                 var fallback: String?
                 if h.manifest.shares[name] == nil {
-                    (proposed.watched, fallback) = try watchable(mount.source, handle: h, policy: policy)
+                    (proposed.watched, fallback) = try watchable(mount.source, text: record.source, handle: h, policy: policy)
                 }
                 let made = try share(proposed, in: h.mounts, handle: h, method: method, policy: policy)
                 let resolved = made.resolvedSource.map { FilePath($0) }
@@ -573,11 +573,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Whether a new share of `source` gets a `watchable-bind` mirror, and if it is a kubelet
     /// volume that does not, why. Makes `mounts/watchable/` (the agent covers its guest view
     /// with a tmpfs; the read-only export cannot get it later).
-    private func watchable(_ source: FilePath, handle h: SandboxHandle, policy: SourceSymlinkPolicy) throws(FSShareError) -> (Bool, String?) {
+    private func watchable(_ source: FilePath, text: String, handle h: SandboxHandle, policy: SourceSymlinkPolicy) throws(FSShareError) -> (Bool, String?) {
         // The path as given (as Kata matches it); resolving every source to look again would
         // cost each share an extra open. A symlinked kubelet root still matches once the
         // opened path is checked below.
-        guard KubeletVolume.mayName(source.string),
+        guard KubeletVolume.mayName(text),
               KubeletVolume.match(source) != nil || source.components.contains(where: { KubeletVolume.plugins.contains($0.string) }) else {
             return (false, nil)
         }
@@ -698,10 +698,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// share recorded by a process that died before finishing it is finished.
     func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
         // A volume's name is one component already; only `<cid>/rootfs` needs splitting.
-        let leaf = !record.name.utf8.contains(UInt8(ascii: "/")) ? record.name
+        let leaf = !withUTF8Bytes(record.name, { $0.containsByte(UInt8(ascii: "/")) }) ? record.name
             : FilePath(record.name).lastComponent?.string ?? record.name
         var record = record
-        if let existing = h.manifest.shares[record.name] {
+        // Looked up once: what the journal holds for this name decides whether to append.
+        let existing = h.manifest.shares[record.name]
+        if let existing {
             guard existing.source == record.source, existing.readOnly == record.readOnly,
                   existing.recursive == record.recursive, existing.kind == record.kind
             else {
@@ -715,7 +717,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         defer { Sys.close(source.fd) }
         record.isFile = source.kind == .regular
         record.resolvedSource = source.resolvedThroughSymlinks?.string
-        if h.manifest.shares[record.name] != record {
+        if existing != record {
             try h.manifest.recordShare(record)
         }
         // Rolled back newest first on failure: the mount point if this call made it, then the record.
@@ -757,7 +759,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     func removeShare(_ name: String, record: ShareRecord?, handle h: SandboxHandle) throws(FSShareError) {
         // Volumes are one component below mounts/; rootfs is <cid>/rootfs; block rootfs <cid>[/suffix].
         // A volume's name (no slash, not a dot name) needs no path parsing.
-        let plain = !name.isEmpty && name != "." && name != ".." && !name.utf8.contains(where: { $0 == UInt8(ascii: "/") || $0 == 0 })
+        let plain = withUTF8Bytes(name) { b in
+            !b.isEmpty && !(b.count <= 2 && b.allSatisfy { $0 == UInt8(ascii: ".") }) && !b.containsByte(UInt8(ascii: "/")) && !b.containsByte(0)
+        }
         if plain, record?.kind != .rootfsHostImage,
            try sys("cannot unmount \(h.mounts.display(FilePath(name)))", { () throws(SystemCallError) in
                try MountOps.unmountAndRemove(h.mounts, named: name, isFile: record?.isFile ?? false)

@@ -78,12 +78,12 @@ final class Manifest {
     static let header = "fsshare-manifest 1"
 
     private(set) var fd: FileDescriptor
-    let path: FilePath
     let directory: DirFD
+    /// Where the manifest is, for errors (made when one is shown).
+    var path: FilePath { directory.display(Manifest.fileName) }
     let sandboxID: String
-    private(set) var shares: [String: ShareRecord] = [:]
-    /// When each live share was first recorded (for a stable listing order).
-    private var sequence: [String: Int] = [:]
+    /// The live shares, by name.
+    private(set) var shares = ShareTable()
     private var nextSequence = 0
     private var parsedBytes = 0
     private var removals = 0
@@ -100,14 +100,15 @@ final class Manifest {
         self.fd = fd
         self.directory = directory
         self.sandboxID = sandboxID
-        self.path = directory.display(Manifest.fileName)
     }
 
     deinit { Sys.close(fd) }
 
     /// The first line of `sandboxID`'s manifest (the layout is named unless it is Kata's Go one).
     static func headerLine(_ sandboxID: String, style: SandboxLayoutStyle = .go) -> String {
-        "\(header)\t\(escape(sandboxID))" + (style == .go ? "" : "\tlayout=\(style.rawValue)") + "\n"
+        var line = header + "\t" + escape(sandboxID)
+        if style != .go { line += "\tlayout=" + style.rawValue }
+        return line + "\n"
     }
 
     /// The temp name earlier versions wrote a new manifest through (where `O_TMPFILE` was
@@ -155,7 +156,9 @@ final class Manifest {
         }
         let manifest = Manifest(fd: fd, directory: directory, sandboxID: sandboxID)
         try sys("cannot write the sandbox manifest \(shown)") { () throws(SystemCallError) in try Sys.writeAll(fd, header, path: shown) }
-        try manifest.apply(line: header.dropLast())
+        // What parsing the header just written would set.
+        manifest.hasHeader = true
+        manifest.style = style
         manifest.parsedBytes = header.count
         return manifest
     }
@@ -210,19 +213,24 @@ final class Manifest {
         // Only what was appended since the last look, up to the size just seen (more appended
         // since is read next time).
         let from = parsedBytes
-        var tail = try sys("cannot read the sandbox manifest") { () throws(SystemCallError) in
+        let tail = try sys("cannot read the sandbox manifest") { () throws(SystemCallError) in
             try Sys.readRange(fd, offset: from, count: Int(st.size) - from, path: path)
         }
         // Only whole lines count; a torn last line is left for later (or forever).
         guard let lastNewline = tail.lastIndex(of: 0x0A) else { return }
-        tail.removeSubrange((lastNewline + 1)...)
-        parsedBytes += tail.count
-        for line in tail.split(separator: 0x0A) { try apply(line: line) }
+        parsedBytes += lastNewline + 1
+        // Line by line over the buffer (empty lines skipped): no array of slices.
+        try tail.withUnsafeBufferPointer { (buffer) throws(FSShareError) in
+            var start = 0
+            for i in 0...lastNewline where buffer[i] == 0x0A {
+                if i > start { try apply(line: UnsafeBufferPointer(rebasing: buffer[start..<i])) }
+                start = i + 1
+            }
+        }
     }
 
     private func reset() {
-        shares = [:]
-        sequence = [:]
+        shares = ShareTable()
         parsedBytes = 0
         removals = 0
         hasHeader = false
@@ -232,14 +240,14 @@ final class Manifest {
     /// One journal line (without its newline), split on tabs as bytes: strings are made for
     /// the fields only (splitting a `String` walks grapheme clusters, which showed up in
     /// cleanup's profile).
-    private func apply(line bytes: ArraySlice<UInt8>) throws(FSShareError) {
+    private func apply(line bytes: UnsafeBufferPointer<UInt8>) throws(FSShareError) {
         var fields: [String] = []
         fields.reserveCapacity(9)
         var start = bytes.startIndex
         var i = start
         while true {
             if i == bytes.endIndex || bytes[i] == 0x09 {
-                fields.append(Manifest.unescape(bytes[start..<i]))
+                fields.append(Manifest.unescape(UnsafeBufferPointer(rebasing: bytes[start..<i])))
                 if i == bytes.endIndex { break }
                 start = i + 1
             }
@@ -267,27 +275,26 @@ final class Manifest {
         switch tag {
         case "S" where (7...9).contains(fields.count):
             guard let kind = ShareRecord.Kind(rawValue: fields[2]) else { throw corrupt(bytes) }
-            let flags = fields[3]
+            // Flags are ASCII letters: looked for as bytes, not as Characters.
+            let flags = fields[3].utf8
+            func has(_ flag: Unicode.Scalar) -> Bool { flags.contains(UInt8(ascii: flag)) }
             let record = ShareRecord(
                 name: fields[1], kind: kind, containerID: fields[4], source: fields[5], destination: fields[6],
-                readOnly: flags.contains("r"), recursive: flags.contains("R"), isFile: flags.contains("f"),
-                copied: flags.contains("c"), watched: flags.contains("w"),
+                readOnly: has("r"), recursive: has("R"), isFile: has("f"),
+                copied: has("c"), watched: has("w"),
                 guestPath: fields.count >= 8 && !fields[7].isEmpty ? fields[7] : nil,
-                resolvedSource: fields.count == 9 ? fields[8] : nil, leftInGuest: flags.contains("o"))
+                resolvedSource: fields.count == 9 ? fields[8] : nil, leftInGuest: has("o"))
             insert(record)
         case "A" where fields.count == 3:
             settings[fields[1]] = fields[2]
         case "U" where fields.count == 2:
-            if shares.removeValue(forKey: fields[1]) != nil {
-                sequence[fields[1]] = nil
-                removals += 1
-            }
+            if shares.entries.removeValue(forKey: fields[1]) != nil { removals += 1 }
         default:
             throw corrupt(bytes)
         }
     }
 
-    private func corrupt(_ line: ArraySlice<UInt8>) -> FSShareError {
+    private func corrupt(_ line: UnsafeBufferPointer<UInt8>) -> FSShareError {
         FSShareError(.manifest, "\(path): unreadable manifest line \"\(String(decoding: line, as: UTF8.self).prefix(120))\"")
     }
 
@@ -331,18 +338,19 @@ final class Manifest {
     /// The journal line being written (kept to reuse its storage).
     private var scratch: [UInt8] = []
 
+    /// One hash of the name for a new share; one recorded again keeps its place in the order.
     private func insert(_ r: ShareRecord) {
-        if shares[r.name] == nil {
-            sequence[r.name] = nextSequence
+        if let old = shares.entries.updateValue(ShareTable.Entry(sequence: nextSequence, record: r), forKey: r.name) {
+            shares.entries[r.name]?.sequence = old.sequence
+        } else {
             nextSequence += 1
         }
-        shares[r.name] = r
     }
 
     /// Records that a share is gone (after its mount and mount point were removed).
     func recordRemoval(_ name: String) throws(FSShareError) {
         // One lookup: taken out first, put back if the journal cannot be written.
-        guard let removed = shares.removeValue(forKey: name) else { return }
+        guard let removed = shares.entries.removeValue(forKey: name) else { return }
         scratch.removeAll(keepingCapacity: true)
         scratch.append(UInt8(ascii: "U"))
         scratch.append(0x09)
@@ -351,10 +359,9 @@ final class Manifest {
         do {
             try append(scratch)
         } catch {
-            shares[name] = removed
+            shares.entries[name] = removed
             throw error
         }
-        sequence[name] = nil
         removals += 1
         if removals > 256 && removals > 2 * shares.count { try compact() }
     }
@@ -402,20 +409,26 @@ final class Manifest {
 
     /// Appends `s` with `%`, tab and newline escaped (``escape(_:)`` as bytes).
     static func appendEscaped(_ s: String, to out: inout [UInt8]) {
-        for b in s.utf8 {
-            switch b {
-            case 0x25: out.append(contentsOf: [0x25, 0x32, 0x35])  // %25
-            case 0x09: out.append(contentsOf: [0x25, 0x30, 0x39])  // %09
-            case 0x0A: out.append(contentsOf: [0x25, 0x30, 0x41])  // %0A
-            default: out.append(b)
+        withUTF8Bytes(s) { bytes in
+            // Nearly every field has nothing to escape: copied in one piece.
+            guard bytes.contains(where: { $0 == 0x25 || $0 == 0x09 || $0 == 0x0A }) else {
+                out.append(contentsOf: bytes)
+                return
+            }
+            for b in bytes {
+                switch b {
+                case 0x25: out.append(contentsOf: [0x25, 0x32, 0x35])  // %25
+                case 0x09: out.append(contentsOf: [0x25, 0x30, 0x39])  // %09
+                case 0x0A: out.append(contentsOf: [0x25, 0x30, 0x41])  // %0A
+                default: out.append(b)
+                }
             }
         }
     }
 
     /// The shares in the order they were first recorded.
     var orderedShares: [ShareRecord] {
-        // One sequence lookup per record, not two per comparison (compaction sorts them all).
-        shares.values.map { (sequence[$0.name] ?? 0, $0) }.sorted { $0.0 < $1.0 }.map(\.1)
+        shares.entries.values.sorted { $0.sequence < $1.sequence }.map(\.record)
     }
 
     private func append(_ bytes: [UInt8]) throws(FSShareError) {
@@ -460,9 +473,9 @@ final class Manifest {
     }
 
     /// ``unescape(_:)`` of a field's bytes.
-    static func unescape(_ bytes: ArraySlice<UInt8>) -> String {
+    static func unescape(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
         let s = String(decoding: bytes, as: UTF8.self)
-        guard bytes.contains(0x25) else { return s }
+        guard bytes.containsByte(0x25) else { return s }
         return unescape(s)
     }
 
@@ -470,4 +483,23 @@ final class Manifest {
         guard s.utf8.contains(0x25) else { return s }
         return s.replacing("%09", with: "\t").replacing("%0A", with: "\n").replacing("%25", with: "%")
     }
+}
+
+/// The manifest's live shares by name, each with when it was first recorded (for a stable
+/// listing order): one table, so recording or removing a share hashes its name once.
+struct ShareTable {
+    struct Entry {
+        var sequence: Int
+        var record: ShareRecord
+    }
+    fileprivate(set) var entries: [String: Entry] = [:]
+
+    /// The share recorded under `name`.
+    subscript(name: String) -> ShareRecord? { entries[name]?.record }
+    /// Every live share, in no particular order.
+    var values: [ShareRecord] { entries.values.map(\.record) }
+    /// How many shares are live.
+    var count: Int { entries.count }
+    /// No share is live.
+    var isEmpty: Bool { entries.isEmpty }
 }

@@ -38,7 +38,7 @@ enum MountOps {
     /// `target` nil: `dir/name` is a mount point this operation has just created (see
     /// ``ownMountPoint(_:named:directory:mode:)``), named in `dir` rather than opened.
     static func attach(
-        source: FileDescriptor, sourcePath: FilePath, target given: FileDescriptor?, dir: DirFD, name nameText: String,
+        source: FileDescriptor, sourcePath: @autoclosure () -> FilePath, target given: FileDescriptor?, dir: DirFD, name nameText: String,
         staging stagingDirectory: () throws(FSShareError) -> DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
     ) throws(FSShareError) {
         // Shown only in errors: built when one is thrown, not on every share.
@@ -54,8 +54,8 @@ enum MountOps {
         case .legacy: useNew = false
         }
         if useNew {
-            let tree = try sys("cannot clone the mount of \(sourcePath)") { () throws(SystemCallError) in
-                try Sys.openTreeClone(DirFD(fd: source, path: sourcePath), "", recursive: recursive, display: sourcePath)
+            let tree = try sys("cannot clone the mount of \(sourcePath())") { () throws(SystemCallError) in
+                try Sys.openTreeClone(source, recursive: recursive, display: sourcePath())
             }
             defer { Sys.close(tree) }
             try sys("cannot set the attributes of the share \(shown())") { () throws(SystemCallError) in
@@ -89,7 +89,7 @@ enum MountOps {
         // symlink planted there is never followed.
         let bindFlags = UInt(MS_BIND) | (recursive ? UInt(MS_REC) : 0)
         if !readOnly {
-            try sys("cannot bind \(sourcePath) at \(shown())") { () throws(SystemCallError) in
+            try sys("cannot bind \(sourcePath()) at \(shown())") { () throws(SystemCallError) in
                 try Sys.mount(source: fdPath(source), target: fdPath(target), flags: bindFlags)
             }
             try makePrivate(dir, name, shown: shown())
@@ -108,7 +108,7 @@ enum MountOps {
             _ = try? unmountAll(staging, name)
             try? removeMountPoint(staging, name)
         }
-        try sys("cannot bind \(sourcePath) at the staging point \(stageShown)") { () throws(SystemCallError) in
+        try sys("cannot bind \(sourcePath()) at the staging point \(stageShown)") { () throws(SystemCallError) in
             try Sys.mount(source: fdPath(source), target: fdPath(stage.fd), flags: UInt(MS_BIND))
         }
         let staged = try mountRoot(staging, name)

@@ -65,12 +65,20 @@ public struct SandboxLayout: Sendable, Equatable {
               name.utf8.first != slash, !name.isEmpty else {
             return Storages.joinGuest(guestSharedDir, prefix, name)
         }
-        var path = guestSharedDir
-        path.reserveCapacity(path.utf8.count + 1 + prefix.utf8.count + name.utf8.count)
-        if !oneTrailingSlash { path.append("/") }
-        path.append(prefix)
-        path.append(name)
-        return path
+        return withUTF8Bytes(guestSharedDir) { b in
+            withUTF8Bytes(prefix) { p in
+                withUTF8Bytes(name) { n in
+                    String(unsafeUninitializedCapacity: b.count + 1 + p.count + n.count) { out in
+                        var i = 0
+                        for x in b { out[i] = x; i += 1 }
+                        if !oneTrailingSlash { out[i] = slash; i += 1 }
+                        for x in p { out[i] = x; i += 1 }
+                        for x in n { out[i] = x; i += 1 }
+                        return i
+                    }
+                }
+            }
+        }
     }
     /// The guest path of the `watchable-bind` mirror of a share named `name`
     /// (`…/containers/watchable/<name>`; runtime-rs `…/containers/passthrough/watchable/<name>`).

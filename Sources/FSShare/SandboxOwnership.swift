@@ -39,7 +39,10 @@ enum SandboxOwnership {
     private static let preparingSuffix = ".fsshare-prepare"
 
     /// Where prepare builds `sandboxID`'s directory before renaming it into place.
-    static func preparingName(_ sandboxID: String) -> FilePath { FilePath(".\(sandboxID)\(preparingSuffix)") }
+    static func preparingName(_ sandboxID: String) -> FilePath { FilePath(preparingText(sandboxID)) }
+
+    /// ``preparingName(_:)`` as text.
+    static func preparingText(_ sandboxID: String) -> String { "." + sandboxID + preparingSuffix }
 
     /// The sandbox id of a preparing directory's name, or nil for any other name.
     static func sandboxID(ofPreparingName name: String) -> String? {
@@ -73,8 +76,9 @@ enum SandboxOwnership {
     /// not undercut.
     @discardableResult
     static func removeInterruptedPrepare(_ root: DirFD, sandboxID: String, holdingRootLock: Bool = false) throws(FSShareError) -> Bool {
+        // Nearly always absent: probed by text, with no error built for ENOENT.
+        guard (try? Sys.statxIfPresent(root, named: preparingText(sandboxID))) != nil else { return false }
         let name = preparingName(sandboxID)
-        guard (try? Sys.statx(root, name)) != nil else { return false }
         if !holdingRootLock {
             let rootLock = try lockRoot(root)
             defer { Sys.close(rootLock) }
@@ -108,7 +112,7 @@ enum SandboxOwnership {
         let sid = FilePath(sandboxID)
         let rootLock = try lockRoot(root)
         defer { Sys.close(rootLock) }
-        if (try? Sys.statx(root, sid)) != nil { return nil }
+        if (try? Sys.statxIfPresent(root, named: sandboxID)) != nil { return nil }
         try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
         let name = preparingName(sandboxID)
         let shown = root.display(name)

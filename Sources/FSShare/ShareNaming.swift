@@ -24,14 +24,14 @@ public enum ShareNaming {
     /// hand. A destination that is absolute and normal already (nearly all) is used as it is:
     /// no `FilePath` parsing.
     static func volumeName(containerID: String, destination: FilePath, text: String, style: SandboxLayoutStyle) throws(FSShareError) -> String {
-        let path: String
-        if text.utf8.first == UInt8(ascii: "/") && isNormal(text) && !text.utf8.contains(0) {
-            // Normal and absolute, and not "/" (isNormal refuses a trailing slash): its last
-            // component is a real name.
-            path = text
-        } else {
-            path = try normalizedDestination(destination).string
+        // Nearly every destination is absolute, normal and short: its name is built in one
+        // buffer, straight from the bytes.
+        let fast = withUTF8Bytes(text) { (bytes) -> String? in
+            guard bytes.first == UInt8(ascii: "/"), isNormal(bytes), !bytes.containsByte(0) else { return nil }
+            return withUTF8Bytes(containerID) { (cid) -> String? in fastName(containerID: cid, path: bytes, style: style) }
         }
+        if let fast { return fast }
+        let path = try normalizedDestination(destination).string
         // A normal absolute path's last component is what follows its last slash.
         let slash = path.utf8.lastIndex(of: UInt8(ascii: "/")) ?? path.utf8.startIndex
         let base = Substring(path.utf8[path.utf8.index(after: slash)...])
@@ -51,6 +51,33 @@ public enum ShareNaming {
         return name
     }
 
+    /// `<prefix>-<16 hex>-<last component>` of a normal absolute path's bytes, or nil when the
+    /// name would pass NAME_MAX (the caller then cuts it on a character boundary).
+    private static func fastName(containerID cid: UnsafeBufferPointer<UInt8>, path: UnsafeBufferPointer<UInt8>, style: SandboxLayoutStyle) -> String? {
+        var hash = fnv1a64Start
+        for b in cid { hash = (hash ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+        hash = (hash ^ 0) &* 0x0000_0100_0000_01b3
+        for b in path { hash = (hash ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+        var slash = path.count - 1
+        while slash > 0 && path[slash] != UInt8(ascii: "/") { slash -= 1 }
+        let base = UnsafeBufferPointer(rebasing: path[(slash + 1)...])
+        let sandbox: StaticString = "sandbox"
+        let prefix = style == .go ? cid : UnsafeBufferPointer(start: sandbox.utf8Start, count: sandbox.utf8CodeUnitCount)
+        let total = prefix.count + 18 + base.count
+        guard total <= nameMax else { return nil }
+        return String(unsafeUninitializedCapacity: total) { out in
+            var i = 0
+            for b in prefix { out[i] = b; i += 1 }
+            out[i] = UInt8(ascii: "-"); i += 1
+            let digits: StaticString = "0123456789abcdef"
+            for k in 0..<16 { out[i + k] = digits.utf8Start[Int((hash >> UInt64(60 - 4 * k)) & 0xF)] }
+            i += 16
+            out[i] = UInt8(ascii: "-"); i += 1
+            for b in base { out[i] = b; i += 1 }
+            return i
+        }
+    }
+
     /// Checks a container destination: absolute, no NUL, a real last component.
     static func normalizedDestination(_ destination: FilePath) throws(FSShareError) -> FilePath {
         let raw = destination.string
@@ -68,10 +95,15 @@ public enum ShareNaming {
 
     /// True if `path` has no empty, "." or ".." components and no trailing slash.
     static func isNormal(_ path: String) -> Bool {
+        withUTF8Bytes(path) { isNormal($0) }
+    }
+
+    /// ``isNormal(_:)`` of a path's bytes (the first byte, the leading slash, is not looked at).
+    static func isNormal(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
         var previous: UInt8 = 0x2F
         var componentStart = true
         var dots = 0
-        for b in path.utf8.dropFirst() {
+        for b in bytes.dropFirst() {
             if b == 0x2F {
                 if previous == 0x2F || (componentStart && dots > 0) { return false }
                 componentStart = true

@@ -10,11 +10,13 @@ import SystemPackage
 enum SourceCheck {
     struct Opened {
         var fd: FileDescriptor
-        /// The resolved path (where the kernel found the object).
-        var path: FilePath
+        /// The resolved path (where the kernel found the object), as text.
+        var pathText: String
         var kind: FileKind
         /// `path`, when following symbolic links took the source somewhere else than it says.
         var resolvedThroughSymlinks: FilePath?
+        /// The resolved path (made when asked for: the share hot path only shows it in errors).
+        var path: FilePath { resolvedThroughSymlinks ?? FilePath(pathText) }
     }
 
     /// What a source must stay clear of: the sandbox root, its ancestors and everything below
@@ -93,10 +95,13 @@ enum SourceCheck {
         /// `FilePath.starts(with:)` for two normal absolute paths, on their bytes: `prefix`'s
         /// components begin `path`'s (`/a` begins `/a/b`, not `/ab`; `/` begins everything).
         static func isPrefix(_ prefix: String, of path: String) -> Bool {
-            let p = prefix.utf8, s = path.utf8
-            if p.count == 1 && p.first == UInt8(ascii: "/") { return s.first == UInt8(ascii: "/") }
-            guard s.starts(with: p) else { return false }
-            return s.count == p.count || s[s.index(s.startIndex, offsetBy: p.count)] == UInt8(ascii: "/")
+            withUTF8Bytes(prefix) { p in
+                withUTF8Bytes(path) { s in
+                    if p.count == 1 && p[0] == UInt8(ascii: "/") { return s.first == UInt8(ascii: "/") }
+                    guard s.count >= p.count, UnsafeBufferPointer(rebasing: s[..<p.count]).elementsEqual(p) else { return false }
+                    return s.count == p.count || s[p.count] == UInt8(ascii: "/")
+                }
+            }
         }
     }
 
@@ -110,8 +115,8 @@ enum SourceCheck {
 
     /// Why `path` (lexically) may not be shared, or nil. Byte-level, on the path's own bytes
     /// (`text`, when the caller has it): this runs on every share.
-    static func lexicalProblem(_ path: FilePath, text: String? = nil) -> String? {
-        var raw = text ?? path.string
+    static func lexicalProblem(_ path: @autoclosure () -> FilePath, text: String? = nil) -> String? {
+        var raw = text ?? path().string
         // Only a path with "." or ".." components or doubled slashes needs normalising first.
         if let decided = raw.withUTF8({ b -> String?? in
             var end = b.count
@@ -127,7 +132,7 @@ enum SourceCheck {
         }) {
             return decided
         }
-        var normal = path.lexicallyNormalized().string
+        var normal = path().lexicallyNormalized().string
         return normal.withUTF8 { kernelInterface($0) }
     }
 
@@ -145,25 +150,29 @@ enum SourceCheck {
     }
 
     static func open(_ path: FilePath, policy: SourceSymlinkPolicy, rootGuard: RootGuard? = nil) throws(FSShareError) -> Opened {
-        try open(text: path.string, path: path, policy: policy, rootGuard: rootGuard)
+        try open(text: path.string, given: path, policy: policy, rootGuard: rootGuard)
     }
 
     /// ``open(_:policy:rootGuard:)`` of a source recorded as text (the share hot path: the
-    /// text is checked and opened as it is; one `FilePath` is made, for what it returns).
+    /// text is checked and opened as it is; a `FilePath` is made only for an error or a
+    /// source reached through symlinks).
     static func open(text: String, policy: SourceSymlinkPolicy, rootGuard: RootGuard? = nil) throws(FSShareError) -> Opened {
-        try open(text: text, path: FilePath(text), policy: policy, rootGuard: rootGuard)
+        try open(text: text, given: nil, policy: policy, rootGuard: rootGuard)
     }
 
-    private static func open(text raw: String, path: FilePath, policy: SourceSymlinkPolicy, rootGuard: RootGuard?) throws(FSShareError) -> Opened {
-        guard !raw.isEmpty, !raw.utf8.contains(0), raw.utf8.first == UInt8(ascii: "/") else {
+    private static func open(text raw: String, given: FilePath?, policy: SourceSymlinkPolicy, rootGuard: RootGuard?) throws(FSShareError) -> Opened {
+        var path: FilePath { given ?? FilePath(raw) }
+        // One pass over the bytes: absolute, no NUL, and whether it is normal already.
+        let (valid, normal) = withUTF8Bytes(raw) { b in
+            (b.first == UInt8(ascii: "/") && !b.containsByte(0), ShareNaming.isNormal(b))
+        }
+        guard valid else {
             throw FSShareError(.invalidArgument, "share source \"\(raw)\" must be a non-empty absolute path")
         }
         if let problem = lexicalProblem(path, text: raw) { throw refused(path, problem) }
         // First without any symlink: then the path as given (already normal) is where the open
         // went, and the kernel need not be asked for it (readlink of /proc/self/fd). Only a
         // path with a symlink in it, which `follow` allows, is opened a second time.
-        // The byte check ShareNaming uses; lexicallyNormalized() would build a new path per share.
-        let normal = ShareNaming.isNormal(raw)
         var resolve = Sys.resolveNoMagicLinks
         if policy == .refuse || normal { resolve |= Sys.resolveNoSymlinks }
         var fd: FileDescriptor
@@ -191,17 +200,17 @@ enum SourceCheck {
             let st = try Sys.fstatx(fd, path: path)
             // Opened without a symlink from a normal path: the open went exactly where it says.
             let asGiven = withoutSymlinks && normal
-            let resolved = asGiven ? path : ((try? Sys.pathOf(fd)) ?? path)
-            let resolvedText = asGiven ? raw : resolved.string
+            let resolved: FilePath? = asGiven ? nil : ((try? Sys.pathOf(fd)) ?? path)
+            let resolvedText = resolved?.string ?? raw
             switch st.kind {
             case .regular, .directory: break
             default: throw refused(path, "it is a \(st.kind), which a shared filesystem cannot carry")
             }
             // The path as given was checked above; a path reached through symlinks is checked too.
-            if !asGiven, let problem = lexicalProblem(resolved, text: resolvedText) {
+            if let resolved, let problem = lexicalProblem(resolved, text: resolvedText) {
                 throw refused(path, "it resolves to \(resolved): \(problem.dropFirst(3))")
             }
-            if resolvedText.utf8.starts(with: "/dev/".utf8), st.kind != .regular {
+            if st.kind != .regular, resolvedText.utf8.starts(with: "/dev/".utf8) {
                 throw refused(path, "it is a \(st.kind) under /dev (host devices are not shared)")
             }
             // Kernel pseudo-filesystems all sit on anonymous devices (major 0): a filesystem on
@@ -213,8 +222,11 @@ enum SourceCheck {
                 }
             }
             if let problem = rootGuard?.problem(resolved: resolvedText, st) { throw refused(path, problem) }
-            let viaSymlinks = asGiven || resolved == (normal ? path : path.lexicallyNormalized()) ? nil : resolved
-            return Opened(fd: fd, path: resolved, kind: st.kind, resolvedThroughSymlinks: viaSymlinks)
+            guard let resolved else {
+                return Opened(fd: fd, pathText: raw, kind: st.kind, resolvedThroughSymlinks: nil)
+            }
+            let viaSymlinks = resolved == (normal ? path : path.lexicallyNormalized()) ? nil : resolved
+            return Opened(fd: fd, pathText: resolvedText, kind: st.kind, resolvedThroughSymlinks: viaSymlinks)
         } catch let error as FSShareError {
             Sys.close(fd)
             throw error

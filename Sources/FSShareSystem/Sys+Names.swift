@@ -30,6 +30,23 @@ extension Sys {
         throw fail("mkdirat", shown(dir, name))
     }
 
+    /// `statx(2)` of `name` below `dir` (a final symlink not followed), or nil when nothing is
+    /// there: for probes that expect to find nothing, which then build no error.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `name` is relative to; nil: the current directory.
+    ///   - name: a non-empty path (one component where it is used).
+    /// - Returns: the status, or nil for `ENOENT`.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno for any other failure.
+    public static func statxIfPresent(_ dir: DirFD?, named name: String) throws(SystemCallError) -> FileStatus? {
+        try FaultInjection.check("statx", shown(dir, name))
+        var raw = fsshare_statx_t()
+        let rc = name.withCString { fsshare_statx(dirfd(dir), $0, FSSHARE_AT_SYMLINK_NOFOLLOW, &raw) }
+        if rc == 0 { return FileStatus(raw) }
+        if Glibc.errno == ENOENT { return nil }
+        throw fail("statx", shown(dir, name))
+    }
+
     /// `unlinkat(2)` of `name` below `dir`.
     ///
     /// - Parameters:

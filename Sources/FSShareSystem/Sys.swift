@@ -35,14 +35,16 @@ public enum FileKind: Sendable, Equatable, CustomStringConvertible {
     ///
     /// - Parameter mode: permission bits for what is created.
     public init(mode: UInt32) {
-        switch mode & UInt32(S_IFMT) {
-        case UInt32(S_IFREG): self = .regular
-        case UInt32(S_IFDIR): self = .directory
-        case UInt32(S_IFLNK): self = .symlink
-        case UInt32(S_IFCHR): self = .characterDevice
-        case UInt32(S_IFBLK): self = .blockDevice
-        case UInt32(S_IFIFO): self = .fifo
-        case UInt32(S_IFSOCK): self = .socket
+        // The S_IF* values as literals: Glibc's imported macros are function calls, and this
+        // runs on every statx.
+        switch mode & 0o170000 {
+        case 0o100000: self = .regular
+        case 0o040000: self = .directory
+        case 0o120000: self = .symlink
+        case 0o020000: self = .characterDevice
+        case 0o060000: self = .blockDevice
+        case 0o010000: self = .fifo
+        case 0o140000: self = .socket
         default: self = .unknown
         }
     }
@@ -93,6 +95,17 @@ public struct FileStatus: Sendable, Equatable {
     public var mountAnswersKnown: Bool = true
     /// The file's kind, from ``mode``.
     public var kind: FileKind { FileKind(mode: mode) }
+}
+
+extension FileStatus {
+    /// What the C shim's statx returned.
+    init(_ raw: fsshare_statx_t) {
+        self.init(
+            mode: raw.mode, mountID: raw.mount_id, isMountRoot: raw.is_mount_root != 0, size: raw.size,
+            inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor,
+            specialMajor: raw.rdev_major, specialMinor: raw.rdev_minor, uid: raw.uid, gid: raw.gid,
+            linkCount: raw.nlink, mountAnswersKnown: raw.mount_root_known != 0 && raw.mount_id_known != 0)
+    }
 }
 
 /// The one layer of fsshare that calls the kernel. Every wrapper consults ``FaultInjection``,
@@ -177,15 +190,17 @@ public enum Sys {
     public static func statx(_ dir: DirFD?, _ path: FilePath, followSymlinks: Bool = false) throws(SystemCallError) -> FileStatus {
         try FaultInjection.check("statx", shown(dir, path))
         var flags = followSymlinks ? 0 : FSSHARE_AT_SYMLINK_NOFOLLOW
-        if path.isEmpty { flags |= FSSHARE_AT_EMPTY_PATH }
         var raw = fsshare_statx_t()
-        let rc = path.withPlatformString { fsshare_statx(dirfd(dir), $0, flags, &raw) }
+        let rc: Int32
+        if path.isEmpty {
+            // The descriptor itself: no path to convert (the hot case, once or twice per share).
+            flags |= FSSHARE_AT_EMPTY_PATH
+            rc = fsshare_statx(dirfd(dir), "", flags, &raw)
+        } else {
+            rc = path.withPlatformString { fsshare_statx(dirfd(dir), $0, flags, &raw) }
+        }
         if rc != 0 { throw fail("statx", shown(dir, path)) }
-        return FileStatus(
-            mode: raw.mode, mountID: raw.mount_id, isMountRoot: raw.is_mount_root != 0, size: raw.size,
-            inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor,
-            specialMajor: raw.rdev_major, specialMinor: raw.rdev_minor, uid: raw.uid, gid: raw.gid,
-            linkCount: raw.nlink, mountAnswersKnown: raw.mount_root_known != 0 && raw.mount_id_known != 0)
+        return FileStatus(raw)
     }
 
     /// `statx(2)` of an open descriptor.
@@ -195,8 +210,11 @@ public enum Sys {
     ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     /// - Returns: the file's status.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func fstatx(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> FileStatus {
-        try statx(DirFD(fd: fd, path: path), "")
+    public static func fstatx(_ fd: FileDescriptor, path: @autoclosure () -> FilePath) throws(SystemCallError) -> FileStatus {
+        try FaultInjection.check("statx", path())
+        var raw = fsshare_statx_t()
+        if fsshare_statx(fd.rawValue, "", FSSHARE_AT_SYMLINK_NOFOLLOW | FSSHARE_AT_EMPTY_PATH, &raw) != 0 { throw fail("statx", path()) }
+        return FileStatus(raw)
     }
 
     /// `mkdirat(2)`. Returns false when something already exists there (EEXIST).
@@ -343,10 +361,10 @@ public enum Sys {
     ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     /// - Returns: `f_type` (a filesystem magic number).
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func filesystemType(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> Int {
-        try FaultInjection.check("fstatfs", path)
+    public static func filesystemType(_ fd: FileDescriptor, path: @autoclosure () -> FilePath) throws(SystemCallError) -> Int {
+        try FaultInjection.check("fstatfs", path())
         let t = fsshare_fstatfs_type(fd.rawValue)
-        if t == -1 { throw fail("fstatfs", path) }
+        if t == -1 { throw fail("fstatfs", path()) }
         return t
     }
 
@@ -372,7 +390,9 @@ public enum Sys {
     /// - Returns: the entries (without `.` and `..`) and their `d_type`.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func listDirectory(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
-        var result: [(String, FileKind?)] = []
+        // Labelled like the return type: an unlabelled array would be converted element by
+        // element (a dynamic cast each) on the way out.
+        var result: [(name: String, kind: FileKind?)] = []
         var failure: SystemCallError?
         withUnsafeTemporaryAllocation(byteCount: 32768, alignment: 8) { buffer in
             while true {
@@ -401,7 +421,7 @@ public enum Sys {
                     case Int32(DT_UNKNOWN): kind = nil
                     default: kind = .unknown
                     }
-                    result.append((name, kind))
+                    result.append((name: name, kind: kind))
                 }
             }
         }
@@ -423,8 +443,8 @@ public enum Sys {
     ///   - bytes: the bytes to write, all of them.
     ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func writeAll(_ fd: FileDescriptor, _ bytes: [UInt8], path: FilePath) throws(SystemCallError) {
-        try FaultInjection.check("write", path)
+    public static func writeAll(_ fd: FileDescriptor, _ bytes: [UInt8], path: @autoclosure () -> FilePath) throws(SystemCallError) {
+        try FaultInjection.check("write", path())
         var offset = 0
         while offset < bytes.count {
             let n = bytes.withUnsafeBytes { buffer -> Int in
@@ -433,7 +453,7 @@ public enum Sys {
             }
             if n < 0 {
                 if Glibc.errno == EINTR { continue }
-                throw fail("write", path)
+                throw fail("write", path())
             }
             offset += n
         }
@@ -473,8 +493,8 @@ public enum Sys {
     ///   - path: what errors show for the descriptor.
     /// - Returns: the bytes read (fewer than `count` at end of file).
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func readRange(_ fd: FileDescriptor, offset: Int, count: Int, path: FilePath) throws(SystemCallError) -> [UInt8] {
-        try FaultInjection.check("read", path)
+    public static func readRange(_ fd: FileDescriptor, offset: Int, count: Int, path: @autoclosure () -> FilePath) throws(SystemCallError) -> [UInt8] {
+        try FaultInjection.check("read", path())
         guard count > 0 else { return [] }
         var failed = false
         let result = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
@@ -491,7 +511,7 @@ public enum Sys {
             }
             initialized = done
         }
-        if failed { throw fail("read", path) }
+        if failed { throw fail("read", path()) }
         return result
     }
 
@@ -623,15 +643,37 @@ public enum Sys {
     ///   - display: the path shown in errors.
     /// - Returns: the detached mount's descriptor.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func openTreeClone(_ dir: DirFD?, _ path: FilePath, recursive: Bool, display: FilePath? = nil) throws(SystemCallError) -> FileDescriptor {
-        let shownPath = display ?? shown(dir, path)
-        try FaultInjection.check("open_tree", shownPath)
+    public static func openTreeClone(_ dir: DirFD?, _ path: FilePath, recursive: Bool, display: @autoclosure () -> FilePath? = nil) throws(SystemCallError) -> FileDescriptor {
+        // Shown only in errors (and to fault injection): not built on the way through.
+        func shownPath() -> FilePath { display() ?? shown(dir, path) }
+        try FaultInjection.check("open_tree", shownPath())
         var flags = FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC
         if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
-        if path.isEmpty { flags |= UInt32(FSSHARE_AT_EMPTY_PATH) }
-        let fd = path.withPlatformString { fsshare_open_tree(dirfd(dir), $0, flags) }
-        if fd < 0 { throw fail("open_tree", shownPath) }
+        let fd: Int32
+        if path.isEmpty {
+            fd = fsshare_open_tree(dirfd(dir), "", flags | UInt32(FSSHARE_AT_EMPTY_PATH))
+        } else {
+            fd = path.withPlatformString { fsshare_open_tree(dirfd(dir), $0, flags) }
+        }
+        if fd < 0 { throw fail("open_tree", shownPath()) }
         return FileDescriptor(rawValue: fd)
+    }
+
+    /// `open_tree(2)` with `OPEN_TREE_CLONE` of the object an open descriptor refers to.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor (usually `O_PATH`).
+    ///   - recursive: include the submounts.
+    ///   - display: the path shown in errors (built only for one).
+    /// - Returns: the detached mount's descriptor.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func openTreeClone(_ fd: FileDescriptor, recursive: Bool, display: @autoclosure () -> FilePath) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("open_tree", display())
+        var flags = FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC | UInt32(FSSHARE_AT_EMPTY_PATH)
+        if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
+        let tree = fsshare_open_tree(fd.rawValue, "", flags)
+        if tree < 0 { throw fail("open_tree", display()) }
+        return FileDescriptor(rawValue: tree)
     }
 
     /// Whether the kernel has the new mount API fsshare uses (`open_tree`, Linux 5.2, and

@@ -77,7 +77,9 @@ struct Bench {
 
         print("fsshare-bench: \(iterations) iterations per cell; fsshare and floor interleaved; times in µs")
         print("op                          N   fsshare med / p99      floor med / p99     ratio med / p99    kata-min floor med / p99  fsshare/kata-min med")
-        for existing in [0, 1000] {
+        // FSSHARE_BENCH_EXISTING=0|1000 runs one of the two cells (for profiling).
+        let cells = getenv("FSSHARE_BENCH_EXISTING").flatMap { Int(String(cString: $0)) }.map { [$0] } ?? [0, 1000]
+        for existing in cells {
             run(existing: existing, iterations: iterations, t: t, source: source)
         }
     }
@@ -95,6 +97,21 @@ struct Bench {
         _ = "fsshare-bench:end".withCString { write(-1, $0, strlen($0)) }
     }
 
+    /// User and system CPU seconds of the process so far (getrusage).
+    static func cpuTimes() -> (user: Double, system: Double) {
+        var u = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &u)
+        func s(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+        return (s(u.ru_utime), s(u.ru_stime))
+    }
+
+    /// In SOLO runs: the CPU time per operation of the loop just run (setup excluded), the
+    /// part of the process's time that is user space (Swift) and the part in the kernel.
+    static func cpuLine(since start: (user: Double, system: Double), operations: Int) -> String {
+        let end = cpuTimes()
+        return "  cpu per op: user \(f((end.user - start.user) * 1e6 / Double(operations))) µs, system \(f((end.system - start.system) * 1e6 / Double(operations))) µs"
+    }
+
     static func run(existing: Int, iterations: Int, t: String, source: String) {
         let solo: String? = getenv("FSSHARE_BENCH_SOLO").map { String(cString: $0) }
         let root = t + "/root-\(existing)"
@@ -106,14 +123,17 @@ struct Bench {
               (try? sharer.prepareSync()) != nil else { fail("prepare fs") }
         let rootFD = open(root, Sys.oPath | O_DIRECTORY | O_CLOEXEC)
         var floor = floor_sandbox()
-        guard floor_prepare(rootFD, "fl", &floor) == 0 else { fail("floor prepare") }
+        // SOLO=mine builds no floor sandbox (so the run works under tools that lack the new mount
+        // API's syscalls, valgrind among them, with FSSHARE_BENCH_METHOD=legacy).
+        let withFloor = solo != "mine"
+        guard !withFloor || floor_prepare(rootFD, "fl", &floor) == 0 else { fail("floor prepare") }
         let c = Container(id: "c", rootfs: .hostMounted("/"))
         let kataSandbox = t + "/kata/sb-\(existing)"
         guard floor_kata_prepare(kataSandbox) == 0 else { fail("kata-min prepare") }
         // N existing shares in every sandbox.
         for i in 0..<existing {
             guard (try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(source), destination: FilePath("/v\(i)")))) != nil,
-                  floor_share(&floor, source, "c-0000000000000000-v\(i)", 0) == 0,
+                  !withFloor || floor_share(&floor, source, "c-0000000000000000-v\(i)", 0) == 0,
                   floor_kata_rw_share(source, kataSandbox + "/mounts/v\(i)") == 0 else { fail("existing share \(i)") }
         }
         let floorName = "c-0123456789abcdef-bench"
@@ -122,14 +142,17 @@ struct Bench {
         for readOnly in [false, true] where only == nil || only == (readOnly ? "ro" : "rw") {
             var mine = Stats(), raw = Stats(), kata = Stats()
             let mount = Mount(source: FilePath(source), destination: "/bench", options: readOnly ? ["ro"] : [])
+            let cpuStart = cpuTimes()
             for i in 0..<(iterations + iterations / 10) {
                 let record = i >= iterations / 10  // the first 10% warm up
                 let op = readOnly ? "ro share+unshare" : "rw share+unshare"
                 func measureMine() {
                     let a = now()
                     marked("\(op) \(existing) fsshare") {
-                        guard (try? sharer.shareFileSync(container: c, mount: mount)) != nil,
-                              (try? sharer.unshareFileSync(container: c, mount: mount)) != nil else { fail("fsshare share/unshare") }
+                        do {
+                            _ = try sharer.shareFileSync(container: c, mount: mount)
+                            try sharer.unshareFileSync(container: c, mount: mount)
+                        } catch { fail("fsshare share/unshare: \(error)") }
                     }
                     if record { mine.add(now() - a) }
                 }
@@ -152,11 +175,13 @@ struct Bench {
                 }
             }
             report(readOnly ? "ro share+unshare" : "rw share+unshare", existing, mine, raw, solo == nil ? kata : nil)
+            if solo != nil { print(cpuLine(since: cpuStart, operations: iterations + iterations / 10)) }
         }
         // prepare + cleanup of another sandbox while the N shares exist.
         var mine = Stats(), raw = Stats(), kata = Stats()
         let pcIterations = only == nil || only == "pc" ? iterations : 0
         guard let pc = try? LinuxFilesystemSharer(sandboxID: "pc", configuration: config) else { fail("pc") }
+        let cpuStart = cpuTimes()
         for i in 0..<(pcIterations / 2 + pcIterations / 20) {
             let record = i >= pcIterations / 20
             func measureMine() {
@@ -174,6 +199,7 @@ struct Bench {
                 }
                 if record { raw.add(now() - a) }
             }
+            if solo == "mine" { measureMine(); continue } else if solo == "floor" { measureFloor(); continue }
             if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
             let a = now()
             marked("prepare+cleanup \(existing) kata-min") {
@@ -181,14 +207,17 @@ struct Bench {
             }
             if record { kata.add(now() - a) }
         }
-        if pcIterations > 0 { report("prepare+cleanup", existing, mine, raw, kata) }
+        if pcIterations > 0 {
+            report("prepare+cleanup", existing, mine, raw, solo == nil ? kata : nil)
+            if solo != nil { print(cpuLine(since: cpuStart, operations: pcIterations / 2 + pcIterations / 20)) }
+        }
         for i in 0..<existing {
             _ = floor_unshare(&floor, "c-0000000000000000-v\(i)")
             _ = floor_kata_unshare(kataSandbox + "/mounts/v\(i)")
         }
         _ = rmdir(kataSandbox + "/private/x")
         _ = floor_kata_cleanup(kataSandbox)
-        _ = floor_cleanup(&floor, "fl")
+        if withFloor { _ = floor_cleanup(&floor, "fl") }
         guard (try? sharer.cleanupSync()) != nil else { fail("cleanup fs") }
         close(rootFD)
     }

@@ -35,6 +35,35 @@ struct NamingTests {
         #expect(ShareNaming.fnv1a64(Array("a".utf8)) == 0xaf63dc4c8601ec8c)
     }
 
+    /// A normal destination is named from its bytes in one buffer; any other goes through
+    /// normalisation. Both must give Kata's shape over the same FNV-1a input, at every length
+    /// up to and past NAME_MAX, in both layouts.
+    @Test("share names built from bytes equal the general path and the FNV-1a reference")
+    func namesFastPathAgrees() throws {
+        func reference(_ cid: String, _ path: String, _ style: SandboxLayoutStyle) -> String {
+            let hash = ShareNaming.fnv1a64(Array(cid.utf8) + [0] + Array(path.utf8))
+            let hex = String(hash, radix: 16)
+            let base = path.split(separator: "/").last.map(String.init) ?? ""
+            return (style == .go ? cid : "sandbox") + "-" + String(repeating: "0", count: 16 - hex.count) + hex + "-" + base
+        }
+        let cids = ["c", "0123456789abcdef" + String(repeating: "e", count: 48), String(repeating: "c", count: 128)]
+        var destinations = ["/a", "/etc/config", "/var/run/secrets/kubernetes.io/serviceaccount", "/données/é", "/a/...", "/x/.hidden", "/a/b.c"]
+        for n in [100, 200, 236, 237, 238, 250] { destinations.append("/d/" + String(repeating: "v", count: n)) }
+        for style in [SandboxLayoutStyle.go, .runtimeRS] {
+            for cid in cids {
+                for d in destinations {
+                    let fast = try ShareNaming.volumeName(containerID: cid, destination: FilePath(d), style: style)
+                    // A "." component makes the destination not normal: the general path.
+                    let general = try ShareNaming.volumeName(containerID: cid, destination: FilePath("/." + d), style: style)
+                    #expect(fast == general, "\(cid) \(d) \(style)")
+                    #expect(fast.utf8.count <= 255)
+                    let expected = reference(cid, d, style)
+                    if expected.utf8.count <= 255 { #expect(fast == expected, "\(cid) \(d) \(style)") }
+                }
+            }
+        }
+    }
+
     @Test("manifest escaping round-trips tabs, newlines and percent signs")
     func escaping() {
         for s in ["plain", "a\tb", "line\nbreak", "100%", "%09", "%2509\t\n%"] {
