@@ -64,13 +64,23 @@ public enum SandboxLayoutStyle: String, Sendable, Equatable, CaseIterable {
     case runtimeRS = "runtime-rs"
 
     /// Where shares are attached, relative to the sandbox directory.
-    public var mountsPath: FilePath { self == .go ? "mounts" : "rw/passthrough" }
+    public var mountsPath: FilePath { self == .go ? Paths.mounts : Paths.rwPassthrough }
     /// The directory bound read-only onto ``exportPath`` (what the guest sees the root of).
-    public var exportSourcePath: FilePath { self == .go ? "mounts" : "rw" }
+    public var exportSourcePath: FilePath { self == .go ? Paths.mounts : Paths.rw }
     /// What the hypervisor exports (virtiofsd `--shared-dir`, 9p `path=`).
-    public var exportPath: FilePath { self == .go ? "shared" : "ro" }
+    public var exportPath: FilePath { self == .go ? Paths.shared : Paths.ro }
     /// Where the shares appear in the export (the mounts directory seen through it).
-    public var exportedMountsPath: FilePath { self == .go ? "shared" : "ro/passthrough" }
+    public var exportedMountsPath: FilePath { self == .go ? Paths.shared : Paths.roPassthrough }
+
+    /// Made once: a `FilePath` literal is parsed again each time it is evaluated.
+    private enum Paths {
+        static let mounts: FilePath = "mounts"
+        static let rwPassthrough: FilePath = "rw/passthrough"
+        static let rw: FilePath = "rw"
+        static let shared: FilePath = "shared"
+        static let ro: FilePath = "ro"
+        static let roPassthrough: FilePath = "ro/passthrough"
+    }
     /// The guest path of `mounts/` below the guest shared directory.
     public var guestPrefix: String { self == .go ? "" : "passthrough/" }
 }

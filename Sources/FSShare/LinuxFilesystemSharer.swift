@@ -551,10 +551,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 if copyMode { return try copyShare(record, handle: h, policy: policy, cancellation: cancellation) }
                 var proposed = record
                 var fallback: String?
-                if h.manifest.shares[name] == nil {
+                // Looked up once, here, for both the watchable check and the share.
+                let existing = h.manifest.shares[name]
+                if existing == nil {
                     (proposed.watched, fallback) = try watchable(mount.source, text: record.source, handle: h, policy: policy)
                 }
-                let made = try share(proposed, in: h.mounts, handle: h, method: method, policy: policy)
+                let made = try share(proposed, existing: existing, in: h.mounts, handle: h, method: method, policy: policy)
                 let resolved = made.resolvedSource.map { FilePath($0) }
                 guard made.watched else {
                     return SharedFile(guestPath: layout.guestPath(name), resolvedSource: resolved, watchableFallback: fallback)
@@ -697,12 +699,16 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
     /// Shares `record.source` at `dir/<last component of record.name>`; idempotent, and a
     /// share recorded by a process that died before finishing it is finished.
     func share(_ record: ShareRecord, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
+        try share(record, existing: h.manifest.shares[record.name], in: dir, handle: h, method: method, policy: policy)
+    }
+
+    /// ``share(_:in:handle:method:policy:)`` with what the journal holds under the record's
+    /// name already looked up (it decides whether to append).
+    func share(_ record: consuming ShareRecord, existing: ShareRecord?, in dir: DirFD, handle h: SandboxHandle, method: MountMethod, policy: SourceSymlinkPolicy) throws(FSShareError) -> ShareRecord {
         // A volume's name is one component already; only `<cid>/rootfs` needs splitting.
         let leaf = !withUTF8Bytes(record.name, { $0.containsByte(UInt8(ascii: "/")) }) ? record.name
             : FilePath(record.name).lastComponent?.string ?? record.name
         var record = record
-        // Looked up once: what the journal holds for this name decides whether to append.
-        let existing = h.manifest.shares[record.name]
         if let existing {
             guard existing.source == record.source, existing.readOnly == record.readOnly,
                   existing.recursive == record.recursive, existing.kind == record.kind

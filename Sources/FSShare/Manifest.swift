@@ -94,7 +94,7 @@ final class Manifest {
     /// Settings recorded when they were first given (`A key value` lines): the shared
     /// filesystem, and in copy mode the agent address and the guest directory, so that later
     /// commands and the node's watcher need no flags to find them.
-    private(set) var settings: [String: String] = [:]
+    private(set) var settings: [String: String] = Dictionary(minimumCapacity: 4)
 
     private init(fd: FileDescriptor, directory: DirFD, sandboxID: String) {
         self.fd = fd
@@ -234,15 +234,19 @@ final class Manifest {
         parsedBytes = 0
         removals = 0
         hasHeader = false
-        settings = [:]
+        settings = Dictionary(minimumCapacity: 4)
     }
 
     /// One journal line (without its newline), split on tabs as bytes: strings are made for
     /// the fields only (splitting a `String` walks grapheme clusters, which showed up in
     /// cleanup's profile).
     private func apply(line bytes: UnsafeBufferPointer<UInt8>) throws(FSShareError) {
-        var fields: [String] = []
-        fields.reserveCapacity(9)
+        // The fields' array is kept between lines (one allocation per manifest, not per line).
+        var fields = fieldScratch
+        fieldScratch = []
+        fields.removeAll(keepingCapacity: true)
+        if fields.capacity < 9 { fields.reserveCapacity(9) }
+        defer { fieldScratch = fields }
         var start = bytes.startIndex
         var i = start
         while true {
@@ -337,6 +341,8 @@ final class Manifest {
 
     /// The journal line being written (kept to reuse its storage).
     private var scratch: [UInt8] = []
+    /// A journal line's fields while it is parsed (kept to reuse its storage).
+    private var fieldScratch: [String] = []
 
     /// One hash of the name for a new share; one recorded again keeps its place in the order.
     private func insert(_ r: ShareRecord) {

@@ -18,9 +18,20 @@ public struct SandboxLayout: Sendable, Equatable {
     /// The sandbox.
     public var sandboxID: String
     /// Where the guest mounts the shared filesystem.
-    public var guestSharedDir: String
+    public var guestSharedDir: String { didSet { sharePathPrefix = Self.sharePathPrefix(guestSharedDir, style) } }
     /// Kata's Go layout or runtime-rs's.
-    public var style: SandboxLayoutStyle
+    public var style: SandboxLayoutStyle { didSet { sharePathPrefix = Self.sharePathPrefix(guestSharedDir, style) } }
+    /// What every share's guest path begins with (`<guestSharedDir>/<prefix>`), when
+    /// appending a name is all ``guestPath(_:)`` has to do; else nil. Kept with the two above.
+    private var sharePathPrefix: String?
+
+    private static func sharePathPrefix(_ guestSharedDir: String, _ style: SandboxLayoutStyle) -> String? {
+        let slash = UInt8(ascii: "/")
+        let base = guestSharedDir.utf8
+        // A base ending in at most one slash (Kata's default ends in one); else as joinGuest does it.
+        guard base.count > 1, base.last != slash || base[base.index(base.endIndex, offsetBy: -2)] != slash else { return nil }
+        return guestSharedDir + (base.last == slash ? "" : "/") + style.guestPrefix
+    }
 
     /// The layout of sandbox `sandboxID` under `root`, in `style`, seen by the guest at `guestSharedDir`.
     ///
@@ -37,6 +48,7 @@ public struct SandboxLayout: Sendable, Equatable {
         self.sandboxID = sandboxID
         self.guestSharedDir = guestSharedDir
         self.style = style
+        self.sharePathPrefix = Self.sharePathPrefix(guestSharedDir, style)
     }
 
     /// `<root>/<sid>`: the sandbox's own directory (bound onto itself).
@@ -54,31 +66,12 @@ public struct SandboxLayout: Sendable, Equatable {
     ///
     /// - Parameter name: the share's name below the mounts directory.
     public func guestPath(_ name: String) -> String {
-        // Every share returns one: built in one allocation when the base ends in at most one
-        // slash (Kata's default ends in one) and the name has no leading one (always, in
-        // practice); else as joinGuest does it.
-        let prefix = style.guestPrefix
-        let slash = UInt8(ascii: "/")
-        let base = guestSharedDir.utf8
-        let oneTrailingSlash = base.last == slash
-        guard base.count > 1, !oneTrailingSlash || base[base.index(base.endIndex, offsetBy: -2)] != slash,
-              name.utf8.first != slash, !name.isEmpty else {
-            return Storages.joinGuest(guestSharedDir, prefix, name)
+        // Every share returns one: the prefix is worked out once per layout, and a name without
+        // a leading slash (always, in practice) is appended to it; else as joinGuest does it.
+        guard let sharePathPrefix, !name.isEmpty, name.utf8.first != UInt8(ascii: "/") else {
+            return Storages.joinGuest(guestSharedDir, style.guestPrefix, name)
         }
-        return withUTF8Bytes(guestSharedDir) { b in
-            withUTF8Bytes(prefix) { p in
-                withUTF8Bytes(name) { n in
-                    String(unsafeUninitializedCapacity: b.count + 1 + p.count + n.count) { out in
-                        var i = 0
-                        for x in b { out[i] = x; i += 1 }
-                        if !oneTrailingSlash { out[i] = slash; i += 1 }
-                        for x in p { out[i] = x; i += 1 }
-                        for x in n { out[i] = x; i += 1 }
-                        return i
-                    }
-                }
-            }
-        }
+        return sharePathPrefix + name
     }
     /// The guest path of the `watchable-bind` mirror of a share named `name`
     /// (`…/containers/watchable/<name>`; runtime-rs `…/containers/passthrough/watchable/<name>`).
