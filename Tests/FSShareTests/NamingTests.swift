@@ -136,6 +136,36 @@ struct NamingTests {
             }
         }
         #expect(SandboxLayout(root: "/r", sandboxID: "s", style: .runtimeRS).guestPath("v") == "/run/kata-containers/shared/containers/passthrough/v")
+        // The prefix a layout keeps follows changes to its guest directory and its style.
+        var layout = SandboxLayout(root: "/r", sandboxID: "s")
+        layout.guestSharedDir = "/g"
+        #expect(layout.guestPath("v") == "/g/v")
+        layout.style = .runtimeRS
+        #expect(layout.guestPath("v") == "/g/passthrough/v")
+        layout.guestSharedDir = "//"
+        #expect(layout.guestPath("v") == Storages.joinGuest("//", "passthrough/", "v"))
+    }
+
+    /// The probe for what is expected to be absent: nil for ENOENT, the status when present,
+    /// an error naming the call and the path for anything else.
+    @Test("statxIfPresent: nil when absent, the status when present, an error otherwise")
+    func statxIfPresent() throws {
+        let dir = TestEnvironment.scratch("probe")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        _ = Sys.run(["mkdir", "-p", dir + "/d"])
+        _ = Sys.run(["touch", dir + "/f"])
+        let fd = try Sys.openat(nil, FilePath(dir), flags: O_RDONLY | Sys.oDirectory)
+        defer { Sys.close(fd) }
+        let d = DirFD(fd: fd, path: FilePath(dir))
+        #expect(try Sys.statxIfPresent(d, named: "missing") == nil)
+        #expect(try Sys.statxIfPresent(d, named: "d")?.kind == .directory)
+        #expect(try Sys.statxIfPresent(d, named: "f")?.kind == .regular)
+        do {
+            _ = try Sys.statxIfPresent(d, named: "f/x")
+            Issue.record("a path through a file is an error, not absence")
+        } catch {
+            #expect(error.errno == .notDirectory && error.syscall == "statx" && "\(error)".contains(dir + "/f/x"), "\(error)")
+        }
     }
 
     @Test("mountinfo octal escapes are decoded")
