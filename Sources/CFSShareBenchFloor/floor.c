@@ -31,15 +31,15 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     CHECK(rootLock);
     CHECK(flock(rootLock, LOCK_EX));
     if (sx(out->rootfd_own, sid, 0, &st) == 0) return -EEXIST;
-    if (sx(out->rootfd_own, aside, 0, &st) == 0) return -EEXIST;
+    // The aside name is made directly (looked at only when it exists: a killed prepare's).
     CHECK(mkdirat(out->rootfd_own, aside, 0700));
     CHECK(out->lock = openat(out->rootfd_own, aside, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    // The sandbox's lock, taken before the directory has its name: the manifest needs no re-read.
+    CHECK(flock(out->lock, LOCK_EX));
     CHECK(out->manifest = openat(out->lock, "manifest", O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
     CHECK(write(out->manifest, "fsshare-manifest 1\tsb\n", 22));
     CHECK(syscall(SYS_renameat2, out->rootfd_own, aside, out->rootfd_own, sid, RENAME_NOREPLACE));
     close(rootLock);
-    CHECK(flock(out->lock, LOCK_EX));
-    CHECK(sx(out->manifest, "", AT_EMPTY_PATH, &st));
     // The self-bind with the new mount API: a private detached clone moved onto the directory,
     // then made shared through its root (the clone's descriptor, kept as `top`).
     int tree = (int)syscall(SYS_open_tree, out->lock, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
@@ -70,14 +70,13 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
 
 int floor_cleanup(floor_sandbox *sb, const char *sid) {
     struct statx st;
-    char p[320], aside[300], buf[32768];
+    char p[320], buf[32768];
     // What fsshare's cleaner does: fresh descriptors, read the manifest, one recursive detach of
     // the self-bind, then delete entry by entry.
     close(sb->rootfd_own); close(sb->lock); close(sb->top); close(sb->mounts); close(sb->manifest);
-    snprintf(aside, sizeof aside, ".%s.fsshare-prepare", sid);
     int root = openat(sb->root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
     CHECK(root);
-    if (sx(root, aside, 0, &st) == 0) return -EEXIST;
+    // The aside name is looked for only when the sandbox directory is missing.
     int lock = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     CHECK(lock);
     CHECK(flock(lock, LOCK_EX));
@@ -91,8 +90,7 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
     CHECK(sx(lock, "", AT_EMPTY_PATH, &st));
     snprintf(p, sizeof p, "/proc/self/fd/%d/%s", root, sid);
     CHECK(umount2(p, MNT_DETACH | UMOUNT_NOFOLLOW));
-    CHECK(sx(root, sid, 0, &st));
-    CHECK(sx(root, "", AT_EMPTY_PATH, &st));
+    CHECK(sx(root, sid, 0, &st));  // not a mount root: on the root's mount (no statx of the root)
     int dir = openat(root, sid, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     CHECK(dir);
     while (syscall(SYS_getdents64, dir, buf, sizeof buf) > 0) {}

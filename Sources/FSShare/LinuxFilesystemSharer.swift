@@ -272,17 +272,18 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             }
         }
         undo.add { Sys.close(lock) }
-        try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
+        // A directory this call made is locked already (since before it had its name).
+        if made == nil {
+            try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
+        }
         defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath) }
 
         // Adopt the directory only if a manifest proves it is ours: an operator's folder of the
         // same name, even an empty one, is never touched. One this call made is proven already,
-        // and its manifest is current (it was written under the lock on the root); refreshed
-        // under the sandbox lock all the same, in case another process got there in between.
+        // and its manifest is current: it was written under the sandbox's lock, held since.
         let manifest: Manifest
         if let made {
             manifest = made.manifest
-            try manifest.refresh()
         } else {
             switch SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
             case .sandbox(let existing):

@@ -32,14 +32,17 @@ struct SandboxCleaner {
         let rootDir = DirFD(fd: rootFD, path: root)
         let sid = FilePath(sandboxID)
         let sandboxPath = rootDir.display(sid)
-        // What a prepare killed before its rename leaves (a hidden, fsshare-named directory).
-        let removedPreparing = try SandboxOwnership.removeInterruptedPrepare(rootDir, sandboxID: sandboxID)
         let lock: FileDescriptor
         do {
             lock = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
         } catch {
             switch error.errno {
-            case .noSuchFileOrDirectory: return removedPreparing ? .removedInterruptedPrepare : .nothingToClean
+            case .noSuchFileOrDirectory:
+                // What a prepare killed before its rename leaves (a hidden, fsshare-named
+                // directory). Looked for only here: a prepare makes it only while the sandbox
+                // directory does not exist, and renames it to that name or removes it.
+                let removedPreparing = try SandboxOwnership.removeInterruptedPrepare(rootDir, sandboxID: sandboxID)
+                return removedPreparing ? .removedInterruptedPrepare : .nothingToClean
             case .tooManySymbolicLinkLevels, .notDirectory:
                 throw FSShareError(.refused, "\(sandboxPath) is not a directory (a symbolic link or a file), so not an fsshare sandbox; it was left alone")
             default: throw FSShareError.system("cannot open the sandbox directory \(sandboxPath)", error)
@@ -102,23 +105,24 @@ struct SandboxCleaner {
         // 4. Delete entry by entry, never crossing a mount: a mount still found in the tree (one
         //    made on the parent mount, outside the self-bind) is unmounted first, deepest first,
         //    and what cannot be unmounted is neither entered nor deleted.
-        let rootStat = try sys("cannot stat \(root)") { () throws(SystemCallError) in try Sys.statx(rootDir, "") }
         // The manifest goes after everything else in the sandbox: if deletion stops early, the
         // next cleanup still finds it.
         do throws(SystemCallError) {
             let st: FileStatus
             if let sandboxStatus { st = sandboxStatus } else { st = try Sys.statx(rootDir, sid) }
-            guard !st.isMountRoot, st.mountID == rootStat.mountID else {
+            // Not a mount root: then it is on the root's own mount (the walk from the root's
+            // descriptor crossed no mount to reach it), which every entry below must share.
+            guard st.mountAnswersKnown, !st.isMountRoot else {
                 throw SystemCallError(syscall: "umount2", path: sandboxPath, errno: .resourceBusy)
             }
             let sandboxFD = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             defer { Sys.close(sandboxFD) }
             let sandboxDir = DirFD(fd: sandboxFD, path: sandboxPath)
             for entry in try Sys.listDirectory(sandboxFD, path: sandboxPath) where entry.name != Manifest.fileName.string {
-                MountOps.removeTree(sandboxDir, FilePath(entry.name), kind: entry.kind, mountID: rootStat.mountID, unmountStrays: true, problems: &problems)
+                MountOps.removeTree(sandboxDir, FilePath(entry.name), kind: entry.kind, mountID: st.mountID, unmountStrays: true, problems: &problems)
             }
             if problems.isEmpty {
-                MountOps.removeTree(sandboxDir, Manifest.fileName, kind: .regular, mountID: rootStat.mountID, unmountStrays: false, problems: &problems)
+                MountOps.removeTree(sandboxDir, Manifest.fileName, kind: .regular, mountID: st.mountID, unmountStrays: false, problems: &problems)
             }
             if problems.isEmpty { try Sys.unlinkat(rootDir, sid, directory: true) }
         } catch {

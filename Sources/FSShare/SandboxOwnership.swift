@@ -106,23 +106,33 @@ enum SandboxOwnership {
     }
 
     /// Creates `root/sandboxID` with its manifest already inside, or finds that it exists.
-    /// Returns the new directory (open `O_RDONLY`, for its lock) and its manifest when this call
-    /// made it, nil when it existed. Serialised with other prepares by `flock` on the root.
+    /// Returns the new directory (open `O_RDONLY`, its `flock` held) and its manifest when this
+    /// call made it, nil when it existed. Serialised with other prepares by `flock` on the root.
     static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle) throws(FSShareError) -> (directory: FileDescriptor, manifest: Manifest)? {
         let sid = FilePath(sandboxID)
         let rootLock = try lockRoot(root)
         defer { Sys.close(rootLock) }
         if (try? Sys.statxIfPresent(root, named: sandboxID)) != nil { return nil }
-        try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
         let name = preparingName(sandboxID)
         let shown = root.display(name)
-        try sys("cannot create \(shown)") { () throws(SystemCallError) in _ = try Sys.mkdirat(root, name, mode: 0o700) }
+        // Made directly: the name is taken only by a prepare killed before its rename (looked
+        // at, and removed, only then; not probed first on every prepare).
+        if try !sys("cannot create \(shown)", { () throws(SystemCallError) in try Sys.mkdirat(root, name, mode: 0o700) }) {
+            try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
+            guard try sys("cannot create \(shown)", { () throws(SystemCallError) in try Sys.mkdirat(root, name, mode: 0o700) }) else {
+                throw FSShareError(.conflict, "\(shown) appeared again while the sandbox root was locked; prepare it again")
+            }
+        }
         var opened: FileDescriptor?
         do throws(FSShareError) {
             let fd = try sys("cannot open \(shown)") { () throws(SystemCallError) in
                 try Sys.openat(root, name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             }
             opened = fd
+            // The sandbox's own lock, taken before the directory has its name: no other process
+            // can lock it before this prepare is done, so nothing can be appended to the
+            // manifest meanwhile (the caller keeps the lock and need not read it back).
+            try sys("cannot lock \(shown)") { () throws(SystemCallError) in try Sys.flock(fd, operation: LOCK_EX, path: shown) }
             // The directory descriptor and the manifest stay valid across the rename (same
             // inode): the caller keeps both instead of opening and reading them again.
             let sandboxPath = root.display(sid)
