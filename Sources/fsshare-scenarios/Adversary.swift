@@ -308,6 +308,13 @@ extension Scenarios {
             try s.cleanupSync()
         }
         checks.check(digest(root) == before2, "prepare finished and cleanup removed it; the rest is unchanged")
+        // A prepare whose preparing name is taken by a look-alike (not what a killed prepare
+        // leaves) refuses, and touches nothing.
+        let fake = checks.mustFail("prepare over a look-alike of its preparing directory") {
+            try LinuxFilesystemSharer(sandboxID: "fake", configuration: config()).prepareSync()
+        }
+        let refusal = fake as? FSShareError
+        checks.check(refusal?.code == .refused && digest(root) == before2, "refused (\(refusal?.message ?? "")); the look-alike and the rest unchanged")
         // Nothing to clean.
         let nothing = checks.must("cleanup of a sandbox that does not exist") {
             try LinuxFilesystemSharer(sandboxID: "nope", configuration: config()).cleanupSync()
