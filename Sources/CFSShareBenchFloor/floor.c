@@ -126,7 +126,8 @@ int floor_share(floor_sandbox *sb, const char *source, const char *name, int rea
     struct mount_attr attr = { .attr_set = read_only ? MOUNT_ATTR_RDONLY : 0, .propagation = MS_PRIVATE };
     CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr));
     CHECK(syscall(SYS_move_mount, tree, "", sb->mounts, name, MOVE_MOUNT_F_EMPTY_PATH));
-    close(tree); close(src);
+    // The clone and the source in one call when their numbers are adjacent (as fsshare does).
+    if (tree == src + 1) syscall(SYS_close_range, src, tree, 0); else { close(tree); close(src); }
     CHECK(flock(sb->lock, LOCK_UN));
     return 0;
 }

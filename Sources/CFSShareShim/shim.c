@@ -70,6 +70,10 @@ int fsshare_open_tree(int dirfd, const char *path, unsigned flags) {
     return (int)syscall(SYS_open_tree, dirfd, path, flags);
 }
 
+int fsshare_close_range(unsigned first, unsigned last) {
+    return (int)syscall(SYS_close_range, first, last, 0);
+}
+
 int fsshare_move_mount(int from_dirfd, const char *from_path, int to_dirfd, const char *to_path, unsigned flags) {
     return (int)syscall(SYS_move_mount, from_dirfd, from_path, to_dirfd, to_path, flags);
 }

@@ -721,7 +721,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             record = existing  // recorded but not mounted: the process died in between; finish it.
         }
         let source = try SourceCheck.open(text: record.source, policy: policy, rootGuard: try h.rootGuard())
-        defer { Sys.close(source.fd) }
+        // The clone the new mount API attaches is closed with the source (one call, when
+        // their numbers are adjacent).
+        var attached: FileDescriptor?
+        defer {
+            if let attached { Sys.close(source.fd, attached) } else { Sys.close(source.fd) }
+        }
         record.isFile = source.kind == .regular
         record.resolvedSource = source.resolvedThroughSymlinks?.string
         if existing != record {
@@ -732,7 +737,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             let (target, created) = try MountOps.ownMountPoint(dir, named: leaf, directory: !record.isFile, mode: 0o755)
             defer { if let target { Sys.close(target) } }
             do throws(FSShareError) {
-                try MountOps.attach(
+                attached = try MountOps.attach(
                     source: source.fd, sourcePath: source.path, target: target, dir: dir, name: leaf, staging: { () throws(FSShareError) in try h.staging() },
                     isFile: record.isFile, readOnly: record.readOnly, recursive: record.recursive, method: method)
             } catch {

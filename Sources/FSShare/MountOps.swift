@@ -37,10 +37,14 @@ enum MountOps {
     ///
     /// `target` nil: `dir/name` is a mount point this operation has just created (see
     /// ``ownMountPoint(_:named:directory:mode:)``), named in `dir` rather than opened.
+    ///
+    /// Returns the new mount's descriptor when the new API made it (the caller closes it, with
+    /// the source's in one call when it can); nil with `mount(2)`.
+    @discardableResult
     static func attach(
         source: FileDescriptor, sourcePath: @autoclosure () -> FilePath, target given: FileDescriptor?, dir: DirFD, name nameText: String,
         staging stagingDirectory: () throws(FSShareError) -> DirFD, isFile: Bool, readOnly: Bool, recursive: Bool, method: MountMethod
-    ) throws(FSShareError) {
+    ) throws(FSShareError) -> FileDescriptor? {
         // Shown only in errors: built when one is thrown, not on every share.
         func shown() -> FilePath { dir.display(FilePath(nameText)) }
         let useNew: Bool
@@ -57,18 +61,22 @@ enum MountOps {
             let tree = try sys("cannot clone the mount of \(sourcePath())") { () throws(SystemCallError) in
                 try Sys.openTreeClone(source, recursive: recursive, display: sourcePath())
             }
-            defer { Sys.close(tree) }
-            try sys("cannot set the attributes of the share \(shown())") { () throws(SystemCallError) in
-                try Sys.mountSetattr(tree, readOnly: readOnly, recursive: recursive, propagation: UInt(MS_PRIVATE), display: shown())
-            }
-            try sys("cannot attach the share at \(shown())") { () throws(SystemCallError) in
-                if let given {
-                    try Sys.moveMount(tree, onto: given, display: shown())
-                } else {
-                    try Sys.moveMount(tree, onto: dir, named: nameText)
+            do throws(FSShareError) {
+                try sys("cannot set the attributes of the share \(shown())") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(tree, readOnly: readOnly, recursive: recursive, propagation: UInt(MS_PRIVATE), display: shown())
                 }
+                try sys("cannot attach the share at \(shown())") { () throws(SystemCallError) in
+                    if let given {
+                        try Sys.moveMount(tree, onto: given, display: shown())
+                    } else {
+                        try Sys.moveMount(tree, onto: dir, named: nameText)
+                    }
+                }
+            } catch {
+                Sys.close(tree)
+                throw error
             }
-            return
+            return tree
         }
         // The legacy mount(2) names its target through a descriptor.
         let name = FilePath(nameText)
@@ -93,7 +101,7 @@ enum MountOps {
                 try Sys.mount(source: fdPath(source), target: fdPath(target), flags: bindFlags)
             }
             try makePrivate(dir, name, shown: shown())
-            return
+            return nil
         }
         // Legacy read-only: bind into private/ (not exported), make that read-only, then bind
         // the read-only mount into mounts/. A bind of a read-only mount is read-only, so every
@@ -121,6 +129,7 @@ enum MountOps {
             try Sys.mount(source: fdPath(staged), target: fdPath(target), flags: UInt(MS_BIND))
         }
         try makePrivate(dir, name, shown: shown())
+        return nil
     }
 
     /// Makes the share just attached at `dir/name` private (it must not propagate back), or

@@ -436,6 +436,21 @@ public enum Sys {
         _ = Glibc.close(fd.rawValue)
     }
 
+    /// Closes two descriptors: one `close_range(2)` when they are adjacent numbers (a source and
+    /// the clone opened right after it, usually), else one `close` each. Only these two are
+    /// ever closed: a range is used only when it holds nothing else.
+    ///
+    /// - Parameters:
+    ///   - a: a descriptor.
+    ///   - b: another descriptor.
+    public static func close(_ a: FileDescriptor, _ b: FileDescriptor) {
+        let (low, high) = a.rawValue < b.rawValue ? (a.rawValue, b.rawValue) : (b.rawValue, a.rawValue)
+        if low >= 0, high == low + 1, fsshare_close_range(UInt32(low), UInt32(high)) == 0 { return }
+        // Not adjacent, or no close_range (before Linux 5.9): one at a time.
+        _ = Glibc.close(a.rawValue)
+        if b != a { _ = Glibc.close(b.rawValue) }
+    }
+
     /// Writes all of `bytes` (looping on short writes and EINTR).
     ///
     /// - Parameters:

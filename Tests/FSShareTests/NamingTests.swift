@@ -146,6 +146,30 @@ struct NamingTests {
         #expect(layout.guestPath("v") == Storages.joinGuest("//", "passthrough/", "v"))
     }
 
+    /// Two descriptors closed together (one close_range when adjacent) close exactly those two.
+    /// Checked by what each number names afterwards (other tests open files meanwhile, so a
+    /// freed number may already name theirs, never ours).
+    @Test("closing a pair of descriptors closes those two and nothing else")
+    func closePair() throws {
+        let dir = TestEnvironment.scratch("close-pair")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        _ = Sys.run(["mkdir", "-p", dir])
+        func names(_ fd: FileDescriptor) -> String? { try? Sys.pathOf(fd).string }
+        for adjacent in [true, false] {
+            var opened: [FileDescriptor] = []
+            for i in 0..<3 {
+                _ = Sys.run(["touch", "\(dir)/f\(i)"])
+                opened.append(try Sys.openat(nil, FilePath("\(dir)/f\(i)"), flags: O_RDONLY))
+            }
+            let (a, b, other) = adjacent ? (opened[0], opened[1], opened[2]) : (opened[0], opened[2], opened[1])
+            let (aPath, bPath, otherPath) = (names(a), names(b), names(other))
+            Sys.close(a, b)
+            #expect(names(a) != aPath && names(b) != bPath, "both closed (adjacent: \(adjacent))")
+            #expect(names(other) == otherPath, "the descriptor between or beside them stays open")
+            Sys.close(other)
+        }
+    }
+
     /// The probe for what is expected to be absent: nil for ENOENT, the status when present,
     /// an error naming the call and the path for anything else.
     @Test("statxIfPresent: nil when absent, the status when present, an error otherwise")

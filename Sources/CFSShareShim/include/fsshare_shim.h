@@ -37,6 +37,8 @@ int fsshare_open_tree(int dirfd, const char *path, unsigned flags);
 
 /// move_mount(2). -1 with errno.
 int fsshare_move_mount(int from_dirfd, const char *from_path, int to_dirfd, const char *to_path, unsigned flags);
+/// close_range(2) (Linux 5.9): closes every descriptor from first to last. -1 and errno on failure.
+int fsshare_close_range(unsigned first, unsigned last);
 
 /// mount_setattr(2) with a struct mount_attr built from the arguments. -1 with errno (ENOSYS before 5.12).
 int fsshare_mount_setattr(int dirfd, const char *path, unsigned flags, uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
