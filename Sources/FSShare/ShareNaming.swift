@@ -55,9 +55,9 @@ public enum ShareNaming {
     /// name would pass NAME_MAX (the caller then cuts it on a character boundary).
     private static func fastName(containerID cid: UnsafeBufferPointer<UInt8>, path: UnsafeBufferPointer<UInt8>, style: SandboxLayoutStyle) -> String? {
         var hash = fnv1a64Start
-        for b in cid { hash = (hash ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
-        hash = (hash ^ 0) &* 0x0000_0100_0000_01b3
-        for b in path { hash = (hash ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+        fnv1a64(&hash, cid)
+        fnv1a64(&hash, CollectionOfOne(0))
+        fnv1a64(&hash, path)
         var slash = path.count - 1
         while slash > 0 && path[slash] != UInt8(ascii: "/") { slash -= 1 }
         let base = UnsafeBufferPointer(rebasing: path[(slash + 1)...])
@@ -69,8 +69,7 @@ public enum ShareNaming {
             var i = 0
             for b in prefix { out[i] = b; i += 1 }
             out[i] = UInt8(ascii: "-"); i += 1
-            let digits: StaticString = "0123456789abcdef"
-            for k in 0..<16 { out[i + k] = digits.utf8Start[Int((hash >> UInt64(60 - 4 * k)) & 0xF)] }
+            writeHex16(hash, into: UnsafeMutableBufferPointer(rebasing: out[i..<(i + 16)]))
             i += 16
             out[i] = UInt8(ascii: "-"); i += 1
             for b in base { out[i] = b; i += 1 }
@@ -141,9 +140,15 @@ public enum ShareNaming {
 
     static func hex16(_ v: UInt64) -> String {
         String(unsafeUninitializedCapacity: 16) { buffer in
-            let digits: StaticString = "0123456789abcdef"
-            for i in 0..<16 { buffer[i] = digits.utf8Start[Int((v >> UInt64(60 - 4 * i)) & 0xF)] }
+            writeHex16(v, into: buffer)
             return 16
         }
+    }
+
+    /// `v` as 16 lowercase hex digits, into the first 16 bytes of `out`.
+    @inline(__always)
+    static func writeHex16(_ v: UInt64, into out: UnsafeMutableBufferPointer<UInt8>) {
+        let digits: StaticString = "0123456789abcdef"
+        for i in 0..<16 { out[i] = digits.utf8Start[Int((v >> UInt64(60 - 4 * i)) & 0xF)] }
     }
 }

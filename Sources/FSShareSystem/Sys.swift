@@ -188,17 +188,13 @@ public enum Sys {
     /// - Returns: the file's status.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func statx(_ dir: DirFD?, _ path: FilePath, followSymlinks: Bool = false) throws(SystemCallError) -> FileStatus {
+        // The descriptor itself: no path to convert (the hot case, once or twice per share).
+        if path.isEmpty, let dir { return try fstatx(dir.fd, path: dir.path) }
         try FaultInjection.check("statx", shown(dir, path))
         var flags = followSymlinks ? 0 : FSSHARE_AT_SYMLINK_NOFOLLOW
+        if path.isEmpty { flags |= FSSHARE_AT_EMPTY_PATH }
         var raw = fsshare_statx_t()
-        let rc: Int32
-        if path.isEmpty {
-            // The descriptor itself: no path to convert (the hot case, once or twice per share).
-            flags |= FSSHARE_AT_EMPTY_PATH
-            rc = fsshare_statx(dirfd(dir), "", flags, &raw)
-        } else {
-            rc = path.withPlatformString { fsshare_statx(dirfd(dir), $0, flags, &raw) }
-        }
+        let rc = path.withPlatformString { fsshare_statx(dirfd(dir), $0, flags, &raw) }
         if rc != 0 { throw fail("statx", shown(dir, path)) }
         return FileStatus(raw)
     }
