@@ -11,9 +11,9 @@
 #include <linux/mount.h>
 #include <errno.h>
 // hack/profile's LD_PRELOAD: valgrind 3.19 (Debian 12) does not know openat2, open_tree,
-// mount_setattr or move_mount and fails them with ENOSYS. Under it, fsshare's own code (what
-// is counted) runs its real path while these four are stood in for: openat2 by openat (with
-// O_NOFOLLOW for RESOLVE_NO_SYMLINKS); open_tree(CLONE) by an O_PATH descriptor of the same
+// mount_setattr, move_mount or open_tree_attr and fails them with ENOSYS. Under it, fsshare's own code (what
+// is counted) runs its real path while these five are stood in for: openat2 by openat (with
+// O_NOFOLLOW for RESOLVE_NO_SYMLINKS); open_tree(CLONE) and open_tree_attr by an O_PATH descriptor of the same
 // object; mount_setattr by nothing; move_mount by a bind mount of that object onto the target.
 // The kernel's side differs (no detached mounts): for instruction counts of user space only,
 // never for timing or for checking behaviour.
@@ -27,7 +27,10 @@ long syscall(long n, ...) {
         if (how->resolve & RESOLVE_NO_SYMLINKS) flags |= O_NOFOLLOW;
         return openat((int)a[0], (const char *)a[1], flags, (mode_t)how->mode);
     }
-    if (n == SYS_open_tree) {
+    // open_tree_attr (467): open_tree, its attributes dropped like mount_setattr's. The library
+    // probes it and would fall back to open_tree + mount_setattr without it; standing in keeps
+    // the counted path the one this kernel takes.
+    if (n == SYS_open_tree || n == 467) {
         const char *p = (const char *)a[1];
         return openat((int)a[0], p[0] ? p : ".", O_PATH | O_CLOEXEC);
     }

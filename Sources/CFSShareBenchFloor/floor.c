@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mount.h>
@@ -19,17 +20,47 @@ static int sx(int dir, const char *path, int flags, struct statx *st) {
     return statx(dir, path, flags | AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, st);
 }
 
+// A detached copy of `fd` with its attributes set, as the library makes it: open_tree_attr
+// where the kernel has it (probed once), else open_tree + mount_setattr.
+static int has_open_tree_attr = -1;
+static int clone_with(int fd, unsigned long long attr_set, unsigned long long propagation) {
+    struct mount_attr attr = { .attr_set = attr_set, .propagation = propagation };
+    unsigned flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH;
+    if (has_open_tree_attr < 0) {
+        struct mount_attr probe = { .propagation = MS_PRIVATE };
+        int p = (int)syscall(467, AT_FDCWD, "/", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC, &probe, sizeof probe);
+        has_open_tree_attr = p >= 0;
+        if (p >= 0) close(p);
+    }
+    if (has_open_tree_attr) return (int)syscall(467, fd, "", flags, &attr, sizeof attr);
+    int tree = (int)syscall(SYS_open_tree, fd, "", flags);
+    if (tree < 0) return -1;
+    if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) { close(tree); return -1; }
+    return tree;
+}
+
+// Closes a set of descriptors as the library does: one close_range per adjacent run.
+static int cmp_int(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
+static void close_set(int *fds, int n) {
+    qsort(fds, (size_t)n, sizeof *fds, cmp_int);
+    for (int i = 0; i < n;) {
+        int j = i;
+        while (j + 1 < n && fds[j + 1] <= fds[j] + 1) j++;
+        if (j == i) close(fds[i]); else syscall(SYS_close_range, fds[i], fds[j], 0);
+        i = j + 1;
+    }
+}
+
 int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     struct statx st;
     char aside[300];
     // What fsshare's prepare issues (strace of `hack/bench syscalls`), in order.
     snprintf(aside, sizeof aside, ".%s.fsshare-prepare", sid);
     out->root = root;
-    CHECK(out->rootfd_own = openat(root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    // The root open for reading: its own descriptor holds the root's lock.
+    CHECK(out->rootfd_own = openat(root, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     // The sandbox directory is built aside under the root's lock, manifest inside, then renamed.
-    int rootLock = openat(out->rootfd_own, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    CHECK(rootLock);
-    CHECK(flock(rootLock, LOCK_EX));
+    CHECK(flock(out->rootfd_own, LOCK_EX));
     if (sx(out->rootfd_own, sid, 0, &st) == 0) return -EEXIST;
     // The aside name is made directly (looked at only when it exists: a killed prepare's).
     CHECK(mkdirat(out->rootfd_own, aside, 0700));
@@ -37,29 +68,28 @@ int floor_prepare(int root, const char *sid, floor_sandbox *out) {
     // The sandbox's lock, taken before the directory has its name: the manifest needs no re-read.
     CHECK(flock(out->lock, LOCK_EX));
     CHECK(out->manifest = openat(out->lock, "manifest", O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-    CHECK(write(out->manifest, "fsshare-manifest 1\tsb\n", 22));
+    // The header and the first settings in one write.
+    static const char header[] = "fsshare-manifest 1\tsb\nA\tshared-fs\tvirtio-fs\nA\tguest-dir\t/run/kata-containers/shared/containers/\n";
+    CHECK(write(out->manifest, header, sizeof header - 1));
     CHECK(syscall(SYS_renameat2, out->rootfd_own, aside, out->rootfd_own, sid, RENAME_NOREPLACE));
-    close(rootLock);
+    CHECK(flock(out->rootfd_own, LOCK_UN));
     // The self-bind with the new mount API: a private detached clone moved onto the directory,
     // then made shared through its root (the clone's descriptor, kept as `top`).
-    int tree = (int)syscall(SYS_open_tree, out->lock, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    int tree = clone_with(out->lock, 0, MS_PRIVATE);
     CHECK(tree);
-    struct mount_attr priv = { .propagation = MS_PRIVATE }, shared = { .propagation = MS_SHARED };
-    CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &priv, sizeof priv));
+    struct mount_attr shared = { .propagation = MS_SHARED };
     CHECK(syscall(SYS_move_mount, tree, "", out->rootfd_own, sid, MOVE_MOUNT_F_EMPTY_PATH));
     out->top = tree;
     CHECK(syscall(SYS_mount_setattr, out->top, "", AT_EMPTY_PATH, &shared, sizeof shared));
-    CHECK(write(out->manifest, "A\tshared-fs\tvirtio-fs\nA\tguest-dir\t/run/kata-containers/shared/containers/\n", 74));
     CHECK(mkdirat(out->top, "mounts", 0750));
     CHECK(out->mounts = openat(out->top, "mounts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     CHECK(mkdirat(out->top, "shared", 0700));
     CHECK(mkdirat(out->top, "private", 0750));
     out->private_dir = -1;  // private/ is opened by the first legacy read-only share only
     // shared/: a clone of mounts/, read-only before it is attached by name, then a slave.
-    int exp = (int)syscall(SYS_open_tree, out->mounts, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    int exp = clone_with(out->mounts, MOUNT_ATTR_RDONLY, 0);
     CHECK(exp);
-    struct mount_attr ro = { .attr_set = MOUNT_ATTR_RDONLY }, slave = { .propagation = MS_SLAVE };
-    CHECK(syscall(SYS_mount_setattr, exp, "", AT_EMPTY_PATH, &ro, sizeof ro));
+    struct mount_attr slave = { .propagation = MS_SLAVE };
     CHECK(syscall(SYS_move_mount, exp, "", out->top, "shared", MOVE_MOUNT_F_EMPTY_PATH));
     CHECK(syscall(SYS_mount_setattr, exp, "", AT_EMPTY_PATH, &slave, sizeof slave));
     close(exp);
@@ -73,7 +103,8 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
     char p[320], buf[32768];
     // What fsshare's cleaner does: fresh descriptors, read the manifest, one recursive detach of
     // the self-bind, then delete entry by entry.
-    close(sb->rootfd_own); close(sb->lock); close(sb->top); close(sb->mounts); close(sb->manifest);
+    int held[] = { sb->rootfd_own, sb->lock, sb->top, sb->mounts, sb->manifest };
+    close_set(held, 5);
     int root = openat(sb->root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
     CHECK(root);
     // The aside name is looked for only when the sandbox directory is missing.
@@ -100,7 +131,8 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
     CHECK(unlinkat(dir, "mounts", AT_REMOVEDIR));
     CHECK(unlinkat(dir, "manifest", 0));
     CHECK(unlinkat(root, sid, AT_REMOVEDIR));
-    close(dir); close(manifest); close(lock); close(root);
+    int opened[] = { root, lock, manifest, dir };
+    close_set(opened, 4);
     return 0;
 }
 
@@ -121,10 +153,8 @@ int floor_share(floor_sandbox *sb, const char *source, const char *name, int rea
     CHECK(write(sb->manifest, line, (size_t)n));
     // A mount point this call created is attached by name (no symlink followed), not opened.
     CHECK(mkdirat(sb->mounts, name, 0755));
-    int tree = (int)syscall(SYS_open_tree, src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    int tree = clone_with(src, read_only ? MOUNT_ATTR_RDONLY : 0, MS_PRIVATE);
     CHECK(tree);
-    struct mount_attr attr = { .attr_set = read_only ? MOUNT_ATTR_RDONLY : 0, .propagation = MS_PRIVATE };
-    CHECK(syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr));
     CHECK(syscall(SYS_move_mount, tree, "", sb->mounts, name, MOVE_MOUNT_F_EMPTY_PATH));
     // The clone and the source in one call when their numbers are adjacent (as fsshare does).
     if (tree == src + 1) syscall(SYS_close_range, src, tree, 0); else { close(tree); close(src); }

@@ -70,6 +70,18 @@ int fsshare_open_tree(int dirfd, const char *path, unsigned flags) {
     return (int)syscall(SYS_open_tree, dirfd, path, flags);
 }
 
+#ifndef SYS_open_tree_attr
+#define SYS_open_tree_attr 467  // Linux 6.15; x86_64 and arm64 (the unified syscall table)
+#endif
+
+int fsshare_open_tree_attr(int dirfd, const char *path, unsigned flags, uint64_t attr_set, uint64_t propagation) {
+    struct mount_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.attr_set = attr_set;
+    attr.propagation = propagation;
+    return (int)syscall(SYS_open_tree_attr, dirfd, path, flags, &attr, sizeof(attr));
+}
+
 int fsshare_close_range(unsigned first, unsigned last) {
     return (int)syscall(SYS_close_range, first, last, 0);
 }

@@ -211,10 +211,17 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
 
     private func openRoot(create: Bool) throws(FSShareError) -> DirFD? {
         let root = configuration.root
-        // Opened first: it exists nearly always (no statx to ask).
+        // Opened first: it exists nearly always (no statx to ask). Open for reading, so the
+        // same descriptor can hold the root's flock (an O_PATH one cannot); O_PATH where
+        // reading is not allowed.
         for attempt in 0..<2 {
             do {
-                let fd = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
+                let fd: FileDescriptor
+                do {
+                    fd = try Sys.openat(nil, root, flags: O_RDONLY | Sys.oDirectory)
+                } catch where error.errno == .permissionDenied {
+                    fd = try Sys.openat(nil, root, flags: Sys.oPath | Sys.oDirectory)
+                }
                 return DirFD(fd: fd, path: root)
             } catch {
                 guard error.errno == .noSuchFileOrDirectory else { throw FSShareError.system("cannot open the sandbox root \(root)", error) }
@@ -256,7 +263,14 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let sandboxPath = root.display(sid)
         // A new sandbox directory appears with its manifest already inside (built aside and
         // renamed into place), so a directory without one is never fsshare's.
-        let made = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID, style: configuration.layoutStyle)
+        // What later commands and the node's watcher need to know without being told. The
+        // shared filesystem, the guest directory and the agent (copy mode's channel; with a
+        // shared filesystem, where `fsshare watch` pushes the watchable mirrors). A new
+        // sandbox's manifest is written with them; an existing one gets what changed, below.
+        let fsName = configuration.sharedFilesystem.name
+        var settings: [(key: String, value: String)] = [(RecordedSandbox.sharedFilesystemKey, fsName), (RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir)]
+        if let agent { settings.append((RecordedSandbox.agentKey, agent.address.description)) }
+        let made = try SandboxOwnership.createSandboxDirectory(root, sandboxID: sandboxID, style: configuration.layoutStyle, settings: settings)
         let created = made != nil
         let lock: FileDescriptor
         if let made {
@@ -321,12 +335,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // A detached private copy of the directory attached onto itself, then made shared
                 // there: a peer group of its own. By descriptor and name (no /proc/self/fd path
                 // lookups), and its root is kept as the sandbox's `top`.
-                let tree = try sys("cannot clone the sandbox directory \(sandboxPath)") { () throws(SystemCallError) in
-                    try Sys.openTreeClone(DirFD(fd: lock, path: sandboxPath), "", recursive: false, display: sandboxPath)
+                let tree = try sys("cannot make a private copy of the sandbox directory \(sandboxPath)") { () throws(SystemCallError) in
+                    try Sys.openTreeClone(lock, recursive: false, readOnly: false, propagation: UInt(MS_PRIVATE), display: sandboxPath)
                 }
                 undo.add { Sys.close(tree) }
                 try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
-                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_PRIVATE), display: sandboxPath)
                     try Sys.moveMount(tree, onto: root, named: sandboxID)
                 }
                 undo.add { _ = try? MountOps.unmountAll(root, sid) }
@@ -367,19 +380,14 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             undo.add { Sys.close(top) }
         }
         let sandbox = DirFD(fd: top, path: sandboxPath)
-        // What later commands and the node's watcher need to know without being told. Copy mode
-        // and a shared filesystem are different trees: a sharer configured for the other one is
-        // refused rather than allowed to turn one into the other.
-        let fsName = configuration.sharedFilesystem.name
+        // Copy mode and a shared filesystem are different trees: a sharer configured for the
+        // other one is refused rather than allowed to turn one into the other.
         if let recordedFS = manifest.settings[RecordedSandbox.sharedFilesystemKey], (recordedFS == "none") != copyMode {
             throw FSShareError(.conflict, "sandbox \(sandboxID) was prepared with shared filesystem \(recordedFS); this sharer is configured for \(fsName)")
         }
-        // One journal append for all of them. The agent: copy mode's channel; with a shared
-        // filesystem, where `fsshare watch` pushes the watchable mirrors.
-        var settings: [(key: String, value: String)] = []
-        if manifest.settings[RecordedSandbox.sharedFilesystemKey] == nil { settings.append((RecordedSandbox.sharedFilesystemKey, fsName)) }
-        settings.append((RecordedSandbox.guestDirectoryKey, configuration.guestSharedDir))
-        if let agent { settings.append((RecordedSandbox.agentKey, agent.address.description)) }
+        // One journal append for what changed (nothing, for a sandbox made just now). A
+        // recorded shared filesystem is kept (the check above refused a different kind).
+        if manifest.settings[RecordedSandbox.sharedFilesystemKey] != nil { settings.removeFirst() }
         try manifest.recordSettings(settings)
         let style = configuration.layoutStyle
         guard manifest.style == style else {
@@ -430,12 +438,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // A clone of mounts/ (a peer of the sandbox's group), read-only before it is
                 // attached, then made a slave once there: the same propagation as the bind,
                 // slave and remount below, by descriptor and name, no /proc/self/fd lookups.
-                let tree = try sys("cannot clone \(exportSource.path)") { () throws(SystemCallError) in
-                    try Sys.openTreeClone(exportSource, "", recursive: false, display: exportSource.path)
+                let tree = try sys("cannot make a read-only copy of \(exportSource.path) for \(sharedShown)") { () throws(SystemCallError) in
+                    try Sys.openTreeClone(exportSource.fd, recursive: false, readOnly: true, propagation: 0, display: exportSource.path)
                 }
                 defer { Sys.close(tree) }
                 try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
-                    try Sys.mountSetattr(tree, readOnly: true, recursive: false, propagation: 0, display: sharedShown)
                     try Sys.moveMount(tree, onto: sandbox, named: exportName.string)
                 }
                 undo.add { _ = try? MountOps.unmountAll(sandbox, exportName) }

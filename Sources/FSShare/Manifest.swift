@@ -102,7 +102,16 @@ final class Manifest {
         self.sandboxID = sandboxID
     }
 
-    deinit { Sys.close(fd) }
+    deinit { if fd.rawValue >= 0 { Sys.close(fd) } }
+
+    /// Hands the descriptor to an owner that closes it with its own (``Sys/closeAll(_:)``: one
+    /// `close_range` for adjacent numbers). The manifest holds -1 from then on, so a late use
+    /// fails with EBADF rather than reaching whatever file reuses the number.
+    func surrenderDescriptor() -> FileDescriptor {
+        let held = fd
+        fd = FileDescriptor(rawValue: -1)
+        return held
+    }
 
     /// The first line of `sandboxID`'s manifest (the layout is named unless it is Kata's Go one).
     static func headerLine(_ sandboxID: String, style: SandboxLayoutStyle = .go) -> String {
@@ -141,15 +150,17 @@ final class Manifest {
         return manifest.hasHeader ? manifest : nil
     }
 
-    /// Creates the manifest of a new sandbox, header included, in the directory
-    /// ``SandboxOwnership/createSandboxDirectory(_:sandboxID:style:)`` builds aside. That
+    /// Creates the manifest of a new sandbox, header and first settings included, in the
+    /// directory ``SandboxOwnership/createSandboxDirectory(_:sandboxID:style:settings:)`` builds aside. That
     /// directory appears under the sandbox's name (renamed into place) only once the manifest is
     /// complete, and a crash before leaves an interrupted prepare, which is removed: so the file
     /// is written under its own name directly (`O_CREAT|O_EXCL`, kept open for appending), and
     /// what was written is parsed from memory, not read back.
-    static func create(in directory: DirFD, sandboxID: String, style: SandboxLayoutStyle = .go) throws(FSShareError) -> Manifest {
+    static func create(in directory: DirFD, sandboxID: String, style: SandboxLayoutStyle = .go, settings initial: [(key: String, value: String)] = []) throws(FSShareError) -> Manifest {
         let line = headerLine(sandboxID, style: style)
-        let header = Array(line.utf8)
+        var header = Array(line.utf8)
+        // The first settings go with the header: one write.
+        for (key, value) in initial { appendSettingLine(key, value, to: &header) }
         let shown = directory.display(fileName)
         let fd = try sys("cannot create the sandbox manifest \(shown)") { () throws(SystemCallError) in
             try Sys.openat(directory, fileName, flags: O_RDWR | O_APPEND | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600)
@@ -160,6 +171,7 @@ final class Manifest {
         manifest.hasHeader = true
         manifest.style = style
         manifest.parsedBytes = header.count
+        for (key, value) in initial { manifest.settings[key] = value }
         return manifest
     }
 

@@ -58,13 +58,12 @@ enum MountOps {
         case .legacy: useNew = false
         }
         if useNew {
-            let tree = try sys("cannot clone the mount of \(sourcePath())") { () throws(SystemCallError) in
-                try Sys.openTreeClone(source, recursive: recursive, display: sourcePath())
+            // The copy is read-only (when asked) and private from the moment it exists: one
+            // open_tree_attr where the kernel has it.
+            let tree = try sys("cannot make a \(readOnly ? "read-only " : "")private copy of the mount of \(sourcePath()) for \(shown())") { () throws(SystemCallError) in
+                try Sys.openTreeClone(source, recursive: recursive, readOnly: readOnly, propagation: UInt(MS_PRIVATE), display: sourcePath())
             }
             do throws(FSShareError) {
-                try sys("cannot set the attributes of the share \(shown())") { () throws(SystemCallError) in
-                    try Sys.mountSetattr(tree, readOnly: readOnly, recursive: recursive, propagation: UInt(MS_PRIVATE), display: shown())
-                }
                 try sys("cannot attach the share at \(shown())") { () throws(SystemCallError) in
                     if let given {
                         try Sys.moveMount(tree, onto: given, display: shown())

@@ -28,7 +28,9 @@ struct SandboxCleaner {
             if error.errno == .noSuchFileOrDirectory { return .nothingToClean }
             throw FSShareError.system("cannot open the sandbox root \(root)", error)
         }
-        defer { Sys.close(rootFD) }
+        // Closed together at the end: adjacent numbers go in one close_range.
+        var opened = [rootFD]
+        defer { Sys.closeAll(opened) }
         let rootDir = DirFD(fd: rootFD, path: root)
         let sid = FilePath(sandboxID)
         let sandboxPath = rootDir.display(sid)
@@ -48,12 +50,14 @@ struct SandboxCleaner {
             default: throw FSShareError.system("cannot open the sandbox directory \(sandboxPath)", error)
             }
         }
-        defer { Sys.close(lock) }
+        opened.append(lock)
         try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
         let manifest: Manifest
         switch SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
         case .sandbox(let m):
             manifest = m
+            // Only what was read is used from here on: its descriptor closes with the others.
+            opened.append(m.surrenderDescriptor())
         case .foreign(let why):
             throw FSShareError(.refused, "\(sandboxPath) is not an fsshare sandbox (\(why)); nothing in it was unmounted or deleted")
         }
@@ -116,7 +120,7 @@ struct SandboxCleaner {
                 throw SystemCallError(syscall: "umount2", path: sandboxPath, errno: .resourceBusy)
             }
             let sandboxFD = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
-            defer { Sys.close(sandboxFD) }
+            opened.append(sandboxFD)
             let sandboxDir = DirFD(fd: sandboxFD, path: sandboxPath)
             for entry in try Sys.listDirectory(sandboxFD, path: sandboxPath) where entry.name != Manifest.fileName.string {
                 MountOps.removeTree(sandboxDir, FilePath(entry.name), kind: entry.kind, mountID: st.mountID, unmountStrays: true, problems: &problems)

@@ -81,7 +81,7 @@ enum SandboxOwnership {
         let name = preparingName(sandboxID)
         if !holdingRootLock {
             let rootLock = try lockRoot(root)
-            defer { Sys.close(rootLock) }
+            defer { rootLock.release() }
             return try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
         }
         guard isInterruptedPrepare(root, sandboxID: sandboxID) else {
@@ -108,10 +108,11 @@ enum SandboxOwnership {
     /// Creates `root/sandboxID` with its manifest already inside, or finds that it exists.
     /// Returns the new directory (open `O_RDONLY`, its `flock` held) and its manifest when this
     /// call made it, nil when it existed. Serialised with other prepares by `flock` on the root.
-    static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle) throws(FSShareError) -> (directory: FileDescriptor, manifest: Manifest)? {
+    /// `settings` are journalled with the manifest's header (one write).
+    static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle, settings: [(key: String, value: String)] = []) throws(FSShareError) -> (directory: FileDescriptor, manifest: Manifest)? {
         let sid = FilePath(sandboxID)
         let rootLock = try lockRoot(root)
-        defer { Sys.close(rootLock) }
+        defer { rootLock.release() }
         if (try? Sys.statxIfPresent(root, named: sandboxID)) != nil { return nil }
         let name = preparingName(sandboxID)
         let shown = root.display(name)
@@ -136,7 +137,7 @@ enum SandboxOwnership {
             // The directory descriptor and the manifest stay valid across the rename (same
             // inode): the caller keeps both instead of opening and reading them again.
             let sandboxPath = root.display(sid)
-            let manifest = try Manifest.create(in: DirFD(fd: fd, path: sandboxPath), sandboxID: sandboxID, style: style)
+            let manifest = try Manifest.create(in: DirFD(fd: fd, path: sandboxPath), sandboxID: sandboxID, style: style, settings: settings)
             try sys("cannot move \(shown) into place") { () throws(SystemCallError) in
                 try Sys.renameat(root, name, root, sid, noReplace: true)
             }
@@ -148,9 +149,29 @@ enum SandboxOwnership {
         }
     }
 
-    /// An exclusive `flock` on the sandbox root (released when the descriptor is closed): held
-    /// only while a sandbox directory is created or a preparing one removed.
-    private static func lockRoot(_ root: DirFD) throws(FSShareError) -> FileDescriptor {
+    /// An exclusive `flock` on the sandbox root, held only while a sandbox directory is created
+    /// or a preparing one removed.
+    private struct RootLock {
+        let fd: FileDescriptor
+        /// The lock has a descriptor of its own (closing it unlocks), not the root's.
+        let owned: Bool
+        let path: FilePath
+
+        func release() {
+            if owned { Sys.close(fd) } else { try? Sys.flock(fd, operation: LOCK_UN, path: path) }
+        }
+    }
+
+    /// Locks the root through its own descriptor when that is open for reading (prepare opens
+    /// it so: no second open and close); an `O_PATH` one cannot hold a `flock` (EBADF), so then
+    /// through a descriptor of its own.
+    private static func lockRoot(_ root: DirFD) throws(FSShareError) -> RootLock {
+        do {
+            try Sys.flock(root.fd, operation: LOCK_EX, path: root.path)
+            return RootLock(fd: root.fd, owned: false, path: root.path)
+        } catch {
+            if error.errno != .badFileDescriptor { throw FSShareError.system("cannot lock the sandbox root \(root.path)", error) }
+        }
         let fd = try sys("cannot open the sandbox root \(root.path)") { () throws(SystemCallError) in
             try Sys.openat(root, ".", flags: O_RDONLY | Sys.oDirectory)
         }
@@ -160,7 +181,7 @@ enum SandboxOwnership {
             Sys.close(fd)
             throw FSShareError.system("cannot lock the sandbox root \(root.path)", error)
         }
-        return fd
+        return RootLock(fd: fd, owned: true, path: root.path)
     }
 
     // MARK: - The kernel's mount-point answer

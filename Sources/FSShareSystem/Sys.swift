@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CFSShareShim
 import SystemPackage
+import Synchronization
 
 /// An open directory (usually `O_PATH`) and the path it was opened at, kept together so that
 /// `*at` calls relative to it report a full path in their errors. It does not own the fd.
@@ -447,6 +448,32 @@ public enum Sys {
         if b != a { _ = Glibc.close(b.rawValue) }
     }
 
+    /// Closes every descriptor given (negative ones skipped, duplicates once): one
+    /// `close_range(2)` per run of adjacent numbers, one `close` for a number alone. A range
+    /// only ever spans numbers that are all in `fds`.
+    ///
+    /// - Parameter fds: the descriptors, in any order.
+    public static func closeAll(_ fds: [FileDescriptor]) {
+        var numbers = fds.map(\.rawValue).filter { $0 >= 0 }
+        numbers.sort()
+        var i = 0
+        while i < numbers.count {
+            var j = i
+            while j + 1 < numbers.count && numbers[j + 1] <= numbers[j] + 1 { j += 1 }
+            // numbers[i...j]: one run (a repeated number continues it, closed once).
+            let (low, high) = (numbers[i], numbers[j])
+            if high == low || fsshare_close_range(UInt32(low), UInt32(high)) != 0 {
+                // Alone, or no close_range (before Linux 5.9): one at a time.
+                var last: Int32 = -1
+                for n in numbers[i...j] where n != last {
+                    _ = Glibc.close(n)
+                    last = n
+                }
+            }
+            i = j + 1
+        }
+    }
+
     /// Writes all of `bytes` (looping on short writes and EINTR).
     ///
     /// - Parameters:
@@ -644,47 +671,62 @@ public enum Sys {
         if rc != 0 { throw fail("umount2", target) }
     }
 
-    /// `open_tree(2)` with `OPEN_TREE_CLONE` (a detached copy of the mount at `path`);
-    /// `recursive` adds `AT_RECURSIVE` (carry submounts). `path` empty clones `dir` itself.
-    ///
-    /// - Parameters:
-    ///   - dir: the directory `path` is relative to; nil: the current directory.
-    ///   - path: the path, relative to `dir`.
-    ///   - recursive: include the submounts.
-    ///   - display: the path shown in errors.
-    /// - Returns: the detached mount's descriptor.
-    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func openTreeClone(_ dir: DirFD?, _ path: FilePath, recursive: Bool, display: @autoclosure () -> FilePath? = nil) throws(SystemCallError) -> FileDescriptor {
-        // Shown only in errors (and to fault injection): not built on the way through.
-        func shownPath() -> FilePath { display() ?? shown(dir, path) }
-        try FaultInjection.check("open_tree", shownPath())
-        var flags = FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC
-        if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
-        let fd: Int32
-        if path.isEmpty {
-            fd = fsshare_open_tree(dirfd(dir), "", flags | UInt32(FSSHARE_AT_EMPTY_PATH))
-        } else {
-            fd = path.withPlatformString { fsshare_open_tree(dirfd(dir), $0, flags) }
-        }
-        if fd < 0 { throw fail("open_tree", shownPath()) }
-        return FileDescriptor(rawValue: fd)
-    }
-
-    /// `open_tree(2)` with `OPEN_TREE_CLONE` of the object an open descriptor refers to.
+    /// `open_tree(2)` with `OPEN_TREE_CLONE` of the object `fd` refers to, with mount attributes
+    /// set on the copy before anything can see or attach it: `open_tree_attr(2)` (Linux 6.15),
+    /// one call, and no descriptor exists until the attributes are on; on an older kernel
+    /// `open_tree` then `mount_setattr` on the still-detached copy (closed again if that fails).
+    /// Fault injection sees both names, in that order, on either path.
     ///
     /// - Parameters:
     ///   - fd: the descriptor (usually `O_PATH`).
-    ///   - recursive: include the submounts.
+    ///   - recursive: include the submounts (and set the attributes on all of them).
+    ///   - readOnly: make the copy read-only.
+    ///   - propagation: the copy's propagation (`MS_PRIVATE`, ...), or 0 to leave it.
     ///   - display: the path shown in errors (built only for one).
     /// - Returns: the detached mount's descriptor.
-    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func openTreeClone(_ fd: FileDescriptor, recursive: Bool, display: @autoclosure () -> FilePath) throws(SystemCallError) -> FileDescriptor {
+    /// - Throws: ``SystemCallError`` naming the call (`open_tree_attr`, `open_tree` or
+    ///   `mount_setattr`), the path and errno.
+    public static func openTreeClone(_ fd: FileDescriptor, recursive: Bool, readOnly: Bool, propagation: UInt, display: @autoclosure () -> FilePath) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("open_tree", display())
+        try FaultInjection.check("mount_setattr", display())
         var flags = FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC | UInt32(FSSHARE_AT_EMPTY_PATH)
+        // AT_RECURSIVE means both "clone the submounts" and "set their attributes too".
         if recursive { flags |= UInt32(FSSHARE_AT_RECURSIVE) }
+        let attrSet = readOnly ? FSSHARE_MOUNT_ATTR_RDONLY : 0
+        if hasOpenTreeAttr() {
+            let tree = fsshare_open_tree_attr(fd.rawValue, "", flags, attrSet, UInt64(propagation))
+            if tree < 0 { throw fail("open_tree_attr", display()) }
+            return FileDescriptor(rawValue: tree)
+        }
         let tree = fsshare_open_tree(fd.rawValue, "", flags)
         if tree < 0 { throw fail("open_tree", display()) }
+        var setFlags = UInt32(FSSHARE_AT_EMPTY_PATH)
+        if recursive { setFlags |= UInt32(FSSHARE_AT_RECURSIVE) }
+        if fsshare_mount_setattr(tree, "", setFlags, attrSet, 0, UInt64(propagation)) != 0 {
+            let error = fail("mount_setattr", display())
+            _ = Glibc.close(tree)  // a detached copy: closing it dissolves it
+            throw error
+        }
         return FileDescriptor(rawValue: tree)
+    }
+
+    /// -1 unknown, 0 no `open_tree_attr`, 1 has it. Probed on first use.
+    private static let openTreeAttrState = Atomic<Int>(-1)
+
+    /// Whether `open_tree_attr(2)` works here (probed once: a private detached copy of "/").
+    /// A seccomp filter that refuses it reads as absent, so the two-call path is used.
+    /// Fault injection can say no (`open_tree_attr_probe=ENOSYS`) to exercise that path.
+    public static func hasOpenTreeAttr() -> Bool {
+        let s = openTreeAttrState.load(ordering: .relaxed)
+        if s >= 0 { return s == 1 }
+        var ok = (try? FaultInjection.check("open_tree_attr_probe", "/")) != nil
+        if ok {
+            let fd = fsshare_open_tree_attr(AT_FDCWD, "/", FSSHARE_OPEN_TREE_CLONE | FSSHARE_OPEN_TREE_CLOEXEC, 0, UInt64(MS_PRIVATE))
+            ok = fd >= 0
+            if ok { _ = Glibc.close(fd) }
+        }
+        openTreeAttrState.store(ok ? 1 : 0, ordering: .relaxed)
+        return ok
     }
 
     /// Whether the kernel has the new mount API fsshare uses (`open_tree`, Linux 5.2, and

@@ -24,7 +24,19 @@ struct ScenarioMain {
         let s = Scenarios(work: work, checks: checks, selfPath: args[0])
         switch args[1] {
         case "lifecycle": await s.lifecycle()
-        case "guest-view-new-api": s.guestView(method: .newAPI)
+        case "guest-view-new-api":
+            print("open_tree_attr: \(Sys.hasOpenTreeAttr() ? "used (one call per copy)" : "absent: open_tree + mount_setattr")")
+            s.guestView(method: .newAPI)
+        case "guest-view-two-call-clone":
+            // The path for kernels before 6.15 (or a seccomp filter without open_tree_attr):
+            // the probe is told no before anything uses it, so every copy is open_tree then
+            // mount_setattr; the guest must see exactly the same.
+            s.requireFaultInjection()
+            FaultInjection.install(FaultInjection.parse("open_tree_attr_probe=ENOSYS") ?? [])
+            checks.check(!Sys.hasOpenTreeAttr(), "the open_tree_attr probe says no under the fault")
+            FaultInjection.install([])
+            s.guestView(method: .newAPI)
+            s.rollback()
         case "guest-view-legacy": s.guestView(method: .legacy)
         case "guest-view-runtime-rs": s.guestView(method: .newAPI, style: .runtimeRS)
         case "refusals": s.refusals()
@@ -410,7 +422,7 @@ struct Scenarios {
         // and manifest creation leaves nothing.
         let newAPIFaults = ["open_tree#1=ENOMEM", "mount_setattr#1=EINVAL", "move_mount#1=EPERM", "mount_setattr#2=EIO",
                             "open_tree#2=ENOMEM", "mount_setattr#3=EINVAL", "move_mount#2=EPERM", "mount_setattr#4=EIO",
-                            "mkdirat#3=EACCES", "openat#3=EACCES", "write#1=ENOSPC"]
+                            "mkdirat#3=EACCES", "openat#2=EACCES", "openat#3=EACCES", "write#1=ENOSPC", "flock#2=EIO"]
         let legacyFaults = ["mount#1=EPERM", "mount#2=EIO", "mount#3=EIO", "mount#4=EPERM", "mount#5=EIO", "mount#6=EIO", "mkdirat#3=EACCES"]
         for (method, fault) in newAPIFaults.map({ (MountMethod.automatic, $0) }) + legacyFaults.map({ (MountMethod.legacy, $0) }) {
             FaultInjection.install(FaultInjection.parse(fault) ?? [])

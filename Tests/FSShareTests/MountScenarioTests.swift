@@ -11,7 +11,7 @@ struct MountScenarioTests {
         "scenario",
         .enabled(if: TestEnvironment.canMount, "needs root with CAP_SYS_ADMIN to make mount namespaces"),
         arguments: [
-            "lifecycle", "guest-view-new-api", "guest-view-legacy", "guest-view-runtime-rs", "refusals", "rollback", "crash",
+            "lifecycle", "guest-view-new-api", "guest-view-two-call-clone", "guest-view-legacy", "guest-view-runtime-rs", "refusals", "rollback", "crash",
             "no-delete-through-mounts", "status-leaks", "adversary", "foreign", "mount-probe", "watchable", "image-rootfs", "layered-rootfs", "image-on-host",
         ])
     func scenario(_ name: String) {

@@ -170,6 +170,37 @@ struct NamingTests {
         }
     }
 
+    /// A set of descriptors closed together (close_range per adjacent run) closes exactly that
+    /// set: runs, a lone number, a repeated one and a negative one, with kept descriptors
+    /// between and beside them.
+    @Test("closing a set of descriptors closes that set and nothing else")
+    func closeSet() throws {
+        let dir = TestEnvironment.scratch("close-set")
+        defer { _ = Sys.run(["rm", "-rf", dir]) }
+        _ = Sys.run(["mkdir", "-p", dir])
+        func names(_ fd: FileDescriptor) -> String? { try? Sys.pathOf(fd).string }
+        var opened: [FileDescriptor] = []
+        for i in 0..<8 {
+            _ = Sys.run(["touch", "\(dir)/f\(i)"])
+            opened.append(try Sys.openat(nil, FilePath("\(dir)/f\(i)"), flags: O_RDONLY))
+        }
+        // Closed: 0, 1, 2 (a run, given out of order and 1 twice), 4 (alone), 6, 7 (a run).
+        // Kept: 3 and 5, between the runs.
+        let closed = [opened[2], opened[0], opened[1], opened[1], opened[4], opened[7], opened[6], FileDescriptor(rawValue: -1)]
+        let kept = [opened[3], opened[5]]
+        let before = opened.map(names)
+        Sys.closeAll(closed)
+        for fd in Set(closed.map(\.rawValue)) where fd >= 0 {
+            let i = try #require(opened.firstIndex { $0.rawValue == fd })
+            #expect(names(opened[i]) != before[i], "f\(i) closed")
+        }
+        for fd in kept {
+            let i = try #require(opened.firstIndex(of: fd))
+            #expect(names(fd) == before[i], "f\(i) stays open")
+            Sys.close(fd)
+        }
+    }
+
     /// The probe for what is expected to be absent: nil for ENOENT, the status when present,
     /// an error naming the call and the path for anything else.
     @Test("statxIfPresent: nil when absent, the status when present, an error otherwise")

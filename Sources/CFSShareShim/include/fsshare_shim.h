@@ -35,6 +35,10 @@ int fsshare_openat2(int dirfd, const char *path, int flags, unsigned mode, uint6
 /// open_tree(2). -1 with errno (ENOSYS before 5.2).
 int fsshare_open_tree(int dirfd, const char *path, unsigned flags);
 
+/// open_tree_attr(2) (Linux 6.15): open_tree with the mount attributes (attr_set, propagation)
+/// applied before the descriptor exists. -1 with errno (ENOSYS before 6.15).
+int fsshare_open_tree_attr(int dirfd, const char *path, unsigned flags, uint64_t attr_set, uint64_t propagation);
+
 /// move_mount(2). -1 with errno.
 int fsshare_move_mount(int from_dirfd, const char *from_path, int to_dirfd, const char *to_path, unsigned flags);
 /// close_range(2) (Linux 5.9): closes every descriptor from first to last. -1 and errno on failure.
