@@ -260,7 +260,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         undo.add { Sys.close(root.fd) }
         let sid = FilePath(sandboxID)
-        let sandboxPath = root.display(sid)
+        // The sandbox directory's path, built only for a message.
+        let rootPath = root.path, sandboxID = sandboxID
+        func sandboxPath() -> FilePath { rootPath.appending(sandboxID) }
         // A new sandbox directory appears with its manifest already inside (built aside and
         // renamed into place), so a directory without one is never fsshare's.
         // What later commands and the node's watcher need to know without being told. The
@@ -280,17 +282,17 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 lock = try Sys.openat(root, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             } catch {
                 if error.errno == .tooManySymbolicLinkLevels || error.errno == .notDirectory {
-                    throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it is not a directory (a symbolic link or a file); it was left alone")
+                    throw FSShareError(.refused, "refusing to use \(sandboxPath()) as sandbox \(sandboxID): it is not a directory (a symbolic link or a file); it was left alone")
                 }
-                throw FSShareError.system("cannot open \(sandboxPath)", error)
+                throw FSShareError.system("cannot open \(sandboxPath())", error)
             }
         }
         undo.add { Sys.close(lock) }
         // A directory this call made is locked already (since before it had its name).
         if made == nil {
-            try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
+            try sys("cannot lock \(sandboxPath())") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath()) }
         }
-        defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath) }
+        defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandboxPath()) }
 
         // Adopt the directory only if a manifest proves it is ours: an operator's folder of the
         // same name, even an empty one, is never touched. One this call made is proven already,
@@ -299,11 +301,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         if let made {
             manifest = made.manifest
         } else {
-            switch SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
+            switch SandboxOwnership.inspect(DirFD(fd: lock, in: rootPath, name: sandboxID), sandboxID: sandboxID) {
             case .sandbox(let existing):
                 manifest = existing
             case .foreign(let why):
-                throw FSShareError(.refused, "refusing to use \(sandboxPath) as sandbox \(sandboxID): it exists and is not an fsshare sandbox (\(why)); it was left alone")
+                throw FSShareError(.refused, "refusing to use \(sandboxPath()) as sandbox \(sandboxID): it exists and is not an fsshare sandbox (\(why)); it was left alone")
             }
         }
         if created {
@@ -335,28 +337,28 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // A detached private copy of the directory attached onto itself, then made shared
                 // there: a peer group of its own. By descriptor and name (no /proc/self/fd path
                 // lookups), and its root is kept as the sandbox's `top`.
-                let tree = try sys("cannot make a private copy of the sandbox directory \(sandboxPath)") { () throws(SystemCallError) in
-                    try Sys.openTreeClone(lock, recursive: false, readOnly: false, propagation: UInt(MS_PRIVATE), display: sandboxPath)
+                let tree = try sys("cannot make a private copy of the sandbox directory \(sandboxPath())") { () throws(SystemCallError) in
+                    try Sys.openTreeClone(lock, recursive: false, readOnly: false, propagation: UInt(MS_PRIVATE), display: sandboxPath())
                 }
                 undo.add { Sys.close(tree) }
-                try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
+                try sys("cannot bind the sandbox directory \(sandboxPath()) onto itself") { () throws(SystemCallError) in
                     try Sys.moveMount(tree, onto: root, named: sandboxID)
                 }
                 undo.add { _ = try? MountOps.unmountAll(root, sid) }
                 // Once attached, the clone's descriptor is the root of the very mount just made
                 // there: nothing to reopen and check (it cannot be a substitute).
                 selfBindTop = tree
-                try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
-                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_SHARED), display: sandboxPath)
+                try sys("cannot make \(sandboxPath()) a shared mount") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_SHARED), display: sandboxPath())
                 }
             } else if needsSelfBind {
-                try sys("cannot bind the sandbox directory \(sandboxPath) onto itself") { () throws(SystemCallError) in
+                try sys("cannot bind the sandbox directory \(sandboxPath()) onto itself") { () throws(SystemCallError) in
                     try Sys.mount(source: MountOps.fdPath(lock), target: MountOps.fdPath(lock), flags: UInt(MS_BIND))
                 }
                 undo.add { _ = try? MountOps.unmountAll(root, sid) }
                 let selfBind = try MountOps.mountRoot(root, sid)
                 defer { Sys.close(selfBind) }
-                try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                try sys("cannot make \(sandboxPath()) a shared mount") { () throws(SystemCallError) in
                     try Sys.mount(source: nil, target: MountOps.fdPath(selfBind), flags: UInt(MS_PRIVATE))
                     try Sys.mount(source: nil, target: MountOps.fdPath(selfBind), flags: UInt(MS_SHARED))
                 }
@@ -364,7 +366,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // Left by an earlier prepare (or made by the operator): make sure it propagates.
                 let selfBind = try MountOps.mountRoot(root, sid)
                 defer { Sys.close(selfBind) }
-                try sys("cannot make \(sandboxPath) a shared mount") { () throws(SystemCallError) in
+                try sys("cannot make \(sandboxPath()) a shared mount") { () throws(SystemCallError) in
                     try Sys.mount(source: nil, target: MountOps.fdPath(selfBind), flags: UInt(MS_SHARED))
                 }
             }
@@ -374,12 +376,12 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         if let selfBindTop {
             top = selfBindTop
         } else {
-            top = try sys("cannot open \(sandboxPath)") { () throws(SystemCallError) in
+            top = try sys("cannot open \(sandboxPath())") { () throws(SystemCallError) in
                 try Sys.openat(root, sid, flags: Sys.oPath | Sys.oDirectory | Sys.oNoFollow)
             }
             undo.add { Sys.close(top) }
         }
-        let sandbox = DirFD(fd: top, path: sandboxPath)
+        let sandbox = DirFD(fd: top, in: rootPath, name: sandboxID)
         // Copy mode and a shared filesystem are different trees: a sharer configured for the
         // other one is refused rather than allowed to turn one into the other.
         if let recordedFS = manifest.settings[RecordedSandbox.sharedFilesystemKey], (recordedFS == "none") != copyMode {
@@ -406,7 +408,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         let exportSource = try ownDirectory(sandbox, style.exportSourcePath, mode: 0o750).dir
         let mounts = style == .go ? exportSource : try ownDirectory(exportSource, "passthrough", mode: 0o750).dir
         let exportName = style.exportPath
-        let sharedShown = sandbox.display(exportName)
+        // Built only for a message.
+        func sharedShown() -> FilePath { sandbox.display(exportName) }
         // With the new mount API the export is attached by name (no descriptor of it needed).
         var export: DirFD?
         let exportCreated: Bool
@@ -415,7 +418,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             if made.created { undo.add { try? Sys.unlinkat(sandbox, exportName, directory: true) } }
             if let fd = made.fd {
                 undo.add { Sys.close(fd) }
-                export = DirFD(fd: fd, path: sharedShown)
+                export = DirFD(fd: fd, in: sandbox.path, name: exportName.string)
             }
             exportCreated = made.created
         } else {
@@ -438,20 +441,20 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // A clone of mounts/ (a peer of the sandbox's group), read-only before it is
                 // attached, then made a slave once there: the same propagation as the bind,
                 // slave and remount below, by descriptor and name, no /proc/self/fd lookups.
-                let tree = try sys("cannot make a read-only copy of \(exportSource.path) for \(sharedShown)") { () throws(SystemCallError) in
+                let tree = try sys("cannot make a read-only copy of \(exportSource.path) for \(sharedShown())") { () throws(SystemCallError) in
                     try Sys.openTreeClone(exportSource.fd, recursive: false, readOnly: true, propagation: 0, display: exportSource.path)
                 }
                 defer { Sys.close(tree) }
-                try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
+                try sys("cannot bind \(exportSource.path) onto \(sharedShown())") { () throws(SystemCallError) in
                     try Sys.moveMount(tree, onto: sandbox, named: exportName.string)
                 }
                 undo.add { _ = try? MountOps.unmountAll(sandbox, exportName) }
-                try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
-                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_SLAVE), display: sharedShown)
+                try sys("cannot make \(sharedShown()) a read-only slave") { () throws(SystemCallError) in
+                    try Sys.mountSetattr(tree, readOnly: false, recursive: false, propagation: UInt(MS_SLAVE), display: sharedShown())
                 }
                 boundFromDescriptor = true
             } else if needsBind, let export {
-                try sys("cannot bind \(exportSource.path) onto \(sharedShown)") { () throws(SystemCallError) in
+                try sys("cannot bind \(exportSource.path) onto \(sharedShown())") { () throws(SystemCallError) in
                     try Sys.mount(source: MountOps.fdPath(exportSource.fd), target: MountOps.fdPath(export.fd), flags: UInt(MS_BIND))
                 }
                 undo.add { _ = try? MountOps.unmountAll(sandbox, exportName) }
@@ -460,7 +463,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // Slave: receives every bind made under the mounts directory, sends nothing back.
                 // Read-only: the guest can never create, rename or replace anything at the top
                 // of the export.
-                try sys("cannot make \(sharedShown) a read-only slave") { () throws(SystemCallError) in
+                try sys("cannot make \(sharedShown()) a read-only slave") { () throws(SystemCallError) in
                     try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_SLAVE))
                     try Sys.mount(source: nil, target: MountOps.fdPath(shared), flags: UInt(MS_BIND | MS_REMOUNT | MS_RDONLY))
                 }
@@ -473,9 +476,9 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             // new shares would silently never reach the guest. One cloned from mounts/' own
             // descriptor just now shows it by construction.
             if !boundFromDescriptor {
-                let exported = try sys("cannot stat \(sharedShown)") { () throws(SystemCallError) in try Sys.statx(sandbox, exportName) }
+                let exported = try sys("cannot stat \(sharedShown())") { () throws(SystemCallError) in try Sys.statx(sandbox, exportName) }
                 guard SourceCheck.RootGuard.Identity(exported) == SourceCheck.RootGuard.Identity(own) else {
-                    throw FSShareError(.conflict, "\(sharedShown) does not export \(exportSource.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
+                    throw FSShareError(.conflict, "\(sharedShown()) does not export \(exportSource.path) (the directory was replaced after prepare); run cleanup for sandbox \(sandboxID) and prepare it again")
                 }
             }
         }

@@ -75,6 +75,8 @@ public struct ShareRecord: Sendable, Equatable {
 /// was not made yet.
 final class Manifest {
     static let fileName: FilePath = "manifest"
+    /// ``fileName`` as text (compared with directory listings' names).
+    static let fileNameText = "manifest"
     static let header = "fsshare-manifest 1"
 
     private(set) var fd: FileDescriptor
@@ -161,12 +163,13 @@ final class Manifest {
         var header = Array(line.utf8)
         // The first settings go with the header: one write.
         for (key, value) in initial { appendSettingLine(key, value, to: &header) }
-        let shown = directory.display(fileName)
-        let fd = try sys("cannot create the sandbox manifest \(shown)") { () throws(SystemCallError) in
-            try Sys.openat(directory, fileName, flags: O_RDWR | O_APPEND | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600)
+        // The path is built only for a message.
+        func shown() -> FilePath { directory.display(fileName) }
+        let fd = try sys("cannot create the sandbox manifest \(shown())") { () throws(SystemCallError) in
+            try Sys.openat(directory, named: fileNameText, flags: O_RDWR | O_APPEND | O_CREAT | O_EXCL | Sys.oNoFollow, mode: 0o600)
         }
         let manifest = Manifest(fd: fd, directory: directory, sandboxID: sandboxID)
-        try sys("cannot write the sandbox manifest \(shown)") { () throws(SystemCallError) in try Sys.writeAll(fd, header, path: shown) }
+        try sys("cannot write the sandbox manifest \(shown())") { () throws(SystemCallError) in try Sys.writeAll(fd, header, path: shown()) }
         // What parsing the header just written would set.
         manifest.hasHeader = true
         manifest.style = style

@@ -353,19 +353,25 @@ enum MountOps {
     /// `kind` is what the directory listing said the entry is (its `d_type`), if it said: a
     /// hint for which of rmdir and unlink to try first, never trusted for anything else.
     static func removeTree(_ dir: DirFD, _ name: FilePath, kind: FileKind? = nil, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
+        removeTree(dir, named: name.string, kind: kind, mountID: mountID, unmountStrays: unmountStrays, problems: &problems)
+    }
+
+    /// ``removeTree(_:_:kind:mountID:unmountStrays:problems:)`` of an entry named by text (a
+    /// directory listing's): no path is built unless the careful walk is needed.
+    static func removeTree(_ dir: DirFD, named text: String, kind: FileKind? = nil, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
         // An empty directory or a plain entry goes in one call: rmdir and unlink never cross a
         // mount (on a mount point in this namespace they fail with EBUSY) and never follow a
         // link. Anything else (not empty, busy) takes the careful walk below.
         let fileFirst = kind != nil && kind != .directory
         do {
-            try Sys.unlinkat(dir, name, directory: !fileFirst)
+            try Sys.unlinkat(dir, named: text, directory: !fileFirst)
             return
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory: return
             case .notDirectory where !fileFirst, .isDirectory where fileFirst:
                 do {
-                    try Sys.unlinkat(dir, name, directory: fileFirst)
+                    try Sys.unlinkat(dir, named: text, directory: fileFirst)
                     return
                 } catch {
                     if error.errno == .noSuchFileOrDirectory { return }
@@ -373,6 +379,12 @@ enum MountOps {
             default: break
             }
         }
+        removeTreeCarefully(dir, FilePath(text), mountID: mountID, unmountStrays: unmountStrays, problems: &problems)
+    }
+
+    /// The walk for what one unlink or rmdir could not remove: checks the mount, enters
+    /// directories by descriptor, unmounts strays when asked.
+    private static func removeTreeCarefully(_ dir: DirFD, _ name: FilePath, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
         let shown = dir.display(name)
         var st: FileStatus
         do {
@@ -396,7 +408,7 @@ enum MountOps {
                 defer { Sys.close(child) }
                 let childDir = DirFD(fd: child, path: shown)
                 for entry in try Sys.listDirectory(child, path: shown) {
-                    removeTree(childDir, FilePath(entry.name), mountID: mountID, unmountStrays: unmountStrays, problems: &problems)
+                    removeTree(childDir, named: entry.name, kind: entry.kind, mountID: mountID, unmountStrays: unmountStrays, problems: &problems)
                 }
             } catch {
                 problems.append("\(error)")

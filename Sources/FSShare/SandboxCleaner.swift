@@ -32,11 +32,12 @@ struct SandboxCleaner {
         var opened = [rootFD]
         defer { Sys.closeAll(opened) }
         let rootDir = DirFD(fd: rootFD, path: root)
-        let sid = FilePath(sandboxID)
-        let sandboxPath = rootDir.display(sid)
+        // The sandbox directory's path is built only for a message.
+        let root = root, sandboxID = sandboxID
+        func sandboxPath() -> FilePath { root.appending(sandboxID) }
         let lock: FileDescriptor
         do {
-            lock = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            lock = try Sys.openat(rootDir, named: sandboxID, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory:
@@ -46,32 +47,33 @@ struct SandboxCleaner {
                 let removedPreparing = try SandboxOwnership.removeInterruptedPrepare(rootDir, sandboxID: sandboxID)
                 return removedPreparing ? .removedInterruptedPrepare : .nothingToClean
             case .tooManySymbolicLinkLevels, .notDirectory:
-                throw FSShareError(.refused, "\(sandboxPath) is not a directory (a symbolic link or a file), so not an fsshare sandbox; it was left alone")
-            default: throw FSShareError.system("cannot open the sandbox directory \(sandboxPath)", error)
+                throw FSShareError(.refused, "\(sandboxPath()) is not a directory (a symbolic link or a file), so not an fsshare sandbox; it was left alone")
+            default: throw FSShareError.system("cannot open the sandbox directory \(sandboxPath())", error)
             }
         }
         opened.append(lock)
-        try sys("cannot lock \(sandboxPath)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath) }
+        try sys("cannot lock \(sandboxPath())") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandboxPath()) }
         let manifest: Manifest
-        switch SandboxOwnership.inspect(DirFD(fd: lock, path: sandboxPath), sandboxID: sandboxID) {
+        // The lock's descriptor is the sandbox directory as its top mount shows it: the anchor
+        // for what follows.
+        let top = DirFD(fd: lock, in: root, name: sandboxID)
+        switch SandboxOwnership.inspect(top, sandboxID: sandboxID) {
         case .sandbox(let m):
             manifest = m
             // Only what was read is used from here on: its descriptor closes with the others.
             opened.append(m.surrenderDescriptor())
         case .foreign(let why):
-            throw FSShareError(.refused, "\(sandboxPath) is not an fsshare sandbox (\(why)); nothing in it was unmounted or deleted")
+            throw FSShareError(.refused, "\(sandboxPath()) is not an fsshare sandbox (\(why)); nothing in it was unmounted or deleted")
         }
         var problems: [String] = []
 
-        // 1. Shares the manifest knows, deepest first. The lock's descriptor is the sandbox
-        //    directory as its top mount shows it: the anchor for what follows.
-        let top = DirFD(fd: lock, path: sandboxPath)
+        // 1. Shares the manifest knows, deepest first.
         // The sandbox's own mount (prepare's self-bind) is there: every share and the export
         // were attached below it, and detaching it in step 3 detaches them all (MNT_DETACH is
         // recursive and propagates like one unmount each): steps 1 and 2 are skipped, one
         // unmount and its RCU grace period per mount fewer. Anything mounted elsewhere (on
         // the directory below the self-bind) is still found and unmounted by step 4.
-        let selfBound = (try? Sys.fstatx(lock, path: sandboxPath)).map { $0.mountAnswersKnown && $0.isMountRoot } ?? false
+        let selfBound = (try? Sys.fstatx(lock, path: sandboxPath())).map { $0.mountAnswersKnown && $0.isMountRoot } ?? false
         let recorded = selfBound ? [] : manifest.orderedShares.filter { $0.kind != .rootfsDirectory && $0.kind != .rootfsImage && $0.kind != .rootfsLayers && $0.kind != .copy }
         for record in recorded.sorted(by: { $0.name.split(separator: "/").count > $1.name.split(separator: "/").count }) {
             let path = manifest.style.mountsPath.appending(record.name)
@@ -96,7 +98,7 @@ struct SandboxCleaner {
         // 3. The sandbox self-bind (detaching it also detaches anything left below it). What
         //    the last look saw of the directory serves the check before deleting.
         var sandboxStatus: FileStatus?
-        do { sandboxStatus = try MountOps.unmountAllReporting(rootDir, sid).status } catch { problems.append("\(error)") }
+        do { sandboxStatus = try MountOps.unmountAllReporting(rootDir, FilePath(sandboxID)).status } catch { problems.append("\(error)") }
 
         guard problems.isEmpty else {
             throw FSShareError(.incompleteCleanup, "cleanup of sandbox \(sandboxID) left mounts behind; nothing was deleted: " + problems.joined(separator: "; "))
@@ -113,22 +115,22 @@ struct SandboxCleaner {
         // next cleanup still finds it.
         do throws(SystemCallError) {
             let st: FileStatus
-            if let sandboxStatus { st = sandboxStatus } else { st = try Sys.statx(rootDir, sid) }
+            if let sandboxStatus { st = sandboxStatus } else { st = try Sys.statx(rootDir, FilePath(sandboxID)) }
             // Not a mount root: then it is on the root's own mount (the walk from the root's
             // descriptor crossed no mount to reach it), which every entry below must share.
             guard st.mountAnswersKnown, !st.isMountRoot else {
-                throw SystemCallError(syscall: "umount2", path: sandboxPath, errno: .resourceBusy)
+                throw SystemCallError(syscall: "umount2", path: sandboxPath(), errno: .resourceBusy)
             }
-            let sandboxFD = try Sys.openat(rootDir, sid, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            let sandboxFD = try Sys.openat(rootDir, named: sandboxID, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             opened.append(sandboxFD)
-            let sandboxDir = DirFD(fd: sandboxFD, path: sandboxPath)
-            for entry in try Sys.listDirectory(sandboxFD, path: sandboxPath) where entry.name != Manifest.fileName.string {
-                MountOps.removeTree(sandboxDir, FilePath(entry.name), kind: entry.kind, mountID: st.mountID, unmountStrays: true, problems: &problems)
+            let sandboxDir = DirFD(fd: sandboxFD, in: root, name: sandboxID)
+            for entry in try Sys.listDirectory(sandboxFD, path: sandboxPath()) where entry.name != Manifest.fileNameText {
+                MountOps.removeTree(sandboxDir, named: entry.name, kind: entry.kind, mountID: st.mountID, unmountStrays: true, problems: &problems)
             }
             if problems.isEmpty {
-                MountOps.removeTree(sandboxDir, Manifest.fileName, kind: .regular, mountID: st.mountID, unmountStrays: false, problems: &problems)
+                MountOps.removeTree(sandboxDir, named: Manifest.fileNameText, kind: .regular, mountID: st.mountID, unmountStrays: false, problems: &problems)
             }
-            if problems.isEmpty { try Sys.unlinkat(rootDir, sid, directory: true) }
+            if problems.isEmpty { try Sys.unlinkat(rootDir, named: sandboxID, directory: true) }
         } catch {
             if error.errno != .noSuchFileOrDirectory { problems.append("\(error)") }
         }

@@ -110,36 +110,35 @@ enum SandboxOwnership {
     /// call made it, nil when it existed. Serialised with other prepares by `flock` on the root.
     /// `settings` are journalled with the manifest's header (one write).
     static func createSandboxDirectory(_ root: DirFD, sandboxID: String, style: SandboxLayoutStyle, settings: [(key: String, value: String)] = []) throws(FSShareError) -> (directory: FileDescriptor, manifest: Manifest)? {
-        let sid = FilePath(sandboxID)
         let rootLock = try lockRoot(root)
         defer { rootLock.release() }
         if (try? Sys.statxIfPresent(root, named: sandboxID)) != nil { return nil }
-        let name = preparingName(sandboxID)
-        let shown = root.display(name)
+        let name = preparingText(sandboxID)
+        // Paths are built only for messages.
+        func shown() -> FilePath { root.display(FilePath(name)) }
         // Made directly: the name is taken only by a prepare killed before its rename (looked
         // at, and removed, only then; not probed first on every prepare).
-        if try !sys("cannot create \(shown)", { () throws(SystemCallError) in try Sys.mkdirat(root, name, mode: 0o700) }) {
+        if try !sys("cannot create \(shown())", { () throws(SystemCallError) in try Sys.mkdirat(root, named: name, mode: 0o700) }) {
             try removeInterruptedPrepare(root, sandboxID: sandboxID, holdingRootLock: true)
-            guard try sys("cannot create \(shown)", { () throws(SystemCallError) in try Sys.mkdirat(root, name, mode: 0o700) }) else {
-                throw FSShareError(.conflict, "\(shown) appeared again while the sandbox root was locked; prepare it again")
+            guard try sys("cannot create \(shown())", { () throws(SystemCallError) in try Sys.mkdirat(root, named: name, mode: 0o700) }) else {
+                throw FSShareError(.conflict, "\(shown()) appeared again while the sandbox root was locked; prepare it again")
             }
         }
         var opened: FileDescriptor?
         do throws(FSShareError) {
-            let fd = try sys("cannot open \(shown)") { () throws(SystemCallError) in
-                try Sys.openat(root, name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
+            let fd = try sys("cannot open \(shown())") { () throws(SystemCallError) in
+                try Sys.openat(root, named: name, flags: O_RDONLY | Sys.oDirectory | Sys.oNoFollow)
             }
             opened = fd
             // The sandbox's own lock, taken before the directory has its name: no other process
             // can lock it before this prepare is done, so nothing can be appended to the
             // manifest meanwhile (the caller keeps the lock and need not read it back).
-            try sys("cannot lock \(shown)") { () throws(SystemCallError) in try Sys.flock(fd, operation: LOCK_EX, path: shown) }
+            try sys("cannot lock \(shown())") { () throws(SystemCallError) in try Sys.flock(fd, operation: LOCK_EX, path: shown()) }
             // The directory descriptor and the manifest stay valid across the rename (same
             // inode): the caller keeps both instead of opening and reading them again.
-            let sandboxPath = root.display(sid)
-            let manifest = try Manifest.create(in: DirFD(fd: fd, path: sandboxPath), sandboxID: sandboxID, style: style, settings: settings)
-            try sys("cannot move \(shown) into place") { () throws(SystemCallError) in
-                try Sys.renameat(root, name, root, sid, noReplace: true)
+            let manifest = try Manifest.create(in: DirFD(fd: fd, in: root.path, name: sandboxID), sandboxID: sandboxID, style: style, settings: settings)
+            try sys("cannot move \(shown()) into place") { () throws(SystemCallError) in
+                try Sys.renameat(root, named: name, to: sandboxID, noReplace: true)
             }
             return (fd, manifest)
         } catch {

@@ -88,6 +88,40 @@ extension Sys {
         if rc != 0 { throw fail("move_mount", shown(dir, name)) }
     }
 
+    /// `renameat2(2)` of `from` to `to`, both entries of `dir` given as text.
+    ///
+    /// - Parameters:
+    ///   - dir: the directory holding both.
+    ///   - from: the entry to move.
+    ///   - to: its new name.
+    ///   - noReplace: fail with `EEXIST` instead of replacing the target (`RENAME_NOREPLACE`).
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func renameat(_ dir: DirFD, named from: String, to: String, noReplace: Bool = false) throws(SystemCallError) {
+        try FaultInjection.check("renameat", shown(dir, to))
+        let flags = noReplace ? FSSHARE_RENAME_NOREPLACE : 0
+        let rc = from.withCString { f in to.withCString { t in fsshare_renameat2(dir.fd.rawValue, f, dir.fd.rawValue, t, flags) } }
+        if rc != 0 { throw fail("renameat", shown(dir, to)) }
+    }
+
+    /// `openat(2)` of `name` below `dir` given as text (always `O_CLOEXEC`; retried on `EINTR`).
+    ///
+    /// - Parameters:
+    ///   - dir: the directory `name` is relative to; nil: the current directory.
+    ///   - name: the entry (one component on the hot path).
+    ///   - flags: open flags.
+    ///   - mode: permission bits for what is created.
+    /// - Returns: the new descriptor.
+    /// - Throws: ``SystemCallError`` naming the call, the path and errno.
+    public static func openat(_ dir: DirFD?, named name: String, flags: Int32, mode: mode_t = 0) throws(SystemCallError) -> FileDescriptor {
+        try FaultInjection.check("openat", shown(dir, name))
+        while true {
+            let fd = name.withCString { Glibc.openat(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, mode) }
+            if fd >= 0 { return FileDescriptor(rawValue: fd) }
+            if Glibc.errno == EINTR { continue }
+            throw fail("openat", shown(dir, name))
+        }
+    }
+
     /// `openat2(2)` of a path given as text (always `O_CLOEXEC`; retried on `EINTR`/`EAGAIN`).
     ///
     /// - Parameters:

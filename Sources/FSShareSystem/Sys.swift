@@ -10,8 +10,21 @@ import Synchronization
 public struct DirFD: Sendable {
     /// The open directory (often `O_PATH`).
     public var fd: FileDescriptor
-    /// Its path, for messages only: calls go through `fd`.
-    public var path: FilePath
+    /// Its path, for messages only: calls go through `fd`. Built when asked for, for a
+    /// directory given as a parent and a name.
+    public var path: FilePath {
+        get {
+            guard let leaf else { return base }
+            return base.appending(leaf)
+        }
+        set {
+            base = newValue
+            leaf = nil
+        }
+    }
+    private var base: FilePath
+    private var leaf: String?
+
     /// A directory open at `fd`, shown as `path` in errors.
     ///
     /// - Parameters:
@@ -19,7 +32,21 @@ public struct DirFD: Sendable {
     ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     public init(fd: FileDescriptor, path: FilePath) {
         self.fd = fd
-        self.path = path
+        self.base = path
+        self.leaf = nil
+    }
+
+    /// A directory open at `fd`, shown as `parent/name` in errors; that path is built only
+    /// when something shows it.
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - parent: the path of the directory holding it.
+    ///   - name: its name there (one component).
+    public init(fd: FileDescriptor, in parent: FilePath, name: String) {
+        self.fd = fd
+        self.base = parent
+        self.leaf = name
     }
     /// The full path of `name` below this directory, for messages.
     ///
@@ -386,7 +413,7 @@ public enum Sys {
     ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     /// - Returns: the entries (without `.` and `..`) and their `d_type`.
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func listDirectory(_ fd: FileDescriptor, path: FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
+    public static func listDirectory(_ fd: FileDescriptor, path: @autoclosure () -> FilePath) throws(SystemCallError) -> [(name: String, kind: FileKind?)] {
         // Labelled like the return type: an unlabelled array would be converted element by
         // element (a dynamic cast each) on the way out.
         var result: [(name: String, kind: FileKind?)] = []
@@ -396,7 +423,7 @@ public enum Sys {
                 let n = fsshare_getdents64(fd.rawValue, buffer.baseAddress, buffer.count)
                 if n < 0 {
                     if Glibc.errno == EINTR { continue }
-                    failure = fail("getdents64", path)
+                    failure = fail("getdents64", path())
                     return
                 }
                 if n == 0 { return }
@@ -454,23 +481,34 @@ public enum Sys {
     ///
     /// - Parameter fds: the descriptors, in any order.
     public static func closeAll(_ fds: [FileDescriptor]) {
-        var numbers = fds.map(\.rawValue).filter { $0 >= 0 }
-        numbers.sort()
-        var i = 0
-        while i < numbers.count {
-            var j = i
-            while j + 1 < numbers.count && numbers[j + 1] <= numbers[j] + 1 { j += 1 }
-            // numbers[i...j]: one run (a repeated number continues it, closed once).
-            let (low, high) = (numbers[i], numbers[j])
-            if high == low || fsshare_close_range(UInt32(low), UInt32(high)) != 0 {
-                // Alone, or no close_range (before Linux 5.9): one at a time.
-                var last: Int32 = -1
-                for n in numbers[i...j] where n != last {
-                    _ = Glibc.close(n)
-                    last = n
+        // Sorted on the stack (a handful of numbers, insertion sort): no allocation.
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: fds.count) { numbers in
+            var count = 0
+            for fd in fds where fd.rawValue >= 0 {
+                var k = count
+                while k > 0 && numbers[k - 1] > fd.rawValue {
+                    numbers[k] = numbers[k - 1]
+                    k -= 1
                 }
+                numbers[k] = fd.rawValue
+                count += 1
             }
-            i = j + 1
+            var i = 0
+            while i < count {
+                var j = i
+                while j + 1 < count && numbers[j + 1] <= numbers[j] + 1 { j += 1 }
+                // numbers[i...j]: one run (a repeated number continues it, closed once).
+                let (low, high) = (numbers[i], numbers[j])
+                if high == low || fsshare_close_range(UInt32(low), UInt32(high)) != 0 {
+                    // Alone, or no close_range (before Linux 5.9): one at a time.
+                    var last: Int32 = -1
+                    for n in numbers[i...j] where n != last {
+                        _ = Glibc.close(n)
+                        last = n
+                    }
+                }
+                i = j + 1
+            }
         }
     }
 
@@ -572,10 +610,10 @@ public enum Sys {
     ///   - operation: `LOCK_EX`, `LOCK_SH` or `LOCK_UN`.
     ///   - path: what errors show for the descriptor (the call itself uses `fd`).
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
-    public static func flock(_ fd: FileDescriptor, operation: Int32, path: FilePath) throws(SystemCallError) {
-        try FaultInjection.check("flock", path)
+    public static func flock(_ fd: FileDescriptor, operation: Int32, path: @autoclosure () -> FilePath) throws(SystemCallError) {
+        try FaultInjection.check("flock", path())
         while fsshare_flock(fd.rawValue, operation) != 0 {
-            if Glibc.errno != EINTR { throw fail("flock", path) }
+            if Glibc.errno != EINTR { throw fail("flock", path()) }
         }
     }
 
