@@ -114,11 +114,8 @@ extension Sys {
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openat(_ dir: DirFD?, named name: String, flags: Int32, mode: mode_t = 0) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("openat", shown(dir, name))
-        while true {
-            let fd = name.withCString { Glibc.openat(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, mode) }
-            if fd >= 0 { return FileDescriptor(rawValue: fd) }
-            if Glibc.errno == EINTR { continue }
-            throw fail("openat", shown(dir, name))
+        return try retryingOpen(failing: shown(dir, name)) {
+            name.withCString { Glibc.openat(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, mode) }
         }
     }
 

@@ -184,11 +184,18 @@ public enum Sys {
     /// - Throws: ``SystemCallError`` naming the call, the path and errno.
     public static func openat(_ dir: DirFD?, _ path: FilePath, flags: Int32, mode: mode_t = 0) throws(SystemCallError) -> FileDescriptor {
         try FaultInjection.check("openat", shown(dir, path))
+        return try retryingOpen(failing: shown(dir, path)) {
+            path.withPlatformString { Glibc.openat(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, mode) }
+        }
+    }
+
+    /// Runs an `openat` until it is not interrupted: its descriptor, or the error naming `failing`.
+    static func retryingOpen(failing: @autoclosure () -> FilePath, _ open: () -> Int32) throws(SystemCallError) -> FileDescriptor {
         while true {
-            let fd = path.withPlatformString { Glibc.openat(dirfd(dir), $0, flags | FSSHARE_O_CLOEXEC, mode) }
+            let fd = open()
             if fd >= 0 { return FileDescriptor(rawValue: fd) }
             if Glibc.errno == EINTR { continue }
-            throw fail("openat", shown(dir, path))
+            throw fail("openat", failing())
         }
     }
 

@@ -146,6 +146,19 @@ struct NamingTests {
         #expect(layout.guestPath("v") == Storages.joinGuest("//", "passthrough/", "v"))
     }
 
+    /// `count` new files f0, f1, ... in `dir`, opened one after another (adjacent numbers,
+    /// unless another test opens something meanwhile).
+    private func openFiles(_ count: Int, in dir: String) throws -> [FileDescriptor] {
+        _ = Sys.run(["mkdir", "-p", dir])
+        return try (0..<count).map { i in
+            _ = Sys.run(["touch", "\(dir)/f\(i)"])
+            return try Sys.openat(nil, FilePath("\(dir)/f\(i)"), flags: O_RDONLY)
+        }
+    }
+
+    /// What a descriptor names now (nil once closed; another test may reuse the number).
+    private func names(_ fd: FileDescriptor) -> String? { try? Sys.pathOf(fd).string }
+
     /// Two descriptors closed together (one close_range when adjacent) close exactly those two.
     /// Checked by what each number names afterwards (other tests open files meanwhile, so a
     /// freed number may already name theirs, never ours).
@@ -153,14 +166,8 @@ struct NamingTests {
     func closePair() throws {
         let dir = TestEnvironment.scratch("close-pair")
         defer { _ = Sys.run(["rm", "-rf", dir]) }
-        _ = Sys.run(["mkdir", "-p", dir])
-        func names(_ fd: FileDescriptor) -> String? { try? Sys.pathOf(fd).string }
         for adjacent in [true, false] {
-            var opened: [FileDescriptor] = []
-            for i in 0..<3 {
-                _ = Sys.run(["touch", "\(dir)/f\(i)"])
-                opened.append(try Sys.openat(nil, FilePath("\(dir)/f\(i)"), flags: O_RDONLY))
-            }
+            let opened = try openFiles(3, in: dir)
             let (a, b, other) = adjacent ? (opened[0], opened[1], opened[2]) : (opened[0], opened[2], opened[1])
             let (aPath, bPath, otherPath) = (names(a), names(b), names(other))
             Sys.close(a, b)
@@ -177,13 +184,7 @@ struct NamingTests {
     func closeSet() throws {
         let dir = TestEnvironment.scratch("close-set")
         defer { _ = Sys.run(["rm", "-rf", dir]) }
-        _ = Sys.run(["mkdir", "-p", dir])
-        func names(_ fd: FileDescriptor) -> String? { try? Sys.pathOf(fd).string }
-        var opened: [FileDescriptor] = []
-        for i in 0..<8 {
-            _ = Sys.run(["touch", "\(dir)/f\(i)"])
-            opened.append(try Sys.openat(nil, FilePath("\(dir)/f\(i)"), flags: O_RDONLY))
-        }
+        let opened = try openFiles(8, in: dir)
         // Closed: 0, 1, 2 (a run, given out of order and 1 twice), 4 (alone), 6, 7 (a run).
         // Kept: 3 and 5, between the runs.
         let closed = [opened[2], opened[0], opened[1], opened[1], opened[4], opened[7], opened[6], FileDescriptor(rawValue: -1)]
