@@ -401,7 +401,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             let entry = try MountOps.ownEntry(dir, name, directory: true, mode: mode)
             undo.add { Sys.close(entry.fd) }
             if entry.created { undo.add { try? Sys.unlinkat(dir, name, directory: true) } }
-            return (DirFD(fd: entry.fd, path: dir.display(name)), entry.created)
+            return (DirFD(fd: entry.fd, below: dir, name: name.string), entry.created)
         }
         // Go: mounts/ is exported through shared/. runtime-rs: rw/ is exported through ro/, and
         // shares go to rw/passthrough/.
@@ -418,7 +418,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
             if made.created { undo.add { try? Sys.unlinkat(sandbox, exportName, directory: true) } }
             if let fd = made.fd {
                 undo.add { Sys.close(fd) }
-                export = DirFD(fd: fd, in: sandbox.path, name: exportName.string)
+                export = DirFD(fd: fd, below: sandbox, name: exportName.string)
             }
             exportCreated = made.created
         } else {

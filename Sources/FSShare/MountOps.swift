@@ -165,9 +165,10 @@ enum MountOps {
     /// never made by fsshare) is removed, never followed, and the entry made anew. Anything
     /// else of the wrong kind is refused. `created` says whether this call made it.
     static func ownEntry(_ dir: DirFD, _ name: FilePath, directory: Bool, mode: mode_t) throws(FSShareError) -> (fd: FileDescriptor, created: Bool) {
-        let shown = dir.display(name)
+        // Built only for a message.
+        func shown() -> FilePath { dir.display(name) }
         for _ in 0..<4 {
-            let created = try sys("cannot create \(shown)") { () throws(SystemCallError) in
+            let created = try sys("cannot create \(shown())") { () throws(SystemCallError) in
                 directory ? try Sys.mkdirat(dir, name, mode: mode) : try Sys.mkfileat(dir, name, mode: mode)
             }
             if directory {
@@ -177,7 +178,7 @@ enum MountOps {
                     return (try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow | Sys.oDirectory), created)
                 } catch {
                     if error.errno == .noSuchFileOrDirectory { continue }  // removed meanwhile: make it again
-                    if error.errno != .notDirectory { throw FSShareError.system("cannot open \(shown)", error) }
+                    if error.errno != .notDirectory { throw FSShareError.system("cannot open \(shown())", error) }
                 }
             }
             let fd: FileDescriptor
@@ -185,27 +186,27 @@ enum MountOps {
                 fd = try Sys.openat(dir, name, flags: Sys.oPath | Sys.oNoFollow)
             } catch {
                 if error.errno == .noSuchFileOrDirectory { continue }  // removed meanwhile: make it again
-                throw FSShareError.system("cannot open \(shown)", error)
+                throw FSShareError.system("cannot open \(shown())", error)
             }
             let st: FileStatus
             do {
-                st = try Sys.fstatx(fd, path: shown)
+                st = try Sys.fstatx(fd, path: shown())
             } catch {
                 Sys.close(fd)
-                throw FSShareError.system("cannot stat \(shown)", error)
+                throw FSShareError.system("cannot stat \(shown())", error)
             }
             if st.kind == (directory ? .directory : .regular) { return (fd, created) }
             Sys.close(fd)
             guard st.kind == .symlink else {
-                throw FSShareError(.conflict, "\(shown) exists and is a \(st.kind), not the \(directory ? "directory" : "file") fsshare expects there; it was left alone")
+                throw FSShareError(.conflict, "\(shown()) exists and is a \(st.kind), not the \(directory ? "directory" : "file") fsshare expects there; it was left alone")
             }
             do {
                 try Sys.unlinkat(dir, name, directory: false)
             } catch {
-                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove the symbolic link planted at \(shown)", error) }
+                if error.errno != .noSuchFileOrDirectory { throw FSShareError.system("cannot remove the symbolic link planted at \(shown())", error) }
             }
         }
-        throw FSShareError(.conflict, "\(shown) kept being replaced while fsshare made it; refusing")
+        throw FSShareError(.conflict, "\(shown()) kept being replaced while fsshare made it; refusing")
     }
 
     /// ``ownEntry(_:_:directory:mode:)`` for a mount point that is about to be attached to, its

@@ -87,11 +87,10 @@ final class SandboxHandle: @unchecked Sendable {
     /// successor means the sandbox is gone; then the handle is marked stale and `notPrepared`
     /// is thrown before `body` runs.
     func locked<T>(_ body: () throws(FSShareError) -> T) throws(FSShareError) -> T {
-        let shown = sandbox.path
         threads.lock()
         defer { threads.unlock() }
-        try sys("cannot lock the sandbox \(shown)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: shown) }
-        defer { try? Sys.flock(lock, operation: LOCK_UN, path: shown) }
+        try sys("cannot lock the sandbox \(sandbox.path)") { () throws(SystemCallError) in try Sys.flock(lock, operation: LOCK_EX, path: sandbox.path) }
+        defer { try? Sys.flock(lock, operation: LOCK_UN, path: sandbox.path) }
         do {
             try manifest.refresh()
         } catch {

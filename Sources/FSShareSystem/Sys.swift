@@ -48,6 +48,19 @@ public struct DirFD: Sendable {
         self.base = parent
         self.leaf = name
     }
+
+    /// A directory open at `fd`, shown as `parent`'s path followed by `name`; built only when
+    /// something shows it (also when `parent`'s own path is still unbuilt).
+    ///
+    /// - Parameters:
+    ///   - fd: the descriptor.
+    ///   - parent: the directory holding it.
+    ///   - name: its name there (one or more components).
+    public init(fd: FileDescriptor, below parent: DirFD, name: String) {
+        self.fd = fd
+        self.base = parent.base
+        self.leaf = parent.leaf.map { $0 + "/" + name } ?? name
+    }
     /// The full path of `name` below this directory, for messages.
     ///
     /// - Parameter name: the entry name in `dir`.
