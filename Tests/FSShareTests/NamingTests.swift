@@ -146,6 +146,32 @@ struct NamingTests {
         #expect(layout.guestPath("v") == Storages.joinGuest("//", "passthrough/", "v"))
     }
 
+    /// A record's fields live in a box its copies share: changing a copy must leave the
+    /// original as it was, and equality is by field, never by box.
+    @Test("share records are values: a changed copy leaves the original alone")
+    func shareRecordIsAValue() {
+        let original = ShareRecord(
+            name: "c-1-v", kind: .volume, containerID: "c", source: "/src", destination: "/d",
+            readOnly: false, recursive: false, isFile: false)
+        var copy = original
+        #expect(copy == original)
+        copy.readOnly = true
+        copy.source = "/other"
+        copy.guestPath = "/g"
+        #expect(original.readOnly == false && original.source == "/src" && original.guestPath == nil, "the original is unchanged")
+        #expect(copy.readOnly && copy.source == "/other" && copy.guestPath == "/g")
+        #expect(copy != original)
+        // Built apart, equal field by field.
+        var again = ShareRecord(
+            name: "c-1-v", kind: .volume, containerID: "c", source: "/src", destination: "/d",
+            readOnly: false, recursive: false, isFile: false)
+        #expect(again == original)
+        again.leftInGuest = true
+        #expect(again != original)
+        // Shown with its fields, as a plain struct is.
+        #expect("\(original)".contains("name: \"c-1-v\"") && "\(original)".contains("readOnly: false"), "\(original)")
+    }
+
     /// `count` new files f0, f1, ... in `dir`, opened one after another (adjacent numbers,
     /// unless another test opens something meanwhile).
     private func openFiles(_ count: Int, in dir: String) throws -> [FileDescriptor] {
