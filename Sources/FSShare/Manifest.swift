@@ -36,7 +36,7 @@ public struct ShareRecord: Sendable, Equatable, CustomReflectable {
     // The fields live in one box shared by copies (copy on write): the journal's table hands
     // records out by value, and a copy is then one retain instead of six, with no generic
     // value-witness calls (a third of a share's instructions before).
-    private final class Box: @unchecked Sendable {
+    private struct Fields: Equatable {
         var name: String
         var kind: Kind
         var containerID: String
@@ -50,101 +50,54 @@ public struct ShareRecord: Sendable, Equatable, CustomReflectable {
         var guestPath: String?
         var resolvedSource: String?
         var leftInGuest: Bool
-        init(name: String, kind: Kind, containerID: String, source: String, destination: String, readOnly: Bool, recursive: Bool, isFile: Bool, copied: Bool, watched: Bool, guestPath: String?, resolvedSource: String?, leftInGuest: Bool) {
-            self.name = name
-            self.kind = kind
-            self.containerID = containerID
-            self.source = source
-            self.destination = destination
-            self.readOnly = readOnly
-            self.recursive = recursive
-            self.isFile = isFile
-            self.copied = copied
-            self.watched = watched
-            self.guestPath = guestPath
-            self.resolvedSource = resolvedSource
-            self.leftInGuest = leftInGuest
-        }
-        func copy() -> Box { Box(name: name, kind: kind, containerID: containerID, source: source, destination: destination, readOnly: readOnly, recursive: recursive, isFile: isFile, copied: copied, watched: watched, guestPath: guestPath, resolvedSource: resolvedSource, leftInGuest: leftInGuest) }
+    }
+
+    private final class Box: @unchecked Sendable {
+        var fields: Fields
+        init(_ fields: Fields) { self.fields = fields }
     }
 
     private var box: Box
 
-    /// The box, copied first if another record shares it (`@unchecked Sendable` holds because a
-    /// shared box is never written).
-    private mutating func writable() -> Box {
-        if !isKnownUniquelyReferenced(&box) { box = box.copy() }
-        return box
+    /// The fields to change, copied first if another record shares the box (so a shared box
+    /// is never written: what `@unchecked Sendable` relies on).
+    private var writable: Fields {
+        get { box.fields }
+        _modify {
+            if !isKnownUniquelyReferenced(&box) { box = Box(box.fields) }
+            yield &box.fields
+        }
     }
 
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
-    public var name: String {
-        get { box.name }
-        set { writable().name = newValue }
-    }
+    public var name: String { get { box.fields.name } set { writable.name = newValue } }
     /// What kind of share it is.
-    public var kind: Kind {
-        get { box.kind }
-        set { writable().kind = newValue }
-    }
+    public var kind: Kind { get { box.fields.kind } set { writable.kind = newValue } }
     /// The container it was shared for.
-    public var containerID: String {
-        get { box.containerID }
-        set { writable().containerID = newValue }
-    }
+    public var containerID: String { get { box.fields.containerID } set { writable.containerID = newValue } }
     /// The source as given (a host path; a device address for block rootfs).
-    public var source: String {
-        get { box.source }
-        set { writable().source = newValue }
-    }
+    public var source: String { get { box.fields.source } set { writable.source = newValue } }
     /// The container's mount point (volumes), `/` (rootfs) or the rootfs suffix (block rootfs).
-    public var destination: String {
-        get { box.destination }
-        set { writable().destination = newValue }
-    }
+    public var destination: String { get { box.fields.destination } set { writable.destination = newValue } }
     /// Shared read-only (in the guest too).
-    public var readOnly: Bool {
-        get { box.readOnly }
-        set { writable().readOnly = newValue }
-    }
+    public var readOnly: Bool { get { box.fields.readOnly } set { writable.readOnly = newValue } }
     /// Bound recursively (`rbind`): submounts of the source come along.
-    public var recursive: Bool {
-        get { box.recursive }
-        set { writable().recursive = newValue }
-    }
+    public var recursive: Bool { get { box.fields.recursive } set { writable.recursive = newValue } }
     /// The share is a single file (its mount point is a file).
-    public var isFile: Bool {
-        get { box.isFile }
-        set { writable().isFile = newValue }
-    }
+    public var isFile: Bool { get { box.fields.isFile } set { writable.isFile = newValue } }
     /// Copy mode: the copy into the guest completed.
-    public var copied: Bool {
-        get { box.copied }
-        set { writable().copied = newValue }
-    }
+    public var copied: Bool { get { box.fields.copied } set { writable.copied = newValue } }
     /// A kubelet atomic-writer volume whose updates the watcher mirrors: in copy mode into the
     /// copy; in shared-filesystem modes (a `.volume`) into its `watchable-bind` mirror.
-    public var watched: Bool {
-        get { box.watched }
-        set { writable().watched = newValue }
-    }
+    public var watched: Bool { get { box.fields.watched } set { writable.watched = newValue } }
     /// Copy mode: where the copy lives in the guest.
-    public var guestPath: String? {
-        get { box.guestPath }
-        set { writable().guestPath = newValue }
-    }
+    public var guestPath: String? { get { box.fields.guestPath } set { writable.guestPath = newValue } }
     /// Where `source` led once its symbolic links were followed (nil when it has none): what
     /// was really bound or copied.
-    public var resolvedSource: String? {
-        get { box.resolvedSource }
-        set { writable().resolvedSource = newValue }
-    }
+    public var resolvedSource: String? { get { box.fields.resolvedSource } set { writable.resolvedSource = newValue } }
     /// Copy mode: unshared, but the agent could not remove the copy (Kata's agent has no
     /// removal RPC), so it stays in the guest until the VM goes.
-    public var leftInGuest: Bool {
-        get { box.leftInGuest }
-        set { writable().leftInGuest = newValue }
-    }
+    public var leftInGuest: Bool { get { box.fields.leftInGuest } set { writable.leftInGuest = newValue } }
 
     /// A record with these fields.
     ///
@@ -177,27 +130,19 @@ public struct ShareRecord: Sendable, Equatable, CustomReflectable {
         resolvedSource: String? = nil,
         leftInGuest: Bool = false
     ) {
-        box = Box(name: name, kind: kind, containerID: containerID, source: source, destination: destination, readOnly: readOnly, recursive: recursive, isFile: isFile, copied: copied, watched: watched, guestPath: guestPath, resolvedSource: resolvedSource, leftInGuest: leftInGuest)
+        box = Box(Fields(name: name, kind: kind, containerID: containerID, source: source, destination: destination, readOnly: readOnly, recursive: recursive, isFile: isFile, copied: copied, watched: watched, guestPath: guestPath, resolvedSource: resolvedSource, leftInGuest: leftInGuest))
     }
 
     /// The fields, as a struct without a box would show them (`print`, string interpolation).
     public var customMirror: Mirror {
-        Mirror(self, children: [
-            "name": name, "kind": kind, "containerID": containerID, "source": source, "destination": destination,
-            "readOnly": readOnly, "recursive": recursive, "isFile": isFile, "copied": copied, "watched": watched,
-            "guestPath": guestPath as Any, "resolvedSource": resolvedSource as Any, "leftInGuest": leftInGuest,
-        ], displayStyle: .struct)
+        Mirror(self, children: Mirror(reflecting: box.fields).children, displayStyle: .struct)
     }
 
-    /// Equal when every field is (the same box is, at once).
+    /// Equal when every field is.
     public static func == (a: ShareRecord, b: ShareRecord) -> Bool {
-        if a.box === b.box { return true }
-        let (x, y) = (a.box, b.box)
-        return x.name == y.name && x.kind == y.kind && x.containerID == y.containerID && x.source == y.source
-            && x.destination == y.destination && x.readOnly == y.readOnly && x.recursive == y.recursive && x.isFile == y.isFile
-            && x.copied == y.copied && x.watched == y.watched && x.guestPath == y.guestPath && x.resolvedSource == y.resolvedSource
-            && x.leftInGuest == y.leftInGuest
+        a.box === b.box || a.box.fields == b.box.fields
     }
+
 }
 
 /// The sandbox manifest: an append-only journal at `<root>/<sid>/manifest`, outside the exported
