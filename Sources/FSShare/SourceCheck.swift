@@ -98,7 +98,7 @@ enum SourceCheck {
             withUTF8Bytes(prefix) { p in
                 withUTF8Bytes(path) { s in
                     if p.count == 1 && p[0] == UInt8(ascii: "/") { return s.first == UInt8(ascii: "/") }
-                    guard s.count >= p.count, UnsafeBufferPointer(rebasing: s[..<p.count]).elementsEqual(p) else { return false }
+                    guard s.count >= p.count, let sb = s.baseAddress, let pb = p.baseAddress, memcmp(sb, pb, p.count) == 0 else { return false }
                     return s.count == p.count || s[p.count] == UInt8(ascii: "/")
                 }
             }

@@ -207,4 +207,18 @@ import Testing
         #expect(KubeletVolume.match("/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/scratch") == nil)
         #expect(KubeletVolume.match("/srv/data") == nil)
     }
+
+    /// The share path's quick pre-check finds the plugin marker wherever it is, exactly when a
+    /// plain substring search does (at the start, at the end, after a near miss, in non-ASCII).
+    @Test func kubeletMarkerPreCheckAgreesWithSubstringSearch() {
+        let cases = [
+            "kubernetes.io~", "kubernetes.io", "/v/kubernetes.io~configmap/x", "/v/kubernetes.io~", "kubernetes.io~x",
+            "/kubernetes.io/kubernetes.io~secret", "/kkubernetes.io~", "/kubernetes.iokubernetes.io~", "", "/", "k",
+            "/übernetes/kubernetes.io~projected/é", "/übernetes.io~", String(repeating: "kubernetes.io", count: 40) + "~",
+            String(repeating: "kubernetes.i", count: 40),
+        ]
+        for path in cases {
+            #expect(KubeletVolume.mayName(path) == path.contains("kubernetes.io~"), "\(path)")
+        }
+    }
 }
