@@ -139,6 +139,10 @@ public struct ShareRecord: Sendable, Equatable, CustomReflectable {
     }
 
     /// Equal when every field is.
+    ///
+    /// - Parameters:
+    ///   - a: a record.
+    ///   - b: another record.
     public static func == (a: ShareRecord, b: ShareRecord) -> Bool {
         a.box === b.box || a.box.fields == b.box.fields
     }
