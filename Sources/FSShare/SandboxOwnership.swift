@@ -163,7 +163,9 @@ enum SandboxOwnership {
 
     /// Locks the root through its own descriptor when that is open for reading (prepare opens
     /// it so: no second open and close); an `O_PATH` one cannot hold a `flock` (EBADF), so then
-    /// through a descriptor of its own.
+    /// through a descriptor of its own. `flock` excludes per open file description: the root's
+    /// descriptor serves only when this operation opened it itself (prepare's is opened per
+    /// call), never one shared with other threads.
     private static func lockRoot(_ root: DirFD) throws(FSShareError) -> RootLock {
         do {
             try Sys.flock(root.fd, operation: LOCK_EX, path: root.path)
