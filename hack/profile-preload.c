@@ -11,12 +11,12 @@
 #include <linux/mount.h>
 #include <errno.h>
 // hack/profile's LD_PRELOAD: valgrind 3.19 (Debian 12) does not know openat2, open_tree,
-// mount_setattr, move_mount or open_tree_attr and fails them with ENOSYS. Under it, fsshare's own code (what
-// is counted) runs its real path while these five are stood in for: openat2 by openat (with
-// O_NOFOLLOW for RESOLVE_NO_SYMLINKS); open_tree(CLONE) and open_tree_attr by an O_PATH descriptor of the same
-// object; mount_setattr by nothing; move_mount by a bind mount of that object onto the target.
-// The kernel's side differs (no detached mounts): for instruction counts of user space only,
-// never for timing or for checking behaviour.
+// open_tree_attr, mount_setattr or move_mount and fails them with ENOSYS. Under it, fsshare's
+// own code (what is counted) runs its real path while these five are stood in for: openat2 by
+// openat (with O_NOFOLLOW for RESOLVE_NO_SYMLINKS); open_tree(CLONE) and open_tree_attr by an
+// O_PATH descriptor of the same object; mount_setattr by nothing; move_mount by a bind mount of
+// that object onto the target. The kernel's side differs (no detached mounts): for instruction
+// counts of user space only, never for timing or for checking behaviour.
 long syscall(long n, ...) {
     va_list ap; va_start(ap, n);
     long a[6]; for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
