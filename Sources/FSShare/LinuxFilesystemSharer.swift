@@ -389,7 +389,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         }
         // One journal append for what changed (nothing, for a sandbox made just now). A
         // recorded shared filesystem is kept (the check above refused a different kind).
-        if manifest.settings[RecordedSandbox.sharedFilesystemKey] != nil { settings.removeFirst() }
+        if manifest.settings[RecordedSandbox.sharedFilesystemKey] != nil { settings.removeAll { $0.key == RecordedSandbox.sharedFilesystemKey } }
         try manifest.recordSettings(settings)
         let style = configuration.layoutStyle
         guard manifest.style == style else {

@@ -352,13 +352,8 @@ enum MountOps {
     /// down only what is mounted on top of an entry). What it cannot remove is listed in `problems`.
     ///
     /// `kind` is what the directory listing said the entry is (its `d_type`), if it said: a
-    /// hint for which of rmdir and unlink to try first, never trusted for anything else.
-    static func removeTree(_ dir: DirFD, _ name: FilePath, kind: FileKind? = nil, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
-        removeTree(dir, named: name.string, kind: kind, mountID: mountID, unmountStrays: unmountStrays, problems: &problems)
-    }
-
-    /// ``removeTree(_:_:kind:mountID:unmountStrays:problems:)`` of an entry named by text (a
-    /// directory listing's): no path is built unless the careful walk is needed.
+    /// hint for which of rmdir and unlink to try first, never trusted for anything else. The
+    /// name is text (a listing's): no path is built unless the careful walk is needed.
     static func removeTree(_ dir: DirFD, named text: String, kind: FileKind? = nil, mountID: UInt64, unmountStrays: Bool, problems: inout [String]) {
         // An empty directory or a plain entry goes in one call: rmdir and unlink never cross a
         // mount (on a mount point in this namespace they fail with EBUSY) and never follow a

@@ -488,11 +488,11 @@ public enum Sys {
     ///   - a: a descriptor.
     ///   - b: another descriptor.
     public static func close(_ a: FileDescriptor, _ b: FileDescriptor) {
-        let (low, high) = a.rawValue < b.rawValue ? (a.rawValue, b.rawValue) : (b.rawValue, a.rawValue)
-        if low >= 0, high == low + 1, fsshare_close_range(UInt32(low), UInt32(high)) == 0 { return }
-        // Not adjacent, or no close_range (before Linux 5.9): one at a time.
-        _ = Glibc.close(a.rawValue)
-        if b != a { _ = Glibc.close(b.rawValue) }
+        withUnsafeTemporaryAllocation(of: Int32.self, capacity: 2) { numbers in
+            numbers[0] = a.rawValue
+            numbers[1] = b.rawValue
+            closeRuns(numbers)
+        }
     }
 
     /// Closes every descriptor given (negative ones skipped, duplicates once): one
@@ -501,34 +501,42 @@ public enum Sys {
     ///
     /// - Parameter fds: the descriptors, in any order.
     public static func closeAll(_ fds: [FileDescriptor]) {
-        // Sorted on the stack (a handful of numbers, insertion sort): no allocation.
+        // Sorted on the stack (a handful of numbers): no allocation.
         withUnsafeTemporaryAllocation(of: Int32.self, capacity: fds.count) { numbers in
-            var count = 0
-            for fd in fds where fd.rawValue >= 0 {
-                var k = count
-                while k > 0 && numbers[k - 1] > fd.rawValue {
-                    numbers[k] = numbers[k - 1]
-                    k -= 1
-                }
-                numbers[k] = fd.rawValue
-                count += 1
+            for (i, fd) in fds.enumerated() { numbers[i] = fd.rawValue }
+            closeRuns(numbers)
+        }
+    }
+
+    /// Closes the non-negative descriptor numbers in `numbers` (sorted in place first: insertion
+    /// sort, a handful), one `close_range` per run of adjacent numbers.
+    private static func closeRuns(_ numbers: UnsafeMutableBufferPointer<Int32>) {
+        var count = 0
+        for index in numbers.indices where numbers[index] >= 0 {
+            let n = numbers[index]
+            var k = count
+            while k > 0 && numbers[k - 1] > n {
+                numbers[k] = numbers[k - 1]
+                k -= 1
             }
-            var i = 0
-            while i < count {
-                var j = i
-                while j + 1 < count && numbers[j + 1] <= numbers[j] + 1 { j += 1 }
-                // numbers[i...j]: one run (a repeated number continues it, closed once).
-                let (low, high) = (numbers[i], numbers[j])
-                if high == low || fsshare_close_range(UInt32(low), UInt32(high)) != 0 {
-                    // Alone, or no close_range (before Linux 5.9): one at a time.
-                    var last: Int32 = -1
-                    for n in numbers[i...j] where n != last {
-                        _ = Glibc.close(n)
-                        last = n
-                    }
+            numbers[k] = n
+            count += 1
+        }
+        var i = 0
+        while i < count {
+            var j = i
+            while j + 1 < count && numbers[j + 1] <= numbers[j] + 1 { j += 1 }
+            // numbers[i...j]: one run (a repeated number continues it, closed once).
+            let (low, high) = (numbers[i], numbers[j])
+            if high == low || fsshare_close_range(UInt32(low), UInt32(high)) != 0 {
+                // Alone, or no close_range (before Linux 5.9): one at a time.
+                var last: Int32 = -1
+                for n in numbers[i...j] where n != last {
+                    _ = Glibc.close(n)
+                    last = n
                 }
-                i = j + 1
             }
+            i = j + 1
         }
     }
 
