@@ -16,8 +16,31 @@
 
 #define CHECK(x) do { if ((x) < 0) return -errno; } while (0)
 
+#ifndef STATX_MNT_ID_UNIQUE
+#define STATX_MNT_ID_UNIQUE 0x00004000U
+#endif
+
 static int sx(int dir, const char *path, int flags, struct statx *st) {
-    return statx(dir, path, flags | AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, st);
+    return statx(dir, path, flags | AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID | STATX_MNT_ID_UNIQUE, st);
+}
+
+// The filesystem magic of an anonymous-device source, remembered by unique mount id as the
+// library does (a mount's filesystem never changes; a unique id is never reused).
+static struct { unsigned long long mnt; long type; } fs_types[64];
+static int fs_type_count;
+static int fs_type_of(int fd, const struct statx *st, long *type) {
+    int unique = (st->stx_mask & STATX_MNT_ID_UNIQUE) != 0;
+    for (int i = 0; unique && i < fs_type_count; i++)
+        if (fs_types[i].mnt == st->stx_mnt_id) { *type = fs_types[i].type; return 0; }
+    struct statfs sfs;
+    if (fstatfs(fd, &sfs) != 0) return -1;
+    *type = (long)sfs.f_type;
+    if (unique) {
+        if (fs_type_count == 64) fs_type_count = 0;
+        fs_types[fs_type_count].mnt = st->stx_mnt_id;
+        fs_types[fs_type_count++].type = *type;
+    }
+    return 0;
 }
 
 // A detached copy of `fd` with its attributes set, as the library makes it: open_tree_attr
@@ -139,7 +162,6 @@ int floor_cleanup(floor_sandbox *sb, const char *sid) {
 int floor_share(floor_sandbox *sb, const char *source, const char *name, int read_only) {
     struct statx st;
     struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS };
-    struct statfs sfs;
     char line[512];
     CHECK(flock(sb->lock, LOCK_EX));
     CHECK(sx(sb->manifest, "", AT_EMPTY_PATH, &st));
@@ -147,8 +169,9 @@ int floor_share(floor_sandbox *sb, const char *source, const char *name, int rea
     CHECK(src);
     CHECK(sx(src, "", AT_EMPTY_PATH, &st));
     // No symlink in the path (RESOLVE_NO_SYMLINKS): no readlink. fstatfs only on an
-    // anonymous-device filesystem, as the library does.
-    if (st.stx_dev_major == 0) CHECK(fstatfs(src, &sfs));
+    // anonymous-device filesystem not met before, as the library does.
+    long fs_type;
+    if (st.stx_dev_major == 0) CHECK(fs_type_of(src, &st, &fs_type));
     int n = snprintf(line, sizeof line, "S\t%s\tvolume\t%s\tc\t%s\t/d\n", name, read_only ? "r" : "-", source);
     CHECK(write(sb->manifest, line, (size_t)n));
     // A mount point this call created is attached by name (no symlink followed), not opened.

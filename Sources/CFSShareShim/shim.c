@@ -28,6 +28,9 @@
 #ifndef STATX_MNT_ID
 #define STATX_MNT_ID 0x00001000U
 #endif
+#ifndef STATX_MNT_ID_UNIQUE
+#define STATX_MNT_ID_UNIQUE 0x00004000U
+#endif
 #ifndef STATX_ATTR_MOUNT_ROOT
 #define STATX_ATTR_MOUNT_ROOT 0x00002000
 #endif
@@ -38,12 +41,16 @@
 int fsshare_statx(int dirfd, const char *path, int flags, fsshare_statx_t *out) {
     struct statx stx;
     memset(&stx, 0, sizeof(stx));
-    if (statx(dirfd, path, flags | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID, &stx) != 0)
+    // Both mount-id bits: a 6.8+ kernel answers with the unique id (never reused until
+    // reboot), an older one with the plain id and ignores the bit it does not know. Every
+    // statx of the process asks the same way, so ids compare only with ids of one kind.
+    if (statx(dirfd, path, flags | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_MNT_ID | STATX_MNT_ID_UNIQUE, &stx) != 0)
         return -1;
     out->mode = stx.stx_mode;
-    out->mount_id = (stx.stx_mask & STATX_MNT_ID) ? stx.stx_mnt_id : 0;
+    out->mount_id_unique = (stx.stx_mask & STATX_MNT_ID_UNIQUE) != 0;
+    out->mount_id_known = (stx.stx_mask & (STATX_MNT_ID | STATX_MNT_ID_UNIQUE)) != 0;
+    out->mount_id = out->mount_id_known ? stx.stx_mnt_id : 0;
     out->mount_root_known = (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) != 0;
-    out->mount_id_known = (stx.stx_mask & STATX_MNT_ID) != 0;
     out->is_mount_root = (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
     out->size = stx.stx_size;
     out->ino = stx.stx_ino;

@@ -105,6 +105,34 @@ enum SourceCheck {
         }
     }
 
+    /// Filesystem types by unique mount id. A mount's filesystem never changes and the kernel
+    /// never gives its unique id (`STATX_MNT_ID_UNIQUE`, Linux 6.8+) to another mount, so a
+    /// remembered answer is the answer: sources on one tmpfs (a pod's configmaps, secrets,
+    /// projected and memory-backed volumes) cost one `fstatfs` per mount, not per share. With
+    /// only plain mount ids (reused after an unmount) nothing is remembered.
+    enum FilesystemTypes {
+        /// Bounded: when full it starts over (a node has a few hundred such mounts at most).
+        static let limit = 512
+        private static let known = Mutex<[UInt64: Int]>([:])
+
+        /// `fd`'s filesystem magic (`st` is `fd`'s status).
+        static func of(_ fd: FileDescriptor, _ st: FileStatus, path: @autoclosure () -> FilePath) throws(SystemCallError) -> Int {
+            let remember = st.mountIDIsUnique && st.mountAnswersKnown
+            if remember, let magic = known.withLock({ $0[st.mountID] }) { return magic }
+            let magic = try Sys.filesystemType(fd, path: path())
+            if remember {
+                known.withLock {
+                    if $0.count >= limit { $0.removeAll(keepingCapacity: true) }
+                    $0[st.mountID] = magic
+                }
+            }
+            return magic
+        }
+
+        /// How many mounts are remembered (tests).
+        static var count: Int { known.withLock { $0.count } }
+    }
+
     /// Filesystems that are kernel interfaces, not data: never exported to a guest.
     static let pseudoFilesystems: [Int: String] = [
         0x9fa0: "proc", 0x6265_6572: "sysfs", 0x6462_6720: "debugfs", 0x7472_6163: "tracefs",
@@ -216,7 +244,7 @@ enum SourceCheck {
             // Kernel pseudo-filesystems all sit on anonymous devices (major 0): a filesystem on
             // a real block device cannot be one, and needs no fstatfs.
             if st.deviceMajor == 0 {
-                let magic = try Sys.filesystemType(fd, path: path)
+                let magic = try FilesystemTypes.of(fd, st, path: path)
                 if let name = pseudoFilesystems[magic] {
                     throw refused(path, "it is on \(name), a kernel pseudo-filesystem")
                 }

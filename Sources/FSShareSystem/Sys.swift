@@ -109,7 +109,9 @@ public enum FileKind: Sendable, Equatable, CustomStringConvertible {
 public struct FileStatus: Sendable, Equatable {
     /// `stx_mode`: type and permission bits.
     public var mode: UInt32
-    /// The id of the mount the object lives on (`STATX_MNT_ID`).
+    /// The id of the mount the object lives on: `STATX_MNT_ID_UNIQUE`'s where the kernel has it
+    /// (Linux 6.8+; see ``mountIDIsUnique``), else `STATX_MNT_ID`'s. Compare it only with other
+    /// statuses' ids, never with `/proc/self/mountinfo`'s.
     public var mountID: UInt64
     /// The object is the root of a mount (`STATX_ATTR_MOUNT_ROOT`): "is this a mount point?"
     public var isMountRoot: Bool
@@ -134,6 +136,9 @@ public struct FileStatus: Sendable, Equatable {
     /// The kernel answered both `STATX_MNT_ID` and `STATX_ATTR_MOUNT_ROOT` (Linux 5.8+). When it
     /// did not, ``mountID`` and ``isMountRoot`` mean nothing: callers must fail closed.
     public var mountAnswersKnown: Bool = true
+    /// ``mountID`` is the kernel's unique mount id (`STATX_MNT_ID_UNIQUE`), which is never given
+    /// to another mount until reboot: what is cached by it (a mount's filesystem type) stays true.
+    public var mountIDIsUnique: Bool = false
     /// The file's kind, from ``mode``.
     public var kind: FileKind { FileKind(mode: mode) }
 }
@@ -145,7 +150,8 @@ extension FileStatus {
             mode: raw.mode, mountID: raw.mount_id, isMountRoot: raw.is_mount_root != 0, size: raw.size,
             inode: raw.ino, deviceMajor: raw.dev_major, deviceMinor: raw.dev_minor,
             specialMajor: raw.rdev_major, specialMinor: raw.rdev_minor, uid: raw.uid, gid: raw.gid,
-            linkCount: raw.nlink, mountAnswersKnown: raw.mount_root_known != 0 && raw.mount_id_known != 0)
+            linkCount: raw.nlink, mountAnswersKnown: raw.mount_root_known != 0 && raw.mount_id_known != 0,
+            mountIDIsUnique: raw.mount_id_unique != 0)
     }
 }
 

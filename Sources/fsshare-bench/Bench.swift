@@ -76,12 +76,30 @@ struct Bench {
         } catch { fail("cannot mount the Kata tmpfs: \(error)") }
 
         print("fsshare-bench: \(iterations) iterations per cell; fsshare and floor interleaved; times in µs")
+        print(idleRegime())
         print("op                          N   fsshare med / p99      floor med / p99     ratio med / p99    kata-min floor med / p99  fsshare/kata-min med")
         // FSSHARE_BENCH_EXISTING=0|1000 runs one of the two cells (for profiling).
         let cells = getenv("FSSHARE_BENCH_EXISTING").flatMap { Int(String(cString: $0)) }.map { [$0] } ?? [0, 1000]
         for existing in cells {
             run(existing: existing, iterations: iterations, t: t, source: source)
         }
+    }
+
+    /// How this machine's idle CPUs wake, which sets what every `umount2` costs: an unmount
+    /// waits for an expedited RCU grace period, whose kernel thread is woken on the other CPU
+    /// and wakes the caller back. In a VM whose idle vCPUs halt at once (cpuidle-haltpoll with
+    /// `guest_halt_poll_ns` 0) each wake is a VM exit: measured here, a lone bind + umount2
+    /// costs ~3× what it does with halt polling (README, "Where the time goes").
+    static func idleRegime() -> String {
+        func text(_ path: String) -> String? {
+            guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY) else { return nil }
+            defer { Sys.close(fd) }
+            guard let bytes = try? Sys.readAll(fd, path: FilePath(path)) else { return nil }
+            return String(decoding: bytes.prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self)
+        }
+        let driver = text("/sys/devices/system/cpu/cpuidle/current_driver") ?? "none"
+        let poll = text("/sys/module/haltpoll/parameters/guest_halt_poll_ns").map { ", guest_halt_poll_ns \($0)" } ?? ""
+        return "idle: cpuidle driver \(driver)\(poll); online CPUs \(sysconf(Int32(_SC_NPROCESSORS_ONLN)))"
     }
 
     /// `FSSHARE_BENCH_MARKERS=1` (set by `hack/bench syscalls`, which runs this under strace):

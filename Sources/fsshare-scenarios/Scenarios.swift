@@ -404,10 +404,56 @@ struct Scenarios {
             }
             checks.check((e as? FSShareError)?.code == .refused, "refuse policy error code")
         }
+        remembersFilesystemTypes(sharer, c)
         _ = checks.must("cleanup") { try sharer.cleanupSync() }
         close(sock)
         _ = try? Sys.umount2(FilePath(work + "/alias"), flags: Int32(MNT_DETACH))
         expectNothingLeft("after cleanup")
+    }
+
+    /// A pseudo-filesystem at a path nothing lexical refuses is caught by its filesystem type,
+    /// also when the answer is remembered; a remembered type belongs to one mount only (the
+    /// unique mount id): a tmpfs mounted where the proc was is judged afresh, and a source on a
+    /// tmpfs already met needs no `fstatfs` (a fault on it is never reached).
+    func remembersFilesystemTypes(_ sharer: LinuxFilesystemSharer, _ c: Container) {
+        let place = work + "/fstype"
+        mkdirs(place)
+        guard checks.must("mount a proc where no path rule applies", { try Sys.mount(source: FilePath("proc"), target: FilePath(place), fstype: "proc", flags: 0) }) != nil else { return }
+        for attempt in ["first", "remembered"] {
+            let e = checks.mustFail("proc at \(place) refused (\(attempt) type lookup)") {
+                _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(place), destination: "/fstype"))
+            }
+            checks.check((e as? FSShareError)?.message.contains("kernel pseudo-filesystem") == true,
+                         "proc refused by its type (\(attempt)): \((e as? FSShareError)?.message ?? "nil")")
+        }
+        _ = try? Sys.umount2(FilePath(place), flags: Int32(MNT_DETACH))
+        guard checks.must("mount a tmpfs where the proc was", { try Sys.mount(source: FilePath("tmpfs"), target: FilePath(place), fstype: "tmpfs", flags: 0) }) != nil else { return }
+        mkdirs(place + "/a")
+        mkdirs(place + "/b")
+        let first = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(place + "/a"), destination: "/fstype-a"))
+        checks.check(first != nil, "a tmpfs mounted where a proc was is shared (its type is looked up afresh)")
+        let unique = (try? Sys.statx(nil, FilePath(place)))?.mountIDIsUnique ?? false
+        if unique {
+            FaultInjection.install(FaultInjection.parse("fstatfs=EIO") ?? [])
+            let second = try? sharer.shareFileSync(container: c, mount: Mount(source: FilePath(place + "/b"), destination: "/fstype-b"))
+            checks.check(second != nil, "a second source on the same tmpfs needs no fstatfs (the fault is never reached)")
+            let other = work + "/fstype2"
+            mkdirs(other)
+            _ = checks.must("mount a second tmpfs") { try Sys.mount(source: FilePath("tmpfs"), target: FilePath(other), fstype: "tmpfs", flags: 0) }
+            let manifest = readFile(root + "/rf/manifest")
+            let e = checks.mustFail("a tmpfs not met before is looked up (the injected fstatfs fault fails the share)") {
+                _ = try sharer.shareFileSync(container: c, mount: Mount(source: FilePath(other), destination: "/fstype2"))
+            }
+            checks.check("\(e.map { "\($0)" } ?? "")".contains("fstatfs"), "the failure names fstatfs")
+            checks.check(readFile(root + "/rf/manifest") == manifest, "the failed share left the manifest as it was")
+            FaultInjection.install([])
+            _ = try? sharer.unshareFileSync(container: c, mount: Mount(source: FilePath(place + "/b"), destination: "/fstype-b"))
+            _ = try? Sys.umount2(FilePath(other), flags: Int32(MNT_DETACH))
+        } else {
+            print("skip: remembered filesystem types need STATX_MNT_ID_UNIQUE (Linux 6.8+); this kernel has plain mount ids only")
+        }
+        _ = try? sharer.unshareFileSync(container: c, mount: Mount(source: FilePath(place + "/a"), destination: "/fstype-a"))
+        _ = try? Sys.umount2(FilePath(place), flags: Int32(MNT_DETACH))
     }
 
     // MARK: rollback (fault injection)

@@ -17,7 +17,8 @@ typedef struct {
     uint64_t mount_id;      // STATX_MNT_ID: which mount the object lives on
     int is_mount_root;      // STATX_ATTR_MOUNT_ROOT: the object is the root of a mount
     int mount_root_known;   // the kernel reported STATX_ATTR_MOUNT_ROOT in attributes_mask
-    int mount_id_known;     // the kernel filled STATX_MNT_ID
+    int mount_id_known;     // the kernel filled STATX_MNT_ID or STATX_MNT_ID_UNIQUE
+    int mount_id_unique;    // mount_id is STATX_MNT_ID_UNIQUE's (Linux 6.8+): never reused until reboot
     uint64_t size;
     uint64_t ino;
     uint32_t dev_major, dev_minor;
@@ -26,7 +27,7 @@ typedef struct {
     uint32_t nlink;
 } fsshare_statx_t;
 
-/// statx(dirfd, path, flags | AT_STATX_SYNC_AS_STAT, BASIC|MNT_ID). 0 or -1 with errno.
+/// statx(dirfd, path, flags | AT_STATX_SYNC_AS_STAT, BASIC|MNT_ID|MNT_ID_UNIQUE). 0 or -1 with errno.
 int fsshare_statx(int dirfd, const char *path, int flags, fsshare_statx_t *out);
 
 /// openat2(2) with RESOLVE_* flags; -1 with errno (ENOSYS on kernels before 5.6).
