@@ -35,6 +35,25 @@ struct Bench {
         }
     }
 
+    /// The two halves of an operation (share / unshare, prepare / cleanup), timed apart: where
+    /// an operation's time goes (on a VM, `umount2` alone can be most of it).
+    struct Halves {
+        var first = Stats(), second = Stats()
+        mutating func add(_ start: UInt64, _ middle: UInt64, _ end: UInt64) {
+            first.add(middle - start)
+            second.add(end - middle)
+        }
+        var text: String { "\(f(first.median)) / \(f(second.median))" }
+    }
+
+    /// `  halves med (share / unshare): fsshare a / b   floor c / d   kata-min e / f`.
+    static func reportHalves(_ names: String, _ mine: Halves, _ raw: Halves?, _ kata: Halves?) {
+        var line = "  halves med (\(names)): fsshare \(mine.text)"
+        if let raw { line += "   floor \(raw.text)" }
+        if let kata { line += "   kata-min \(kata.text)" }
+        print(line)
+    }
+
     static func main() async {
         let usage = "usage: fsshare-bench mounts|api|watch|scale|copy WORKDIR [N]"
         let args = CommandLine.arguments
@@ -159,6 +178,7 @@ struct Bench {
         let only: String? = getenv("FSSHARE_BENCH_ONLY").map { String(cString: $0) }
         for readOnly in [false, true] where only == nil || only == (readOnly ? "ro" : "rw") {
             var mine = Stats(), raw = Stats(), kata = Stats()
+            var mineHalves = Halves(), rawHalves = Halves(), kataHalves = Halves()
             let mount = Mount(source: FilePath(source), destination: "/bench", options: readOnly ? ["ro"] : [])
             let cpuStart = cpuTimes()
             for i in 0..<(iterations + iterations / 10) {
@@ -166,37 +186,49 @@ struct Bench {
                 let op = readOnly ? "ro share+unshare" : "rw share+unshare"
                 func measureMine() {
                     let a = now()
+                    var m: UInt64 = 0
                     marked("\(op) \(existing) fsshare") {
                         do {
                             _ = try sharer.shareFileSync(container: c, mount: mount)
+                            m = now()
                             try sharer.unshareFileSync(container: c, mount: mount)
                         } catch { fail("fsshare share/unshare: \(error)") }
                     }
-                    if record { mine.add(now() - a) }
+                    let e = now()
+                    if record { mine.add(e - a); mineHalves.add(a, m, e) }
                 }
                 func measureFloor() {
                     let a = now()
+                    var m: UInt64 = 0
                     marked("\(op) \(existing) floor") {
-                        guard floor_share(&floor, source, floorName, readOnly ? 1 : 0) == 0, floor_unshare(&floor, floorName) == 0 else { fail("floor share/unshare") }
+                        guard floor_share(&floor, source, floorName, readOnly ? 1 : 0) == 0 else { fail("floor share") }
+                        m = now()
+                        guard floor_unshare(&floor, floorName) == 0 else { fail("floor unshare") }
                     }
-                    if record { raw.add(now() - a) }
+                    let e = now()
+                    if record { raw.add(e - a); rawHalves.add(a, m, e) }
                 }
                 if solo == "mine" { measureMine() } else if solo == "floor" { measureFloor() } else if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
                 if solo == nil {
                     let target = kataSandbox + "/mounts/x"
                     let a = now()
+                    var m: UInt64 = 0
                     marked("\(op) \(existing) kata-min") {
                         let shared = readOnly ? floor_kata_ro_share(source, kataSandbox + "/private/x", target) : floor_kata_rw_share(source, target)
+                        m = now()
                         guard shared == 0, floor_kata_unshare(target) == 0 else { fail("kata floor") }
                     }
-                    if record { kata.add(now() - a) }
+                    let e = now()
+                    if record { kata.add(e - a); kataHalves.add(a, m, e) }
                 }
             }
             report(readOnly ? "ro share+unshare" : "rw share+unshare", existing, mine, raw, solo == nil ? kata : nil)
+            reportHalves("share / unshare", mineHalves, solo == nil ? rawHalves : nil, solo == nil ? kataHalves : nil)
             if solo != nil { print(cpuLine(since: cpuStart, operations: iterations + iterations / 10)) }
         }
         // prepare + cleanup of another sandbox while the N shares exist.
         var mine = Stats(), raw = Stats(), kata = Stats()
+        var mineHalves = Halves(), rawHalves = Halves(), kataHalves = Halves()
         let pcIterations = only == nil || only == "pc" ? iterations : 0
         guard let pc = try? LinuxFilesystemSharer(sandboxID: "pc", configuration: config) else { fail("pc") }
         let cpuStart = cpuTimes()
@@ -204,29 +236,42 @@ struct Bench {
             let record = i >= pcIterations / 20
             func measureMine() {
                 let a = now()
+                var m: UInt64 = 0
                 marked("prepare+cleanup \(existing) fsshare") {
-                    guard (try? pc.prepareSync()) != nil, (try? pc.cleanupSync()) != nil else { fail("fsshare prepare/cleanup") }
+                    guard (try? pc.prepareSync()) != nil else { fail("fsshare prepare") }
+                    m = now()
+                    guard (try? pc.cleanupSync()) != nil else { fail("fsshare cleanup") }
                 }
-                if record { mine.add(now() - a) }
+                let e = now()
+                if record { mine.add(e - a); mineHalves.add(a, m, e) }
             }
             func measureFloor() {
                 var sb = floor_sandbox()
                 let a = now()
+                var m: UInt64 = 0
                 marked("prepare+cleanup \(existing) floor") {
-                    guard floor_prepare(rootFD, "pf", &sb) == 0, floor_cleanup(&sb, "pf") == 0 else { fail("floor prepare/cleanup") }
+                    guard floor_prepare(rootFD, "pf", &sb) == 0 else { fail("floor prepare") }
+                    m = now()
+                    guard floor_cleanup(&sb, "pf") == 0 else { fail("floor cleanup") }
                 }
-                if record { raw.add(now() - a) }
+                let e = now()
+                if record { raw.add(e - a); rawHalves.add(a, m, e) }
             }
             if solo == "mine" { measureMine(); continue } else if solo == "floor" { measureFloor(); continue }
             if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
             let a = now()
+            var m: UInt64 = 0
             marked("prepare+cleanup \(existing) kata-min") {
-                guard floor_kata_prepare(t + "/kata/pc") == 0, floor_kata_cleanup(t + "/kata/pc") == 0 else { fail("kata-min prepare/cleanup") }
+                guard floor_kata_prepare(t + "/kata/pc") == 0 else { fail("kata-min prepare") }
+                m = now()
+                guard floor_kata_cleanup(t + "/kata/pc") == 0 else { fail("kata-min cleanup") }
             }
-            if record { kata.add(now() - a) }
+            let e = now()
+            if record { kata.add(e - a); kataHalves.add(a, m, e) }
         }
         if pcIterations > 0 {
             report("prepare+cleanup", existing, mine, raw, solo == nil ? kata : nil)
+            reportHalves("prepare / cleanup", mineHalves, solo == nil ? rawHalves : nil, solo == nil ? kataHalves : nil)
             if solo != nil { print(cpuLine(since: cpuStart, operations: pcIterations / 2 + pcIterations / 20)) }
         }
         for i in 0..<existing {
