@@ -565,7 +565,10 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // Looked up once, here, for both the watchable check and the share.
                 let existing = h.manifest.shares[name]
                 if existing == nil {
-                    (proposed.watched, fallback) = try watchable(mount.source, text: record.source, handle: h, policy: policy)
+                    let watched: Bool
+                    (watched, fallback) = try watchable(mount.source, text: record.source, handle: h, policy: policy)
+                    // Written only when it changes: a write copies the record's shared box.
+                    if watched { proposed.watched = true }
                 }
                 let made = try share(proposed, existing: existing, in: h.mounts, handle: h, method: method, policy: policy)
                 let resolved = made.resolvedSource.map { FilePath($0) }
@@ -737,8 +740,11 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         defer {
             if let attached { Sys.close(source.fd, attached) } else { Sys.close(source.fd) }
         }
-        record.isFile = source.kind == .regular
-        record.resolvedSource = source.resolvedThroughSymlinks?.string
+        // Written only when they change: a write copies a box the caller still shares.
+        let isFile = source.kind == .regular
+        if record.isFile != isFile { record.isFile = isFile }
+        let resolved = source.resolvedThroughSymlinks?.string
+        if record.resolvedSource != resolved { record.resolvedSource = resolved }
         if existing != record {
             try h.manifest.recordShare(record)
         }

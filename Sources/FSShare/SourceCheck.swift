@@ -238,7 +238,7 @@ enum SourceCheck {
             if let resolved, let problem = lexicalProblem(resolved, text: resolvedText) {
                 throw refused(path, "it resolves to \(resolved): \(problem.dropFirst(3))")
             }
-            if st.kind != .regular, resolvedText.utf8.starts(with: "/dev/".utf8) {
+            if st.kind != .regular, withUTF8Bytes(resolvedText, { $0.startsWith("/dev/") }) {
                 throw refused(path, "it is a \(st.kind) under /dev (host devices are not shared)")
             }
             // Kernel pseudo-filesystems all sit on anonymous devices (major 0): a filesystem on

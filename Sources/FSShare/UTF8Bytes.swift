@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The UTF-8 bytes of `s` as one buffer: a native string's own storage, not a copy.
 ///
 /// The hot path's byte checks (names, paths, journal fields) run over this buffer instead of
@@ -14,5 +18,13 @@ extension UnsafeBufferPointer<UInt8> {
     func containsByte(_ byte: UInt8) -> Bool {
         for b in self where b == byte { return true }
         return false
+    }
+
+    /// Whether the buffer starts with `prefix` (ASCII), compared byte by byte.
+    @inline(__always)
+    func startsWith(_ prefix: StaticString) -> Bool {
+        let n = prefix.utf8CodeUnitCount
+        guard count >= n, let base = baseAddress else { return n == 0 }
+        return memcmp(base, prefix.utf8Start, n) == 0
     }
 }
