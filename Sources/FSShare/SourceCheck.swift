@@ -128,9 +128,6 @@ enum SourceCheck {
             }
             return magic
         }
-
-        /// How many mounts are remembered (tests).
-        static var count: Int { known.withLock { $0.count } }
     }
 
     /// Filesystems that are kernel interfaces, not data: never exported to a guest.

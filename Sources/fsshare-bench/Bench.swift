@@ -35,22 +35,35 @@ struct Bench {
         }
     }
 
-    /// The two halves of an operation (share / unshare, prepare / cleanup), timed apart: where
-    /// an operation's time goes (on a VM, `umount2` alone can be most of it).
-    struct Halves {
-        var first = Stats(), second = Stats()
-        mutating func add(_ start: UInt64, _ middle: UInt64, _ end: UInt64) {
-            first.add(middle - start)
-            second.add(end - middle)
+    /// An operation timed whole and by its two halves (share / unshare, prepare / cleanup):
+    /// where its time goes (on a VM, `umount2` alone can be most of it).
+    struct Timings {
+        var total = Stats(), first = Stats(), second = Stats()
+        mutating func add(_ t: (start: UInt64, middle: UInt64, end: UInt64)) {
+            total.add(t.end - t.start)
+            first.add(t.middle - t.start)
+            second.add(t.end - t.middle)
         }
-        var text: String { "\(f(first.median)) / \(f(second.median))" }
+        var halves: String { "\(f(first.median)) / \(f(second.median))" }
+    }
+
+    /// Runs `first` then `second` as one marked operation; returns when each began and ended.
+    static func timed(_ label: @autoclosure () -> String, _ first: () -> Void, _ second: () -> Void) -> (start: UInt64, middle: UInt64, end: UInt64) {
+        let start = now()
+        var middle: UInt64 = 0
+        marked(label()) {
+            first()
+            middle = now()
+            second()
+        }
+        return (start, middle, now())
     }
 
     /// `  halves med (share / unshare): fsshare a / b   floor c / d   kata-min e / f`.
-    static func reportHalves(_ names: String, _ mine: Halves, _ raw: Halves?, _ kata: Halves?) {
-        var line = "  halves med (\(names)): fsshare \(mine.text)"
-        if let raw { line += "   floor \(raw.text)" }
-        if let kata { line += "   kata-min \(kata.text)" }
+    static func reportHalves(_ names: String, _ mine: Timings, _ raw: Timings?, _ kata: Timings?) {
+        var line = "  halves med (\(names)): fsshare \(mine.halves)"
+        if let raw { line += "   floor \(raw.halves)" }
+        if let kata { line += "   kata-min \(kata.halves)" }
         print(line)
     }
 
@@ -110,14 +123,8 @@ struct Bench {
     /// `guest_halt_poll_ns` 0) each wake is a VM exit: measured here, a lone bind + umount2
     /// costs ~3× what it does with halt polling (README, "Where the time goes").
     static func idleRegime() -> String {
-        func text(_ path: String) -> String? {
-            guard let fd = try? Sys.openat(nil, FilePath(path), flags: O_RDONLY) else { return nil }
-            defer { Sys.close(fd) }
-            guard let bytes = try? Sys.readAll(fd, path: FilePath(path)) else { return nil }
-            return String(decoding: bytes.prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self)
-        }
-        let driver = text("/sys/devices/system/cpu/cpuidle/current_driver") ?? "none"
-        let poll = text("/sys/module/haltpoll/parameters/guest_halt_poll_ns").map { ", guest_halt_poll_ns \($0)" } ?? ""
+        let driver = Sys.readSysfsAttribute("/sys/devices/system/cpu/cpuidle/current_driver") ?? "none"
+        let poll = Sys.readSysfsAttribute("/sys/module/haltpoll/parameters/guest_halt_poll_ns").map { ", guest_halt_poll_ns \($0)" } ?? ""
         return "idle: cpuidle driver \(driver)\(poll); online CPUs \(sysconf(Int32(_SC_NPROCESSORS_ONLN)))"
     }
 
@@ -177,101 +184,80 @@ struct Bench {
         // FSSHARE_BENCH_ONLY=rw|ro|pc runs one operation (for profiling one op at a time).
         let only: String? = getenv("FSSHARE_BENCH_ONLY").map { String(cString: $0) }
         for readOnly in [false, true] where only == nil || only == (readOnly ? "ro" : "rw") {
-            var mine = Stats(), raw = Stats(), kata = Stats()
-            var mineHalves = Halves(), rawHalves = Halves(), kataHalves = Halves()
+            var mine = Timings(), raw = Timings(), kata = Timings()
             let mount = Mount(source: FilePath(source), destination: "/bench", options: readOnly ? ["ro"] : [])
             let cpuStart = cpuTimes()
             for i in 0..<(iterations + iterations / 10) {
                 let record = i >= iterations / 10  // the first 10% warm up
                 let op = readOnly ? "ro share+unshare" : "rw share+unshare"
                 func measureMine() {
-                    let a = now()
-                    var m: UInt64 = 0
-                    marked("\(op) \(existing) fsshare") {
-                        do {
-                            _ = try sharer.shareFileSync(container: c, mount: mount)
-                            m = now()
-                            try sharer.unshareFileSync(container: c, mount: mount)
-                        } catch { fail("fsshare share/unshare: \(error)") }
-                    }
-                    let e = now()
-                    if record { mine.add(e - a); mineHalves.add(a, m, e) }
+                    let t = timed("\(op) \(existing) fsshare", {
+                        do { _ = try sharer.shareFileSync(container: c, mount: mount) } catch { fail("fsshare share: \(error)") }
+                    }, {
+                        do { try sharer.unshareFileSync(container: c, mount: mount) } catch { fail("fsshare unshare: \(error)") }
+                    })
+                    if record { mine.add(t) }
                 }
                 func measureFloor() {
-                    let a = now()
-                    var m: UInt64 = 0
-                    marked("\(op) \(existing) floor") {
+                    let t = timed("\(op) \(existing) floor", {
                         guard floor_share(&floor, source, floorName, readOnly ? 1 : 0) == 0 else { fail("floor share") }
-                        m = now()
+                    }, {
                         guard floor_unshare(&floor, floorName) == 0 else { fail("floor unshare") }
-                    }
-                    let e = now()
-                    if record { raw.add(e - a); rawHalves.add(a, m, e) }
+                    })
+                    if record { raw.add(t) }
                 }
                 if solo == "mine" { measureMine() } else if solo == "floor" { measureFloor() } else if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
                 if solo == nil {
                     let target = kataSandbox + "/mounts/x"
-                    let a = now()
-                    var m: UInt64 = 0
-                    marked("\(op) \(existing) kata-min") {
+                    let t = timed("\(op) \(existing) kata-min", {
                         let shared = readOnly ? floor_kata_ro_share(source, kataSandbox + "/private/x", target) : floor_kata_rw_share(source, target)
-                        m = now()
-                        guard shared == 0, floor_kata_unshare(target) == 0 else { fail("kata floor") }
-                    }
-                    let e = now()
-                    if record { kata.add(e - a); kataHalves.add(a, m, e) }
+                        guard shared == 0 else { fail("kata floor share") }
+                    }, {
+                        guard floor_kata_unshare(target) == 0 else { fail("kata floor unshare") }
+                    })
+                    if record { kata.add(t) }
                 }
             }
-            report(readOnly ? "ro share+unshare" : "rw share+unshare", existing, mine, raw, solo == nil ? kata : nil)
-            reportHalves("share / unshare", mineHalves, solo == nil ? rawHalves : nil, solo == nil ? kataHalves : nil)
+            report(readOnly ? "ro share+unshare" : "rw share+unshare", existing, mine.total, raw.total, solo == nil ? kata.total : nil)
+            reportHalves("share / unshare", mine, solo == nil ? raw : nil, solo == nil ? kata : nil)
             if solo != nil { print(cpuLine(since: cpuStart, operations: iterations + iterations / 10)) }
         }
         // prepare + cleanup of another sandbox while the N shares exist.
-        var mine = Stats(), raw = Stats(), kata = Stats()
-        var mineHalves = Halves(), rawHalves = Halves(), kataHalves = Halves()
+        var mine = Timings(), raw = Timings(), kata = Timings()
         let pcIterations = only == nil || only == "pc" ? iterations : 0
         guard let pc = try? LinuxFilesystemSharer(sandboxID: "pc", configuration: config) else { fail("pc") }
         let cpuStart = cpuTimes()
         for i in 0..<(pcIterations / 2 + pcIterations / 20) {
             let record = i >= pcIterations / 20
             func measureMine() {
-                let a = now()
-                var m: UInt64 = 0
-                marked("prepare+cleanup \(existing) fsshare") {
+                let t = timed("prepare+cleanup \(existing) fsshare", {
                     guard (try? pc.prepareSync()) != nil else { fail("fsshare prepare") }
-                    m = now()
+                }, {
                     guard (try? pc.cleanupSync()) != nil else { fail("fsshare cleanup") }
-                }
-                let e = now()
-                if record { mine.add(e - a); mineHalves.add(a, m, e) }
+                })
+                if record { mine.add(t) }
             }
             func measureFloor() {
                 var sb = floor_sandbox()
-                let a = now()
-                var m: UInt64 = 0
-                marked("prepare+cleanup \(existing) floor") {
+                let t = timed("prepare+cleanup \(existing) floor", {
                     guard floor_prepare(rootFD, "pf", &sb) == 0 else { fail("floor prepare") }
-                    m = now()
+                }, {
                     guard floor_cleanup(&sb, "pf") == 0 else { fail("floor cleanup") }
-                }
-                let e = now()
-                if record { raw.add(e - a); rawHalves.add(a, m, e) }
+                })
+                if record { raw.add(t) }
             }
             if solo == "mine" { measureMine(); continue } else if solo == "floor" { measureFloor(); continue }
             if i % 2 == 0 { measureMine(); measureFloor() } else { measureFloor(); measureMine() }
-            let a = now()
-            var m: UInt64 = 0
-            marked("prepare+cleanup \(existing) kata-min") {
+            let times = timed("prepare+cleanup \(existing) kata-min", {
                 guard floor_kata_prepare(t + "/kata/pc") == 0 else { fail("kata-min prepare") }
-                m = now()
+            }, {
                 guard floor_kata_cleanup(t + "/kata/pc") == 0 else { fail("kata-min cleanup") }
-            }
-            let e = now()
-            if record { kata.add(e - a); kataHalves.add(a, m, e) }
+            })
+            if record { kata.add(times) }
         }
         if pcIterations > 0 {
-            report("prepare+cleanup", existing, mine, raw, solo == nil ? kata : nil)
-            reportHalves("prepare / cleanup", mineHalves, solo == nil ? rawHalves : nil, solo == nil ? kataHalves : nil)
+            report("prepare+cleanup", existing, mine.total, raw.total, solo == nil ? kata.total : nil)
+            reportHalves("prepare / cleanup", mine, solo == nil ? raw : nil, solo == nil ? kata : nil)
             if solo != nil { print(cpuLine(since: cpuStart, operations: pcIterations / 2 + pcIterations / 20)) }
         }
         for i in 0..<existing {
