@@ -565,10 +565,7 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
                 // Looked up once, here, for both the watchable check and the share.
                 let existing = h.manifest.shares[name]
                 if existing == nil {
-                    let watched: Bool
-                    (watched, fallback) = try watchable(mount.source, text: record.source, handle: h, policy: policy)
-                    // Written only when it changes: a write copies the record's shared box.
-                    if watched { proposed.watched = true }
+                    (proposed.watched, fallback) = try watchable(mount.source, text: record.source, handle: h, policy: policy)
                 }
                 let made = try share(proposed, existing: existing, in: h.mounts, handle: h, method: method, policy: policy)
                 let resolved = made.resolvedSource.map { FilePath($0) }
@@ -740,11 +737,8 @@ public final class LinuxFilesystemSharer: FilesystemSharer {
         defer {
             if let attached { Sys.close(source.fd, attached) } else { Sys.close(source.fd) }
         }
-        // Written only when they change: a write copies a box the caller still shares.
-        let isFile = source.kind == .regular
-        if record.isFile != isFile { record.isFile = isFile }
-        let resolved = source.resolvedThroughSymlinks?.string
-        if record.resolvedSource != resolved { record.resolvedSource = resolved }
+        record.isFile = source.kind == .regular
+        record.resolvedSource = source.resolvedThroughSymlinks?.string
         if existing != record {
             try h.manifest.recordShare(record)
         }

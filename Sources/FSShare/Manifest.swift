@@ -60,7 +60,8 @@ public struct ShareRecord: Sendable, Equatable, CustomReflectable {
     private var box: Box
 
     /// The fields to change, copied first if another record shares the box (so a shared box
-    /// is never written: what `@unchecked Sendable` relies on).
+    /// is never written: what `@unchecked Sendable` relies on). Setters write only a changed
+    /// value: assigning what a field already holds copies nothing.
     private var writable: Fields {
         get { box.fields }
         _modify {
@@ -70,34 +71,34 @@ public struct ShareRecord: Sendable, Equatable, CustomReflectable {
     }
 
     /// Path of the share below `mounts/` (one component for volumes, `<cid>/rootfs` for rootfs).
-    public var name: String { get { box.fields.name } set { writable.name = newValue } }
+    public var name: String { get { box.fields.name } set { if newValue != box.fields.name { writable.name = newValue } } }
     /// What kind of share it is.
-    public var kind: Kind { get { box.fields.kind } set { writable.kind = newValue } }
+    public var kind: Kind { get { box.fields.kind } set { if newValue != box.fields.kind { writable.kind = newValue } } }
     /// The container it was shared for.
-    public var containerID: String { get { box.fields.containerID } set { writable.containerID = newValue } }
+    public var containerID: String { get { box.fields.containerID } set { if newValue != box.fields.containerID { writable.containerID = newValue } } }
     /// The source as given (a host path; a device address for block rootfs).
-    public var source: String { get { box.fields.source } set { writable.source = newValue } }
+    public var source: String { get { box.fields.source } set { if newValue != box.fields.source { writable.source = newValue } } }
     /// The container's mount point (volumes), `/` (rootfs) or the rootfs suffix (block rootfs).
-    public var destination: String { get { box.fields.destination } set { writable.destination = newValue } }
+    public var destination: String { get { box.fields.destination } set { if newValue != box.fields.destination { writable.destination = newValue } } }
     /// Shared read-only (in the guest too).
-    public var readOnly: Bool { get { box.fields.readOnly } set { writable.readOnly = newValue } }
+    public var readOnly: Bool { get { box.fields.readOnly } set { if newValue != box.fields.readOnly { writable.readOnly = newValue } } }
     /// Bound recursively (`rbind`): submounts of the source come along.
-    public var recursive: Bool { get { box.fields.recursive } set { writable.recursive = newValue } }
+    public var recursive: Bool { get { box.fields.recursive } set { if newValue != box.fields.recursive { writable.recursive = newValue } } }
     /// The share is a single file (its mount point is a file).
-    public var isFile: Bool { get { box.fields.isFile } set { writable.isFile = newValue } }
+    public var isFile: Bool { get { box.fields.isFile } set { if newValue != box.fields.isFile { writable.isFile = newValue } } }
     /// Copy mode: the copy into the guest completed.
-    public var copied: Bool { get { box.fields.copied } set { writable.copied = newValue } }
+    public var copied: Bool { get { box.fields.copied } set { if newValue != box.fields.copied { writable.copied = newValue } } }
     /// A kubelet atomic-writer volume whose updates the watcher mirrors: in copy mode into the
     /// copy; in shared-filesystem modes (a `.volume`) into its `watchable-bind` mirror.
-    public var watched: Bool { get { box.fields.watched } set { writable.watched = newValue } }
+    public var watched: Bool { get { box.fields.watched } set { if newValue != box.fields.watched { writable.watched = newValue } } }
     /// Copy mode: where the copy lives in the guest.
-    public var guestPath: String? { get { box.fields.guestPath } set { writable.guestPath = newValue } }
+    public var guestPath: String? { get { box.fields.guestPath } set { if newValue != box.fields.guestPath { writable.guestPath = newValue } } }
     /// Where `source` led once its symbolic links were followed (nil when it has none): what
     /// was really bound or copied.
-    public var resolvedSource: String? { get { box.fields.resolvedSource } set { writable.resolvedSource = newValue } }
+    public var resolvedSource: String? { get { box.fields.resolvedSource } set { if newValue != box.fields.resolvedSource { writable.resolvedSource = newValue } } }
     /// Copy mode: unshared, but the agent could not remove the copy (Kata's agent has no
     /// removal RPC), so it stays in the guest until the VM goes.
-    public var leftInGuest: Bool { get { box.fields.leftInGuest } set { writable.leftInGuest = newValue } }
+    public var leftInGuest: Bool { get { box.fields.leftInGuest } set { if newValue != box.fields.leftInGuest { writable.leftInGuest = newValue } } }
 
     /// A record with these fields.
     ///
